@@ -1,0 +1,3 @@
+"""TickStock: delivers the analytics producer's Redis events to WebSocket subscribers."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,320 @@
+"""
+Redis, both ways: L{RedisPubSubSource} reads the producer's channels and
+L{RedisLink} sends to the producer and keeps dead letters.
+
+txredisapi reconnects by itself (C{factory.startConnecting}), but leaves
+three holes this module fills (see PITFALLS.md): it does not resubscribe
+after a reconnect, it never notices a Redis that stopped answering, and it
+can give up reconnecting for good after a failed AUTH/SELECT. Each service
+here resubscribes on every connection, PINGs to detect a hung server, and a
+supervisor rebuilds a factory that gave up.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import orjson
+import txredisapi
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, fail, gatherResults, succeed
+from twisted.internet.endpoints import clientFromString
+from twisted.internet.interfaces import IReactorCore, IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from tickstock.config import RedisAddress
+from tickstock.events import CHANNELS
+from tickstock.interfaces import IEventSource, IProducerLink
+
+DEADLETTER_KEY = "tickstock:deadletter"
+RECONNECT_MAX_DELAY = 1.0
+RECONNECT_INITIAL_DELAY = 0.1
+
+
+class NotConnected(txredisapi.ConnectionError):
+    """Redis is not connected; raised at once instead of queueing."""
+
+
+def _tune(factory: txredisapi.RedisFactory) -> txredisapi.RedisFactory:
+    # Redis is local or near: retry fast so events flow again within about a
+    # second of Redis coming back, instead of txredisapi's 10 s cap.
+    factory.initialDelay = RECONNECT_INITIAL_DELAY
+    factory.maxDelay = RECONNECT_MAX_DELAY
+    return factory
+
+
+class _Supervised(Service):
+    """
+    Owns one txredisapi factory and rebuilds it if it stops without being
+    asked to (txredisapi issue #146: a failed AUTH/SELECT on reconnect makes
+    it stop trying forever).
+    """
+
+    _log = Logger()
+    name_for_logs = "redis"
+
+    def __init__(
+        self, reactor: IReactorCore, address: RedisAddress,
+        make_factory: Callable[[], txredisapi.RedisFactory],
+    ) -> None:
+        self._reactor = reactor
+        self._address = address
+        self._make_factory = make_factory
+        self._factory: txredisapi.RedisFactory | None = None
+        self._watch = LoopingCall(self._check_factory)
+        self._watch.clock = reactor
+        self.rebuilds = 0
+
+    def _start_factory(self) -> None:
+        self._factory = _tune(self._make_factory())
+        self._factory.startConnecting(clientFromString(self._reactor, self._address.endpoint()))
+
+    def startService(self) -> None:
+        super().startService()
+        self._start_factory()
+        self._watch.start(1.0, now=False)
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        if self._watch.running:
+            self._watch.stop()
+        factory, self._factory = self._factory, None
+        return factory.disconnect() if factory else succeed(None)
+
+    def _check_factory(self) -> None:
+        if self.running and self._factory is not None and self._factory.stopped:
+            self.rebuilds += 1
+            self._log.warn(
+                "{name}: client library stopped reconnecting to {address}; rebuilding it",
+                name=self.name_for_logs, address=str(self._address),
+            )
+            old = self._factory
+            self._start_factory()
+            old.disconnect()
+
+
+@implementer(IProducerLink)
+class RedisLink(_Supervised):
+    """
+    Commands to Redis: publishing backtest jobs, keeping dead letters.
+    Fails fast while Redis is down rather than queueing without bound.
+    """
+
+    name_for_logs = "redis link"
+
+    def __init__(
+        self, reactor: IReactorCore, address: RedisAddress, deadletter_max: int,
+        reply_timeout: float = 5.0,
+    ) -> None:
+        super().__init__(reactor, address, self._new_factory)
+        self._deadletter_max = deadletter_max
+        self._reply_timeout = reply_timeout
+        self.dead_letters_lost = 0
+
+    def _new_factory(self) -> txredisapi.RedisFactory:
+        a = self._address
+        return txredisapi.RedisFactory(
+            None, a.db, poolsize=2, isLazy=True, password=a.password, username=a.username,
+            replyTimeout=self._reply_timeout, convertNumbers=False,
+        )
+
+    @property
+    def connected(self) -> bool:
+        return self._factory is not None and self._factory.size > 0
+
+    def execute(self, *args: Any) -> Deferred[Any]:
+        """Run one Redis command, failing at once when not connected."""
+        if not self.connected:
+            return fail(NotConnected(f"not connected to {self._address}"))
+        assert self._factory is not None
+        return self._factory.handler.execute_command(*args)
+
+    def publish(self, channel: str, payload: bytes) -> Deferred[Any]:
+        return self.execute("PUBLISH", channel, payload)
+
+    def dead_letter(self, channel: str, raw: bytes, reason: str) -> None:
+        if self._deadletter_max == 0:
+            return
+        record = orjson.dumps({
+            "channel": channel, "reason": reason, "at": self._reactor.seconds(),
+            "raw": raw[:4096].decode("utf-8", "replace"),
+        })
+        d = self.execute("LPUSH", DEADLETTER_KEY, record)
+        d.addCallback(lambda _: self.execute("LTRIM", DEADLETTER_KEY, 0, self._deadletter_max - 1))
+        d.addErrback(self._dead_letter_lost)
+
+    def _dead_letter_lost(self, failure: Any) -> None:
+        self.dead_letters_lost += 1
+
+
+class _SubscriberProtocol(txredisapi.SubscriberProtocol):
+    """Hands each connection and message to the L{RedisPubSubSource}."""
+
+    def connectionMade(self) -> Any:
+        # The base method must run first: it fires the ready signal.
+        result = super().connectionMade()
+        self.whenConnected().addCallback(self.factory.source._connected)
+        return result
+
+    def messageReceived(self, pattern: Any, channel: bytes, message: bytes) -> None:
+        self.factory.source._message(channel, message)
+
+    def connectionLost(self, why: Any) -> None:
+        self.factory.source._disconnected(self, why)
+        super().connectionLost(why)
+
+
+@implementer(IEventSource)
+class RedisPubSubSource(_Supervised):
+    """
+    Subscribes to the producer's channels (or the given ones) and hands each
+    message to the receiver.
+
+    Pub/sub is fire-and-forget: what the producer publishes while this is
+    disconnected is gone. Each such gap is counted and timed for C{/ready}
+    and the logs. A PING every C{ping_interval} seconds, unanswered for
+    C{ping_timeout}, drops the connection so a hung Redis (SIGSTOP, a
+    half-open TCP connection) is noticed and reconnected.
+    """
+
+    name_for_logs = "redis subscriber"
+
+    def __init__(
+        self, reactor: IReactorCore, address: RedisAddress,
+        ping_interval: float = 1.0, ping_timeout: float = 3.0,
+        channels: Iterable[str] = tuple(CHANNELS),
+    ) -> None:
+        super().__init__(reactor, address, self._new_factory)
+        self._clock: IReactorTime = reactor
+        self._receiver: Callable[[str, bytes], None] | None = None
+        self._channels = {name.encode(): name for name in channels}
+        self._ping_timeout = ping_timeout
+        self._heartbeat = LoopingCall(self._beat)
+        self._heartbeat.clock = reactor
+        self._ping_interval = ping_interval
+        self._protocol: _SubscriberProtocol | None = None
+        self._waiting_since: float | None = None
+        self.state = "connecting"
+        self.ready = False
+        self._down_since: float | None = self._clock.seconds()
+        self.gaps = 0
+        self.gap_seconds = 0.0
+        self.last_gap_seconds: float | None = None
+        self.connections = 0
+        self.heartbeat_timeouts = 0
+        self.last_error: str | None = None
+        self.ping_rtt: float | None = None
+
+    def listen(self, receiver: Callable[[str, bytes], None]) -> None:
+        self._receiver = receiver
+
+    def _new_factory(self) -> txredisapi.RedisFactory:
+        factory = txredisapi.SubscriberFactory(isLazy=True)
+        factory.protocol = _SubscriberProtocol
+        factory.source = self
+        factory.convertNumbers = False
+        factory.charset = None
+        factory.password = self._address.password
+        factory.username = self._address.username
+        factory.replyTimeout = self._ping_timeout
+        return factory
+
+    def startService(self) -> None:
+        super().startService()
+        self._heartbeat.start(self._ping_interval, now=False)
+
+    def stopService(self) -> Deferred[Any]:
+        if self._heartbeat.running:
+            self._heartbeat.stop()
+        return super().stopService()
+
+    def status(self) -> dict[str, object]:
+        return {
+            "state": self.state,
+            "address": str(self._address),
+            "connections": self.connections,
+            "gaps": self.gaps,
+            "gap_seconds_total": round(self.gap_seconds, 3),
+            "last_gap_seconds": self.last_gap_seconds,
+            "heartbeat_timeouts": self.heartbeat_timeouts,
+            "rebuilds": self.rebuilds,
+            "ping_rtt_ms": None if self.ping_rtt is None else round(self.ping_rtt * 1000, 3),
+            "last_error": self.last_error,
+        }
+
+    def _connected(self, protocol: _SubscriberProtocol) -> None:
+        self._protocol = protocol
+        self._waiting_since = self._clock.seconds()
+        # One SUBSCRIBE per channel: each gets exactly one confirmation, so
+        # later replies (PONGs) match the commands that asked for them.
+        d = gatherResults(
+            [protocol.subscribe(name) for name in self._channels.values()], consumeErrors=True
+        )
+        d.addCallbacks(lambda _: self._subscribed(protocol), lambda f: self._subscribe_failed(protocol, f))
+
+    def _subscribed(self, protocol: _SubscriberProtocol) -> None:
+        if protocol is not self._protocol:
+            return
+        self._waiting_since = None
+        self.state, self.ready = "subscribed", True
+        self.connections += 1
+        if self._down_since is not None and self.connections > 1:
+            gap = self._clock.seconds() - self._down_since
+            self.gaps += 1
+            self.gap_seconds += gap
+            self.last_gap_seconds = round(gap, 3)
+            self._log.warn(
+                "redis subscriber: resubscribed to {address} after {gap:.3f}s; producer "
+                "messages published in that gap were not received (gap #{n})",
+                address=str(self._address), gap=gap, n=self.gaps,
+            )
+        else:
+            self._log.info("redis subscriber: subscribed to {n} channels on {address}",
+                           n=len(self._channels), address=str(self._address))
+        self._down_since = None
+
+    def _subscribe_failed(self, protocol: _SubscriberProtocol, failure: Any) -> None:
+        self.last_error = failure.getErrorMessage()
+        self._log.error("redis subscriber: SUBSCRIBE failed: {e}", e=self.last_error)
+        if protocol.transport is not None:
+            protocol.transport.abortConnection()
+
+    def _disconnected(self, protocol: _SubscriberProtocol, why: Any) -> None:
+        if protocol is not self._protocol:
+            return
+        self._protocol = None
+        self._waiting_since = None
+        if self.ready:
+            self._down_since = self._clock.seconds()
+            self.last_error = why.getErrorMessage()
+            self._log.warn("redis subscriber: lost {address}: {why}; reconnecting",
+                           address=str(self._address), why=self.last_error)
+        self.state, self.ready = ("stopped" if not self.running else "connecting"), False
+
+    def _message(self, channel: bytes, message: bytes) -> None:
+        name = self._channels.get(channel)
+        if name is not None and self._receiver is not None:
+            self._receiver(name, message)
+
+    def _beat(self) -> None:
+        protocol = self._protocol
+        if protocol is None:
+            return
+        now = self._clock.seconds()
+        if self._waiting_since is not None:
+            if now - self._waiting_since > self._ping_timeout:
+                self.heartbeat_timeouts += 1
+                self.last_error = f"no reply from Redis in {self._ping_timeout:g}s"
+                self._log.warn("redis subscriber: {e}; dropping the connection", e=self.last_error)
+                protocol.transport.abortConnection()
+            return
+        self._waiting_since = now
+
+        def pong(_: Any) -> None:
+            if protocol is self._protocol:
+                self.ping_rtt = self._clock.seconds() - now
+                self._waiting_since = None
+
+        protocol.execute_command("PING", apply_timeout=False).addCallbacks(pong, lambda _: None)

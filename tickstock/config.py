@@ -1,0 +1,351 @@
+"""
+The daemon's settings: one frozen value built from defaults, a TOML file,
+C{TICKSTOCK_*} environment variables and command-line flags.
+
+Precedence, lowest to highest: defaults < TOML file < environment < flags,
+so a deployment can ship one config file and still override a value per
+host or per container without editing it.
+
+Every value is parsed and checked here, before any service starts, so a
+wrong value stops start-up with one line naming the option and the problem.
+No Twisted in this module: it is plain data and parsing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+from urllib.parse import unquote, urlsplit
+
+ENV_PREFIX = "TICKSTOCK_"
+
+
+class ConfigError(ValueError):
+    """
+    A setting is wrong. The message is one line that names the option
+    (as its command-line flag) and says what was wrong with the value.
+    """
+
+
+@dataclass(frozen=True)
+class RedisAddress:
+    """Where Redis is, parsed from a C{redis://} URL."""
+
+    host: str
+    port: int
+    db: int
+    password: str | None
+    username: str | None
+
+    def endpoint(self) -> str:
+        """A Twisted client endpoint string for this address."""
+        host = self.host.replace(":", "\\:")
+        return f"tcp:host={host}:port={self.port}"
+
+    def __str__(self) -> str:
+        # Never shows the password: this is what logs and /ready print.
+        return f"redis://{self.host}:{self.port}/{self.db}"
+
+
+def parse_redis_url(value: str) -> RedisAddress:
+    """
+    Parse C{redis://[[user]:password@]host[:port][/db]}.
+
+    @raise ValueError: with a message saying what is wrong.
+    """
+    parts = urlsplit(value)
+    if parts.scheme != "redis":
+        raise ValueError(
+            f"expected redis://[:password@]host[:port][/db], got {value!r}"
+        )
+    if not parts.hostname:
+        raise ValueError(f"no host in {value!r}")
+    try:
+        port = parts.port or 6379
+    except ValueError:
+        raise ValueError(f"bad port in {value!r}") from None
+    path = parts.path.strip("/") or "0"
+    if not path.isdigit():
+        raise ValueError(f"database must be a number, got {path!r}")
+    return RedisAddress(
+        host=parts.hostname,
+        port=port,
+        db=int(path),
+        password=unquote(parts.password) if parts.password else None,
+        username=unquote(parts.username) if parts.username else None,
+    )
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("expected a non-empty string")
+    return value.strip()
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        lowered = value.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off", ""):
+            return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def _number(low: float, high: float, kind: type = float) -> Callable[[Any], Any]:
+    def parse(value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError(f"expected a number, got {value!r}")
+        try:
+            number = kind(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"expected a number, got {value!r}") from None
+        if not low <= number <= high:
+            raise ValueError(f"must be between {low:g} and {high:g}, got {number:g}")
+        return number
+
+    return parse
+
+
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}; got {value!r}")
+        return str(value)
+
+    return parse
+
+
+_ORIGIN = re.compile(r"^(https?)://([A-Za-z0-9.\-\[\]:]+?)(?::(\d{1,5}))?$")
+
+
+def normalize_origin(value: str) -> str:
+    """
+    Return C{scheme://host:port} with the port made explicit, so that an
+    origin with an implied default port matches its explicit spelling.
+
+    @raise ValueError: for anything that is not an http(s) origin.
+    """
+    match = _ORIGIN.match(value.strip().lower())
+    if not match:
+        raise ValueError(f"not an http(s) origin: {value!r}")
+    scheme, host, port = match.groups()
+    port = port or ("443" if scheme == "https" else "80")
+    return f"{scheme}://{host}:{port}"
+
+
+def _origins(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        items = [item for item in value.split(",") if item.strip()]
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        raise ValueError("expected a comma-separated list of origins")
+    result = []
+    for item in items:
+        if not isinstance(item, str):
+            raise ValueError(f"expected origins as strings, got {item!r}")
+        result.append("*" if item.strip() == "*" else normalize_origin(item))
+    return tuple(result)
+
+
+def _redis(value: Any) -> RedisAddress:
+    return parse_redis_url(_str(value))
+
+
+def _readable_file(value: Any) -> str:
+    path = _str(value)
+    if not os.path.isfile(path):
+        raise ValueError(f"no such file: {path}")
+    if not os.access(path, os.R_OK):
+        raise ValueError(f"cannot read {path}")
+    return path
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting: its parser, default and help text, shared by every source."""
+
+    name: str
+    parse: Callable[[Any], Any]
+    default: Any
+    help: str
+    flag: bool = False
+
+    @property
+    def cli(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("listen", _str, "tcp:8080:interface=127.0.0.1",
+           "Twisted endpoint string for the web server (HTTP, /ws, API)."),
+    Option("redis", _redis, None,
+           "redis://[:password@]host[:port][/db]; none: the embedded in-process bus."),
+    Option("postgres", _str, None,
+           "PostgreSQL DSN; none: the embedded in-memory store."),
+    Option("postgres_readonly", _str, None,
+           "PostgreSQL DSN for UI reads (default: the --postgres DSN, read-only)."),
+    Option("mode", _choice("pubsub", "streams"), "pubsub",
+           "How to read the producer: pubsub or streams."),
+    Option("jwt_secret_file", _readable_file, None,
+           "File holding the HS256 secret for client tokens."),
+    Option("demo", _bool, False,
+           "Feed live data from the built-in producer simulator.", flag=True),
+    Option("allowed_origins", _origins, (),
+           "Comma-separated WebSocket origins (scheme://host:port); default same-origin."),
+    Option("sim_rate", _number(0, 100_000), 20.0,
+           "Events per second the built-in simulator publishes (demo)."),
+    Option("sim_symbols", _number(1, 10_000, int), 20,
+           "How many symbols the built-in simulator trades (demo)."),
+    Option("max_message_size", _number(256, 16 * 1024 * 1024, int), 64 * 1024,
+           "Largest client WebSocket message or frame, in bytes (close 1009 past it)."),
+    Option("max_subscriptions", _number(1, 10_000, int), 100,
+           "Subscriptions one connection may hold."),
+    Option("client_queue_limit", _number(1, 1_000_000, int), 1000,
+           "Messages queued for a client that stopped reading before it is closed."),
+    Option("ws_ping_interval", _number(0, 3600), 20.0,
+           "Seconds between WebSocket pings to each client (0: off)."),
+    Option("ws_ping_timeout", _number(0.1, 3600), 10.0,
+           "Seconds to wait for a pong before closing the client."),
+    Option("handshake_timeout", _number(0.1, 600), 10.0,
+           "Seconds a new connection has to finish the HTTP and WebSocket handshake."),
+    Option("hello_timeout", _number(0.1, 600), 10.0,
+           "Seconds a new WebSocket has to send its hello."),
+    Option("redis_ping_interval", _number(0.05, 600), 1.0,
+           "Seconds between PINGs on the Redis subscriber connection."),
+    Option("redis_ping_timeout", _number(0.05, 600), 3.0,
+           "Seconds without a PONG before the Redis connection is dropped and remade."),
+    Option("deadletter_max", _number(0, 1_000_000, int), 1000,
+           "Malformed producer messages kept in tickstock:deadletter."),
+    Option("history_max", _number(0, 10_000_000, int), 10_000,
+           "Events kept per topic by the embedded store."),
+)
+
+_BY_NAME = {option.name: option for option in OPTIONS}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The daemon's settings after every source has been applied."""
+
+    listen: str
+    redis: RedisAddress | None
+    postgres: str | None
+    postgres_readonly: str | None
+    mode: str
+    jwt_secret_file: str | None
+    demo: bool
+    allowed_origins: tuple[str, ...]
+    sim_rate: float
+    sim_symbols: int
+    max_message_size: int
+    max_subscriptions: int
+    client_queue_limit: int
+    ws_ping_interval: float
+    ws_ping_timeout: float
+    handshake_timeout: float
+    hello_timeout: float
+    redis_ping_interval: float
+    redis_ping_timeout: float
+    deadletter_max: int
+    history_max: int
+
+    @property
+    def embedded(self) -> bool:
+        """No outside service: the in-process bus feeds the daemon."""
+        return self.redis is None
+
+
+assert {f.name for f in dataclasses.fields(Settings)} == set(_BY_NAME)
+
+
+def read_toml(path: str) -> dict[str, Any]:
+    """
+    Read a TOML config file. Keys are option names with C{_} or C{-};
+    an optional C{[tickstock]} table is accepted as well as top-level keys.
+
+    @raise ConfigError: when the file is missing, unreadable or not TOML.
+    """
+    try:
+        with open(path, "rb") as handle:
+            document = tomllib.load(handle)
+    except OSError as error:
+        raise ConfigError(f"--config: cannot read {path}: {error.strerror}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"--config: {path} is not valid TOML: {error}") from None
+    table = document.get("tickstock", document)
+    if not isinstance(table, dict):
+        raise ConfigError(f"--config: [tickstock] in {path} must be a table")
+    return {key.replace("-", "_"): value for key, value in table.items()}
+
+
+def load_settings(
+    flags: Mapping[str, Any],
+    environ: Mapping[str, str],
+    config_file: str | None = None,
+) -> Settings:
+    """
+    Build L{Settings} from every source.
+
+    @param flags: option name to value, only for the flags actually given.
+    @param environ: the process environment (C{TICKSTOCK_*} are read).
+    @param config_file: a TOML file, or L{None}; C{TICKSTOCK_CONFIG} names
+        one when this is L{None}.
+    @raise ConfigError: naming the first wrong option.
+    """
+    config_file = config_file or environ.get(ENV_PREFIX + "CONFIG")
+    layers: list[tuple[str, Mapping[str, Any]]] = []
+    if config_file:
+        document = read_toml(config_file)
+        unknown = sorted(set(document) - set(_BY_NAME))
+        if unknown:
+            raise ConfigError(f"--config: unknown option {unknown[0]!r} in {config_file}")
+        layers.append(("toml", document))
+    layers.append(("env", {
+        option.name: environ[option.env] for option in OPTIONS if option.env in environ
+    }))
+    layers.append(("flag", flags))
+
+    values: dict[str, Any] = {}
+    for option in OPTIONS:
+        value, source = option.default, None
+        for name, layer in layers:
+            if layer.get(option.name) is not None:
+                value, source = layer[option.name], name
+        if source is not None:
+            try:
+                value = option.parse(value)
+            except ValueError as error:
+                where = option.env if source == "env" else option.cli
+                raise ConfigError(f"{where}: {error}") from None
+        values[option.name] = value
+    settings = Settings(**values)
+    _check_combination(settings)
+    return settings
+
+
+def _check_combination(settings: Settings) -> None:
+    if settings.ws_ping_interval and settings.ws_ping_timeout >= settings.ws_ping_interval * 10:
+        raise ConfigError("--ws-ping-timeout: must be shorter than ten ping intervals")
+    if settings.redis_ping_timeout <= settings.redis_ping_interval:
+        raise ConfigError("--redis-ping-timeout: must be longer than --redis-ping-interval")
+    if settings.postgres or settings.postgres_readonly:
+        raise ConfigError(
+            "--postgres: the PostgreSQL store is not available in this version; "
+            "leave it unset to use the embedded store"
+        )
+    if settings.mode == "streams":
+        raise ConfigError(
+            "--mode: streams mode is not available in this version; use pubsub"
+        )

@@ -1,0 +1,269 @@
+"""
+The producer's events: which channel feeds which topic, what a valid message
+looks like, and the ordered ids TickStock gives each event on arrival.
+
+Validation happens once, at the boundary, so everything past it (routing,
+storage, the wire) can trust an L{Event}. Unknown extra fields are kept and
+passed on, as the contract requires.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import orjson
+
+SYMBOL = re.compile(r"^[A-Z0-9.\-]{1,10}$")
+MAX_EVENT_BYTES = 64 * 1024
+MAX_EVENT_ID = 64
+MAX_STRING = 256
+
+TOPICS = ("patterns", "market_state", "backtests", "health", "ticks", "universe")
+
+
+class MalformedEvent(ValueError):
+    """
+    A producer message TickStock cannot accept.
+
+    @ivar kind: a short, stable name for the problem (C{not_json},
+        C{missing_field}, ...), used to count and to log once per kind.
+    """
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+Check = Callable[[Any], bool]
+
+
+def _finite(value: Any) -> bool:
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+    )
+
+
+def _unit(value: Any) -> bool:
+    return _finite(value) and 0 <= value <= 1
+
+
+def _positive(value: Any) -> bool:
+    return _finite(value) and value > 0
+
+
+def _non_negative(value: Any) -> bool:
+    return _finite(value) and value >= 0
+
+
+def _text(value: Any) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= MAX_STRING
+
+
+def _symbol(value: Any) -> bool:
+    return isinstance(value, str) and SYMBOL.match(value) is not None
+
+
+def _one_of(*choices: str) -> Check:
+    return lambda value: value in choices
+
+
+def _results(value: Any) -> bool:
+    return isinstance(value, dict) and all(
+        _finite(value.get(name))
+        for name in ("win_rate", "roi", "sharpe_ratio", "max_drawdown")
+    )
+
+
+def _time(value: Any) -> bool:
+    return _positive(value) or _text(value)
+
+
+@dataclass(frozen=True)
+class Channel:
+    """
+    A producer channel: the topic its events go to and the fields they need.
+
+    @ivar event_types: the C{event_type} values allowed; the first is the
+        default for a message without one. Empty: any short string.
+    """
+
+    name: str
+    topic: str
+    event_types: tuple[str, ...]
+    required: tuple[tuple[str, Check], ...]
+    keyed_by_symbol: bool = False
+
+
+_TIMESTAMP = ("timestamp", _positive)
+
+CHANNELS: dict[str, Channel] = {
+    channel.name: channel
+    for channel in (
+        Channel(
+            "tickstock.events.patterns", "patterns", ("pattern_detected",),
+            (("symbol", _symbol), ("pattern", _text), ("confidence", _unit), _TIMESTAMP),
+            keyed_by_symbol=True,
+        ),
+        Channel(
+            "tickstock.events.market_state", "market_state",
+            ("ranking_change", "sector_rotation", "stage_change"),
+            (("symbol", _symbol), _TIMESTAMP),
+            keyed_by_symbol=True,
+        ),
+        Channel(
+            "tickstock.events.backtesting.progress", "backtests", ("backtest_progress",),
+            (("job_id", _text), ("progress", _unit), ("status", _text), _TIMESTAMP),
+        ),
+        Channel(
+            "tickstock.events.backtesting.results", "backtests", ("backtest_result",),
+            (("job_id", _text), ("results", _results), ("completed_at", _time)),
+        ),
+        Channel(
+            "tickstock.health.status", "health", ("health",),
+            (("service", _text), ("status", _one_of("healthy", "degraded", "down")),
+             _TIMESTAMP),
+        ),
+        Channel(
+            "tickstock.data.ticks", "ticks", ("tick",),
+            (("symbol", _symbol), ("price", _positive), ("volume", _non_negative),
+             _TIMESTAMP),
+            keyed_by_symbol=True,
+        ),
+        *(
+            Channel(name, "universe", (default,), (_TIMESTAMP,))
+            for name, default in (
+                ("tickstock.universe.updated", "universe_updated"),
+                ("tickstock.cache.sync_complete", "cache_sync_complete"),
+                ("tickstock.etf.correlation_update", "etf_correlation_update"),
+                ("tickstock.cache.ipo_assignment", "ipo_assignment"),
+                ("tickstock.cache.delisting_cleanup", "delisting_cleanup"),
+            )
+        ),
+    )
+}
+
+JOBS_CHANNEL = "tickstock.jobs.backtest"
+
+
+@dataclass(slots=True, eq=False)
+class Event:
+    """
+    One validated producer event.
+
+    @ivar id: TickStock's id, assigned on arrival; ids order events.
+    @ivar data: the producer's fields, unknown ones included.
+    @ivar wire_tail: the end of the C{event} frame from C{"id"} on, encoded
+        once so that fan-out only prepends each subscription's id.
+    """
+
+    id: str
+    channel: str
+    topic: str
+    type: str
+    data: dict[str, Any]
+    symbol: str | None = None
+    job_id: str | None = None
+    received_at: float = 0.0
+    _tail: bytes | None = field(default=None, repr=False)
+
+    @property
+    def wire_tail(self) -> bytes:
+        if self._tail is None:
+            self._tail = (
+                b',"id":' + orjson.dumps(self.id)
+                + b',"type":' + orjson.dumps(self.type)
+                + b',"data":' + orjson.dumps(self.data) + b"}"
+            )
+        return self._tail
+
+    def frame(self, sub_id: str) -> bytes:
+        """The JSON text of the C{event} message for subscription C{sub_id}."""
+        return b'{"op":"event","sub":' + orjson.dumps(sub_id) + self.wire_tail
+
+
+def parse_event(channel_name: str, raw: bytes, event_id: str, now: float) -> Event:
+    """
+    Validate one producer message.
+
+    @param raw: the message exactly as it came from Redis.
+    @param event_id: the id to give the event (see L{EventIds}).
+    @param now: arrival time, in seconds since the epoch.
+    @raise MalformedEvent: when the message must not reach anyone.
+    """
+    channel = CHANNELS.get(channel_name)
+    if channel is None:
+        raise MalformedEvent("unknown_channel", f"no such channel {channel_name!r}")
+    if len(raw) > MAX_EVENT_BYTES:
+        raise MalformedEvent("oversized", f"{len(raw)} bytes, limit {MAX_EVENT_BYTES}")
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as error:
+        raise MalformedEvent("not_json", f"not JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise MalformedEvent("not_object", f"expected a JSON object, got {type(data).__name__}")
+
+    event_type = data.get("event_type", channel.event_types[0])
+    if not _text(event_type) or (
+        channel.topic != "universe" and event_type not in channel.event_types
+    ):
+        raise MalformedEvent(
+            "bad_event_type", f"event_type {event_type!r} not allowed on {channel.name}"
+        )
+    for name, check in channel.required:
+        if name not in data:
+            raise MalformedEvent("missing_field", f"{name} is required on {channel.name}")
+        if not check(data[name]):
+            raise MalformedEvent("bad_field", f"{name}={data[name]!r} is not valid")
+    producer_id = data.get("event_id")
+    if producer_id is not None and not (
+        isinstance(producer_id, str) and 0 < len(producer_id) <= MAX_EVENT_ID
+    ):
+        raise MalformedEvent("bad_field", f"event_id must be a string of 1-{MAX_EVENT_ID} chars")
+
+    return Event(
+        id=event_id,
+        channel=channel.name,
+        topic=channel.topic,
+        type=event_type,
+        data=data,
+        symbol=data["symbol"] if channel.keyed_by_symbol else None,
+        job_id=data.get("job_id") if channel.topic == "backtests" else None,
+        received_at=now,
+    )
+
+
+class EventIds:
+    """
+    Ordered event ids of the form C{<milliseconds>-<sequence>}, the shape of
+    Redis stream ids, so that ids given here and ids read from a stream
+    compare the same way. Never goes backwards, even if the clock does.
+    """
+
+    def __init__(self) -> None:
+        self._ms = 0
+        self._seq = 0
+
+    def next(self, now: float) -> str:
+        ms = int(now * 1000)
+        if ms > self._ms:
+            self._ms, self._seq = ms, 0
+        else:
+            self._seq += 1
+        return f"{self._ms}-{self._seq}"
+
+
+def id_key(event_id: str) -> tuple[int, int]:
+    """
+    The sort key of an event id.
+
+    @raise ValueError: if C{event_id} is not of the form C{ms-seq}.
+    """
+    ms, _, seq = event_id.partition("-")
+    if not (ms.isdigit() and seq.isdigit()):
+        raise ValueError(f"not an event id: {event_id!r}")
+    return int(ms), int(seq)

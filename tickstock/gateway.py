@@ -1,0 +1,260 @@
+"""
+What a WebSocket client may ask, and the answers: C{hello}, C{subscribe},
+C{unsubscribe}, C{submit_backtest}, C{ping} (CONTRACT §3). Kept apart from
+Autobahn so the protocol stays thin and every request is testable with a
+recording fake connection.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import date
+from typing import Any, Callable
+
+import orjson
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from tickstock.broadcast import (
+    MAX_ID_LENGTH,
+    BadRequest,
+    Broadcaster,
+    JobOwners,
+    Subscription,
+    parse_filter,
+)
+from tickstock.events import JOBS_CHANNEL, SYMBOL, TOPICS
+from tickstock.interfaces import IClient, IProducerLink
+
+CLOSE_POLICY = 1008
+CLOSE_SLOW_CONSUMER = 4001
+_USER = re.compile(r"^[A-Za-z0-9_.@\-]{1,64}$")
+MAX_JOB_SYMBOLS = 50
+
+
+@dataclass(eq=False)
+class _State:
+    """What the gateway keeps per connection."""
+
+    session: str = field(default_factory=lambda: uuid.uuid4().hex)
+    subscriptions: dict[str, Subscription] = field(default_factory=dict)
+    resume_from: str | None = None
+    hello_timer: IDelayedCall | None = None
+
+
+def anonymous_user(hello: dict[str, Any]) -> str:
+    """
+    Auth off (demo): the client names itself with C{user} (or C{token}),
+    or gets a guest name.
+    """
+    for key in ("user", "token"):
+        name = hello.get(key)
+        if isinstance(name, str) and _USER.match(name):
+            return name
+    return "guest-" + uuid.uuid4().hex[:8]
+
+
+def parse_job(params: Any) -> dict[str, Any]:
+    """
+    Check backtest parameters.
+
+    @raise BadRequest: naming the first wrong field.
+    """
+    if not isinstance(params, dict):
+        raise BadRequest("bad_params", "params must be an object")
+    symbols = params.get("symbols")
+    if not isinstance(symbols, list) or not 1 <= len(symbols) <= MAX_JOB_SYMBOLS:
+        raise BadRequest("bad_params", f"symbols: a list of 1-{MAX_JOB_SYMBOLS} symbols")
+    for symbol in symbols:
+        if not isinstance(symbol, str) or not SYMBOL.match(symbol):
+            raise BadRequest("bad_params", f"symbols: not a symbol: {symbol!r}")
+    if len(set(symbols)) != len(symbols):
+        raise BadRequest("bad_params", "symbols: duplicates")
+    dates = {}
+    for name in ("start_date", "end_date"):
+        value = params.get(name)
+        try:
+            dates[name] = date.fromisoformat(value) if isinstance(value, str) else None
+        except ValueError:
+            dates[name] = None
+        if dates[name] is None:
+            raise BadRequest("bad_params", f"{name}: expected YYYY-MM-DD")
+    if dates["start_date"] > dates["end_date"]:
+        raise BadRequest("bad_params", "start_date: after end_date")
+    patterns = params.get("patterns", [])
+    if not isinstance(patterns, list) or len(patterns) > 50 or not all(
+        isinstance(p, str) and 0 < len(p) <= 64 for p in patterns
+    ):
+        raise BadRequest("bad_params", "patterns: a list of up to 50 pattern names")
+    return {
+        "symbols": symbols,
+        "start_date": params["start_date"],
+        "end_date": params["end_date"],
+        "patterns": patterns,
+    }
+
+
+class Gateway:
+    """
+    Handles client requests for every connection of this process.
+
+    @ivar errors: error replies sent, by code.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        broadcaster: Broadcaster,
+        jobs: JobOwners,
+        link: IProducerLink,
+        authenticate: Callable[[dict[str, Any]], str],
+        max_subscriptions: int,
+        hello_timeout: float,
+    ) -> None:
+        self._clock = clock
+        self._broadcaster = broadcaster
+        self._jobs = jobs
+        self._link = link
+        self._authenticate = authenticate
+        self._max_subscriptions = max_subscriptions
+        self._hello_timeout = hello_timeout
+        self.connections: dict[IClient, _State] = {}
+        self.errors: Counter[str] = Counter()
+        self.slow_consumers_closed = 0
+
+    def opened(self, conn: IClient) -> None:
+        """A client finished its WebSocket handshake; it must say hello soon."""
+        self.connections[conn] = _State(
+            hello_timer=self._clock.callLater(self._hello_timeout, self._no_hello, conn)
+        )
+
+    def closed(self, conn: IClient) -> None:
+        """Forget a connection and its subscriptions."""
+        state = self.connections.pop(conn, None)
+        if state is None:
+            return
+        if state.hello_timer is not None and state.hello_timer.active():
+            state.hello_timer.cancel()
+        for sub in state.subscriptions.values():
+            self._broadcaster.unsubscribe(sub)
+
+    def slow_consumer(self, conn: IClient, queued: int) -> None:
+        """A client stopped reading and its queue is full: close it."""
+        self.slow_consumers_closed += 1
+        conn.close(CLOSE_SLOW_CONSUMER, f"too slow: {queued} messages queued; reconnect")
+
+    def receive(self, conn: IClient, payload: bytes) -> None:
+        """Handle one text message from C{conn}; every failure is answered."""
+        state = self.connections.get(conn)
+        if state is None:
+            return
+        request_id = None
+        try:
+            try:
+                message = orjson.loads(payload)
+            except orjson.JSONDecodeError:
+                raise BadRequest("bad_json", "message is not JSON") from None
+            if not isinstance(message, dict):
+                raise BadRequest("bad_request", "message must be a JSON object")
+            request_id = message.get("id")
+            if not (request_id is None or (
+                isinstance(request_id, str) and 0 < len(request_id) <= MAX_ID_LENGTH
+            )):
+                request_id = None
+                raise BadRequest("bad_request", f"id must be a string of 1-{MAX_ID_LENGTH} chars")
+            op = message.get("op")
+            handler = self._ops.get(op) if isinstance(op, str) else None
+            if handler is None:
+                raise BadRequest("unknown_op", f"unknown op {op!r}")
+            if conn.user is None and op != "hello":
+                raise BadRequest("hello_required", "say hello first")
+            handler(self, conn, state, message)
+        except BadRequest as error:
+            self.errors[error.code] += 1
+            conn.reply({"op": "error", "id": request_id, "code": error.code,
+                        "message": str(error)})
+            if error.code == "unauthorized":
+                conn.close(CLOSE_POLICY, str(error))
+
+    def _no_hello(self, conn: IClient) -> None:
+        state = self.connections.get(conn)
+        if state is not None:
+            state.hello_timer = None
+        if conn.user is None:
+            self.errors["hello_timeout"] += 1
+            conn.close(CLOSE_POLICY, "no hello in time")
+
+    def _hello(self, conn: IClient, state: _State, message: dict[str, Any]) -> None:
+        if conn.user is not None:
+            raise BadRequest("bad_request", "hello was already said")
+        conn.user = self._authenticate(message)
+        if state.hello_timer is not None and state.hello_timer.active():
+            state.hello_timer.cancel()
+        state.hello_timer = None
+        resume = message.get("resume")
+        if isinstance(resume, dict) and isinstance(resume.get("last_id"), str):
+            state.resume_from = resume["last_id"]
+        conn.reply({"op": "welcome", "user": conn.user, "session": state.session,
+                    "pid": os.getpid()})
+
+    def _subscribe(self, conn: IClient, state: _State, message: dict[str, Any]) -> None:
+        sub_id, topic = message.get("id"), message.get("topic")
+        if sub_id is None:
+            raise BadRequest("bad_request", "subscribe needs an id")
+        if topic not in TOPICS:
+            raise BadRequest("bad_topic", f"topic must be one of {', '.join(TOPICS)}")
+        if sub_id in state.subscriptions:
+            raise BadRequest("duplicate_id", f"subscription {sub_id!r} exists")
+        if len(state.subscriptions) >= self._max_subscriptions:
+            raise BadRequest("too_many_subscriptions",
+                             f"at most {self._max_subscriptions} per connection")
+        filter = parse_filter(topic, message.get("filter"))
+        state.subscriptions[sub_id] = self._broadcaster.subscribe(conn, sub_id, topic, filter)
+        reply: dict[str, Any] = {"op": "subscribed", "id": sub_id}
+        if state.resume_from is not None:
+            reply["recovered"] = False
+            reply["missed"] = {"from": state.resume_from, "reason": "no history in this version"}
+        conn.reply(reply)
+
+    def _unsubscribe(self, conn: IClient, state: _State, message: dict[str, Any]) -> None:
+        sub = state.subscriptions.pop(message.get("id"), None)
+        if sub is None:
+            raise BadRequest("unknown_subscription", f"no subscription {message.get('id')!r}")
+        self._broadcaster.unsubscribe(sub)
+        conn.reply({"op": "unsubscribed", "id": sub.id})
+
+    def _submit_backtest(self, conn: IClient, state: _State, message: dict[str, Any]) -> None:
+        assert conn.user is not None
+        job = parse_job(message.get("params"))
+        job_id = str(uuid.uuid4())
+        job.update(job_type="backtest", job_id=job_id, user_id=conn.user,
+                   timestamp=self._clock.seconds())
+        self._jobs.add(job_id, conn.user)
+        request_id = message.get("id")
+
+        def accepted(_: Any) -> None:
+            conn.reply({"op": "job_accepted", "id": request_id, "job_id": job_id})
+
+        def failed(failure: Any) -> None:
+            self.errors["unavailable"] += 1
+            conn.reply({"op": "error", "id": request_id, "code": "unavailable",
+                        "message": "the producer cannot be reached; try again"})
+
+        self._link.publish(JOBS_CHANNEL, orjson.dumps(job)).addCallbacks(accepted, failed)
+
+    def _ping(self, conn: IClient, state: _State, message: dict[str, Any]) -> None:
+        conn.reply({"op": "pong", "id": message.get("id")})
+
+    _ops = {
+        "hello": _hello,
+        "subscribe": _subscribe,
+        "unsubscribe": _unsubscribe,
+        "submit_backtest": _submit_backtest,
+        "ping": _ping,
+    }

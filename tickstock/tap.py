@@ -1,0 +1,192 @@
+"""
+C{twistd tickstock}: command-line options and the service tree. The only
+module that picks concrete classes (embedded bus or Redis, memory store).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+import time
+from typing import Any
+
+from twisted.application import strports
+from twisted.application.service import MultiService, Service
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IReactorCore
+from twisted.python import usage
+
+from tickstock.config import OPTIONS, ConfigError, Settings, load_settings
+from tickstock.events import JOBS_CHANNEL
+
+
+class Options(usage.Options):
+    """Every option of L{tickstock.config.OPTIONS}, plus C{--config}."""
+
+    optParameters = [["config", "c", None, "TOML config file (also TICKSTOCK_CONFIG)."]] + [
+        [option.cli[2:], None, None, f"{option.help} [default: {option.default}]"]
+        for option in OPTIONS
+        if not option.flag
+    ]
+    optFlags = [[option.cli[2:], None, option.help] for option in OPTIONS if option.flag]
+
+    def postOptions(self) -> None:
+        flags = {option.name: self[option.cli[2:]] or None for option in OPTIONS}
+        try:
+            self.settings = load_settings(flags, os.environ, self["config"])
+            _check_endpoint(self.settings.listen)
+        except ConfigError as error:
+            # One line, no usage dump and no traceback: say what is wrong.
+            sys.stderr.write(f"tickstock: {error}\n")
+            raise SystemExit(2) from None
+
+
+def _check_endpoint(description: str) -> None:
+    from twisted.internet import reactor
+
+    try:
+        serverFromString(reactor, description)
+    except Exception as error:
+        raise ConfigError(f"--listen: not a Twisted endpoint string ({error}): {description!r}")
+
+
+class TickStock(MultiService):
+    """
+    The daemon: every part, started in order (links to the producer first,
+    the web server last) and stopped in reverse. Its attributes are the parts,
+    for probes and tests.
+    """
+
+    def __init__(self, settings: Settings, reactor: IReactorCore) -> None:
+        super().__init__()
+        from tickstock.broadcast import Broadcaster, JobOwners
+        from tickstock.gateway import Gateway, anonymous_user
+        from tickstock.router import Router
+        from tickstock.store.memory import MemoryStore
+        from tickstock.web.site import JSONStatus, build_site
+        from tickstock.web.stream import StreamFactory
+        from autobahn.twisted.resource import WebSocketResource
+
+        self.settings = settings
+        self._started_at = reactor.seconds()
+        if settings.redis is None:
+            from tickstock.bus.memory import MemoryBus
+
+            bus = MemoryBus(settings.deadletter_max)
+            self.source, self.link = bus, bus
+        else:
+            from tickstock.bus.redis import RedisLink, RedisPubSubSource
+
+            self.link = RedisLink(reactor, settings.redis, settings.deadletter_max)
+            self.source = RedisPubSubSource(
+                reactor, settings.redis, settings.redis_ping_interval, settings.redis_ping_timeout
+            )
+            self.link.setServiceParent(self)
+            self.source.setServiceParent(self)
+
+        self.store = MemoryStore(settings.history_max)
+        self.jobs = JobOwners()
+        self.stream = StreamFactory(
+            allowed_origins=settings.allowed_origins,
+            max_message_size=settings.max_message_size,
+            queue_limit=settings.client_queue_limit,
+            ping_interval=settings.ws_ping_interval,
+            ping_timeout=settings.ws_ping_timeout,
+            handshake_timeout=settings.handshake_timeout,
+        )
+        self.broadcaster = Broadcaster(self.stream.prepareMessage, self.jobs)
+        self.gateway = Gateway(
+            reactor, self.broadcaster, self.jobs, self.link, anonymous_user,
+            settings.max_subscriptions, settings.hello_timeout,
+        )
+        self.stream.gateway = self.gateway
+        self.router = Router(reactor, [self.store, self.broadcaster], self.link)
+        self.source.listen(self.router.receive)
+
+        if settings.demo or settings.redis is None:
+            self._add_simulator(reactor, settings)
+
+        site = build_site(
+            WebSocketResource(self.stream),
+            JSONStatus(self.health), JSONStatus(self.readiness),
+            timeout=settings.handshake_timeout,
+        )
+        # strports: a port already in use stops twistd with an error at start.
+        strports.service(settings.listen, site, reactor=reactor).setServiceParent(self)
+
+    def _add_simulator(self, reactor: IReactorCore, settings: Settings) -> None:
+        from tickstock.sim import Backtester, JobRunner, MarketSimulator, Producer, default_symbols
+
+        publish = self.link.publish
+        runner = JobRunner(reactor, publish, Backtester())
+        producer = None
+        if settings.sim_rate > 0:
+            simulator = MarketSimulator(default_symbols(settings.sim_symbols), random.Random())
+            producer = Producer(reactor, publish, simulator, settings.sim_rate)
+        if settings.redis is None:
+            self.link.on(JOBS_CHANNEL, runner.handle_job)
+        else:
+            from tickstock.bus.redis import RedisPubSubSource
+
+            jobs = RedisPubSubSource(reactor, settings.redis, channels=[JOBS_CHANNEL])
+            jobs.listen(lambda channel, payload: runner.handle_job(payload))
+            jobs.setServiceParent(self)
+        SimulatorService(producer, runner).setServiceParent(self)
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """Liveness, with the counters an operator looks at first."""
+        return True, {
+            "status": "ok",
+            "pid": os.getpid(),
+            "uptime_s": round(time.monotonic() - _PROCESS_START, 3),
+            "clients": len(self.gateway.connections),
+            "subscriptions": self.broadcaster.subscriptions,
+            "events": {
+                "received": self.router.received,
+                "routed": self.router.routed,
+                "malformed": dict(self.router.malformed),
+                "delivered": self.broadcaster.delivered,
+                "unrouted_targeted": self.broadcaster.unrouted,
+            },
+            "slow_consumers_closed": self.gateway.slow_consumers_closed,
+        }
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Ready when producer messages can arrive (and, with Redis, be sent)."""
+        components: dict[str, Any] = {"source": self.source.status()}
+        ok = bool(self.source.ready)
+        if self.settings.redis is not None:
+            link_ok = self.link.connected
+            components["link"] = {"state": "connected" if link_ok else "connecting"}
+            ok = ok and link_ok
+        return ok, {"ready": ok, "mode": self.settings.mode, "components": components}
+
+
+_PROCESS_START = time.monotonic()
+
+
+class SimulatorService(Service):
+    """Runs the built-in producer simulator (demo) for as long as the daemon."""
+
+    def __init__(self, producer: Any, runner: Any) -> None:
+        self._producer = producer
+        self._runner = runner
+
+    def startService(self) -> None:
+        super().startService()
+        if self._producer is not None:
+            self._producer.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._producer is not None:
+            self._producer.stop()
+        self._runner.stop()
+
+
+def makeService(options: Options) -> MultiService:
+    """twistd's entry point."""
+    from twisted.internet import reactor
+
+    return TickStock(options.settings, reactor)

@@ -1,0 +1,63 @@
+"""
+The web site: the dashboard's static files at C{/}, the WebSocket at C{/ws},
+and C{/health} and C{/ready} for probes. One port for all of them.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from typing import Callable
+
+import orjson
+from autobahn.twisted.resource import WebSocketResource
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+from twisted.web.static import File
+
+JSON = b"application/json"
+
+
+class JSONStatus(Resource):
+    """
+    A probe: C{report()} returns C{(ok, body)} from state the components
+    keep current, so a probe never waits on a dependency.
+    """
+
+    isLeaf = True
+
+    def __init__(self, report: Callable[[], tuple[bool, dict[str, object]]]) -> None:
+        super().__init__()
+        self._report = report
+
+    def render_GET(self, request: Request) -> bytes:
+        ok, body = self._report()
+        request.setResponseCode(200 if ok else 503)
+        request.setHeader(b"content-type", JSON)
+        request.setHeader(b"cache-control", b"no-store")
+        return orjson.dumps(body)
+
+
+def static_root() -> File:
+    """The packaged static files (dashboard, JS)."""
+    path = importlib.resources.files("tickstock.web") / "static"
+    return File(str(path))
+
+
+def build_site(
+    ws: WebSocketResource,
+    health: JSONStatus,
+    ready: JSONStatus,
+    timeout: float,
+) -> Site:
+    """
+    Assemble the site. C{timeout} bounds how long a connection may sit
+    without finishing its HTTP request (slowloris), which Autobahn's own
+    handshake timeout does not cover.
+    """
+    root = static_root()
+    root.putChild(b"ws", ws)
+    root.putChild(b"health", health)
+    root.putChild(b"ready", ready)
+    site = Site(root, timeout=timeout)
+    site.displayTracebacks = False
+    return site

@@ -1,0 +1,165 @@
+"""
+The WebSocket endpoint at C{/ws}: a thin Autobahn protocol that hands text
+messages to the L{Gateway} and event frames to the socket.
+
+Backpressure: each connection registers itself as the transport's push
+producer (replacing the HTTP channel Autobahn leaves there), so Twisted tells
+it when the socket's buffer is full. While paused, event frames wait in a
+bounded queue; past the bound the client is closed with 4001 ("too slow,
+reconnect") rather than letting one reader that stopped grow the server's
+memory or delay everyone else.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+import orjson
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from tickstock.config import normalize_origin
+from tickstock.gateway import Gateway
+from tickstock.interfaces import IClient
+
+CLOSE_HANDSHAKE_TIMEOUT = 1.0
+
+
+@implementer(IClient)
+class ClientProtocol(WebSocketServerProtocol):
+    """One browser (or other WebSocket client)."""
+
+    _log = Logger()
+    factory: StreamFactory
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.user: str | None = None
+        self._paused = False
+        self._closing = False
+        self._backlog: deque[Any] = deque()
+
+    def onConnect(self, request: Any) -> None:
+        if not self.factory.origin_allowed(request.origin, request.headers.get("host")):
+            self.factory.refused_origins += 1
+            raise ConnectionDeny(403, "origin not allowed")
+
+    def onOpen(self) -> None:
+        try:
+            # twisted.web left its HTTP channel as the producer; take over so
+            # that pause/resume reach this connection.
+            self.transport.unregisterProducer()
+            self.transport.registerProducer(self, True)
+            self.factory.gateway.opened(self)
+        except Exception:
+            self._log.failure("opening a connection failed")
+            self.dropConnection(abort=True)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if isBinary:
+            self.reply({"op": "error", "id": None, "code": "bad_request",
+                        "message": "binary frames are not accepted; send JSON text"})
+            return
+        self.factory.gateway.receive(self, payload)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self._closing = True
+        self._backlog.clear()
+        self.factory.gateway.closed(self)
+
+    # IClient
+
+    def send(self, prepared: Any) -> None:
+        if self._closing:
+            return
+        if self._paused or self._backlog:
+            self._backlog.append(prepared)
+            if len(self._backlog) > self.factory.queue_limit:
+                self._backlog.clear()
+                self.factory.gateway.slow_consumer(self, self.factory.queue_limit)
+            return
+        self.sendPreparedMessage(prepared)
+
+    def reply(self, message: dict[str, Any]) -> None:
+        if not self._closing:
+            self.sendMessage(orjson.dumps(message))
+
+    def close(self, code: int, reason: str) -> None:
+        if not self._closing:
+            self._closing = True
+            self.sendClose(code, reason)
+
+    # IPushProducer
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        backlog = self._backlog
+        while backlog and not self._paused and not self._closing:
+            self.sendPreparedMessage(backlog.popleft())
+
+    def stopProducing(self) -> None:
+        self._closing = True
+        self._backlog.clear()
+
+
+class StreamFactory(WebSocketServerFactory):
+    """
+    Autobahn's factory, with every limit set explicitly (its defaults allow
+    any origin, unlimited sizes and no keep-alive).
+    """
+
+    protocol = ClientProtocol
+    gateway: Gateway  # set by the caller before the factory serves anyone
+
+    def __init__(
+        self,
+        *,
+        allowed_origins: tuple[str, ...],
+        max_message_size: int,
+        queue_limit: int,
+        ping_interval: float,
+        ping_timeout: float,
+        handshake_timeout: float,
+    ) -> None:
+        super().__init__()
+        self.queue_limit = queue_limit
+        self._allowed = frozenset(allowed_origins)
+        self.refused_origins = 0
+        self.setProtocolOptions(
+            maxMessagePayloadSize=max_message_size,
+            maxFramePayloadSize=max_message_size,
+            failByDrop=False,
+            openHandshakeTimeout=handshake_timeout,
+            closeHandshakeTimeout=CLOSE_HANDSHAKE_TIMEOUT,
+            autoPingInterval=ping_interval,
+            autoPingTimeout=ping_timeout,
+            perMessageCompressionAccept=lambda offers: None,
+        )
+
+    def origin_allowed(self, origin: str | None, host: str | None) -> bool:
+        """
+        Same-origin by default, else the configured allowlist. A request
+        with no Origin (not a browser) cannot be hijacked cross-site and is
+        allowed; C{Origin: null} (sandboxed pages, files) is not.
+        """
+        if origin is None:
+            return True
+        try:
+            normalized = normalize_origin(origin)
+        except ValueError:
+            return False
+        if self._allowed:
+            return "*" in self._allowed or normalized in self._allowed
+        if not host:
+            return False
+        scheme = normalized.split("://", 1)[0]
+        try:
+            return normalized == normalize_origin(f"{scheme}://{host}")
+        except ValueError:
+            return False
