@@ -200,8 +200,8 @@ class Gateway:
         resume = message.get("resume")
         if isinstance(resume, dict) and isinstance(resume.get("last_id"), str):
             state.resume_from = resume["last_id"]
-        conn.reply({"op": "welcome", "user": conn.user, "session": state.session,
-                    "pid": os.getpid()})
+        conn.reply({"op": "welcome", "id": message.get("id"), "user": conn.user,
+                    "session": state.session, "pid": os.getpid()})
 
     def _subscribe(self, conn: IClient, state: _State, message: dict[str, Any]) -> None:
         sub_id, topic = message.get("id"), message.get("topic")

@@ -99,7 +99,8 @@ class _Supervised(Service):
 class RedisLink(_Supervised):
     """
     Commands to Redis: publishing backtest jobs, keeping dead letters.
-    Fails fast while Redis is down rather than queueing without bound.
+    Fails fast while Redis is down rather than queueing without bound. One
+    connection, so commands reach Redis in the order they were issued.
     """
 
     name_for_logs = "redis link"
@@ -116,7 +117,7 @@ class RedisLink(_Supervised):
     def _new_factory(self) -> txredisapi.RedisFactory:
         a = self._address
         return txredisapi.RedisFactory(
-            None, a.db, poolsize=2, isLazy=True, password=a.password, username=a.username,
+            None, a.db, poolsize=1, isLazy=True, password=a.password, username=a.username,
             replyTimeout=self._reply_timeout, convertNumbers=False,
         )
 

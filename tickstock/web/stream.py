@@ -148,7 +148,7 @@ class StreamFactory(WebSocketServerFactory):
         with no Origin (not a browser) cannot be hijacked cross-site and is
         allowed; C{Origin: null} (sandboxed pages, files) is not.
         """
-        if origin is None:
+        if not origin:  # Autobahn gives "" when the header is absent
             return True
         try:
             normalized = normalize_origin(origin)

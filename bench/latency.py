@@ -1,0 +1,578 @@
+#!/usr/bin/env python3
+"""
+TickStock delivery-latency benchmark: producer publish -> WebSocket client receive.
+
+Starts its own redis-server and TickStock daemon, a load generator with C
+WebSocket clients (bench/loadgen.py, a separate process), publishes pattern
+events at a fixed rate R for D seconds, and prints one JSON object on stdout.
+See bench/README.md for what each number means and the caveats.
+
+    .venv/bin/python bench/latency.py --clients 100 --rate 100 --duration 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable
+
+HERE = Path(__file__).resolve().parent
+CHANNEL = b"tickstock.events.patterns"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+SERVER_CORE = 0
+LOAD_CORE = 1
+
+TICKERS = [
+    "AAPL", "MSFT", "NVDA", "AMZN", "GOOGL", "META", "TSLA", "BRK.B", "JPM", "V",
+    "UNH", "XOM", "JNJ", "WMT", "MA", "PG", "AVGO", "HD", "CVX", "MRK",
+    "ABBV", "KO", "PEP", "COST", "ADBE", "CRM", "NFLX", "AMD", "INTC", "CSCO",
+    "SPY", "QQQ", "IWM", "XLF", "XLE", "XLK", "DIA", "TLT", "GLD", "SMH",
+]
+PATTERNS = [
+    "Doji", "Hammer", "Bull_Flag", "Bear_Flag", "Engulfing_Bullish", "Engulfing_Bearish",
+    "Morning_Star", "Evening_Star", "Head_Shoulders", "Double_Bottom", "Cup_Handle",
+    "Ascending_Triangle",
+]
+TIMEFRAMES = ["1min", "5min", "15min", "daily"]
+
+
+class BenchError(RuntimeError):
+    """The benchmark cannot go on; the message says why."""
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as handle:
+        stat = handle.read()
+    fields = stat[stat.rfind(")") + 2:].split()  # fields[0] is field 3 (state)
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    raise BenchError(f"no VmRSS for pid {pid}")
+
+
+def http_json(url: str, timeout: float = 2.0) -> tuple[int, Any]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        body = error.read()
+        try:
+            return error.code, json.loads(body)
+        except ValueError:
+            return error.code, body.decode("utf-8", "replace")
+
+
+def wait_until(what: str, check: Callable[[], bool], timeout: float,
+               alive: Callable[[], None] = lambda: None) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        alive()
+        try:
+            if check():
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise BenchError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def pinned(core: int | None, argv: list[str]) -> list[str]:
+    return argv if core is None else ["taskset", "-c", str(core), *argv]
+
+
+# --------------------------------------------------------------- publisher
+
+
+class Publisher:
+    """
+    PUBLISH over one plain socket, pipelined: every event due at a wake-up
+    is written in one send. Replies (the number of subscribers each message
+    reached) are read as they come and checked.
+    """
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._pending = b""
+        self.replies = 0
+        self.no_subscriber = 0
+        self.errors: list[str] = []
+
+    @staticmethod
+    def command(*parts: bytes) -> bytes:
+        out = [b"*%d\r\n" % len(parts)]
+        for part in parts:
+            out.append(b"$%d\r\n%s\r\n" % (len(part), part))
+        return b"".join(out)
+
+    def send(self, commands: list[bytes]) -> None:
+        self.sock.sendall(b"".join(commands))
+        self._read(block=False)
+
+    def _read(self, block: bool) -> None:
+        self.sock.setblocking(block)
+        try:
+            while True:
+                try:
+                    chunk = self.sock.recv(65536)
+                except BlockingIOError:
+                    return
+                if not chunk:
+                    raise BenchError("redis closed the publisher connection")
+                data = self._pending + chunk
+                *lines, self._pending = data.split(b"\r\n")
+                for line in lines:
+                    self.replies += 1
+                    if line.startswith(b":"):
+                        if int(line[1:]) == 0:
+                            self.no_subscriber += 1
+                    elif len(self.errors) < 5:
+                        self.errors.append(line.decode("utf-8", "replace"))
+                if block:
+                    return
+        finally:
+            self.sock.setblocking(True)
+
+    def wait_replies(self, count: int, timeout: float = 10.0) -> None:
+        self.sock.settimeout(timeout)
+        try:
+            while self.replies < count:
+                self._read(block=True)
+        finally:
+            self.sock.settimeout(None)
+
+    def ping(self) -> None:
+        self.sock.sendall(self.command(b"PING"))
+        self.sock.settimeout(5)
+        data = b""
+        while not data.endswith(b"\r\n"):
+            chunk = self.sock.recv(64)
+            if not chunk:
+                raise BenchError("redis closed the connection")
+            data += chunk
+        self.sock.settimeout(None)
+        if data != b"+PONG\r\n":
+            raise BenchError(f"redis PING answered {data!r}")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def make_event(rng: random.Random, run_id: str, seq: int, symbol: str) -> dict[str, Any]:
+    """
+    A realistic pattern_detected event (CONTRACT section 1), made ahead of
+    time; L{encode_event} adds C{timestamp} and C{sent_at} when it is sent.
+    """
+    return {
+        "event_type": "pattern_detected",
+        "symbol": symbol,
+        "pattern": rng.choice(PATTERNS),
+        "confidence": round(rng.uniform(0.5, 0.99), 3),
+        "event_id": f"{run_id}-{seq}",
+        "timeframe": rng.choice(TIMEFRAMES),
+        "price": round(rng.uniform(20, 900), 2),
+        "volume": rng.randint(10_000, 5_000_000),
+        "direction": rng.choice(("bullish", "bearish")),
+        "source": "TickStockPL",
+    }
+
+
+def encode_event(event: dict[str, Any], sent_at: float) -> bytes:
+    """The message, stamped at publish time; repr(float) keeps every digit."""
+    body = json.dumps(event, separators=(",", ":"))
+    return (body[:-1] + ',"timestamp":' + repr(round(sent_at, 3))
+            + ',"sent_at":' + repr(sent_at) + "}").encode()
+
+
+# -------------------------------------------------------------- processes
+
+
+class Procs:
+    """The child processes, all stopped by L{stop_all} whatever happened."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, subprocess.Popen[Any]]] = []
+
+    def start(self, name: str, argv: list[str], **kwargs: Any) -> subprocess.Popen[Any]:
+        # Own session: a Ctrl-C reaches only this script, which then stops
+        # the children in order (loadgen, daemon, redis).
+        proc = subprocess.Popen(argv, start_new_session=True, **kwargs)
+        self.items.append((name, proc))
+        return proc
+
+    def stop_all(self) -> None:
+        for name, proc in reversed(self.items):
+            if proc.poll() is None:
+                try:
+                    proc.send_signal(signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        for name, proc in reversed(self.items):
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+
+
+class LineReader:
+    """Lines of a child's stdout, read by a thread, handed out with timeouts."""
+
+    def __init__(self, stream: Any) -> None:
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _pump(self, stream: Any) -> None:
+        for line in stream:
+            self._queue.put(line.rstrip("\n"))
+        self._queue.put(None)
+
+    def expect(self, tag: str, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise BenchError(f"loadgen: no {tag} line within {timeout:g}s")
+            try:
+                line = self._queue.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if line is None:
+                raise BenchError(f"loadgen exited before {tag}")
+            word, _, rest = line.partition(" ")
+            if word == tag:
+                return json.loads(rest)
+            if word == "FAILED":
+                raise BenchError(f"loadgen failed: {json.loads(rest)['error']}")
+            print(f"loadgen: {line}", file=sys.stderr)
+
+
+# ------------------------------------------------------------------ bench
+
+
+def symbol_list(n: int) -> list[str]:
+    symbols = TICKERS[:n]
+    i = 0
+    while len(symbols) < n:
+        symbols.append(f"SYM{i}")
+        i += 1
+    return symbols
+
+
+def run(args: argparse.Namespace, procs: Procs, workdir: Path) -> dict[str, Any]:
+    cores = os.sched_getaffinity(0)
+    pin = shutil.which("taskset") is not None and {SERVER_CORE, LOAD_CORE} <= cores
+    server_core, load_core = (SERVER_CORE, LOAD_CORE) if pin else (None, None)
+    if pin:
+        os.sched_setaffinity(0, {LOAD_CORE})  # the publisher (this process) shares core 1
+    else:
+        print("warning: cannot pin to cores 0 and 1; running unpinned", file=sys.stderr)
+
+    symbols = symbol_list(args.symbols)
+    n_sym = len(symbols)
+    warmup_events = round(args.rate * args.warmup)
+    measured_events = round(args.rate * args.duration)
+    total_events = warmup_events + measured_events
+    if measured_events < 1:
+        raise BenchError("--rate x --duration gives no events")
+
+    # ---- redis
+    redis_port = free_port()
+    redis_log = workdir / "redis.log"
+    redis = procs.start("redis", pinned(load_core, [
+        args.redis_server, "--port", str(redis_port), "--bind", "127.0.0.1",
+        "--save", "", "--appendonly", "no", "--dir", str(workdir),
+        "--logfile", str(redis_log), "--daemonize", "no",
+    ]), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+    def redis_alive() -> None:
+        if redis.poll() is not None:
+            raise BenchError(f"redis-server exited ({redis.returncode}):\n{tail(redis_log)}")
+
+    def redis_up() -> bool:
+        with socket.create_connection(("127.0.0.1", redis_port), timeout=0.5):
+            return True
+
+    wait_until("redis-server", redis_up, 10, redis_alive)
+    publisher = Publisher(redis_port)
+    publisher.ping()
+
+    # ---- daemon
+    ws_port = free_port()
+    base = f"http://127.0.0.1:{ws_port}"
+    daemon_log = workdir / "daemon.log"
+    twistd = str(Path(sys.executable).parent / "twistd")
+    if not os.path.exists(twistd):
+        twistd = shutil.which("twistd") or "twistd"
+    with open(daemon_log, "wb") as log:
+        daemon = procs.start("daemon", pinned(server_core, [
+            twistd, "-n", "--pidfile=", "tickstock",
+            "--redis", f"redis://127.0.0.1:{redis_port}/0",
+            "--listen", f"tcp:{ws_port}:interface=127.0.0.1",
+        ]), cwd=str(workdir), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+
+    def daemon_alive() -> None:
+        redis_alive()
+        if daemon.poll() is not None:
+            raise BenchError(f"daemon exited ({daemon.returncode}):\n{tail(daemon_log)}")
+
+    wait_until("the daemon's /ready", lambda: http_json(base + "/ready", 1)[0] == 200,
+               30, daemon_alive)
+
+    # ---- load generator
+    loadgen_err = workdir / "loadgen.err"
+    with open(loadgen_err, "wb") as err:
+        loadgen = procs.start("loadgen", pinned(load_core, [
+            sys.executable, str(HERE / "loadgen.py"),
+            "--port", str(ws_port), "--clients", str(args.clients),
+            "--symbols", ",".join(symbols), "--warmup-events", str(warmup_events),
+            "--drain", str(args.drain),
+        ]), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1)
+    lines = LineReader(loadgen.stdout)
+    try:
+        ready = lines.expect("READY", 60 + args.clients * 0.05)
+    except BenchError as error:
+        daemon_alive()
+        raise BenchError(f"{error}\n{tail(loadgen_err)}") from None
+    status, health = http_json(base + "/health")
+    if health.get("clients") != args.clients or health.get("subscriptions") != args.clients:
+        raise BenchError(f"daemon reports clients={health.get('clients')} "
+                         f"subscriptions={health.get('subscriptions')}, expected {args.clients}")
+
+    # ---- publish: warm-up, then the measured window, on one absolute schedule
+    rng = random.Random(42)
+    run_id = f"bench{os.getpid()}"
+    templates = [make_event(rng, run_id, seq, symbols[seq % n_sym]) for seq in range(total_events)]
+    publish = Publisher.command
+    server_cpu0 = loadgen_cpu0 = redis_cpu0 = 0.0
+    health0: dict[str, Any] = {}
+    sampled = False
+    first_measured = last_sent = 0.0
+    lags: list[float] = []
+    interval = 1.0 / args.rate
+    t0 = time.monotonic() + 0.05
+    seq = 0
+    while seq < total_events:
+        if seq == warmup_events and not sampled:
+            # Between the last warm-up event and the first measured one.
+            health0 = http_json(base + "/health")[1]["events"]
+            server_cpu0 = cpu_seconds(daemon.pid)
+            loadgen_cpu0 = cpu_seconds(loadgen.pid)
+            redis_cpu0 = cpu_seconds(redis.pid)
+            sampled = True
+        limit = total_events if sampled else warmup_events
+        now = time.monotonic()
+        batch = []
+        while seq < limit and t0 + seq * interval <= now:
+            if sampled:
+                lags.append(now - (t0 + seq * interval))
+            sent_at = time.time()
+            if seq == warmup_events:
+                first_measured = sent_at
+            batch.append(publish(b"PUBLISH", CHANNEL, encode_event(templates[seq], sent_at)))
+            last_sent = sent_at
+            seq += 1
+        if batch:
+            publisher.send(batch)
+        if seq < limit:
+            delay = t0 + seq * interval - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+    publisher.wait_replies(total_events)
+    window_s = last_sent - first_measured + interval
+
+    # ---- drain: wait until every expected delivery has arrived (or loss is certain)
+    per_symbol = {symbol: 0 for symbol in symbols}
+    for s in range(warmup_events, total_events):
+        per_symbol[symbols[s % n_sym]] += 1
+    assert loadgen.stdin is not None
+    loadgen.stdin.write("END " + json.dumps({"per_symbol": per_symbol}) + "\n")
+    loadgen.stdin.flush()
+    lines.expect("DONE", args.drain + 180)
+    server_cpu = cpu_seconds(daemon.pid) - server_cpu0
+    loadgen_cpu = cpu_seconds(loadgen.pid) - loadgen_cpu0
+    redis_cpu = cpu_seconds(redis.pid) - redis_cpu0
+    drained_at = time.time()
+    server_rss = rss_mb(daemon.pid)
+    health1 = http_json(base + "/health")[1]
+    result = lines.expect("RESULT", 120)
+    daemon_alive()
+
+    clients_of = {symbol: 0 for symbol in symbols}
+    for k in range(args.clients):
+        clients_of[symbols[k % n_sym]] += 1
+    expected = sum(per_symbol[s] * clients_of[s] for s in symbols)
+    received = result["received"]
+    lat = result["latency_ms"]
+    lags.sort()
+    events1, slow = health1["events"], health1.get("slow_consumers_closed")
+
+    out: dict[str, Any] = {
+        "scenario": args.scenario or (
+            f"patterns fan-out: {args.clients} clients, {n_sym} symbol(s), "
+            f"{args.rate:g} ev/s for {args.duration:g}s"),
+        "clients": args.clients,
+        "symbols": n_sym,
+        "rate": args.rate,
+        "duration_s": args.duration,
+        "warmup_s": args.warmup,
+        "events": measured_events,
+        "expected": expected,
+        "received": received,
+        "loss": expected - received,
+        "latency_ms": {k: lat[k] for k in ("p50", "p90", "p99", "max")},
+        "server_cpu_s": round(server_cpu, 3),
+        "cpu_s_per_100k_deliveries": (
+            round(server_cpu / received * 100_000, 3) if received else None),
+        "server_rss_mb": server_rss,
+        "deliveries_per_s": round(received / window_s, 1),
+        "checks": {
+            "duplicates": result["duplicates"],
+            "out_of_order": result["out_of_order"],
+            "misrouted": result["misrouted"],
+            "server_closes": result["server_closes"],
+            "lost_connections": result["lost_connections"],
+            "client_errors": result["errors"],
+            "per_client_received": result["per_client"],
+            "server_events_received": events1["received"] - health0["received"],
+            "server_events_routed": events1["routed"] - health0["routed"],
+            "server_delivered": events1["delivered"] - health0["delivered"],
+            "server_malformed": events1["malformed"],
+            "slow_consumers_closed": slow,
+            "publish_no_subscriber": publisher.no_subscriber,
+            "publish_errors": publisher.errors,
+        },
+        "diagnostics": {
+            "latency_ms_more": {k: lat[k] for k in ("min", "mean", "p99.9")},
+            "window_s": round(window_s, 3),
+            "drain_s": round(drained_at - last_sent, 3),
+            "publisher_lag_ms": {
+                "p99": round(lags[int(len(lags) * 0.99) - 1 if len(lags) > 1 else 0] * 1000, 3),
+                "max": round(lags[-1] * 1000, 3),
+            },
+            "loadgen_cpu_s": round(loadgen_cpu, 3),
+            "loadgen_busy": round(loadgen_cpu / (drained_at - first_measured), 3),
+            "server_busy": round(server_cpu / (drained_at - first_measured), 3),
+            "redis_cpu_s": round(redis_cpu, 3),
+            "connect_s": ready["connect_s"],
+            "pinned": pin,
+        },
+    }
+    publisher.close()
+    return out
+
+
+def faults(out: dict[str, Any]) -> list[str]:
+    """What makes a run's numbers untrustworthy (exit status 2)."""
+    checks, problems = out["checks"], []
+    if out["loss"]:
+        problems.append(f"loss={out['loss']}")
+    for name in ("duplicates", "out_of_order", "misrouted", "lost_connections",
+                 "publish_no_subscriber", "slow_consumers_closed"):
+        if checks.get(name):
+            problems.append(f"{name}={checks[name]}")
+    for name in ("server_closes", "client_errors", "publish_errors", "server_malformed"):
+        if checks.get(name):
+            problems.append(f"{name}={checks[name]}")
+    if out["diagnostics"]["loadgen_busy"] > 0.8:
+        problems.append("the load generator was over 80% busy: it may be the bottleneck")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="TickStock delivery-latency benchmark.")
+    parser.add_argument("--clients", type=int, default=100, help="WebSocket clients (100)")
+    parser.add_argument("--rate", type=float, default=100.0, help="events per second (100)")
+    parser.add_argument("--duration", type=float, default=10.0,
+                        help="measured publishing window in seconds (10)")
+    parser.add_argument("--symbols", type=int, default=1,
+                        help="symbols; clients spread evenly, events round-robin (1)")
+    parser.add_argument("--warmup", type=float, default=2.0,
+                        help="seconds published at the same rate before measuring (2)")
+    parser.add_argument("--drain", type=float, default=3.0,
+                        help="after publishing, give up waiting once nothing arrives for "
+                             "this long, in seconds (3)")
+    parser.add_argument("--scenario", default=None, help="a name for this run in the output")
+    parser.add_argument("--redis-server", default="/usr/bin/redis-server")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the temp dir (logs of redis, daemon, loadgen)")
+    args = parser.parse_args(argv)
+    if args.clients < 1 or args.rate <= 0 or args.duration <= 0 or args.symbols < 1:
+        parser.error("--clients, --rate, --duration and --symbols must be positive")
+    if args.symbols > args.clients:
+        parser.error("--symbols must not exceed --clients (a symbol nobody receives)")
+
+    # SIGTERM stops the run like Ctrl-C, so the finally below still cleans up.
+    def terminate(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
+    workdir = Path(tempfile.mkdtemp(prefix="tickstock-bench-"))
+    procs = Procs()
+    failed = True
+    try:
+        out = run(args, procs, workdir)
+        print(json.dumps(out))
+        sys.stdout.flush()
+        failed = False
+        problems = faults(out)
+        if problems:
+            print("latency.py: NOT CLEAN: " + "; ".join(problems), file=sys.stderr)
+            return 2
+        return 0
+    except BenchError as error:
+        print(f"latency.py: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("latency.py: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip cleanup
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        procs.stop_all()
+        if args.keep or failed:
+            print(f"latency.py: logs kept in {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
