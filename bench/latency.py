@@ -71,6 +71,23 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def core_busy() -> dict[int, float]:
+    """Busy seconds (all but idle and iowait) of each CPU, from /proc/stat."""
+    busy = {}
+    with open("/proc/stat") as handle:
+        for line in handle:
+            name, *values = line.split()
+            if name.startswith("cpu") and name != "cpu":
+                ticks = [int(v) for v in values[:8]]
+                busy[int(name[3:])] = (sum(ticks) - ticks[3] - ticks[4]) / CLK_TCK
+    return busy
+
+
+def self_cpu() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
 def rss_mb(pid: int) -> float:
     with open(f"/proc/{pid}/status") as handle:
         for line in handle:
@@ -382,7 +399,8 @@ def run(args: argparse.Namespace, procs: Procs, workdir: Path) -> dict[str, Any]
     run_id = f"bench{os.getpid()}"
     templates = [make_event(rng, run_id, seq, symbols[seq % n_sym]) for seq in range(total_events)]
     publish = Publisher.command
-    server_cpu0 = loadgen_cpu0 = redis_cpu0 = 0.0
+    server_cpu0 = loadgen_cpu0 = redis_cpu0 = self_cpu0 = 0.0
+    cores0: dict[int, float] = {}
     health0: dict[str, Any] = {}
     sampled = False
     first_measured = last_sent = 0.0
@@ -397,6 +415,7 @@ def run(args: argparse.Namespace, procs: Procs, workdir: Path) -> dict[str, Any]
             server_cpu0 = cpu_seconds(daemon.pid)
             loadgen_cpu0 = cpu_seconds(loadgen.pid)
             redis_cpu0 = cpu_seconds(redis.pid)
+            cores0, self_cpu0 = core_busy(), self_cpu()
             sampled = True
         limit = total_events if sampled else warmup_events
         now = time.monotonic()
@@ -430,6 +449,7 @@ def run(args: argparse.Namespace, procs: Procs, workdir: Path) -> dict[str, Any]
     server_cpu = cpu_seconds(daemon.pid) - server_cpu0
     loadgen_cpu = cpu_seconds(loadgen.pid) - loadgen_cpu0
     redis_cpu = cpu_seconds(redis.pid) - redis_cpu0
+    cores1, bench_cpu = core_busy(), self_cpu() - self_cpu0
     drained_at = time.time()
     server_rss = rss_mb(daemon.pid)
     health1 = http_json(base + "/health")[1]
@@ -443,6 +463,16 @@ def run(args: argparse.Namespace, procs: Procs, workdir: Path) -> dict[str, Any]
     received = result["received"]
     lat = result["latency_ms"]
     lags.sort()
+    span = drained_at - first_measured
+    # CPU time spent on our two cores by anything that is not this benchmark:
+    # other work on the machine shows up here, and in the latency tails.
+    other = {}
+    if pin:
+        other[f"core{SERVER_CORE}"] = round(
+            (cores1[SERVER_CORE] - cores0[SERVER_CORE] - server_cpu) / span, 3)
+        other[f"core{LOAD_CORE}"] = round(
+            (cores1[LOAD_CORE] - cores0[LOAD_CORE] - loadgen_cpu - redis_cpu - bench_cpu)
+            / span, 3)
     events1, slow = health1["events"], health1.get("slow_consumers_closed")
 
     out: dict[str, Any] = {
@@ -489,8 +519,10 @@ def run(args: argparse.Namespace, procs: Procs, workdir: Path) -> dict[str, Any]
                 "max": round(lags[-1] * 1000, 3),
             },
             "loadgen_cpu_s": round(loadgen_cpu, 3),
-            "loadgen_busy": round(loadgen_cpu / (drained_at - first_measured), 3),
-            "server_busy": round(server_cpu / (drained_at - first_measured), 3),
+            "loadgen_busy": round(loadgen_cpu / span, 3),
+            "server_busy": round(server_cpu / span, 3),
+            "publisher_cpu_s": round(bench_cpu, 3),
+            "other_load_on_cores": other,
             "redis_cpu_s": round(redis_cpu, 3),
             "connect_s": ready["connect_s"],
             "pinned": pin,

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import orjson
 
-SYMBOL = re.compile(r"^[A-Z0-9.\-]{1,10}$")
+SYMBOL = re.compile(r"^[A-Z0-9.\-]{1,10}\Z")
 MAX_EVENT_BYTES = 64 * 1024
 MAX_EVENT_ID = 64
 MAX_STRING = 256
@@ -148,6 +148,7 @@ CHANNELS: dict[str, Channel] = {
 }
 
 JOBS_CHANNEL = "tickstock.jobs.backtest"
+CONTROL_CHANNEL = "tickstock.jobs.control"
 
 
 @dataclass(slots=True, eq=False)

@@ -32,7 +32,8 @@ from tickstock.interfaces import IClient, IProducerLink
 
 CLOSE_POLICY = 1008
 CLOSE_SLOW_CONSUMER = 4001
-_USER = re.compile(r"^[A-Za-z0-9_.@\-]{1,64}$")
+_USER = re.compile(r"^[A-Za-z0-9_.@\-]{1,64}\Z")
+_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}\Z")
 MAX_JOB_SYMBOLS = 50
 
 
@@ -78,11 +79,11 @@ def parse_job(params: Any) -> dict[str, Any]:
     for name in ("start_date", "end_date"):
         value = params.get(name)
         try:
-            dates[name] = date.fromisoformat(value) if isinstance(value, str) else None
+            if not isinstance(value, str) or not _DATE.match(value):
+                raise ValueError(value)
+            dates[name] = date.fromisoformat(value)
         except ValueError:
-            dates[name] = None
-        if dates[name] is None:
-            raise BadRequest("bad_params", f"{name}: expected YYYY-MM-DD")
+            raise BadRequest("bad_params", f"{name}: expected YYYY-MM-DD") from None
     if dates["start_date"] > dates["end_date"]:
         raise BadRequest("bad_params", "start_date: after end_date")
     patterns = params.get("patterns", [])

@@ -20,17 +20,20 @@ from datetime import date
 from typing import Any
 
 import orjson
-from twisted.internet.defer import Deferred
+
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+
+from tickstock.events import SYMBOL
 
 Event = dict[str, Any]
 Bar = tuple[date, float, float, float, float, int]  # date, open, high, low, close, volume
 Publish = Callable[[str, bytes], object]
 _Day = tuple[int, float, float, float, float]  # ordinal, close, gap, wick, volume draw
 
-SYMBOL_RE = re.compile(r"^[A-Z0-9.-]{1,10}$")
+SYMBOL_RE = SYMBOL
 TICKS = "tickstock.data.ticks"
 PATTERNS_CHANNEL = "tickstock.events.patterns"
 MARKET_STATE = "tickstock.events.market_state"
@@ -485,3 +488,33 @@ class Producer:
         self._due += max(owed, 0)
         for _ in range(owed):
             self.publish_one(*self._sim.next_event(now))
+
+
+class OutageQuietPublish:
+    """
+    A publish function whose failures are counted and logged once per outage
+    (not once per message, which at 1000 events/s would drown the log).
+    """
+
+    _log = Logger()
+
+    def __init__(self, publish: Publish) -> None:
+        self._publish = publish
+        self.failed = 0
+        self._down = False
+
+    def __call__(self, channel: str, payload: bytes) -> Deferred[Any]:
+        return maybeDeferred(self._publish, channel, payload).addCallbacks(self._ok, self._failed)
+
+    def _ok(self, result: Any) -> Any:
+        if self._down:
+            self._down = False
+            self._log.info("publishing again after {n} failed messages", n=self.failed)
+        return result
+
+    def _failed(self, failure: Any) -> None:
+        self.failed += 1
+        if not self._down:
+            self._down = True
+            self._log.warn("publish failed ({e}); dropping messages until Redis is back",
+                      e=failure.getErrorMessage())

@@ -116,9 +116,11 @@ class TickStock(MultiService):
         strports.service(settings.listen, site, reactor=reactor).setServiceParent(self)
 
     def _add_simulator(self, reactor: IReactorCore, settings: Settings) -> None:
-        from tickstock.sim import Backtester, JobRunner, MarketSimulator, Producer, default_symbols
+        from tickstock.sim import (
+            Backtester, JobRunner, MarketSimulator, OutageQuietPublish, Producer, default_symbols,
+        )
 
-        publish = self.link.publish
+        publish = OutageQuietPublish(self.link.publish)
         runner = JobRunner(reactor, publish, Backtester())
         producer = None
         if settings.sim_rate > 0:

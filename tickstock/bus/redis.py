@@ -287,12 +287,15 @@ class RedisPubSubSource(_Supervised):
             return
         self._protocol = None
         self._waiting_since = None
+        if not self.running:
+            self.state, self.ready = "stopped", False
+            return
         if self.ready:
             self._down_since = self._clock.seconds()
             self.last_error = why.getErrorMessage()
             self._log.warn("redis subscriber: lost {address}: {why}; reconnecting",
                            address=str(self._address), why=self.last_error)
-        self.state, self.ready = ("stopped" if not self.running else "connecting"), False
+        self.state, self.ready = "connecting", False
 
     def _message(self, channel: bytes, message: bytes) -> None:
         name = self._channels.get(channel)

@@ -258,8 +258,8 @@ function renderHealth() {
     const ago = Math.round((Date.now() - h.seen) / 1000);
     const line = el("p", "health");
     line.dataset.status = ago > 30 ? "stale" : h.status;
-    line.append(el("span", "dot"), el("strong", null, name),
-      el("span", null, ` ${h.status} · last heartbeat ${hms(h.ts)} (${ago}s ago)`));
+    line.append(el("span", "dot"), el("strong", null, `${name}: ${h.status}`),
+      ` · last heartbeat ${hms(h.ts)} (${ago}s ago)`);
     lines.push(line);
   }
   ui.health.replaceChildren(...lines);
