@@ -334,15 +334,18 @@ def run(args: argparse.Namespace, procs: Procs, workdir: Path) -> dict[str, Any]
     # ---- redis
     redis_port = free_port()
     redis_log = workdir / "redis.log"
+    redis_out = open(workdir / "redis.out", "wb")
     redis = procs.start("redis", pinned(load_core, [
         args.redis_server, "--port", str(redis_port), "--bind", "127.0.0.1",
         "--save", "", "--appendonly", "no", "--dir", str(workdir),
         "--logfile", str(redis_log), "--daemonize", "no",
-    ]), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    ]), stdin=subprocess.DEVNULL, stdout=redis_out, stderr=subprocess.STDOUT)
+    redis_out.close()
 
     def redis_alive() -> None:
         if redis.poll() is not None:
-            raise BenchError(f"redis-server exited ({redis.returncode}):\n{tail(redis_log)}")
+            raise BenchError(f"redis-server exited ({redis.returncode}):\n"
+                             f"{tail(workdir / 'redis.out')}\n{tail(redis_log)}")
 
     def redis_up() -> bool:
         with socket.create_connection(("127.0.0.1", redis_port), timeout=0.5):
@@ -394,6 +397,12 @@ def run(args: argparse.Namespace, procs: Procs, workdir: Path) -> dict[str, Any]
         raise BenchError(f"daemon reports clients={health.get('clients')} "
                          f"subscriptions={health.get('subscriptions')}, expected {args.clients}")
 
+    clients_of = {symbol: 0 for symbol in symbols}
+    for k in range(args.clients):
+        clients_of[symbols[k % n_sym]] += 1
+    warmup_deliveries = sum(clients_of[symbols[s % n_sym]] for s in range(warmup_events))
+    settled = True
+
     # ---- publish: warm-up, then the measured window, on one absolute schedule
     rng = random.Random(42)
     run_id = f"bench{os.getpid()}"
@@ -410,8 +419,18 @@ def run(args: argparse.Namespace, procs: Procs, workdir: Path) -> dict[str, Any]
     seq = 0
     while seq < total_events:
         if seq == warmup_events and not sampled:
-            # Between the last warm-up event and the first measured one.
-            health0 = http_json(base + "/health")[1]["events"]
+            # Between the last warm-up event and the first measured one: let
+            # the daemon finish the warm-up fan-out first (if it can before
+            # the first measured event is due), so that the window's CPU and
+            # counters belong to the measured events only.
+            due = t0 + seq * interval
+            while True:
+                health0 = http_json(base + "/health")[1]["events"]
+                settled = (health0["received"] >= warmup_events
+                           and health0["delivered"] >= warmup_deliveries)
+                if settled or time.monotonic() >= due:
+                    break
+                time.sleep(0.002)
             server_cpu0 = cpu_seconds(daemon.pid)
             loadgen_cpu0 = cpu_seconds(loadgen.pid)
             redis_cpu0 = cpu_seconds(redis.pid)
@@ -436,7 +455,7 @@ def run(args: argparse.Namespace, procs: Procs, workdir: Path) -> dict[str, Any]
             if delay > 0:
                 time.sleep(delay)
     publisher.wait_replies(total_events)
-    window_s = last_sent - first_measured + interval
+    window_s = last_sent - first_measured + interval  # as published, with its jitter
 
     # ---- drain: wait until every expected delivery has arrived (or loss is certain)
     per_symbol = {symbol: 0 for symbol in symbols}
@@ -456,9 +475,6 @@ def run(args: argparse.Namespace, procs: Procs, workdir: Path) -> dict[str, Any]
     result = lines.expect("RESULT", 120)
     daemon_alive()
 
-    clients_of = {symbol: 0 for symbol in symbols}
-    for k in range(args.clients):
-        clients_of[symbols[k % n_sym]] += 1
     expected = sum(per_symbol[s] * clients_of[s] for s in symbols)
     received = result["received"]
     lat = result["latency_ms"]
@@ -468,11 +484,12 @@ def run(args: argparse.Namespace, procs: Procs, workdir: Path) -> dict[str, Any]
     # other work on the machine shows up here, and in the latency tails.
     other = {}
     if pin:
-        other[f"core{SERVER_CORE}"] = round(
-            (cores1[SERVER_CORE] - cores0[SERVER_CORE] - server_cpu) / span, 3)
-        other[f"core{LOAD_CORE}"] = round(
-            (cores1[LOAD_CORE] - cores0[LOAD_CORE] - loadgen_cpu - redis_cpu - bench_cpu)
-            / span, 3)
+        # (accurate to a few hundredths: /proc counts in ticks)
+        other[f"core{SERVER_CORE}"] = round(max(0.0, (
+            cores1[SERVER_CORE] - cores0[SERVER_CORE] - server_cpu) / span), 2)
+        other[f"core{LOAD_CORE}"] = round(max(0.0, (
+            cores1[LOAD_CORE] - cores0[LOAD_CORE] - loadgen_cpu - redis_cpu - bench_cpu)
+            / span), 2)
     events1, slow = health1["events"], health1.get("slow_consumers_closed")
 
     out: dict[str, Any] = {
@@ -493,7 +510,7 @@ def run(args: argparse.Namespace, procs: Procs, workdir: Path) -> dict[str, Any]
         "cpu_s_per_100k_deliveries": (
             round(server_cpu / received * 100_000, 3) if received else None),
         "server_rss_mb": server_rss,
-        "deliveries_per_s": round(received / window_s, 1),
+        "deliveries_per_s": round(received / (measured_events / args.rate), 1),
         "checks": {
             "duplicates": result["duplicates"],
             "out_of_order": result["out_of_order"],
@@ -512,7 +529,13 @@ def run(args: argparse.Namespace, procs: Procs, workdir: Path) -> dict[str, Any]
         },
         "diagnostics": {
             "latency_ms_more": {k: lat[k] for k in ("min", "mean", "p99.9")},
+            # the same deliveries, timed when the load generator read them
+            # rather than when the kernel queued them on the client's socket
+            "latency_ms_loadgen_read": {
+                k: result["app_latency_ms"][k] for k in ("p50", "p90", "p99", "max")},
+            "untimed_reads": result["untimed_reads"],
             "window_s": round(window_s, 3),
+            "warmup_settled": settled,
             "drain_s": round(drained_at - last_sent, 3),
             "publisher_lag_ms": {
                 "p99": round(lags[int(len(lags) * 0.99) - 1 if len(lags) > 1 else 0] * 1000, 3),
@@ -577,30 +600,34 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, terminate)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with it ignored
     workdir = Path(tempfile.mkdtemp(prefix="tickstock-bench-"))
     procs = Procs()
-    failed = True
+    keep = args.keep
     try:
         out = run(args, procs, workdir)
         print(json.dumps(out))
         sys.stdout.flush()
-        failed = False
         problems = faults(out)
         if problems:
             print("latency.py: NOT CLEAN: " + "; ".join(problems), file=sys.stderr)
             return 2
         return 0
     except BenchError as error:
+        keep = True
         print(f"latency.py: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("latency.py: interrupted", file=sys.stderr)
+        print("latency.py: interrupted; stopping everything", file=sys.stderr)
         return 130
+    except BaseException:
+        keep = True
+        raise
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip cleanup
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         procs.stop_all()
-        if args.keep or failed:
+        if keep:
             print(f"latency.py: logs kept in {workdir}", file=sys.stderr)
         else:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -1,41 +1,47 @@
 #!/usr/bin/env python3
 """
 TickStock delivery-latency load generator: many WebSocket clients in one
-process, one asyncio event loop.
+process, one epoll loop, no framework.
 
 It is independent of the server's code (it does not import tickstock): it
 speaks the public WebSocket protocol of CONTRACT.md section 3 with a minimal
 RFC 6455 client written for speed. Server-to-client frames are unmasked, so
-reading one is a few byte operations; only the event frames that matter are
-parsed (orjson), and the receive time of a frame is taken once per socket
-read, before any parsing, so the loadgen's own parsing does not inflate the
-latency it measures.
+reading one is a few byte operations; only event frames are decoded (orjson).
+
+Receive time: each socket read asks the kernel for the time the data arrived
+on the socket (SO_TIMESTAMPNS), so latency does not include the time this
+process took to get round to the socket. The time of the read itself
+(time.time() when this loop read it) is kept too, as a check on the
+generator: the two differ only when the generator falls behind.
 
 Control, over stdin/stdout (one line each):
 
-  loadgen -> parent   READY {"clients":C,"connect_s":...}   every client subscribed
-  parent  -> loadgen  END {"per_symbol":{"AAPL":n,...}}      publishing is over;
-                                                             n = measured events per symbol
-  loadgen -> parent   DONE {"complete":bool}                 every expected delivery arrived
-                                                             (or the drain timeout passed)
-  loadgen -> parent   RESULT {...}                           the results (see README.md)
+  loadgen -> parent   READY {"clients":C,...}            every client subscribed
+  parent  -> loadgen  END {"per_symbol":{"AAPL":n,...}}  publishing is over;
+                                                         n = measured events per symbol
+  loadgen -> parent   DONE {"complete":bool,...}         every expected delivery arrived
+                                                         (or the drain timeout passed)
+  loadgen -> parent   RESULT {...}                       the results
+  loadgen -> parent   FAILED {"error":"..."}             it could not go on
 
-Latency of one delivery = wall-clock receive time - data.sent_at (the
-publisher's time.time() at publish). Events whose sequence number (the
-number after the last "-" of data.event_id) is below --warmup-events are
-counted separately and not sampled.
+Latency of one delivery = receive time - data.sent_at (the publisher's
+time.time() just before it sent the PUBLISH). Events whose sequence number
+(the number after the last "-" of data.event_id) is below --warmup-events
+are warm-up: counted apart and not sampled.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
+import errno
 import gc
 import hashlib
 import os
 import resource
+import select
 import socket
+import struct
 import sys
 import time
 from array import array
@@ -45,10 +51,20 @@ import orjson
 
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 EVENT_PREFIX = b'{"op":"event"'
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux; Python has no constant
+SCM_TIMESTAMPNS = SO_TIMESTAMPNS
+ANC_SIZE = socket.CMSG_SPACE(16)
+READ_SIZE = 256 * 1024
+
+CONNECTING, HANDSHAKE, HELLO, SUBSCRIBING, LIVE, CLOSED = range(6)
 
 
-def mask_frame(opcode: int, payload: bytes) -> bytes:
-    """A client-to-server frame (FIN set, masked, as RFC 6455 requires)."""
+class Failure(RuntimeError):
+    """The load generator cannot go on."""
+
+
+def client_frame(opcode: int, payload: bytes) -> bytes:
+    """A client-to-server frame: FIN set, masked, as RFC 6455 requires."""
     n = len(payload)
     if n < 126:
         header = bytes((0x80 | opcode, 0x80 | n))
@@ -57,97 +73,139 @@ def mask_frame(opcode: int, payload: bytes) -> bytes:
     else:
         header = bytes((0x80 | opcode, 0x80 | 127)) + n.to_bytes(8, "big")
     key = os.urandom(4)
-    if n:
-        stream = (key * (n // 4 + 1))[:n]
-        masked = (int.from_bytes(payload, "big") ^ int.from_bytes(stream, "big")).to_bytes(n, "big")
-    else:
-        masked = b""
-    return header + key + masked
+    if not n:
+        return header + key
+    stream = (key * (n // 4 + 1))[:n]
+    return header + key + (
+        int.from_bytes(payload, "big") ^ int.from_bytes(stream, "big")).to_bytes(n, "big")
 
 
 class Stats:
-    """Everything measured, shared by all clients."""
+    """What every client measures, in one place."""
 
     def __init__(self, warmup_events: int) -> None:
         self.warmup_events = warmup_events
-        self.latencies = array("d")      # seconds, measured deliveries only
-        self.received = 0                # measured deliveries, distinct (client, event)
+        self.kernel_lat = array("d")    # seconds: kernel receive time - sent_at
+        self.app_lat = array("d")       # seconds: time this loop read it - sent_at
+        self.received = 0               # measured deliveries, distinct (client, event)
         self.warmup_received = 0
         self.duplicates = 0
         self.out_of_order = 0
-        self.misrouted = 0               # symbol or subscription id not the client's
+        self.misrouted = 0              # not the client's symbol or subscription id
         self.bad_frames = 0
-        self.errors: list[Any] = []      # {"op":"error"} replies, first few
-        self.closes: dict[str, int] = {}  # close codes seen from the server
+        self.untimed_reads = 0          # reads without a kernel timestamp
+        self.errors: list[Any] = []     # first few {"op":"error"} replies / protocol errors
+        self.closes: dict[str, int] = {}
         self.lost_connections = 0
-        self.expected_total: int | None = None
-        self.done: asyncio.Future[bool] | None = None
-        self.last_progress = time.monotonic()
 
 
-class Client(asyncio.Protocol):
-    """One WebSocket client subscribed to one symbol's patterns."""
+class Client:
+    """One WebSocket client subscribed to the patterns of one symbol."""
 
-    def __init__(self, stats: Stats, index: int, symbol: str, host: str, port: int,
-                 path: str, subscribed: asyncio.Future[None]) -> None:
-        self.stats = stats
+    __slots__ = ("loop", "stats", "index", "symbol", "sock", "fd", "state", "key", "buf",
+                 "out", "fragments", "seen", "last_seq", "count", "expected")
+
+    def __init__(self, loop: "Loop", index: int, symbol: str) -> None:
+        self.loop = loop
+        self.stats = loop.stats
         self.index = index
         self.symbol = symbol
-        self.host = host
-        self.port = port
-        self.path = path
-        self.subscribed = subscribed
-        self.transport: asyncio.Transport | None = None
-        self.handshaking = True
+        self.state = CONNECTING
         self.key = base64.b64encode(os.urandom(16))
         self.buf = b""
+        self.out = b""
         self.fragments: list[bytes] | None = None
-        self.seen = bytearray()          # seen[seq] = 1 once event seq arrived
+        self.seen = bytearray()
         self.last_seq = -1
-        self.count = 0                   # measured deliveries to this client
+        self.count = 0
         self.expected = 0
-        self.open = False
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        self.sock = sock
+        self.fd = sock.fileno()
+        err = sock.connect_ex((loop.host, loop.port))
+        if err not in (0, errno.EINPROGRESS):
+            raise Failure(f"client {index}: connect: {os.strerror(err)}")
 
-    # transport callbacks
+    # writing
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        transport.write(  # type: ignore[attr-defined]
-            b"GET " + self.path.encode() + b" HTTP/1.1\r\n"
-            b"Host: " + f"{self.host}:{self.port}".encode() + b"\r\n"
-            b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
-            b"Sec-WebSocket-Key: " + self.key + b"\r\n"
-            b"Sec-WebSocket-Version: 13\r\n\r\n"
-        )
+    def write(self, data: bytes) -> None:
+        if self.state == CLOSED:
+            return
+        if self.out:
+            self.out += data
+            return
+        try:
+            sent = self.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as error:
+            self.lost(f"send: {error}")
+            return
+        if sent < len(data):
+            self.out = data[sent:]
+            self.loop.want_write(self, True)
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.open:
-            self.stats.lost_connections += 1
-        self.open = False
-        if not self.subscribed.done():
-            self.subscribed.set_exception(ConnectionError(
-                f"client {self.index}: connection lost before subscribing ({exc})"))
+    def writable(self) -> None:
+        if self.state == CONNECTING:
+            err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                self.loop.connect_failed(self, os.strerror(err))
+                return
+            self.state = HANDSHAKE
+            self.loop.want_write(self, False)
+            self.write(
+                b"GET " + self.loop.path + b" HTTP/1.1\r\n"
+                b"Host: " + self.loop.host_header + b"\r\n"
+                b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                b"Sec-WebSocket-Key: " + self.key + b"\r\n"
+                b"Sec-WebSocket-Version: 13\r\n\r\n")
+            return
+        data, self.out = self.out, b""
+        self.loop.want_write(self, False)
+        if data:
+            self.write(data)
 
-    def data_received(self, data: bytes) -> None:
-        now = time.time()  # arrival time of every frame in this read
-        if self.buf:
-            data = self.buf + data
-            self.buf = b""
-        if self.handshaking:
+    def send_json(self, message: dict[str, Any]) -> None:
+        self.write(client_frame(1, orjson.dumps(message)))
+
+    # reading
+
+    def readable(self, view: memoryview) -> None:
+        try:
+            n, anc, _, _ = self.sock.recvmsg_into((view,), ANC_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as error:
+            self.lost(f"recv: {error}")
+            return
+        now = time.time()
+        if n == 0:
+            self.lost("the server closed the connection")
+            return
+        stamp = now
+        if anc:
+            sec, nsec = struct.unpack_from("qq", anc[0][2])
+            stamp = sec + nsec * 1e-9
+        else:
+            self.stats.untimed_reads += 1
+        data = self.buf + view[:n] if self.buf else view[:n].tobytes()
+        self.buf = b""
+        if self.state == HANDSHAKE:
             end = data.find(b"\r\n\r\n")
             if end < 0:
                 self.buf = data
                 return
-            self._handshake(data[:end])
+            self.handshake(data[:end])
             data = data[end + 4:]
-            if not data:
-                return
+        self.frames(data, stamp, now)
+
+    def frames(self, data: bytes, stamp: float, now: float) -> None:
         n = len(data)
         pos = 0
-        while n - pos >= 2:
+        while n - pos >= 2 and self.state != CLOSED:
             b0 = data[pos]
             b1 = data[pos + 1]
             length = b1 & 0x7F
@@ -163,45 +221,37 @@ class Client(asyncio.Protocol):
                 length = int.from_bytes(data[pos + 2:pos + 10], "big")
                 head = 10
             if b1 & 0x80 or b0 & 0x70:
-                self._fail("masked or RSV bits set in a server frame")
+                self.fail("masked frame or RSV bits set in a server frame")
                 return
             end = pos + head + length
             if end > n:
                 break
             payload = data[pos + head:end]
             pos = end
-            opcode = b0 & 0x0F
-            if opcode == 1 and b0 & 0x80 and self.fragments is None:
-                self._text(payload, now)
+            if b0 == 0x81 and self.fragments is None:
+                self.text(payload, stamp, now)
             else:
-                self._other(b0 & 0x80, opcode, payload, now)
+                self.other(b0 & 0x80, b0 & 0x0F, payload, stamp, now)
         if pos < n:
             self.buf = data[pos:]
 
-    # protocol
-
-    def _handshake(self, head: bytes) -> None:
+    def handshake(self, head: bytes) -> None:
         lines = head.split(b"\r\n")
         if not lines[0].startswith(b"HTTP/1.1 101"):
-            self._fail(f"handshake refused: {lines[0]!r}")
+            self.fail(f"handshake refused: {lines[0].decode('latin-1')}")
             return
-        accept = base64.b64encode(hashlib.sha1(self.key + WS_GUID).digest())
         headers = {}
         for line in lines[1:]:
             name, _, value = line.partition(b":")
             headers[name.strip().lower()] = value.strip()
+        accept = base64.b64encode(hashlib.sha1(self.key + WS_GUID).digest())
         if headers.get(b"sec-websocket-accept") != accept:
-            self._fail("bad Sec-WebSocket-Accept")
+            self.fail("bad Sec-WebSocket-Accept")
             return
-        self.handshaking = False
-        self.open = True
-        self.send({"op": "hello", "user": f"bench-{self.index}"})
+        self.state = HELLO
+        self.send_json({"op": "hello", "user": f"bench-{self.index}"})
 
-    def send(self, message: dict[str, Any]) -> None:
-        assert self.transport is not None
-        self.transport.write(mask_frame(1, orjson.dumps(message)))
-
-    def _text(self, payload: bytes, now: float) -> None:
+    def text(self, payload: bytes, stamp: float, now: float) -> None:
         stats = self.stats
         if payload.startswith(EVENT_PREFIX):
             try:
@@ -213,11 +263,11 @@ class Client(asyncio.Protocol):
             except Exception:
                 stats.bad_frames += 1
                 return
-            if message.get("sub") != "s1" or data.get("symbol") != self.symbol:
+            if message["sub"] != "s1" or data.get("symbol") != self.symbol:
                 stats.misrouted += 1
             seen = self.seen
             if seq >= len(seen):
-                seen.extend(bytes(seq + 1024 - len(seen)))
+                seen.extend(bytes(seq + 4096 - len(seen)))
             if seen[seq]:
                 stats.duplicates += 1
                 return
@@ -229,82 +279,156 @@ class Client(asyncio.Protocol):
             if seq < stats.warmup_events:
                 stats.warmup_received += 1
                 return
-            stats.latencies.append(now - sent_at)
+            stats.kernel_lat.append(stamp - sent_at)
+            stats.app_lat.append(now - sent_at)
             self.count += 1
             stats.received += 1
-            if stats.expected_total is not None and stats.received >= stats.expected_total:
-                if stats.done is not None and not stats.done.done():
-                    stats.done.set_result(True)
             return
         try:
             message = orjson.loads(payload)
         except orjson.JSONDecodeError:
             stats.bad_frames += 1
             return
-        op = message.get("op")
-        if op == "welcome":
-            self.send({"op": "subscribe", "id": "s1", "topic": "patterns",
-                       "filter": {"symbols": [self.symbol]}})
-        elif op == "subscribed" and message.get("id") == "s1":
-            if not self.subscribed.done():
-                self.subscribed.set_result(None)
+        op = message.get("op") if isinstance(message, dict) else None
+        if op == "welcome" and self.state == HELLO:
+            self.state = SUBSCRIBING
+            self.send_json({"op": "subscribe", "id": "s1", "topic": "patterns",
+                            "filter": {"symbols": [self.symbol]}})
+        elif op == "subscribed" and message.get("id") == "s1" and self.state == SUBSCRIBING:
+            self.state = LIVE
+            self.loop.subscribed(self)
         elif op == "error":
             if len(stats.errors) < 10:
-                stats.errors.append(message)
-            if not self.subscribed.done():
-                self.subscribed.set_exception(RuntimeError(f"client {self.index}: {message}"))
-        # anything else (pong, future ops) is ignored
+                stats.errors.append({"client": self.index, **message})
+            if self.state != LIVE:
+                raise Failure(f"client {self.index}: {message}")
+        # anything else (pong, later additions to the protocol) is ignored
 
-    def _other(self, fin: int, opcode: int, payload: bytes, now: float) -> None:
+    def other(self, fin: int, opcode: int, payload: bytes, stamp: float, now: float) -> None:
         if opcode == 9:  # ping
-            if self.transport is not None and not self.transport.is_closing():
-                self.transport.write(mask_frame(10, payload))
+            self.write(client_frame(10, payload))
         elif opcode == 10:  # pong
             pass
         elif opcode == 8:  # close
             code = str(int.from_bytes(payload[:2], "big")) if len(payload) >= 2 else "none"
             self.stats.closes[code] = self.stats.closes.get(code, 0) + 1
-            if self.transport is not None and not self.transport.is_closing():
-                self.transport.write(mask_frame(8, payload[:2]))
-                self.transport.close()
-        elif opcode in (0, 1, 2):  # fragmented message
-            if opcode in (1, 2):
+            self.write(client_frame(8, payload[:2]))
+            self.lost(f"closed by the server, code {code}")
+        elif opcode in (0, 1, 2):  # a fragmented message
+            if opcode:
                 self.fragments = [payload]
             elif self.fragments is not None:
                 self.fragments.append(payload)
             else:
-                self._fail("continuation frame without a start")
+                self.fail("continuation frame without a start")
                 return
             if fin:
                 whole = b"".join(self.fragments)
                 self.fragments = None
-                self._text(whole, now)
+                if opcode != 2:
+                    self.text(whole, stamp, now)
         else:
-            self._fail(f"unknown opcode {opcode}")
+            self.fail(f"unknown opcode {opcode}")
 
-    def _fail(self, reason: str) -> None:
+    # ending
+
+    def fail(self, reason: str) -> None:
         self.stats.bad_frames += 1
         if len(self.stats.errors) < 10:
             self.stats.errors.append({"client": self.index, "protocol_error": reason})
-        if not self.subscribed.done():
-            self.subscribed.set_exception(RuntimeError(f"client {self.index}: {reason}"))
-        if self.transport is not None:
-            self.transport.abort()
+        self.lost(reason)
+
+    def lost(self, reason: str) -> None:
+        if self.state == CLOSED:
+            return
+        was = self.state
+        self.state = CLOSED
+        self.loop.forget(self)
+        if was == LIVE:
+            self.stats.lost_connections += 1
+        else:
+            raise Failure(f"client {self.index}: {reason} (before subscribing)")
 
     def close(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            if self.open:
-                self.open = False
-                self.transport.write(mask_frame(8, (1000).to_bytes(2, "big")))
-            self.transport.close()
+        if self.state == LIVE:
+            try:
+                self.sock.send(client_frame(8, (1000).to_bytes(2, "big")))
+            except OSError:
+                pass
+        self.state = CLOSED
+        self.sock.close()
+
+
+class Loop:
+    """The epoll loop: all clients and the parent's commands on stdin."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.host = args.host
+        self.port = args.port
+        self.path = args.path.encode()
+        self.host_header = f"{args.host}:{args.port}".encode()
+        self.stats = Stats(args.warmup_events)
+        self.symbols = [s for s in args.symbols.split(",") if s]
+        self.epoll = select.epoll()
+        self.clients: dict[int, Client] = {}
+        self.all: list[Client] = []
+        self.live = 0
+        self.stdin = b""
+        self.commands: list[str] = []
+
+    def register(self, client: Client) -> None:
+        self.clients[client.fd] = client
+        self.all.append(client)
+        self.epoll.register(client.fd, select.EPOLLIN | select.EPOLLOUT)
+
+    def want_write(self, client: Client, on: bool) -> None:
+        if client.fd in self.clients:
+            mask = select.EPOLLIN | (select.EPOLLOUT if on else 0)
+            self.epoll.modify(client.fd, mask)
+
+    def forget(self, client: Client) -> None:
+        if self.clients.pop(client.fd, None) is not None:
+            self.epoll.unregister(client.fd)
+        client.sock.close()
+
+    def connect_failed(self, client: Client, reason: str) -> None:
+        raise Failure(f"client {client.index}: connect: {reason}")
+
+    def subscribed(self, client: Client) -> None:
+        self.live += 1
+
+    def read_stdin(self) -> None:
+        chunk = os.read(0, 65536)
+        if not chunk:
+            raise EOFError("the parent closed stdin")
+        self.stdin += chunk
+        *lines, self.stdin = self.stdin.split(b"\n")
+        self.commands.extend(line.decode().strip() for line in lines if line.strip())
+
+    def poll(self, timeout: float, view: memoryview) -> None:
+        clients = self.clients
+        for fd, events in self.epoll.poll(timeout):
+            if fd == 0:
+                self.read_stdin()
+                continue
+            client = clients.get(fd)
+            if client is None:
+                continue
+            if events & select.EPOLLIN:
+                client.readable(view)
+            elif events & (select.EPOLLERR | select.EPOLLHUP) and client.state != CONNECTING:
+                client.readable(view)  # reads the error or the end of the stream
+            if events & select.EPOLLOUT and client.fd in clients:
+                client.writable()
+            elif events & (select.EPOLLERR | select.EPOLLHUP) and client.state == CONNECTING:
+                client.writable()  # reports the connect error
 
 
 def percentiles(samples: array, points: tuple[float, ...]) -> dict[str, float | None]:
     """Nearest-rank percentiles of C{samples} (seconds), in milliseconds."""
     out: dict[str, float | None] = {}
     if not samples:
-        for p in points:
-            out[f"p{p:g}"] = None
+        out.update({f"p{p:g}": None for p in points})
         out.update(max=None, min=None, mean=None)
         return out
     ordered = sorted(samples)
@@ -323,91 +447,73 @@ def emit(tag: str, body: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
-async def read_line(reader: asyncio.StreamReader) -> str:
-    line = await reader.readline()
-    if not line:
-        raise EOFError("parent closed stdin")
-    return line.decode().strip()
+def run(args: argparse.Namespace) -> None:
+    loop = Loop(args)
+    stats = loop.stats
+    buffer = bytearray(READ_SIZE)
+    view = memoryview(buffer)
 
-
-async def run(args: argparse.Namespace) -> int:
-    loop = asyncio.get_running_loop()
-    symbols = [s for s in args.symbols.split(",") if s]
-    stats = Stats(args.warmup_events)
-    clients: list[Client] = []
-    gate = asyncio.Semaphore(args.connect_concurrency)
-
-    async def open_client(index: int) -> None:
-        symbol = symbols[index % len(symbols)]
-        subscribed: asyncio.Future[None] = loop.create_future()
-        async with gate:
-            for attempt in range(3):
-                try:
-                    _, client = await loop.create_connection(
-                        lambda: Client(stats, index, symbol, args.host, args.port, args.path,
-                                       subscribed),
-                        args.host, args.port)
-                    break
-                except OSError:
-                    if attempt == 2:
-                        raise
-                    await asyncio.sleep(0.2)
-            clients.append(client)
-            await asyncio.wait_for(subscribed, args.connect_timeout)
-
+    # 1. connect, a bounded number of handshakes at a time
     started = time.monotonic()
-    await asyncio.gather(*(open_client(i) for i in range(args.clients)))
+    deadline = started + args.connect_timeout
+    next_index = 0
+    while loop.live < args.clients:
+        while next_index < args.clients and (
+            len(loop.all) - loop.live < args.connect_concurrency
+        ):
+            symbol = loop.symbols[next_index % len(loop.symbols)]
+            loop.register(Client(loop, next_index, symbol))
+            next_index += 1
+        loop.poll(0.05, view)
+        if time.monotonic() > deadline:
+            raise Failure(f"only {loop.live} of {args.clients} clients subscribed "
+                          f"within {args.connect_timeout:g}s")
     connect_s = time.monotonic() - started
 
-    # stdin: the parent's commands
-    reader = asyncio.StreamReader()
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-
-    # No cyclic garbage is made per event; a collection pause would show up as
-    # latency that is the loadgen's, not the server's.
+    # No cyclic garbage is made per event; a collection pause would show up
+    # as latency that is the generator's, not the server's.
     gc.collect()
     gc.freeze()
     gc.disable()
-    emit("READY", {"clients": len(clients), "connect_s": round(connect_s, 3), "pid": os.getpid()})
+    loop.epoll.register(0, select.EPOLLIN)
+    emit("READY", {"clients": loop.live, "connect_s": round(connect_s, 3), "pid": os.getpid()})
 
-    line = await read_line(reader)
-    if not line.startswith("END "):
-        raise RuntimeError(f"expected END, got {line!r}")
-    per_symbol = orjson.loads(line[4:])["per_symbol"]
-    for client in clients:
+    # 2. receive until the parent says publishing is over
+    while not loop.commands:
+        loop.poll(1.0, view)
+    command = loop.commands.pop(0)
+    if not command.startswith("END "):
+        raise Failure(f"expected END, got {command!r}")
+    per_symbol = orjson.loads(command[4:])["per_symbol"]
+    for client in loop.all:
         client.expected = int(per_symbol.get(client.symbol, 0))
-    stats.expected_total = sum(client.expected for client in clients)
-    stats.done = loop.create_future()
-    if stats.received >= stats.expected_total:
-        stats.done.set_result(True)
+    expected = sum(client.expected for client in loop.all)
 
-    # Wait for every expected delivery, or until nothing has arrived for
-    # --drain seconds (something was lost), or the hard cap.
-    deadline = time.monotonic() + args.max_wait
+    # 3. drain: every expected delivery, or nothing new for --drain seconds
+    hard_stop = time.monotonic() + args.max_wait
     last_count, last_change = stats.received, time.monotonic()
-    complete = False
-    while True:
-        try:
-            await asyncio.wait_for(asyncio.shield(stats.done), 0.05)
-            complete = True
-            break
-        except asyncio.TimeoutError:
-            pass
+    while stats.received < expected:
+        loop.poll(0.01, view)
         now = time.monotonic()
         if stats.received != last_count:
             last_count, last_change = stats.received, now
-        if now - last_change > args.drain or now > deadline:
+        elif now - last_change > args.drain or now > hard_stop:
             break
-    done_at = time.time()
-    emit("DONE", {"complete": complete, "received": stats.received, "at": done_at})
+    complete = stats.received >= expected
+    emit("DONE", {"complete": complete, "received": stats.received, "at": time.time()})
+
+    # a moment more, so that late duplicates are seen too
+    end = time.monotonic() + 0.1
+    while time.monotonic() < end:
+        loop.poll(0.02, view)
 
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    counts = [client.count for client in clients]
-    short = [(c.index, c.symbol, c.count, c.expected) for c in clients if c.count != c.expected]
+    short = [(c.index, c.symbol, c.count, c.expected) for c in loop.all if c.count != c.expected]
+    counts = [c.count for c in loop.all]
     result = {
-        "clients": len(clients),
+        "clients": len(loop.all),
         "connect_s": round(connect_s, 3),
-        "expected": stats.expected_total,
+        "expected": expected,
         "received": stats.received,
         "complete": complete,
         "warmup_received": stats.warmup_received,
@@ -418,25 +524,25 @@ async def run(args: argparse.Namespace) -> int:
         "lost_connections": stats.lost_connections,
         "server_closes": stats.closes,
         "errors": stats.errors,
+        "untimed_reads": stats.untimed_reads,
         "per_client": {
             "min": min(counts) if counts else 0,
             "max": max(counts) if counts else 0,
             "clients_short": len(short),
             "first_short": short[:5],
         },
-        "latency_ms": percentiles(stats.latencies, (50, 90, 99, 99.9)),
-        "samples": len(stats.latencies),
+        "latency_ms": percentiles(stats.kernel_lat, (50, 90, 99, 99.9)),
+        "app_latency_ms": percentiles(stats.app_lat, (50, 90, 99, 99.9)),
+        "samples": len(stats.kernel_lat),
         "loadgen_cpu_s_total": round(usage.ru_utime + usage.ru_stime, 3),
     }
-    for client in clients:
+    for client in loop.all:
         client.close()
-    await asyncio.sleep(0.05)
     emit("RESULT", result)
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description="TickStock WebSocket load generator.")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--path", default="/ws")
@@ -445,18 +551,23 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated; client k subscribes to symbols[k %% N]")
     parser.add_argument("--warmup-events", type=int, default=0,
                         help="events with a sequence number below this are warm-up")
-    parser.add_argument("--connect-concurrency", type=int, default=50)
-    parser.add_argument("--connect-timeout", type=float, default=30.0)
+    parser.add_argument("--connect-concurrency", type=int, default=50,
+                        help="handshakes in flight at once")
+    parser.add_argument("--connect-timeout", type=float, default=120.0)
     parser.add_argument("--drain", type=float, default=3.0,
-                        help="after END, give up when nothing arrived for this long (s)")
+                        help="after END, give up once nothing arrived for this long (s)")
     parser.add_argument("--max-wait", type=float, default=120.0,
                         help="after END, give up after this long in any case (s)")
     args = parser.parse_args(argv)
     try:
-        return asyncio.run(run(args))
-    except (EOFError, KeyboardInterrupt):
+        run(args)
+        return 0
+    except (EOFError, KeyboardInterrupt, BrokenPipeError):
         return 1
-    except Exception as error:  # report, in one line, what went wrong
+    except Failure as error:
+        emit("FAILED", {"error": str(error)})
+        return 1
+    except Exception as error:
         emit("FAILED", {"error": f"{type(error).__name__}: {error}"})
         return 1
 

@@ -616,25 +616,34 @@ def test_documented_examples_are_valid(schema_for: Callable[..., Any]) -> None:
     assert count >= 25
 
 
-# ---------------------------------------------------------------- known gaps (code vs contract)
+# ---------------------------------------------------------------- edges the schemas rely on
 
 
-@pytest.mark.xfail(strict=True, reason="events.SYMBOL uses `$`, which also matches before a "
-                   "final newline; use fullmatch or \\Z")
-def test_symbol_with_trailing_newline_is_refused() -> None:
+def test_symbol_with_trailing_newline_is_refused(schema_for: Callable[..., Any]) -> None:
     """
-    Symbols are exactly 1-10 characters of [A-Z0-9.-] as documented: C{"AAPL\\n"}
-    is not one. Known gap; when the code is fixed, drop the xfail mark.
+    Symbols are exactly 1-10 characters of [A-Z0-9.-], as documented:
+    C{"AAPL\\n"} is refused by the producer-side check and the filter check.
     """
     assert events.SYMBOL.match("AAPL\n") is None
+    payload = {"symbol": "AAPL\n", "pattern": "Doji", "confidence": 0.5,
+               "timestamp": 1700000000}
+    with pytest.raises(MalformedEvent):
+        parse_event("tickstock.events.patterns", orjson.dumps(payload), "1-0", 1.0)
+    reply = greeted().send({"op": "subscribe", "id": "s1", "topic": "ticks",
+                            "filter": {"symbols": ["AAPL\n"]}})
+    assert reply["code"] == "bad_filter"
 
 
-@pytest.mark.xfail(strict=True, reason="parse_job uses date.fromisoformat, which in Python "
-                   "3.11+ also takes 20230101, and passes the text on to the producer")
-def test_backtest_dates_are_yyyy_mm_dd_only() -> None:
+@pytest.mark.parametrize("text", ["20230101", "2023-W01-1", "2023-1-01", " 2023-01-01"])
+def test_backtest_dates_are_yyyy_mm_dd_only(
+    schema_for: Callable[..., Any], text: str,
+) -> None:
     """
-    C{submit_backtest} dates are YYYY-MM-DD as documented; C{20230101} is
-    refused. Known gap; when the code is fixed, drop the xfail mark.
+    C{submit_backtest} dates are YYYY-MM-DD only, as documented: other ISO 8601
+    forms that Python's C{date.fromisoformat} would take are refused by the
+    gateway and by the schema alike.
     """
-    with pytest.raises(broadcast.BadRequest):
-        gateway.parse_job({**SUBMIT, "start_date": "20230101"})
+    message = {"op": "submit_backtest", "id": "r1", "params": {**SUBMIT, "start_date": text}}
+    reply = greeted().send(message)
+    assert (reply["op"], reply["code"]) == ("error", "bad_params")
+    assert not client_validator(schema_for).is_valid(message)

@@ -90,7 +90,9 @@ class ClientProtocol(WebSocketServerProtocol):
     def close(self, code: int, reason: str) -> None:
         if not self._closing:
             self._closing = True
-            self.sendClose(code, reason)
+            # sendClose() only takes 1000 and 3000-4999; 1008 needs the frame
+            # call Autobahn uses for its own protocol closes. Reasons: 123 bytes.
+            self.sendCloseFrame(code, reason.encode()[:123], isReply=False)
 
     # IPushProducer
 

@@ -19,7 +19,7 @@ const ui = {
 
 const state = {
   ws: null, want: false, attempt: 0, retryTimer: null, retryAt: 0, welcomeAt: 0,
-  lastId: null, seq: 0, watch: [],
+  name: "demo", lastId: null, seq: 0, watch: [],
   subs: new Map(),     // subscription id -> topic, for the current connection
   requests: new Map(), // submit_backtest request id -> job row, until accepted
   jobs: new Map(),     // job_id -> job row
@@ -27,7 +27,7 @@ const state = {
 
 // ---- small helpers -------------------------------------------------------
 
-function el(tag, cls, text) {
+function el(tag, cls, text) { // the only way this page makes DOM: text stays text
   const node = document.createElement(tag);
   if (cls) node.className = cls;
   if (text !== undefined) node.textContent = text;
@@ -50,29 +50,21 @@ function parseSymbols(text) {
 
 // ---- connection ----------------------------------------------------------
 
-function wsUrl() {
-  return `${location.protocol === "https:" ? "wss:" : "ws:"}//${location.host}/ws`;
-}
-
-function setStatus(kind, text) {
-  ui.status.dataset.state = kind;
-  ui.statusText.textContent = text;
-}
-
+// Same origin, path /ws; nothing secret ever goes in the URL.
+const wsUrl = () => `${location.protocol === "https:" ? "wss:" : "ws:"}//${location.host}/ws`;
+function setStatus(kind, text) { ui.status.dataset.state = kind; ui.statusText.textContent = text; }
 function send(message) {
   if (state.ws && state.ws.readyState === WebSocket.OPEN) state.ws.send(JSON.stringify(message));
 }
 
 function connect() {
-  clearTimeout(state.retryTimer);
-  state.retryTimer = null;
-  state.want = true;
+  clearTimeout(state.retryTimer); state.retryTimer = null; state.want = true;
   setStatus("connecting", "connecting…");
   const ws = new WebSocket(wsUrl());
   state.ws = ws;
   ws.addEventListener("open", () => {
     if (state.ws !== ws) return;
-    const hello = { op: "hello", user: ui.name.value.trim() };
+    const hello = { op: "hello", user: state.name };
     if (state.lastId) hello.resume = { last_id: state.lastId };
     send(hello);
   });
@@ -108,9 +100,7 @@ function showCountdown() {
 }
 
 function disconnect() {
-  state.want = false;
-  clearTimeout(state.retryTimer);
-  state.retryTimer = null;
+  state.want = false; clearTimeout(state.retryTimer); state.retryTimer = null;
   const ws = state.ws;
   if (ws) { dropped({ code: 1000 }); ws.close(1000, "bye"); } else setStatus("offline", "offline");
 }
@@ -125,9 +115,7 @@ function handle(raw) {
     ui.notice.textContent = "";
     ui.btRun.disabled = false;
     state.subs.clear();
-    subscribe("health");
-    subscribe("backtests");
-    subscribeWatch();
+    subscribe("health"); subscribe("backtests"); subscribeWatch();
   } else if (m.op === "event") onEvent(m);
   else if (m.op === "job_accepted") accepted(m);
   else if (m.op === "error") onError(m);
@@ -182,7 +170,7 @@ function alertRow(d) {
   if (num(d.confidence) && d.confidence >= 0.85) conf.classList.add("hi");
   const pattern = el("td", null, str(d.pattern));
   pattern.title = pattern.textContent;
-  tr.append(el("td", "num", hms(d.timestamp)), el("td", "sym", str(d.symbol)), pattern, conf,
+  tr.append(el("td", "time", hms(d.timestamp)), el("td", "sym", str(d.symbol)), pattern, conf,
     el("td", "num", fixed(d.price, 2)));
   return tr;
 }
@@ -259,7 +247,7 @@ function renderHealth() {
     const line = el("p", "health");
     line.dataset.status = ago > 30 ? "stale" : h.status;
     line.append(el("span", "dot"), el("strong", null, `${name}: ${h.status}`),
-      ` · last heartbeat ${hms(h.ts)} (${ago}s ago)`);
+      el("span", "muted", `last heartbeat ${hms(h.ts)} (${ago}s ago)`));
     lines.push(line);
   }
   ui.health.replaceChildren(...lines);
@@ -267,16 +255,12 @@ function renderHealth() {
 
 // ---- backtests -------------------------------------------------------------
 
-function jobStatus(job, status, text) {
-  job.box.dataset.status = status;
-  job.status.textContent = text;
-}
+function jobStatus(job, status, text) { job.box.dataset.status = status; job.status.textContent = text; }
 
 function newJob(title) {
   const job = { box: el("li", "job"), title: el("span", "job-title", title), status: el("span", "job-status"),
     bar: el("progress"), results: el("dl", "results") };
-  job.bar.max = 1;
-  job.bar.value = 0;
+  job.bar.max = 1; job.bar.value = 0;
   job.box.append(job.title, job.status, job.bar, job.results);
   ui.jobs.prepend(job.box);
   while (ui.jobs.children.length > MAX_JOBS) ui.jobs.lastElementChild.remove();
@@ -289,6 +273,7 @@ function submitBacktest() {
   const start = ui.btStart.value, end = ui.btEnd.value;
   ui.btMsg.textContent = bad.length ? `not a symbol: ${bad.join(", ").slice(0, 80)}`
     : !list.length ? "give at least one symbol" : !start || !end || start > end ? "check the dates" : "";
+  if (!ui.btMsg.textContent && !state.welcomeAt) ui.btMsg.textContent = "not connected";
   if (ui.btMsg.textContent) return;
   const id = `r${++state.seq}`;
   const job = newJob(`${list.join(", ")} · ${start} → ${end}`);
@@ -316,8 +301,7 @@ function onBacktest(type, d) {
     if (job.box.dataset.status !== "done") jobStatus(job, str(d.status), `${str(d.status)} ${pct(d.progress)}`);
   } else if (type === "backtest_result") {
     const r = d.results && typeof d.results === "object" ? d.results : {};
-    job.bar.value = 1;
-    jobStatus(job, "done", "completed");
+    job.bar.value = 1; jobStatus(job, "done", "completed");
     const items = [["Win rate", pct(r.win_rate, 1)], ["ROI", pct(r.roi, 2)], ["Sharpe", fixed(r.sharpe_ratio, 2)],
       ["Max drawdown", pct(r.max_drawdown, 1)], ["Trades", num(r.trades) ? String(r.trades) : "—"]];
     job.results.replaceChildren(...items.flatMap(([k, v]) => [el("dt", null, k), el("dd", null, v)]));
@@ -328,7 +312,8 @@ function onBacktest(type, d) {
 
 ui.login.addEventListener("submit", (e) => {
   e.preventDefault();
-  if (!USER.test(ui.name.value.trim())) { ui.notice.textContent = "name: 1-64 of A-Z a-z 0-9 _ . @ -"; return; }
+  state.name = ui.name.value.trim();
+  if (!USER.test(state.name)) { ui.notice.textContent = "name: 1-64 of A-Z a-z 0-9 _ . @ -"; return; }
   disconnect();
   state.attempt = 0;
   state.lastId = null; // a new session, perhaps another user: no resume
@@ -340,5 +325,6 @@ ui.btForm.addEventListener("submit", (e) => { e.preventDefault(); submitBacktest
 window.addEventListener("online", () => { if (state.retryTimer) connect(); });
 setInterval(() => { showCountdown(); renderHealth(); }, 1000);
 
+state.name = USER.test(ui.name.value.trim()) ? ui.name.value.trim() : "demo";
 applyWatch();
 connect();

@@ -1,0 +1,124 @@
+"""Settings from defaults, a TOML file, TICKSTOCK_* variables and flags."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tickstock.config import ConfigError, load_settings, normalize_origin, parse_redis_url
+
+
+def test_defaults_are_the_embedded_demo():
+    """With nothing set, the daemon is the embedded demo on loopback port 8080."""
+    settings = load_settings({}, {})
+    assert settings.listen == "tcp:8080:interface=127.0.0.1"
+    assert settings.redis is None and settings.embedded
+    assert settings.mode == "pubsub" and not settings.demo
+
+
+def test_precedence_flags_over_env_over_toml(tmp_path):
+    """A flag beats TICKSTOCK_* which beats the TOML file which beats the default."""
+    config = tmp_path / "t.toml"
+    config.write_text('[tickstock]\nsim_rate = 5\nsim_symbols = 7\nmax-subscriptions = 9\n')
+    env = {"TICKSTOCK_SIM_RATE": "6", "TICKSTOCK_SIM_SYMBOLS": "8"}
+    settings = load_settings({"sim_rate": "7"}, env, str(config))
+    assert settings.sim_rate == 7.0
+    assert settings.sim_symbols == 8
+    assert settings.max_subscriptions == 9
+    assert settings.client_queue_limit == 1000
+
+
+def test_config_file_from_environment(tmp_path):
+    """TICKSTOCK_CONFIG names the TOML file when --config is not given."""
+    config = tmp_path / "t.toml"
+    config.write_text('redis = "redis://example.test:6380/2"\n')
+    settings = load_settings({}, {"TICKSTOCK_CONFIG": str(config)})
+    assert (settings.redis.host, settings.redis.port, settings.redis.db) == ("example.test", 6380, 2)
+
+
+@pytest.mark.parametrize("flags, env, message", [
+    ({"redis": "http://x"}, {}, "--redis: expected redis://"),
+    ({"redis": "redis://h:99999/0"}, {}, "--redis: bad port"),
+    ({"redis": "redis://h/x"}, {}, "--redis: database must be a number"),
+    ({}, {"TICKSTOCK_SIM_RATE": "fast"}, "TICKSTOCK_SIM_RATE: expected a number"),
+    ({"max_message_size": "10"}, {}, "--max-message-size: must be between"),
+    ({"mode": "kafka"}, {}, "--mode: expected one of pubsub, streams"),
+    ({"allowed_origins": "ftp://x"}, {}, "--allowed-origins: not an http(s) origin"),
+    ({"jwt_secret_file": "/nonexistent"}, {}, "--jwt-secret-file: no such file"),
+    ({}, {"TICKSTOCK_DEMO": "maybe"}, "TICKSTOCK_DEMO: expected true or false"),
+    ({"postgres": "dbname=x"}, {}, "--postgres: the PostgreSQL store is not available"),
+])
+def test_wrong_values_name_the_option(flags, env, message):
+    """Each wrong value raises one line that names the option and the problem."""
+    with pytest.raises(ConfigError) as raised:
+        load_settings(flags, env)
+    assert str(raised.value).startswith(message)
+    assert "\n" not in str(raised.value)
+
+
+def test_toml_errors(tmp_path):
+    """A missing file, bad TOML, or an unknown key is a one-line error."""
+    with pytest.raises(ConfigError, match="--config: cannot read"):
+        load_settings({}, {}, str(tmp_path / "missing.toml"))
+    bad = tmp_path / "bad.toml"
+    bad.write_text("listen = \n")
+    with pytest.raises(ConfigError, match="is not valid TOML"):
+        load_settings({}, {}, str(bad))
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text("colour = 'blue'\n")
+    with pytest.raises(ConfigError, match="unknown option 'colour'"):
+        load_settings({}, {}, str(unknown))
+
+
+def test_redis_url_password_is_not_printed():
+    """The parsed address keeps the password but never shows it."""
+    address = parse_redis_url("redis://:hunter2@10.0.0.5:6390/3")
+    assert address.password == "hunter2"
+    assert "hunter2" not in str(address) and "hunter2" not in address.endpoint()
+
+
+def test_origins_are_normalized_with_ports():
+    """Default ports are made explicit so both spellings of an origin match."""
+    assert normalize_origin("https://App.Example.com") == "https://app.example.com:443"
+    assert normalize_origin("http://localhost:8080") == "http://localhost:8080"
+    with pytest.raises(ValueError):
+        normalize_origin("null")
+
+
+def test_shipped_example_config_is_valid():
+    """conf/tickstock.toml loads and names only real options."""
+    path = os.path.join(os.path.dirname(__file__), "..", "conf", "tickstock.toml")
+    settings = load_settings({}, {}, path)
+    assert settings.listen.startswith("tcp:")
+
+
+def _twistd(*args: str) -> subprocess.CompletedProcess[str]:
+    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+    return subprocess.run([twistd, *args], capture_output=True, text=True, timeout=60)
+
+
+def test_twistd_lists_the_plugin():
+    """`twistd --help` lists tickstock, so the plugin is installed and importable."""
+    result = _twistd("--help")
+    assert result.returncode == 0
+    assert "tickstock" in result.stdout
+
+
+def test_twistd_refuses_a_wrong_option_in_one_line():
+    """A wrong value stops start-up with one line on stderr and no traceback."""
+    result = _twistd("-n", "--pidfile=", "tickstock", "--redis", "mysql://db")
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert lines == ["tickstock: --redis: expected redis://[:password@]host[:port][/db], got 'mysql://db'"]
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_twistd_refuses_a_bad_endpoint():
+    """A --listen that is not an endpoint string is a one-line error too."""
+    result = _twistd("-n", "--pidfile=", "tickstock", "--listen", "carrier-pigeon:8080")
+    assert result.returncode != 0
+    assert result.stderr.strip().startswith("tickstock: --listen: not a Twisted endpoint string")
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,134 @@
+"""
+The WebSocket protocol's edges over a real socket, against the daemon in
+embedded mode (no Redis needed, simulator off): every bad request gets an
+error or the documented close code, and the connection stays usable.
+"""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+import pytest_twisted
+
+from tests.wsclient import connect, eventually, http_get
+
+
+@pytest.fixture
+def quiet(daemons):
+    """An embedded daemon whose simulator publishes nothing."""
+    return daemons(sim_rate=0, max_subscriptions=3, max_message_size=1024, hello_timeout=0.5)
+
+
+@pytest_twisted.ensureDeferred
+async def test_bad_requests_get_errors_and_the_connection_stays(quiet):
+    """Each malformed request is answered with its error code; nothing is closed."""
+    client = await connect(quiet.port)
+    client.send(b"{not json")
+    await eventually(lambda: client.of("error"), 2)
+    assert client.of("error")[-1]["code"] == "bad_json"
+
+    async def error_for(message: dict) -> str:
+        reply = await client.request(message, "never")
+        assert reply["op"] == "error", reply
+        return reply["code"]
+
+    assert await error_for({"op": "subscribe", "id": "x", "topic": "patterns"}) == "hello_required"
+    assert await error_for({"op": "launch", "id": "x"}) == "unknown_op"
+    hello = await client.request({"op": "hello", "id": "h", "user": "carol"}, "welcome")
+    assert hello["user"] == "carol" and hello["session"]
+    assert await error_for({"op": "hello", "id": "h2"}) == "bad_request"
+    assert await error_for({"op": "subscribe", "id": "a", "topic": "weather"}) == "bad_topic"
+    for bad in ({"symbols": ["aapl"]}, {"symbols": []}, {"min_confidence": 2},
+                {"min_confidence": True}, {"colour": "red"}, {"universe": "sp500"}, "AAPL"):
+        assert await error_for({"op": "subscribe", "id": "a", "topic": "patterns",
+                                "filter": bad}) == "bad_filter", bad
+    assert await error_for({"op": "subscribe", "id": "a", "topic": "health",
+                            "filter": {"symbols": ["AAPL"]}}) == "bad_filter"
+    assert await error_for({"op": "unsubscribe", "id": "nope"}) == "unknown_subscription"
+    for params in ({"symbols": [], "start_date": "2024-01-01", "end_date": "2024-01-02"},
+                   {"symbols": ["AAPL", "AAPL"], "start_date": "2024-01-01", "end_date": "2024-01-02"},
+                   {"symbols": ["AAPL"], "start_date": "20240101", "end_date": "2024-01-02"},
+                   {"symbols": ["AAPL"], "start_date": "2024-02-01", "end_date": "2024-01-02"}):
+        assert await error_for({"op": "submit_backtest", "id": "r", "params": params}) == "bad_params"
+
+    for n in range(3):
+        reply = await client.request({"op": "subscribe", "id": f"s{n}", "topic": "ticks"}, "subscribed")
+        assert reply["op"] == "subscribed"
+    assert await error_for({"op": "subscribe", "id": "s0", "topic": "ticks"}) == "duplicate_id"
+    assert await error_for({"op": "subscribe", "id": "s9", "topic": "ticks"}) == "too_many_subscriptions"
+    assert (await client.request({"op": "unsubscribe", "id": "s1"}, "unsubscribed"))["op"] == "unsubscribed"
+    assert (await client.request({"op": "ping", "id": "p"}, "pong"))["op"] == "pong"
+
+    client.sendMessage(b"\x00\x01", isBinary=True)
+    await eventually(lambda: client.of("error")[-1]["message"].startswith("binary"), 2)
+    assert client.close_code is None
+    assert quiet.service.broadcaster.subscriptions == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_oversized_message_closes_with_1009(quiet):
+    """A message over --max-message-size closes the connection with 1009."""
+    client = await connect(quiet.port, hello={"user": "big"})
+    client.send({"op": "ping", "id": "x", "pad": "y" * 2000})
+    code, _ = await client.closed
+    assert code == 1009
+    await eventually(lambda: not quiet.service.gateway.connections, 2, "connection forgotten")
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_hello_in_time_closes_with_1008(quiet):
+    """A client that never says hello is closed with 1008 after --hello-timeout."""
+    client = await connect(quiet.port)
+    code, reason = await client.closed
+    assert code == 1008 and "hello" in reason
+
+
+@pytest_twisted.ensureDeferred
+async def test_cross_origin_handshake_is_refused(daemons):
+    """A browser page from another origin cannot open the socket; the same origin can."""
+    daemon = daemons(sim_rate=0)
+    with pytest.raises(ConnectionError, match="403"):
+        await connect(daemon.port, origin="http://evil.example:80")
+    with pytest.raises(ConnectionError, match="origin 'null' not allowed"):
+        await connect(daemon.port, origin="null")  # refused by Autobahn itself (400)
+    same = await connect(daemon.port, origin=f"http://127.0.0.1:{daemon.port}", hello={"user": "x"})
+    assert same.of("welcome")
+
+
+@pytest_twisted.ensureDeferred
+async def test_allowlisted_origin(daemons):
+    """With --allowed-origins only the listed origins (with ports) are accepted."""
+    daemon = daemons(sim_rate=0, allowed_origins="https://app.example.com")
+    ok = await connect(daemon.port, origin="https://app.example.com:443", hello={"user": "x"})
+    assert ok.of("welcome")
+    with pytest.raises(ConnectionError, match="403"):
+        await connect(daemon.port, origin=f"http://127.0.0.1:{daemon.port}")
+
+
+@pytest_twisted.ensureDeferred
+async def test_embedded_demo_serves_page_health_and_live_events(daemons):
+    """
+    With no options the daemon serves the page, /health and /ready, and the
+    built-in simulator's events reach a subscriber, with backtest jobs
+    answered by progress then a result.
+    """
+    daemon = daemons(sim_rate=200, sim_symbols=3)
+    status, body = await http_get(daemon.port, "/")
+    assert status == 200 and b"<html" in body.lower()
+    status, health = await http_get(daemon.port, "/health")
+    assert status == 200 and health["status"] == "ok"
+    status, ready = await http_get(daemon.port, "/ready")
+    assert status == 200 and ready["components"]["source"]["state"] == "embedded"
+
+    client = await connect(daemon.port, hello={"user": "demo"})
+    await client.request({"op": "subscribe", "id": "t", "topic": "ticks"}, "subscribed")
+    await client.request({"op": "subscribe", "id": "b", "topic": "backtests"}, "subscribed")
+    job = await client.request({"op": "submit_backtest", "id": "r", "params": {
+        "symbols": ["AAPL"], "start_date": "2024-01-02", "end_date": "2024-06-28"}}, "job_accepted")
+    await eventually(lambda: len(client.events("t")) >= 10, 5, "ticks")
+    await eventually(lambda: any(e["type"] == "backtest_result" for e in client.events("b")), 10, "result")
+    progress = [e["data"]["progress"] for e in client.events("b") if e["type"] == "backtest_progress"]
+    assert progress == [0.25, 0.5, 0.75, 1.0]
+    result = client.events("b")[-1]["data"]
+    assert result["job_id"] == job["job_id"] and 0 <= result["results"]["win_rate"] <= 1
+    assert orjson.dumps(result)
