@@ -106,6 +106,22 @@ async def test_allowlisted_origin(daemons):
 
 
 @pytest_twisted.ensureDeferred
+async def test_security_headers_on_every_response(daemons):
+    """The page, probes and 404s all carry a CSP without unsafe-inline and nosniff."""
+    from twisted.internet import reactor
+    from twisted.web.client import Agent, readBody
+
+    daemon = daemons(sim_rate=0)
+    for path in ("/", "/app.js", "/health", "/no-such-file"):
+        response = await Agent(reactor).request(b"GET", f"http://127.0.0.1:{daemon.port}{path}".encode())
+        csp = response.headers.getRawHeaders(b"content-security-policy")[0]
+        assert b"script-src 'self'" in csp and b"unsafe-inline" not in csp
+        assert b"frame-ancestors 'none'" in csp
+        assert response.headers.getRawHeaders(b"x-content-type-options") == [b"nosniff"]
+        await readBody(response)
+
+
+@pytest_twisted.ensureDeferred
 async def test_embedded_demo_serves_page_health_and_live_events(daemons):
     """
     With no options the daemon serves the page, /health and /ready, and the
@@ -115,6 +131,7 @@ async def test_embedded_demo_serves_page_health_and_live_events(daemons):
     daemon = daemons(sim_rate=200, sim_symbols=3)
     status, body = await http_get(daemon.port, "/")
     assert status == 200 and b"<html" in body.lower()
+    assert b"<script>" not in body and b"onclick" not in body.lower()
     status, health = await http_get(daemon.port, "/health")
     assert status == 200 and health["status"] == "ok"
     status, ready = await http_get(daemon.port, "/ready")

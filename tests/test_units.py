@@ -1,0 +1,247 @@
+"""
+Unit tests of single parts behind their interfaces, with Clock for time.
+Fakes here are recording stand-ins for the transport side only (said per
+test); every path they cover also runs against real sockets and a real
+Redis in test_end_to_end.py and test_protocol.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from tickstock.broadcast import Broadcaster, Filter, JobOwners, parse_filter
+from tickstock.bus.memory import MemoryBus
+from tickstock.bus.redis import RedisLink, RedisPubSubSource
+from tickstock.config import parse_redis_url
+from tickstock.events import CHANNELS, EventIds, id_key, parse_event
+from tickstock.gateway import Gateway, anonymous_user
+from tickstock.interfaces import IClient, IEventSink, IEventSource, IEventStore, IProducerLink
+from tickstock.router import Router
+from tickstock.store.memory import MemoryStore
+from tickstock.web.stream import ClientProtocol
+
+ADDRESS = parse_redis_url("redis://127.0.0.1:1/0")
+
+
+@implementer(IClient)
+class RecordingClient:
+    """A fake connection that records what it is sent (no socket)."""
+
+    def __init__(self, user: str | None = None) -> None:
+        self.user = user
+        self.sent: list[Any] = []
+        self.replies: list[dict[str, Any]] = []
+        self.closed: tuple[int, str] | None = None
+
+    def send(self, prepared: Any) -> None:
+        self.sent.append(prepared)
+
+    def reply(self, message: dict[str, Any]) -> None:
+        self.replies.append(message)
+
+    def close(self, code: int, reason: str) -> None:
+        self.closed = (code, reason)
+
+
+def test_every_implementation_provides_its_interface():
+    """verifyObject on each implementation and on the test fake."""
+    bus = MemoryBus()
+    verifyObject(IEventSource, bus)
+    verifyObject(IProducerLink, bus)
+    clock = Clock()
+    verifyObject(IEventSource, RedisPubSubSource(clock, ADDRESS))
+    verifyObject(IProducerLink, RedisLink(clock, ADDRESS, 10))
+    verifyObject(IEventStore, MemoryStore(10))
+    verifyObject(IEventSink, Broadcaster(lambda b: b, JobOwners()))
+    verifyObject(IClient, ClientProtocol())
+    verifyObject(IClient, RecordingClient())
+
+
+def event(channel: str = "tickstock.events.patterns", clock: float = 1.0, **data: Any):
+    body = {"symbol": "AAPL", "pattern": "Doji", "confidence": 0.9, "timestamp": 1.0,
+            "event_type": "pattern_detected"} if channel.endswith("patterns") else {}
+    body.update(data)
+    return parse_event(channel, orjson.dumps(body), EventIds().next(clock), clock)
+
+
+def test_event_ids_order_and_never_go_back():
+    """Ids increase even when the clock stands still or steps back."""
+    ids = EventIds()
+    seen = [ids.next(t) for t in (1.0, 1.0, 0.5, 2.0, 2.0)]
+    assert seen == ["1000-0", "1000-1", "1000-2", "2000-0", "2000-1"]
+    assert sorted(seen, key=id_key) == seen
+    with pytest.raises(ValueError):
+        id_key("abc")
+
+
+def test_fan_out_frames_once_per_subscription_id():
+    """
+    Twenty clients with sub id "s1" and five with "x" cost two framings,
+    not twenty-five; clients of other symbols are not even visited.
+    """
+    prepared: list[bytes] = []
+
+    def prepare(payload: bytes) -> bytes:
+        prepared.append(payload)
+        return payload
+
+    broadcaster = Broadcaster(prepare, JobOwners())
+    aapl = [RecordingClient("u") for _ in range(25)]
+    for n, client in enumerate(aapl):
+        broadcaster.subscribe(client, "s1" if n < 20 else "x", "patterns",
+                              parse_filter("patterns", {"symbols": ["AAPL"]}))
+    msft = RecordingClient("m")
+    broadcaster.subscribe(msft, "s1", "patterns", Filter(symbols=frozenset({"MSFT"})))
+    broadcaster.deliver(event())
+    assert len(prepared) == 2 and all(len(c.sent) == 1 for c in aapl) and msft.sent == []
+    frame = orjson.loads(aapl[0].sent[0])
+    assert frame["op"] == "event" and frame["sub"] == "s1" and frame["data"]["symbol"] == "AAPL"
+    assert broadcaster.delivered == 25
+
+
+def test_unsubscribe_removes_from_the_index():
+    """After unsubscribe a client gets nothing and the index holds no empty buckets."""
+    broadcaster = Broadcaster(lambda b: b, JobOwners())
+    client = RecordingClient("u")
+    sub = broadcaster.subscribe(client, "s", "patterns", Filter(symbols=frozenset({"AAPL"})))
+    broadcaster.unsubscribe(sub)
+    broadcaster.deliver(event())
+    assert client.sent == [] and broadcaster.subscriptions == 0
+    assert broadcaster._by_symbol["patterns"] == {}
+
+
+def test_targeted_events_reach_only_the_owner():
+    """A job's progress goes to its owner's connections only; unknown jobs to nobody."""
+    jobs = JobOwners()
+    jobs.add("j1", "alice")
+    broadcaster = Broadcaster(lambda b: b, jobs)
+    tabs = [RecordingClient("alice"), RecordingClient("alice")]
+    other = RecordingClient("bob")
+    for client in (*tabs, other):
+        broadcaster.subscribe(client, "b", "backtests", Filter())
+    progress = "tickstock.events.backtesting.progress"
+    broadcaster.deliver(event(progress, job_id="j1", progress=0.5, status="running", timestamp=1.0))
+    broadcaster.deliver(event(progress, job_id="j2", progress=0.5, status="running", timestamp=1.0))
+    assert [len(t.sent) for t in tabs] == [1, 1] and other.sent == []
+    assert broadcaster.unrouted == 1
+
+
+def test_router_dead_letters_and_logs_each_kind_once():
+    """Malformed messages go to the dead-letter list; sinks see only valid events."""
+    bus = MemoryBus(deadletter_max=2)
+    store = MemoryStore(10)
+    router = Router(Clock(), [store], bus)
+    for raw in (b"x", b"y", b"[]", orjson.dumps({"symbol": "AAPL"})):
+        router.receive("tickstock.events.patterns", raw)
+    router.receive("tickstock.events.patterns", orjson.dumps(
+        {"symbol": "AAPL", "pattern": "Doji", "confidence": 1, "timestamp": 5}))
+    assert dict(router.malformed) == {"not_json": 2, "not_object": 1, "missing_field": 1}
+    assert len(bus.dead_letters) == 2 and bus.dead_letters[0][2].startswith("missing_field")
+    assert [e.symbol for e in store.recent("patterns", 10).result] == ["AAPL"]
+
+
+def test_every_channel_has_a_topic_and_parses_a_minimal_message():
+    """Each CONTRACT §1 channel accepts a message with just its required fields."""
+    samples = {
+        "patterns": {"symbol": "AAPL", "pattern": "Doji", "confidence": 0.5, "timestamp": 1},
+        "market_state": {"event_type": "ranking_change", "symbol": "AAPL", "timestamp": 1},
+        "health": {"service": "pl", "status": "down", "timestamp": 1},
+        "ticks": {"symbol": "AAPL", "price": 1.5, "volume": 0, "timestamp": 1},
+        "universe": {"timestamp": 1},
+    }
+    for name, channel in CHANNELS.items():
+        if channel.topic == "backtests":
+            continue
+        parsed = parse_event(name, orjson.dumps(samples[channel.topic]), "1-0", 1.0)
+        assert parsed.topic == channel.topic and parsed.type in channel.event_types
+
+
+def make_gateway(clock: Clock, link: Any = None) -> Gateway:
+    return Gateway(clock, Broadcaster(lambda b: b, JobOwners()), JobOwners(), link or MemoryBus(),
+                   anonymous_user, max_subscriptions=2, hello_timeout=5)
+
+
+def test_hello_timer_closes_silent_clients():
+    """Without hello within the timeout the gateway closes with 1008; with it, never."""
+    clock = Clock()
+    gateway = make_gateway(clock)
+    silent, polite = RecordingClient(), RecordingClient()
+    gateway.opened(silent)
+    gateway.opened(polite)
+    gateway.receive(polite, b'{"op":"hello","user":"p"}')
+    clock.advance(5.1)
+    assert silent.closed == (1008, "no hello in time") and polite.closed is None
+    gateway.closed(silent)
+    gateway.closed(polite)
+    assert clock.getDelayedCalls() == []
+
+
+def test_job_submission_fails_clearly_when_the_producer_is_unreachable():
+    """A publish failure is answered with 'unavailable', not silence."""
+
+    class DownLink(MemoryBus):
+        def publish(self, channel: str, payload: bytes) -> Deferred[int]:
+            from twisted.internet.defer import fail
+            return fail(ConnectionError("down"))
+
+    clock = Clock()
+    gateway = make_gateway(clock, DownLink())
+    client = RecordingClient()
+    gateway.opened(client)
+    gateway.receive(client, b'{"op":"hello","user":"u"}')
+    gateway.receive(client, orjson.dumps({"op": "submit_backtest", "id": "r", "params": {
+        "symbols": ["AAPL"], "start_date": "2024-01-01", "end_date": "2024-02-01"}}))
+    assert client.replies[-1]["code"] == "unavailable" and client.replies[-1]["id"] == "r"
+    gateway.closed(client)
+
+
+class FakeSubscriber:
+    """A stand-in for the txredisapi protocol (no socket): records PINGs and aborts."""
+
+    def __init__(self) -> None:
+        self.pings: list[Deferred[Any]] = []
+        self.aborted = False
+        self.transport = self
+
+    def subscribe(self, channel: str) -> Deferred[Any]:
+        return succeed(["subscribe", channel, 1])
+
+    def execute_command(self, *args: Any, **kwargs: Any) -> Deferred[Any]:
+        assert args == ("PING",)
+        d: Deferred[Any] = Deferred()
+        self.pings.append(d)
+        return d
+
+    def abortConnection(self) -> None:
+        self.aborted = True
+
+
+def test_heartbeat_drops_a_connection_that_stops_answering():
+    """
+    PINGs answered in time keep the connection; one unanswered for longer
+    than the timeout aborts it (a SIGSTOPped Redis), counted.
+    """
+    clock = Clock()
+    source = RedisPubSubSource(clock, ADDRESS, ping_interval=1.0, ping_timeout=3.0)
+    source.running = True
+    protocol = FakeSubscriber()
+    source._connected(protocol)
+    assert source.ready
+    source._heartbeat.start(1.0, now=False)
+    clock.advance(1.0)
+    assert len(protocol.pings) == 1
+    protocol.pings[0].callback(["pong", ""])
+    clock.advance(1.0)
+    assert len(protocol.pings) == 2 and not protocol.aborted
+    for _ in range(4):
+        clock.advance(1.0)
+    assert protocol.aborted and source.heartbeat_timeouts == 1
+    source._heartbeat.stop()
+    assert clock.getDelayedCalls() == []
