@@ -50,6 +50,8 @@ def test_config_file_from_environment(tmp_path):
     ({"jwt_secret_file": "/nonexistent"}, {}, "--jwt-secret-file: no such file"),
     ({}, {"TICKSTOCK_DEMO": "maybe"}, "TICKSTOCK_DEMO: expected true or false"),
     ({"postgres": "dbname=x"}, {}, "--postgres: the PostgreSQL store is not available"),
+    ({"jwt_secret_file": __file__}, {}, "--jwt-secret-file: token checking is not available"),
+    ({"mode": "streams"}, {}, "--mode: streams mode is not available"),
 ])
 def test_wrong_values_name_the_option(flags, env, message):
     """Each wrong value raises one line that names the option and the problem."""

@@ -345,6 +345,11 @@ def _check_combination(settings: Settings) -> None:
             "--postgres: the PostgreSQL store is not available in this version; "
             "leave it unset to use the embedded store"
         )
+    if settings.jwt_secret_file:
+        raise ConfigError(
+            "--jwt-secret-file: token checking is not available in this version; "
+            "clients name themselves in hello"
+        )
     if settings.mode == "streams":
         raise ConfigError(
             "--mode: streams mode is not available in this version; use pubsub"
