@@ -84,6 +84,22 @@ async def test_no_hello_in_time_closes_with_1008(quiet):
 
 
 @pytest_twisted.ensureDeferred
+async def test_idle_websocket_outlives_the_http_timeout(daemons):
+    """
+    The Site timeout (--handshake-timeout) bounds the HTTP request before the
+    upgrade only: an idle, upgraded WebSocket stays open past it.
+    """
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    daemon = daemons(sim_rate=0, handshake_timeout=0.3, ws_ping_interval=0)
+    client = await connect(daemon.port, hello={"user": "idle"})
+    await deferLater(reactor, 1.0, lambda: None)
+    assert client.close_code is None
+    assert (await client.request({"op": "ping", "id": "p"}, "pong"))["op"] == "pong"
+
+
+@pytest_twisted.ensureDeferred
 async def test_cross_origin_handshake_is_refused(daemons):
     """A browser page from another origin cannot open the socket; the same origin can."""
     daemon = daemons(sim_rate=0)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import random
 import sys
-import time
 from typing import Any
 
 from twisted.application import strports
@@ -69,6 +68,7 @@ class TickStock(MultiService):
         from autobahn.twisted.resource import WebSocketResource
 
         self.settings = settings
+        self._clock = reactor
         self._started_at = reactor.seconds()
         if settings.redis is None:
             from tickstock.bus.memory import MemoryBus
@@ -141,7 +141,7 @@ class TickStock(MultiService):
         return True, {
             "status": "ok",
             "pid": os.getpid(),
-            "uptime_s": round(time.monotonic() - _PROCESS_START, 3),
+            "uptime_s": round(self._clock.seconds() - self._started_at, 3),
             "clients": len(self.gateway.connections),
             "subscriptions": self.broadcaster.subscriptions,
             "events": {
@@ -163,9 +163,6 @@ class TickStock(MultiService):
             components["link"] = {"state": "connected" if link_ok else "connecting"}
             ok = ok and link_ok
         return ok, {"ready": ok, "mode": self.settings.mode, "components": components}
-
-
-_PROCESS_START = time.monotonic()
 
 
 class SimulatorService(Service):
