@@ -11,7 +11,6 @@ import socket
 from typing import Any
 
 import orjson
-import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.task import deferLater

@@ -13,7 +13,6 @@ import bisect
 import hashlib
 import math
 import random
-import re
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import date

@@ -47,7 +47,9 @@ def _check_endpoint(description: str) -> None:
     try:
         serverFromString(reactor, description)
     except Exception as error:
-        raise ConfigError(f"--listen: not a Twisted endpoint string ({error}): {description!r}")
+        raise ConfigError(
+            f"--listen: not a Twisted endpoint string ({error}): {description!r}"
+        ) from None
 
 
 class TickStock(MultiService):
