@@ -17,6 +17,7 @@ import json
 import os
 import queue
 import random
+import secrets
 import shutil
 import signal
 import socket
@@ -362,11 +363,17 @@ def run(args: argparse.Namespace, procs: Procs, workdir: Path) -> dict[str, Any]
     twistd = str(Path(sys.executable).parent / "twistd")
     if not os.path.exists(twistd):
         twistd = shutil.which("twistd") or "twistd"
+    # Auth on, as in production: the daemon reads the secret from a file, the
+    # load generator from its environment, and each client sends a JWT.
+    secret = secrets.token_urlsafe(48)
+    secret_file = workdir / "jwt-secret"
+    secret_file.write_text(secret)
     with open(daemon_log, "wb") as log:
         daemon = procs.start("daemon", pinned(server_core, [
             twistd, "-n", "--pidfile=", "tickstock",
             "--redis", f"redis://127.0.0.1:{redis_port}/0",
             "--listen", f"tcp:{ws_port}:interface=127.0.0.1",
+            "--jwt-secret-file", str(secret_file),
         ]), cwd=str(workdir), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
 
     def daemon_alive() -> None:
@@ -385,7 +392,8 @@ def run(args: argparse.Namespace, procs: Procs, workdir: Path) -> dict[str, Any]
             "--port", str(ws_port), "--clients", str(args.clients),
             "--symbols", ",".join(symbols), "--warmup-events", str(warmup_events),
             "--drain", str(args.drain),
-        ]), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1)
+        ]), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1,
+            env={**os.environ, "TICKSTOCK_JWT_SECRET": secret})
     lines = LineReader(loadgen.stdout)
     try:
         ready = lines.expect("READY", 60 + args.clients * 0.05)

@@ -37,6 +37,8 @@ import base64
 import errno
 import gc
 import hashlib
+import hmac
+import json
 import os
 import resource
 import select
@@ -57,6 +59,20 @@ ANC_SIZE = socket.CMSG_SPACE(16)
 READ_SIZE = 256 * 1024
 
 CONNECTING, HANDSHAKE, HELLO, SUBSCRIBING, LIVE, CLOSED = range(6)
+
+
+
+def _b64(data: bytes) -> bytes:
+    return base64.urlsafe_b64encode(data).rstrip(b"=")
+
+
+def mint_token(user: str, ttl: float = 3600.0) -> str:
+    """An HS256 JWT for C{user}, signed with $TICKSTOCK_JWT_SECRET (no server code used)."""
+    secret = os.environ["TICKSTOCK_JWT_SECRET"].strip().encode()
+    header = _b64(b'{"alg":"HS256","typ":"JWT"}')
+    claims = _b64(json.dumps({"sub": user, "exp": int(time.time() + ttl)}).encode())
+    signature = _b64(hmac.new(secret, header + b"." + claims, hashlib.sha256).digest())
+    return (header + b"." + claims + b"." + signature).decode()
 
 
 class Failure(RuntimeError):
@@ -249,7 +265,7 @@ class Client:
             self.fail("bad Sec-WebSocket-Accept")
             return
         self.state = HELLO
-        self.send_json({"op": "hello", "user": f"bench-{self.index}"})
+        self.send_json({"op": "hello", "token": mint_token(f"bench-{self.index}")})
 
     def text(self, payload: bytes, stamp: float, now: float) -> None:
         stats = self.stats

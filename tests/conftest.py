@@ -5,6 +5,7 @@ real service tree in the test reactor listening on a free port.
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable, Iterator
 
 import pytest
@@ -12,6 +13,7 @@ import pytest_twisted
 from twisted.internet import reactor
 
 from tests.servers import RedisServer, free_port
+from tickstock.auth import JWTAuthenticator
 from tickstock.config import Settings, load_settings
 from tickstock.tap import TickStock
 
@@ -25,6 +27,17 @@ def redis_server() -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+TEST_SECRET = b"test-secret-of-at-least-32-bytes-for-hs256"
+
+
+@pytest.fixture(scope="session")
+def secret_file(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A JWT secret file, with the whitespace around it that the daemon strips."""
+    path = tmp_path_factory.mktemp("secrets") / "jwt"
+    path.write_bytes(b"  " + TEST_SECRET + b"\n")
+    return str(path)
 
 
 def make_settings(**overrides: Any) -> Settings:
@@ -42,13 +55,26 @@ class Daemon:
         self.service = TickStock(settings, reactor)
         self.service.startService()
 
+    def hello(self, user: str, ttl: float = 3600) -> dict[str, Any]:
+        """The hello fields for C{user}: a real token when auth is on."""
+        if self.settings.jwt_secret is None:
+            return {"user": user}
+        auth = JWTAuthenticator(self.settings.jwt_secret, audience=self.settings.jwt_audience,
+                                issuer=self.settings.jwt_issuer)
+        return {"token": auth.mint(user, time.time(), ttl)}
+
 
 @pytest.fixture
-def daemons() -> Iterator[Callable[..., Daemon]]:
-    """Start daemons with given flags; all are stopped after the test."""
+def daemons(secret_file: str) -> Iterator[Callable[..., Daemon]]:
+    """
+    Start daemons with given flags; all are stopped after the test. A daemon
+    on Redis (not --demo) gets the test's JWT secret unless told otherwise.
+    """
     started: list[Daemon] = []
 
     def start(**overrides: Any) -> Daemon:
+        if overrides.get("redis") and not overrides.get("demo"):
+            overrides.setdefault("jwt_secret_file", secret_file)
         daemon = Daemon(make_settings(**overrides))
         started.append(daemon)
         return daemon

@@ -34,7 +34,7 @@ def test_precedence_flags_over_env_over_toml(tmp_path):
 def test_config_file_from_environment(tmp_path):
     """TICKSTOCK_CONFIG names the TOML file when --config is not given."""
     config = tmp_path / "t.toml"
-    config.write_text('redis = "redis://example.test:6380/2"\n')
+    config.write_text('redis = "redis://example.test:6380/2"\ndemo = true\n')
     settings = load_settings({}, {"TICKSTOCK_CONFIG": str(config)})
     assert (settings.redis.host, settings.redis.port, settings.redis.db) == ("example.test", 6380, 2)
 
@@ -50,7 +50,8 @@ def test_config_file_from_environment(tmp_path):
     ({"jwt_secret_file": "/nonexistent"}, {}, "--jwt-secret-file: no such file"),
     ({}, {"TICKSTOCK_DEMO": "maybe"}, "TICKSTOCK_DEMO: expected true or false"),
     ({"postgres": "dbname=x"}, {}, "--postgres: the PostgreSQL store is not available"),
-    ({"jwt_secret_file": __file__}, {}, "--jwt-secret-file: token checking is not available"),
+    ({"redis": "redis://h"}, {}, "--jwt-secret-file: clients must authenticate"),
+    ({}, {"TICKSTOCK_JWT_SECRET": "short"}, "TICKSTOCK_JWT_SECRET: the secret must be at least 32"),
     ({"mode": "streams"}, {}, "--mode: streams mode is not available"),
 ])
 def test_wrong_values_name_the_option(flags, env, message):
@@ -59,6 +60,23 @@ def test_wrong_values_name_the_option(flags, env, message):
         load_settings(flags, env)
     assert str(raised.value).startswith(message)
     assert "\n" not in str(raised.value)
+
+
+def test_secret_from_file_stripped_or_environment(tmp_path):
+    """
+    The secret comes from the file (whitespace stripped) before the
+    environment; a short one is refused; it never shows in repr(settings).
+    """
+    path = tmp_path / "jwt"
+    path.write_bytes(b"\n  " + b"f" * 32 + b"  \n")
+    env = {"TICKSTOCK_JWT_SECRET": "e" * 40}
+    settings = load_settings({"redis": "redis://h", "jwt_secret_file": str(path)}, env)
+    assert settings.jwt_secret == b"f" * 32
+    assert b"f" * 32 not in repr(settings).encode()
+    assert load_settings({"redis": "redis://h"}, env).jwt_secret == b"e" * 40
+    path.write_bytes(b"short\n")
+    with pytest.raises(ConfigError, match="--jwt-secret-file: the secret must be at least 32 bytes, got 5"):
+        load_settings({"jwt_secret_file": str(path)}, {})
 
 
 def test_toml_errors(tmp_path):

@@ -21,7 +21,8 @@ from zope.interface import implementer
 from tickstock import broadcast, events, gateway
 from tickstock.broadcast import Broadcaster, JobOwners
 from tickstock.events import CHANNELS, JOBS_CHANNEL, MalformedEvent, parse_event
-from tickstock.gateway import Gateway, anonymous_user
+from tickstock.auth import anonymous
+from tickstock.gateway import Gateway
 from tickstock.interfaces import IClient, IProducerLink
 from tickstock.web import stream
 
@@ -186,7 +187,7 @@ class Session:
         self.link = FakeLink(fail=fail_publish)
         jobs = JobOwners()
         self.broadcaster = Broadcaster(lambda frame: frame, jobs)
-        self.gateway = Gateway(self.clock, self.broadcaster, jobs, self.link, anonymous_user,
+        self.gateway = Gateway(self.clock, self.broadcaster, jobs, self.link, anonymous,
                                max_subscriptions, hello_timeout=10.0)
         self.client = FakeClient()
         self.gateway.opened(self.client)

@@ -17,9 +17,6 @@ from twisted.internet.task import deferLater
 
 from tests.wsclient import connect, eventually, http_get
 
-HELLO = {"user": "alice"}
-
-
 def publish(redis: Any, channel: str, payload: dict[str, Any] | bytes) -> int:
     """PUBLISH with a real Redis client; the number of Redis subscribers."""
     data = payload if isinstance(payload, bytes) else orjson.dumps(payload)
@@ -45,7 +42,7 @@ async def test_one_event_per_channel(redis_server, daemons):
     """
     daemon = daemons(redis=redis_server.url)
     await ready(daemon)
-    client = await connect(daemon.port, hello=HELLO)
+    client = await connect(daemon.port, hello=daemon.hello("alice"))
     for topic in ("patterns", "market_state", "backtests", "health", "ticks", "universe"):
         reply = await client.request({"op": "subscribe", "id": topic, "topic": topic}, "subscribed")
         assert reply["op"] == "subscribed", reply
@@ -113,7 +110,7 @@ async def test_submitted_job_reaches_the_producer(redis_server, daemons):
     listener.startService()
     try:
         await eventually(lambda: listener.ready, 5, "job listener")
-        client = await connect(daemon.port, hello={"user": "bob"})
+        client = await connect(daemon.port, hello=daemon.hello("bob"))
         accepted = await client.request({"op": "submit_backtest", "id": "r", "params": {
             "symbols": ["AAPL", "MSFT"], "start_date": "2023-01-02", "end_date": "2023-12-29",
             "patterns": []}}, "job_accepted")
@@ -136,9 +133,9 @@ async def test_filters_and_targeting(redis_server, daemons):
     """
     daemon = daemons(redis=redis_server.url)
     await ready(daemon)
-    aapl = await connect(daemon.port, hello={"user": "a"})
-    msft = await connect(daemon.port, hello={"user": "m"})
-    picky = await connect(daemon.port, hello={"user": "p"})
+    aapl = await connect(daemon.port, hello=daemon.hello("a"))
+    msft = await connect(daemon.port, hello=daemon.hello("m"))
+    picky = await connect(daemon.port, hello=daemon.hello("p"))
     await aapl.request({"op": "subscribe", "id": "s", "topic": "patterns",
                         "filter": {"symbols": ["AAPL"]}}, "subscribed")
     await msft.request({"op": "subscribe", "id": "s", "topic": "patterns",
@@ -170,7 +167,7 @@ async def test_many_clients_get_every_event_in_order(redis_server, daemons):
     """Fifty clients on one symbol each receive all 40 events, in order."""
     daemon = daemons(redis=redis_server.url)
     await ready(daemon)
-    clients = [await connect(daemon.port, hello={"user": f"u{i}"}) for i in range(50)]
+    clients = [await connect(daemon.port, hello=daemon.hello(f"u{i}")) for i in range(50)]
     for client in clients:
         await client.request({"op": "subscribe", "id": "s1", "topic": "patterns",
                               "filter": {"symbols": ["AAPL"]}}, "subscribed")
@@ -190,7 +187,7 @@ async def test_malformed_events_are_dead_lettered_not_fatal(redis_server, daemon
     """
     daemon = daemons(redis=redis_server.url, deadletter_max=3)
     await ready(daemon)
-    client = await connect(daemon.port, hello=HELLO)
+    client = await connect(daemon.port, hello=daemon.hello("alice"))
     await client.request({"op": "subscribe", "id": "s", "topic": "patterns"}, "subscribed")
     bad = [
         b"not json",
@@ -231,7 +228,7 @@ async def test_redis_killed_and_restarted(redis_server, daemons):
     """
     daemon = daemons(redis=redis_server.url)
     await ready(daemon)
-    client = await connect(daemon.port, hello=HELLO)
+    client = await connect(daemon.port, hello=daemon.hello("alice"))
     await client.request({"op": "subscribe", "id": "s", "topic": "patterns"}, "subscribed")
     publish(redis_server, "tickstock.events.patterns", pattern(n=1))
     await eventually(lambda: len(client.events()) == 1, 5, "first event")
@@ -264,7 +261,7 @@ async def test_redis_paused_is_detected_by_heartbeat(redis_server, daemons):
     """
     daemon = daemons(redis=redis_server.url, redis_ping_interval=0.1, redis_ping_timeout=0.5)
     await ready(daemon)
-    client = await connect(daemon.port, hello=HELLO)
+    client = await connect(daemon.port, hello=daemon.hello("alice"))
     await client.request({"op": "subscribe", "id": "s", "topic": "patterns"}, "subscribed")
     redis_server.pause()
     try:
@@ -288,7 +285,7 @@ async def test_supervisor_rebuilds_a_factory_that_gave_up(redis_server, daemons)
     redis_server.command("CONFIG", "SET", "requirepass", "s3cret")
     daemon = daemons(redis=f"redis://:s3cret@127.0.0.1:{redis_server.port}/0")
     await ready(daemon)
-    client = await connect(daemon.port, hello=HELLO)
+    client = await connect(daemon.port, hello=daemon.hello("alice"))
     await client.request({"op": "subscribe", "id": "s", "topic": "patterns"}, "subscribed")
     source = daemon.service.source
 
@@ -323,8 +320,8 @@ async def test_a_client_that_stops_reading_is_closed_others_unaffected(redis_ser
     """
     daemon = daemons(redis=redis_server.url, client_queue_limit=50)
     await ready(daemon)
-    reader = await connect(daemon.port, hello={"user": "reader"})
-    stuck = await connect(daemon.port, hello={"user": "stuck"})
+    reader = await connect(daemon.port, hello=daemon.hello("reader"))
+    stuck = await connect(daemon.port, hello=daemon.hello("stuck"))
     for client in (reader, stuck):
         await client.request({"op": "subscribe", "id": "s", "topic": "patterns"}, "subscribed")
     stuck.transport.pauseProducing()

@@ -21,7 +21,8 @@ from tickstock.bus.memory import MemoryBus
 from tickstock.bus.redis import RedisLink, RedisPubSubSource
 from tickstock.config import parse_redis_url
 from tickstock.events import CHANNELS, EventIds, id_key, parse_event
-from tickstock.gateway import Gateway, anonymous_user
+from tickstock.auth import anonymous
+from tickstock.gateway import Gateway
 from tickstock.interfaces import IClient, IEventSink, IEventSource, IEventStore, IProducerLink
 from tickstock.router import Router
 from tickstock.store.memory import MemoryStore
@@ -165,7 +166,7 @@ def test_every_channel_has_a_topic_and_parses_a_minimal_message():
 
 def make_gateway(clock: Clock, link: Any = None) -> Gateway:
     return Gateway(clock, Broadcaster(lambda b: b, JobOwners()), JobOwners(), link or MemoryBus(),
-                   anonymous_user, max_subscriptions=2, hello_timeout=5)
+                   anonymous, max_subscriptions=2, hello_timeout=5)
 
 
 def test_hello_timer_closes_silent_clients():

@@ -22,6 +22,8 @@ from typing import Any, Callable, Mapping
 from urllib.parse import unquote, urlsplit
 
 ENV_PREFIX = "TICKSTOCK_"
+SECRET_ENV = ENV_PREFIX + "JWT_SECRET"
+MIN_SECRET_BYTES = 32
 
 
 class ConfigError(ValueError):
@@ -199,7 +201,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("mode", _choice("pubsub", "streams"), "pubsub",
            "How to read the producer: pubsub or streams."),
     Option("jwt_secret_file", _readable_file, None,
-           "File holding the HS256 secret for client tokens."),
+           "File holding the HS256 secret for client tokens (or set TICKSTOCK_JWT_SECRET)."),
+    Option("jwt_audience", _str, None, "Required 'aud' claim of client tokens."),
+    Option("jwt_issuer", _str, None, "Required 'iss' claim of client tokens."),
     Option("demo", _bool, False,
            "Feed live data from the built-in producer simulator.", flag=True),
     Option("allowed_origins", _origins, (),
@@ -245,6 +249,8 @@ class Settings:
     postgres_readonly: str | None
     mode: str
     jwt_secret_file: str | None
+    jwt_audience: str | None
+    jwt_issuer: str | None
     demo: bool
     allowed_origins: tuple[str, ...]
     sim_rate: float
@@ -260,6 +266,7 @@ class Settings:
     redis_ping_timeout: float
     deadletter_max: int
     history_max: int
+    jwt_secret: bytes | None = dataclasses.field(default=None, repr=False)
 
     @property
     def embedded(self) -> bool:
@@ -267,7 +274,29 @@ class Settings:
         return self.redis is None
 
 
-assert {f.name for f in dataclasses.fields(Settings)} == set(_BY_NAME)
+assert {f.name for f in dataclasses.fields(Settings)} == set(_BY_NAME) | {"jwt_secret"}
+
+
+def read_secret(path: str | None, environ: Mapping[str, str]) -> bytes | None:
+    """
+    The token secret: the file's content with surrounding whitespace
+    stripped, else C{TICKSTOCK_JWT_SECRET}. Never a flag, so it stays out of
+    C{ps} and shell history; never in C{repr(Settings)}, so out of logs.
+
+    @raise ConfigError: if it is shorter than L{MIN_SECRET_BYTES}.
+    """
+    if path:
+        with open(path, "rb") as handle:
+            secret, where = handle.read().strip(), "--jwt-secret-file"
+    elif environ.get(SECRET_ENV):
+        secret, where = environ[SECRET_ENV].strip().encode(), SECRET_ENV
+    else:
+        return None
+    if len(secret) < MIN_SECRET_BYTES:
+        raise ConfigError(
+            f"{where}: the secret must be at least {MIN_SECRET_BYTES} bytes, got {len(secret)}"
+        )
+    return secret
 
 
 def read_toml(path: str) -> dict[str, Any]:
@@ -330,7 +359,7 @@ def load_settings(
                 where = option.env if source == "env" else option.cli
                 raise ConfigError(f"{where}: {error}") from None
         values[option.name] = value
-    settings = Settings(**values)
+    settings = Settings(**values, jwt_secret=read_secret(values["jwt_secret_file"], environ))
     _check_combination(settings)
     return settings
 
@@ -345,10 +374,10 @@ def _check_combination(settings: Settings) -> None:
             "--postgres: the PostgreSQL store is not available in this version; "
             "leave it unset to use the embedded store"
         )
-    if settings.jwt_secret_file:
+    if settings.redis is not None and not settings.demo and settings.jwt_secret is None:
         raise ConfigError(
-            "--jwt-secret-file: token checking is not available in this version; "
-            "clients name themselves in hello"
+            f"--jwt-secret-file: clients must authenticate when not --demo; "
+            f"give a secret file (or {SECRET_ENV})"
         )
     if settings.mode == "streams":
         raise ConfigError(

@@ -19,6 +19,7 @@ import orjson
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
+from tickstock.auth import Identity
 from tickstock.broadcast import (
     MAX_ID_LENGTH,
     BadRequest,
@@ -32,7 +33,6 @@ from tickstock.interfaces import IClient, IProducerLink
 
 CLOSE_POLICY = 1008
 CLOSE_SLOW_CONSUMER = 4001
-_USER = re.compile(r"^[A-Za-z0-9_.@\-]{1,64}\Z")
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}\Z")
 MAX_JOB_SYMBOLS = 50
 
@@ -45,18 +45,7 @@ class _State:
     subscriptions: dict[str, Subscription] = field(default_factory=dict)
     resume_from: str | None = None
     hello_timer: IDelayedCall | None = None
-
-
-def anonymous_user(hello: dict[str, Any]) -> str:
-    """
-    Auth off (demo): the client names itself with C{user} (or C{token}),
-    or gets a guest name.
-    """
-    for key in ("user", "token"):
-        name = hello.get(key)
-        if isinstance(name, str) and _USER.match(name):
-            return name
-    return "guest-" + uuid.uuid4().hex[:8]
+    expiry_timer: IDelayedCall | None = None
 
 
 def parse_job(params: Any) -> dict[str, Any]:
@@ -114,7 +103,7 @@ class Gateway:
         broadcaster: Broadcaster,
         jobs: JobOwners,
         link: IProducerLink,
-        authenticate: Callable[[dict[str, Any]], str],
+        authenticate: Callable[[dict[str, Any]], Identity],
         max_subscriptions: int,
         hello_timeout: float,
     ) -> None:
@@ -140,8 +129,9 @@ class Gateway:
         state = self.connections.pop(conn, None)
         if state is None:
             return
-        if state.hello_timer is not None and state.hello_timer.active():
-            state.hello_timer.cancel()
+        for timer in (state.hello_timer, state.expiry_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
         for sub in state.subscriptions.values():
             self._broadcaster.unsubscribe(sub)
 
@@ -191,10 +181,22 @@ class Gateway:
             self.errors["hello_timeout"] += 1
             conn.close(CLOSE_POLICY, "no hello in time")
 
+    def _expired(self, conn: IClient) -> None:
+        state = self.connections.get(conn)
+        if state is not None:
+            state.expiry_timer = None
+            self.errors["token_expired"] += 1
+            conn.close(CLOSE_POLICY, "token expired")
+
     def _hello(self, conn: IClient, state: _State, message: dict[str, Any]) -> None:
         if conn.user is not None:
             raise BadRequest("bad_request", "hello was already said")
-        conn.user = self._authenticate(message)
+        identity = self._authenticate(message)
+        conn.user = identity.user
+        if identity.expires_at is not None:
+            state.expiry_timer = self._clock.callLater(
+                max(0.0, identity.expires_at - self._clock.seconds()), self._expired, conn
+            )
         if state.hello_timer is not None and state.hello_timer.active():
             state.hello_timer.cancel()
         state.hello_timer = None

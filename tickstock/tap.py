@@ -62,7 +62,8 @@ class TickStock(MultiService):
     def __init__(self, settings: Settings, reactor: IReactorCore) -> None:
         super().__init__()
         from tickstock.broadcast import Broadcaster, JobOwners
-        from tickstock.gateway import Gateway, anonymous_user
+        from tickstock.auth import JWTAuthenticator, anonymous
+        from tickstock.gateway import Gateway
         from tickstock.router import Router
         from tickstock.store.memory import MemoryStore
         from tickstock.web.site import JSONStatus, build_site
@@ -98,8 +99,11 @@ class TickStock(MultiService):
             handshake_timeout=settings.handshake_timeout,
         )
         self.broadcaster = Broadcaster(self.stream.prepareMessage, self.jobs)
+        authenticate = anonymous if settings.jwt_secret is None else JWTAuthenticator(
+            settings.jwt_secret, audience=settings.jwt_audience, issuer=settings.jwt_issuer
+        )
         self.gateway = Gateway(
-            reactor, self.broadcaster, self.jobs, self.link, anonymous_user,
+            reactor, self.broadcaster, self.jobs, self.link, authenticate,
             settings.max_subscriptions, settings.hello_timeout,
         )
         self.stream.gateway = self.gateway
