@@ -164,7 +164,10 @@ async def test_filters_and_targeting(redis_server, daemons):
 
 @pytest_twisted.ensureDeferred
 async def test_many_clients_get_every_event_in_order(redis_server, daemons):
-    """Fifty clients on one symbol each receive all 40 events, in order."""
+    """
+    Fifty clients on one symbol each receive all 40 events, in order, and a
+    producer retry (the same event_id twice) once.
+    """
     daemon = daemons(redis=redis_server.url)
     await ready(daemon)
     clients = [await connect(daemon.port, hello=daemon.hello(f"u{i}")) for i in range(50)]
@@ -173,10 +176,13 @@ async def test_many_clients_get_every_event_in_order(redis_server, daemons):
                               "filter": {"symbols": ["AAPL"]}}, "subscribed")
     for n in range(40):
         publish(redis_server, "tickstock.events.patterns", pattern(seq=n))
-    await eventually(lambda: all(len(c.events()) == 40 for c in clients), 10, "all deliveries")
+    publish(redis_server, "tickstock.events.patterns", pattern(seq=99, event_id="retry-1"))
+    publish(redis_server, "tickstock.events.patterns", pattern(seq=99, event_id="retry-1"))
+    await eventually(lambda: daemon.service.router.duplicates == 1, 10, "the retry dropped")
+    await eventually(lambda: all(len(c.events()) == 41 for c in clients), 10, "all deliveries")
     for client in clients:
-        assert [e["data"]["seq"] for e in client.events()] == list(range(40))
-    assert daemon.service.broadcaster.delivered == 50 * 40
+        assert [e["data"]["seq"] for e in client.events()] == [*range(40), 99]
+    assert daemon.service.broadcaster.delivered == 50 * 41
 
 
 @pytest_twisted.ensureDeferred

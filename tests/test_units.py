@@ -246,3 +246,28 @@ def test_heartbeat_drops_a_connection_that_stops_answering():
     assert protocol.aborted and source.heartbeat_timeouts == 1
     source._heartbeat.stop()
     assert clock.getDelayedCalls() == []
+
+
+def test_a_re_sent_event_id_is_delivered_once():
+    """
+    A producer retry (same event_id on the same channel) is routed once; ids
+    older than the window are forgotten; events without event_id always pass.
+    """
+    store = MemoryStore(100)
+    router = Router(Clock(), [store], MemoryBus(), dedupe_window=2)
+
+    def send(event_id: str | None, n: int) -> None:
+        body = {"symbol": "AAPL", "pattern": "Doji", "confidence": 0.5, "timestamp": 1, "n": n}
+        if event_id is not None:
+            body["event_id"] = event_id
+        router.receive("tickstock.events.patterns", orjson.dumps(body))
+
+    send("a", 1)
+    send("a", 2)
+    send("b", 3)
+    send(None, 4)
+    send(None, 5)
+    send("c", 6)
+    send("a", 7)
+    assert [e.data["n"] for e in store.recent("patterns", 10).result] == [1, 3, 4, 5, 6, 7]
+    assert router.duplicates == 1

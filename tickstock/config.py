@@ -232,6 +232,8 @@ OPTIONS: tuple[Option, ...] = (
            "Seconds without a PONG before the Redis connection is dropped and remade."),
     Option("deadletter_max", _number(0, 1_000_000, int), 1000,
            "Malformed producer messages kept in tickstock:deadletter."),
+    Option("dedupe_window", _number(0, 10_000_000, int), 100_000,
+           "Producer event_ids remembered to deliver a re-sent event once (0: off)."),
     Option("history_max", _number(0, 10_000_000, int), 10_000,
            "Events kept per topic by the embedded store."),
 )
@@ -265,6 +267,7 @@ class Settings:
     redis_ping_interval: float
     redis_ping_timeout: float
     deadletter_max: int
+    dedupe_window: int
     history_max: int
     jwt_secret: bytes | None = dataclasses.field(default=None, repr=False)
 

@@ -34,13 +34,17 @@ class Router:
         clock: IReactorTime,
         sinks: Iterable[IEventSink],
         link: IProducerLink,
+        dedupe_window: int = 100_000,
     ) -> None:
         self._clock = clock
         self._sinks = tuple(IEventSink(sink) for sink in sinks)
         self._link = IProducerLink(link)
         self._ids = EventIds()
+        self._seen: dict[tuple[str, str], None] = {}
+        self._dedupe_window = dedupe_window
         self.received = 0
         self.routed = 0
+        self.duplicates = 0
         self.malformed: Counter[str] = Counter()
 
     def receive(self, channel: str, raw: bytes) -> None:
@@ -52,12 +56,31 @@ class Router:
         except MalformedEvent as error:
             self._reject(channel, raw, error)
             return
+        if self._is_duplicate(event.channel, event.data.get("event_id")):
+            self.duplicates += 1
+            return
         for sink in self._sinks:
             try:
                 sink.deliver(event)
             except Exception:
                 self._log.failure("sink {sink!r} failed on event {id}", sink=sink, id=event.id)
         self.routed += 1
+
+    def _is_duplicate(self, channel: str, producer_id: str | None) -> bool:
+        """
+        A producer that retries re-sends the same C{event_id}: deliver it
+        once. Remembers the last C{dedupe_window} ids (per channel), oldest
+        forgotten first.
+        """
+        if producer_id is None or self._dedupe_window == 0:
+            return False
+        key = (channel, producer_id)
+        if key in self._seen:
+            return True
+        self._seen[key] = None
+        if len(self._seen) > self._dedupe_window:
+            del self._seen[next(iter(self._seen))]
+        return False
 
     def _reject(self, channel: str, raw: bytes, error: MalformedEvent) -> None:
         first = error.kind not in self.malformed

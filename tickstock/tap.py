@@ -107,7 +107,8 @@ class TickStock(MultiService):
             settings.max_subscriptions, settings.hello_timeout,
         )
         self.stream.gateway = self.gateway
-        self.router = Router(reactor, [self.store, self.broadcaster], self.link)
+        self.router = Router(reactor, [self.store, self.broadcaster], self.link,
+                             settings.dedupe_window)
         self.source.listen(self.router.receive)
 
         if settings.demo or settings.redis is None:
@@ -153,6 +154,7 @@ class TickStock(MultiService):
             "events": {
                 "received": self.router.received,
                 "routed": self.router.routed,
+                "duplicates": self.router.duplicates,
                 "malformed": dict(self.router.malformed),
                 "delivered": self.broadcaster.delivered,
                 "unrouted_targeted": self.broadcaster.unrouted,
