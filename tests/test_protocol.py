@@ -165,3 +165,23 @@ async def test_embedded_demo_serves_page_health_and_live_events(daemons):
     result = client.events("b")[-1]["data"]
     assert result["job_id"] == job["job_id"] and 0 <= result["results"]["win_rate"] <= 1
     assert orjson.dumps(result)
+
+
+@pytest_twisted.ensureDeferred
+async def test_shutdown_closes_clients_with_1001_and_stops_accepting(daemons):
+    """
+    Stopping the daemon (SIGTERM, twistd stop) closes the port, tells every
+    client 1001 so it reconnects elsewhere, and finishes within the grace time.
+    """
+    from twisted.internet import reactor
+
+    daemon = daemons(sim_rate=0)
+    clients = [await connect(daemon.port, hello={"user": f"u{n}"}) for n in range(3)]
+    started = reactor.seconds()
+    await daemon.service.stopService()
+    assert reactor.seconds() - started < 3.5
+    for client in clients:
+        code, reason = await client.closed
+        assert code == 1001 and "reconnect" in reason
+    with pytest.raises(Exception):
+        await connect(daemon.port)

@@ -31,6 +31,7 @@ from tickstock.broadcast import (
 from tickstock.events import JOBS_CHANNEL, SYMBOL, TOPICS
 from tickstock.interfaces import IClient, IProducerLink
 
+CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008
 CLOSE_SLOW_CONSUMER = 4001
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}\Z")
@@ -134,6 +135,11 @@ class Gateway:
                 timer.cancel()
         for sub in state.subscriptions.values():
             self._broadcaster.unsubscribe(sub)
+
+    def close_all(self, code: int, reason: str) -> None:
+        """Close every connection, e.g. with 1001 at shutdown so clients reconnect elsewhere."""
+        for conn in list(self.connections):
+            conn.close(code, reason)
 
     def slow_consumer(self, conn: IClient, queued: int) -> None:
         """A client stopped reading and its queue is full: close it."""

@@ -12,6 +12,7 @@ from typing import Any
 
 from twisted.application import strports
 from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IReactorCore
 from twisted.python import usage
@@ -119,6 +120,8 @@ class TickStock(MultiService):
             JSONStatus(self.health), JSONStatus(self.readiness),
             timeout=settings.handshake_timeout,
         )
+        # Stopped in reverse: the port closes first, then clients are told to go.
+        ClientDrain(self.gateway, reactor, SHUTDOWN_GRACE).setServiceParent(self)
         # strports: a port already in use stops twistd with an error at start.
         strports.service(settings.listen, site, reactor=reactor).setServiceParent(self)
 
@@ -171,6 +174,37 @@ class TickStock(MultiService):
             components["link"] = {"state": "connected" if link_ok else "connecting"}
             ok = ok and link_ok
         return ok, {"ready": ok, "mode": self.settings.mode, "components": components}
+
+
+SHUTDOWN_GRACE = 3.0
+
+
+class ClientDrain(Service):
+    """
+    At shutdown, after the port has stopped accepting: close every client
+    with 1001 ("going away": reconnect, to another node if there is one) and
+    wait for them to go, at most C{grace} seconds.
+    """
+
+    def __init__(self, gateway: Any, clock: Any, grace: float) -> None:
+        self._gateway = gateway
+        self._clock = clock
+        self._grace = grace
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        self._gateway.close_all(1001, "server shutting down; reconnect")
+        done: Deferred[None] = Deferred()
+        deadline = self._clock.seconds() + self._grace
+
+        def check() -> None:
+            if not self._gateway.connections or self._clock.seconds() >= deadline:
+                done.callback(None)
+            else:
+                self._clock.callLater(0.05, check)
+
+        check()
+        return done
 
 
 class SimulatorService(Service):
