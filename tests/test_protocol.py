@@ -185,3 +185,27 @@ async def test_shutdown_closes_clients_with_1001_and_stops_accepting(daemons):
         assert code == 1001 and "reconnect" in reason
     with pytest.raises(Exception):
         await connect(daemon.port)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_stops_answering_pings_is_removed(daemons):
+    """
+    A client that no longer answers WebSocket pings (here: it stopped reading
+    its socket) is dropped after --ws-ping-timeout, forgotten with its
+    subscriptions, and counted; a live client on the same daemon stays.
+
+    Real socket and short intervals rather than Clock: Autobahn's timers run
+    on txaio's process-wide loop, which a test must not replace.
+    """
+    daemon = daemons(sim_rate=0, ws_ping_interval=0.5, ws_ping_timeout=1.0)
+    alive = await connect(daemon.port, hello={"user": "alive"})
+    dead = await connect(daemon.port, hello={"user": "dead"})
+    await dead.request({"op": "subscribe", "id": "s", "topic": "patterns"}, "subscribed")
+    dead.transport.pauseProducing()
+    gateway = daemon.service.gateway
+    await eventually(lambda: gateway.heartbeat_timeouts == 1, 5, "heartbeat timeout")
+    await eventually(lambda: len(gateway.connections) == 1, 2, "dead client forgotten")
+    assert daemon.service.broadcaster.subscriptions == 0
+    assert alive.close_code is None
+    assert (await alive.request({"op": "ping", "id": "p"}, "pong"))["op"] == "pong"
+    dead.transport.resumeProducing()

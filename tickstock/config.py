@@ -220,7 +220,9 @@ OPTIONS: tuple[Option, ...] = (
            "Messages queued for a client that stopped reading before it is closed."),
     Option("ws_ping_interval", _number(0, 3600), 20.0,
            "Seconds between WebSocket pings to each client (0: off)."),
-    Option("ws_ping_timeout", _number(0.1, 3600), 10.0,
+    # Autobahn's timers fire in 200 ms buckets: a shorter timeout can expire
+    # before any pong could arrive.
+    Option("ws_ping_timeout", _number(1, 3600), 10.0,
            "Seconds to wait for a pong before closing the client."),
     Option("handshake_timeout", _number(0.1, 600), 10.0,
            "Seconds a new connection has to finish the HTTP and WebSocket handshake."),

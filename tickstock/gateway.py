@@ -118,6 +118,7 @@ class Gateway:
         self.connections: dict[IClient, _State] = {}
         self.errors: Counter[str] = Counter()
         self.slow_consumers_closed = 0
+        self.heartbeat_timeouts = 0
 
     def opened(self, conn: IClient) -> None:
         """A client finished its WebSocket handshake; it must say hello soon."""

@@ -163,6 +163,7 @@ class TickStock(MultiService):
                 "unrouted_targeted": self.broadcaster.unrouted,
             },
             "slow_consumers_closed": self.gateway.slow_consumers_closed,
+            "heartbeat_timeouts": self.gateway.heartbeat_timeouts,
         }
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:

@@ -65,6 +65,10 @@ class ClientProtocol(WebSocketServerProtocol):
             return
         self.factory.gateway.receive(self, payload)
 
+    def onAutoPingTimeout(self) -> None:
+        self.factory.gateway.heartbeat_timeouts += 1
+        super().onAutoPingTimeout()
+
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self._closing = True
         self._backlog.clear()
