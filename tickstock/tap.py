@@ -194,7 +194,9 @@ class ClientDrain(Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        self._gateway.close_all(1001, "server shutting down; reconnect")
+        from tickstock.gateway import CLOSE_GOING_AWAY
+
+        self._gateway.close_all(CLOSE_GOING_AWAY, "server shutting down; reconnect")
         done: Deferred[None] = Deferred()
         deadline = self._clock.seconds() + self._grace
 
