@@ -149,7 +149,7 @@ class FakeClient:
         self.frames: list[dict[str, Any]] = []
         self.closed: list[tuple[int, str]] = []
 
-    def send(self, prepared: Any) -> None:
+    def send(self, prepared: Any, key: Any = None) -> None:
         self.frames.append(orjson.loads(prepared))
 
     def reply(self, message: dict[str, Any]) -> None:

@@ -41,7 +41,7 @@ class RecordingClient:
         self.replies: list[dict[str, Any]] = []
         self.closed: tuple[int, str] | None = None
 
-    def send(self, prepared: Any) -> None:
+    def send(self, prepared: Any, key: Any = None) -> None:
         self.sent.append(prepared)
 
     def reply(self, message: dict[str, Any]) -> None:

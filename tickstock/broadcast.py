@@ -187,6 +187,7 @@ class Broadcaster:
             candidates = tuple(self._any[event.topic])
 
         frames: dict[str, object] = {}
+        key = event.conflate_key
         sent = 0
         for sub in candidates:
             if not sub.filter.matches(event):
@@ -194,7 +195,7 @@ class Broadcaster:
             frame = frames.get(sub.id)
             if frame is None:
                 frame = frames[sub.id] = self._prepare(event.frame(sub.id))
-            sub.client.send(frame)
+            sub.client.send(frame, key)
             sent += 1
         self.delivered += sent
 

@@ -90,6 +90,10 @@ class Channel:
 
     @ivar event_types: the C{event_type} values allowed; the first is the
         default for a message without one. Empty: any short string.
+    @ivar latest_only: the delivery class. Latest-only events (ticks, job
+        progress, health) supersede older ones with the same value of
+        C{conflate_by}, so a client that falls behind gets the newest per
+        key; all others are must-deliver and are never skipped.
     """
 
     name: str
@@ -97,6 +101,11 @@ class Channel:
     event_types: tuple[str, ...]
     required: tuple[tuple[str, Check], ...]
     keyed_by_symbol: bool = False
+    conflate_by: str | None = None
+
+    @property
+    def latest_only(self) -> bool:
+        return self.conflate_by is not None
 
 
 _TIMESTAMP = ("timestamp", _positive)
@@ -118,6 +127,7 @@ CHANNELS: dict[str, Channel] = {
         Channel(
             "tickstock.events.backtesting.progress", "backtests", ("backtest_progress",),
             (("job_id", _text), ("progress", _unit), ("status", _text), _TIMESTAMP),
+            conflate_by="job_id",
         ),
         Channel(
             "tickstock.events.backtesting.results", "backtests", ("backtest_result",),
@@ -127,12 +137,14 @@ CHANNELS: dict[str, Channel] = {
             "tickstock.health.status", "health", ("health",),
             (("service", _text), ("status", _one_of("healthy", "degraded", "down")),
              _TIMESTAMP),
+            conflate_by="service",
         ),
         Channel(
             "tickstock.data.ticks", "ticks", ("tick",),
             (("symbol", _symbol), ("price", _positive), ("volume", _non_negative),
              _TIMESTAMP),
             keyed_by_symbol=True,
+            conflate_by="symbol",
         ),
         *(
             Channel(name, "universe", (default,), (_TIMESTAMP,))
@@ -158,6 +170,8 @@ class Event:
 
     @ivar id: TickStock's id, assigned on arrival; ids order events.
     @ivar data: the producer's fields, unknown ones included.
+    @ivar user: for a targeted event (a backtest's progress or result), the
+        user who owns the job, once known.
     @ivar wire_tail: the end of the C{event} frame from C{"id"} on, encoded
         once so that fan-out only prepends each subscription's id.
     """
@@ -170,7 +184,17 @@ class Event:
     symbol: str | None = None
     job_id: str | None = None
     received_at: float = 0.0
+    user: str | None = None
     _tail: bytes | None = field(default=None, repr=False)
+
+    @property
+    def conflate_key(self) -> tuple[str, Any] | None:
+        """
+        For a latest-only event, the key a newer event supersedes it by
+        (channel and symbol, job or service); L{None} for must-deliver.
+        """
+        by = CHANNELS[self.channel].conflate_by
+        return None if by is None else (self.channel, self.data.get(by))
 
     @property
     def wire_tail(self) -> bytes:

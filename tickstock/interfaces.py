@@ -77,10 +77,14 @@ class IClient(Interface):
 
     user = Attribute("The user id once the client said hello, else None.")
 
-    def send(prepared):  # type: ignore[no-untyped-def]
+    def send(prepared, key=None):  # type: ignore[no-untyped-def]
         """
         Send one prepared event frame, or queue it while the client is not
-        reading; a client past its queue bound is closed, never waited for.
+        reading. C{key} is L{None} for must-deliver events: queued, and a
+        client past its queue bound is closed with a code that tells it to
+        resume, never waited for and never silently skipped. A latest-only
+        event has a key (L{tickstock.events.Event.conflate_key}): a queued
+        frame with the same key is replaced by the newer one.
         """
 
     def reply(message):  # type: ignore[no-untyped-def]

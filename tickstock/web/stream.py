@@ -76,7 +76,7 @@ class ClientProtocol(WebSocketServerProtocol):
 
     # IClient
 
-    def send(self, prepared: Any) -> None:
+    def send(self, prepared: Any, key: Any = None) -> None:
         if self._closing:
             return
         if self._paused or self._backlog:
