@@ -19,7 +19,8 @@ from twisted.internet import defer, task
 from zope.interface import implementer
 
 from tickstock import broadcast, events, gateway
-from tickstock.broadcast import Broadcaster, JobOwners
+from tickstock.broadcast import Broadcaster
+from tickstock.history.memory import MemoryHistory
 from tickstock.events import CHANNELS, JOBS_CHANNEL, MalformedEvent, parse_event
 from tickstock.auth import anonymous
 from tickstock.gateway import Gateway
@@ -185,9 +186,10 @@ class Session:
         self.clock = task.Clock()
         self.clock.advance(1700000000.0)
         self.link = FakeLink(fail=fail_publish)
-        jobs = JobOwners()
-        self.broadcaster = Broadcaster(lambda frame: frame, jobs)
-        self.gateway = Gateway(self.clock, self.broadcaster, jobs, self.link, anonymous,
+        self.history = MemoryHistory(self.clock, 100, 3600, 100)
+        self.broadcaster = Broadcaster(lambda frame: frame)
+        self.history.listen(self.broadcaster.deliver)
+        self.gateway = Gateway(self.clock, self.broadcaster, self.history, self.link, anonymous,
                                max_subscriptions, hello_timeout=10.0)
         self.client = FakeClient()
         self.gateway.opened(self.client)
@@ -397,7 +399,7 @@ def test_deadletter_record_matches_schema(schema_for: Callable[..., Any]) -> Non
     commands: list[tuple[Any, ...]] = []
     link.execute = lambda *args: (commands.append(args), defer.succeed(1))[1]
 
-    router = Router(task.Clock(), [], link)
+    router = Router(task.Clock(), MemoryHistory(task.Clock(), 10, 60, 10), link)
     raw = b'{"symbol":"AAPL","pattern":"Doji","confidence":1.5,"timestamp":1700000000}'
     router.receive("tickstock.events.patterns", raw)
     router.receive("tickstock.events.patterns", b"\xffnot json")
@@ -483,21 +485,44 @@ def test_topics_filters_and_limits_match_the_code() -> None:
 def test_unimplemented_features_are_flagged() -> None:
     """
     What the contract asks for but this version does not do is said in the
-    document: resume replies C{recovered: false}, universe filters get
-    C{bad_filter}.
+    document: universe filters get C{bad_filter}.
     """
     schemas = DOC["components"]["schemas"]
-    assert "recovered\": false" in schemas["ClientHello"]["properties"]["resume"]["description"]
-    assert "always `false`" in \
-        schemas["ServerSubscribed"]["properties"]["recovered"]["description"].lower()
     assert "bad_filter" in schemas["Filter"]["properties"]["universe"]["description"]
-    session = Session()
-    session.send({"op": "hello", "token": "alice", "resume": {"last_id": "1-0"}})
-    reply = session.send({"op": "subscribe", "id": "s1", "topic": "ticks"})
-    assert reply["recovered"] is False
+    session = greeted()
     reply = session.send({"op": "subscribe", "id": "s2", "topic": "ticks",
                           "filter": {"universe": "dow30"}})
     assert reply["code"] == "bad_filter"
+
+
+def test_resume_replies_match_the_schema(schema_for: Callable[..., Any]) -> None:
+    """
+    A resume inside the history answers C{recovered: true} and replays; one
+    from before what was kept answers C{recovered: false} with C{missed}
+    (from, to, count); both are valid documented messages.
+    """
+    validator = server_validator(schema_for)
+    for kept, recovered in ((1000, True), (3, False)):
+        session = Session()
+        session.history = MemoryHistory(session.clock, kept, 3600, 10)
+        session.history.listen(session.broadcaster.deliver)
+        session.gateway._history = session.history
+        first = parse_event("tickstock.events.patterns", orjson.dumps(
+            {"symbol": "AAPL", "pattern": "Doji", "confidence": 0.9, "timestamp": 1}), "",
+            session.clock.seconds())
+        session.history.append(first)
+        for n in range(5):
+            session.history.append(parse_event("tickstock.events.patterns", orjson.dumps(
+                {"symbol": "AAPL", "pattern": "Doji", "confidence": 0.9, "timestamp": 1,
+                 "n": n}), "", session.clock.seconds()))
+        session.send({"op": "hello", "token": "alice", "resume": {"last_id": first.id}})
+        reply = session.send({"op": "subscribe", "id": "s", "topic": "patterns"})
+        assert reply["recovered"] is recovered
+        assert not list(validator.iter_errors(reply)), reply
+        replayed = [f["data"]["n"] for f in session.client.frames]
+        assert replayed == ([0, 1, 2, 3, 4] if recovered else [2, 3, 4])
+        if not recovered:
+            assert reply["missed"]["from"] == first.id and reply["missed"]["count"] >= 2
 
 
 SUBMIT = {"symbols": ["AAPL", "MSFT"], "start_date": "2023-01-01", "end_date": "2023-12-31"}

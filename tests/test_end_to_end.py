@@ -106,7 +106,7 @@ async def test_submitted_job_reaches_the_producer(redis_server, daemons):
     received: list[bytes] = []
     listener = RedisPubSubSource(reactor, parse_redis_url(redis_server.url),
                                  channels=["tickstock.jobs.backtest"])
-    listener.listen(lambda channel, raw: received.append(raw))
+    listener.listen(lambda channel, raw, key: received.append(raw))
     listener.startService()
     try:
         await eventually(lambda: listener.ready, 5, "job listener")
@@ -246,7 +246,7 @@ async def test_redis_killed_and_restarted(redis_server, daemons):
 
     redis_server.start()
     back = reactor.seconds()
-    await eventually(lambda: daemon.service.source.ready, 5, "resubscribed")
+    await eventually(lambda: daemon.service.readiness()[0], 5, "resubscribed")
     assert reactor.seconds() - back < 2.0
     publish(redis_server, "tickstock.events.patterns", pattern(n=2))
     await eventually(lambda: len(client.events()) == 2, 2, "event after restart")

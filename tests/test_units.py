@@ -16,16 +16,17 @@ from twisted.internet.task import Clock
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from tickstock.broadcast import Broadcaster, Filter, JobOwners, parse_filter
+from tickstock.broadcast import Broadcaster, Filter, parse_filter
 from tickstock.bus.memory import MemoryBus
 from tickstock.bus.redis import RedisLink, RedisPubSubSource
 from tickstock.config import parse_redis_url
 from tickstock.events import CHANNELS, EventIds, id_key, parse_event
 from tickstock.auth import anonymous
 from tickstock.gateway import Gateway
-from tickstock.interfaces import IClient, IEventSink, IEventSource, IEventStore, IProducerLink
+from tickstock.history.memory import MemoryHistory
+from tickstock.history.redis import RedisHistory
+from tickstock.interfaces import IClient, IEventSink, IEventSource, IHistory, IProducerLink
 from tickstock.router import Router
-from tickstock.store.memory import MemoryStore
 from tickstock.web.stream import ClientProtocol
 
 ADDRESS = parse_redis_url("redis://127.0.0.1:1/0")
@@ -59,8 +60,10 @@ def test_every_implementation_provides_its_interface():
     clock = Clock()
     verifyObject(IEventSource, RedisPubSubSource(clock, ADDRESS))
     verifyObject(IProducerLink, RedisLink(clock, ADDRESS, 10))
-    verifyObject(IEventStore, MemoryStore(10))
-    verifyObject(IEventSink, Broadcaster(lambda b: b, JobOwners()))
+    verifyObject(IHistory, MemoryHistory(clock, 10, 60, 10))
+    verifyObject(IHistory, RedisHistory(clock, ADDRESS, RedisLink(clock, ADDRESS, 1),
+                                        10, 60, 10))
+    verifyObject(IEventSink, Broadcaster(lambda b: b))
     verifyObject(IClient, ClientProtocol())
     verifyObject(IClient, RecordingClient())
 
@@ -93,7 +96,7 @@ def test_fan_out_frames_once_per_subscription_id():
         prepared.append(payload)
         return payload
 
-    broadcaster = Broadcaster(prepare, JobOwners())
+    broadcaster = Broadcaster(prepare)
     aapl = [RecordingClient("u") for _ in range(25)]
     for n, client in enumerate(aapl):
         broadcaster.subscribe(client, "s1" if n < 20 else "x", "patterns",
@@ -109,7 +112,7 @@ def test_fan_out_frames_once_per_subscription_id():
 
 def test_unsubscribe_removes_from_the_index():
     """After unsubscribe a client gets nothing and the index holds no empty buckets."""
-    broadcaster = Broadcaster(lambda b: b, JobOwners())
+    broadcaster = Broadcaster(lambda b: b)
     client = RecordingClient("u")
     sub = broadcaster.subscribe(client, "s", "patterns", Filter(symbols=frozenset({"AAPL"})))
     broadcaster.unsubscribe(sub)
@@ -120,25 +123,25 @@ def test_unsubscribe_removes_from_the_index():
 
 def test_targeted_events_reach_only_the_owner():
     """A job's progress goes to its owner's connections only; unknown jobs to nobody."""
-    jobs = JobOwners()
-    jobs.add("j1", "alice")
-    broadcaster = Broadcaster(lambda b: b, jobs)
+    broadcaster = Broadcaster(lambda b: b)
     tabs = [RecordingClient("alice"), RecordingClient("alice")]
     other = RecordingClient("bob")
     for client in (*tabs, other):
         broadcaster.subscribe(client, "b", "backtests", Filter())
     progress = "tickstock.events.backtesting.progress"
-    broadcaster.deliver(event(progress, job_id="j1", progress=0.5, status="running", timestamp=1.0))
+    owned = event(progress, job_id="j1", progress=0.5, status="running", timestamp=1.0)
+    owned.user = "alice"
+    broadcaster.deliver(owned)
     broadcaster.deliver(event(progress, job_id="j2", progress=0.5, status="running", timestamp=1.0))
     assert [len(t.sent) for t in tabs] == [1, 1] and other.sent == []
     assert broadcaster.unrouted == 1
 
 
 def test_router_dead_letters_and_logs_each_kind_once():
-    """Malformed messages go to the dead-letter list; sinks see only valid events."""
+    """Malformed messages go to the dead-letter list; history sees only valid events."""
     bus = MemoryBus(deadletter_max=2)
-    store = MemoryStore(10)
-    router = Router(Clock(), [store], bus)
+    store = MemoryHistory(Clock(), 10, 60, 10)
+    router = Router(Clock(), store, bus)
     for raw in (b"x", b"y", b"[]", orjson.dumps({"symbol": "AAPL"})):
         router.receive("tickstock.events.patterns", raw)
     router.receive("tickstock.events.patterns", orjson.dumps(
@@ -165,7 +168,8 @@ def test_every_channel_has_a_topic_and_parses_a_minimal_message():
 
 
 def make_gateway(clock: Clock, link: Any = None) -> Gateway:
-    return Gateway(clock, Broadcaster(lambda b: b, JobOwners()), JobOwners(), link or MemoryBus(),
+    return Gateway(clock, Broadcaster(lambda b: b), MemoryHistory(clock, 10, 60, 10),
+                   link or MemoryBus(),
                    anonymous, max_subscriptions=2, hello_timeout=5)
 
 
@@ -250,11 +254,12 @@ def test_heartbeat_drops_a_connection_that_stops_answering():
 
 def test_a_re_sent_event_id_is_delivered_once():
     """
-    A producer retry (same event_id on the same channel) is routed once; ids
-    older than the window are forgotten; events without event_id always pass.
+    A producer retry (same event_id on the same channel) is routed once
+    while an event with that id is in the history; once it has left, the id
+    is new again; events without event_id always pass.
     """
-    store = MemoryStore(100)
-    router = Router(Clock(), [store], MemoryBus(), dedupe_window=2)
+    store = MemoryHistory(Clock(), 2, 60, 10)
+    router = Router(Clock(), store, MemoryBus())
 
     def send(event_id: str | None, n: int) -> None:
         body = {"symbol": "AAPL", "pattern": "Doji", "confidence": 0.5, "timestamp": 1, "n": n}
@@ -269,5 +274,5 @@ def test_a_re_sent_event_id_is_delivered_once():
     send(None, 5)
     send("c", 6)
     send("a", 7)
-    assert [e.data["n"] for e in store.recent("patterns", 10).result] == [1, 3, 4, 5, 6, 7]
-    assert router.duplicates == 1
+    assert [e.data["n"] for e in store.recent("patterns", 10).result] == [6, 7]
+    assert router.duplicates == 1 and router.routed == 6

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable
 
 from zope.interface import implementer
 
-from tickstock.events import SYMBOL, TOPICS, Event
+from tickstock.events import SYMBOL, TOPICS, Event, id_key
 from tickstock.interfaces import IClient, IEventSink
 
 MAX_FILTER_SYMBOLS = 1000
@@ -108,31 +108,30 @@ def parse_filter(topic: str, raw: Any) -> Filter:
 
 @dataclass(eq=False, slots=True)
 class Subscription:
-    """One client's interest in one topic."""
+    """
+    One client's interest in one topic.
+
+    @ivar held: while the subscription's history is being replayed, the live
+        events that match it, held back so that none is sent before the
+        replay or twice; L{None} once it is live.
+    """
 
     client: IClient
     id: str
     topic: str
     filter: Filter
+    held: list[Event] | None = None
 
-
-class JobOwners:
-    """
-    Which user each backtest job belongs to, so that its progress and
-    results reach only that user. Bounded: the oldest jobs are forgotten.
-    """
-
-    def __init__(self, limit: int = 100_000) -> None:
-        self._owners: dict[str, str] = {}
-        self._limit = limit
-
-    def add(self, job_id: str, user: str) -> None:
-        if len(self._owners) >= self._limit:
-            del self._owners[next(iter(self._owners))]
-        self._owners[job_id] = user
-
-    def owner(self, job_id: str | None) -> str | None:
-        return self._owners.get(job_id) if job_id is not None else None
+    def wants(self, event: Event) -> bool:
+        """Whether C{event} matches, checked in full (not via the index)."""
+        if event.topic != self.topic:
+            return False
+        if self.topic == "backtests":
+            return event.user is not None and event.user == self.client.user
+        symbols = self.filter.symbols
+        if symbols is not None and event.symbol not in symbols:
+            return False
+        return self.filter.matches(event)
 
 
 @implementer(IEventSink)
@@ -145,9 +144,8 @@ class Broadcaster:
     @ivar unrouted: targeted events whose owner is unknown.
     """
 
-    def __init__(self, prepare: Callable[[bytes], object], jobs: JobOwners) -> None:
+    def __init__(self, prepare: Callable[[bytes], object]) -> None:
         self._prepare = prepare
-        self._jobs = jobs
         self._by_symbol: dict[str, dict[str, set[Subscription]]] = {t: {} for t in TOPICS}
         self._any: dict[str, set[Subscription]] = {t: set() for t in TOPICS}
         self._by_user: dict[str, set[Subscription]] = {}
@@ -155,9 +153,13 @@ class Broadcaster:
         self.unrouted = 0
         self.subscriptions = 0
 
-    def subscribe(self, client: IClient, sub_id: str, topic: str, filter: Filter) -> Subscription:
-        """Index a new subscription; the caller keeps it to unsubscribe."""
-        sub = Subscription(client, sub_id, topic, filter)
+    def subscribe(self, client: IClient, sub_id: str, topic: str, filter: Filter,
+                  hold: bool = False) -> Subscription:
+        """
+        Index a new subscription; the caller keeps it to unsubscribe. With
+        C{hold}, live events are held until L{release}.
+        """
+        sub = Subscription(client, sub_id, topic, filter, [] if hold else None)
         for bucket in self._buckets(sub, create=True):
             bucket.add(sub)
         self.subscriptions += 1
@@ -170,14 +172,40 @@ class Broadcaster:
         self.subscriptions -= 1
         self._prune(sub)
 
-    def deliver(self, event: Event) -> None:
-        """Send C{event} to every subscription that matches it."""
+    def release(self, sub: Subscription, replayed: list[Event], after: str) -> str | None:
+        """
+        End a subscription's replay: send C{replayed} (the history after
+        C{after}, oldest first), then the live events held meanwhile that
+        are newer than both, then go live. Latest-only topics send only the
+        newest replayed event per key.
+        """
+        held, sub.held = sub.held or [], None
+        last = id_key(after)
+        seen: set[Any] = set()
+        events = []
+        for event in reversed(replayed):
+            key = event.conflate_key
+            if sub.wants(event) and (key is None or key not in seen):
+                seen.add(key)
+                events.append(event)
+        events.reverse()
+        if replayed:
+            last = max(last, id_key(replayed[-1].id))
+        events += [e for e in held if id_key(e.id) > last]
+        for event in events:
+            key = event.conflate_key
+            sub.client.send(self._prepare(event.frame(sub.id)),
+                            None if key is None else (sub.id, key))
+        self.delivered += len(events)
+        return events[-1].id if events else None
+
+    def deliver(self, event: Event) -> int:
+        """Send C{event} to every subscription that matches it; how many."""
         if event.topic == "backtests":
-            owner = self._jobs.owner(event.job_id)
-            if owner is None:
+            if event.user is None:
                 self.unrouted += 1
-                return
-            candidates: Iterable[Subscription] = tuple(self._by_user.get(owner, ()))
+                return 0
+            candidates: Iterable[Subscription] = tuple(self._by_user.get(event.user, ()))
         elif event.symbol is not None:
             candidates = (
                 *self._by_symbol[event.topic].get(event.symbol, ()),
@@ -192,12 +220,16 @@ class Broadcaster:
         for sub in candidates:
             if not sub.filter.matches(event):
                 continue
+            if sub.held is not None:
+                sub.held.append(event)
+                continue
             frame = frames.get(sub.id)
             if frame is None:
                 frame = frames[sub.id] = self._prepare(event.frame(sub.id))
-            sub.client.send(frame, key)
+            sub.client.send(frame, None if key is None else (sub.id, key))
             sent += 1
         self.delivered += sent
+        return sent
 
     def _buckets(self, sub: Subscription, create: bool) -> list[set[Subscription]]:
         if sub.topic == "backtests":

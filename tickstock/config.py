@@ -234,10 +234,14 @@ OPTIONS: tuple[Option, ...] = (
            "Seconds without a PONG before the Redis connection is dropped and remade."),
     Option("deadletter_max", _number(0, 1_000_000, int), 1000,
            "Malformed producer messages kept in tickstock:deadletter."),
-    Option("dedupe_window", _number(0, 10_000_000, int), 100_000,
-           "Producer event_ids remembered to deliver a re-sent event once (0: off)."),
-    Option("history_max", _number(0, 10_000_000, int), 10_000,
-           "Events kept per topic by the embedded store."),
+    Option("history_max", _number(1, 10_000_000, int), 10_000,
+           "Events kept per topic for resume and REST history."),
+    Option("history_max_age", _number(1, 30 * 86400), 86400.0,
+           "Seconds an event is kept for resume (also the producer event_id dedupe window)."),
+    Option("history_user_max", _number(1, 1_000_000, int), 1000,
+           "Targeted events (own backtests) kept per user until delivered or expired."),
+    Option("node_id", _str, None,
+           "This daemon's name as a stream consumer (default: host name and listen port)."),
 )
 
 _BY_NAME = {option.name: option for option in OPTIONS}
@@ -269,8 +273,10 @@ class Settings:
     redis_ping_interval: float
     redis_ping_timeout: float
     deadletter_max: int
-    dedupe_window: int
     history_max: int
+    history_max_age: float
+    history_user_max: int
+    node_id: str | None
     jwt_secret: bytes | None = dataclasses.field(default=None, repr=False)
 
     @property

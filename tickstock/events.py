@@ -262,6 +262,26 @@ def parse_event(channel_name: str, raw: bytes, event_id: str, now: float) -> Eve
     )
 
 
+def stored_event(event_id: str, channel_name: str, event_type: str, raw: bytes | str,
+                 user: str | None) -> Event:
+    """
+    Rebuild an event kept by the history. It was validated when it was
+    stored, so only its shape is restored here.
+    """
+    channel = CHANNELS[channel_name]
+    data = orjson.loads(raw)
+    return Event(
+        id=event_id,
+        channel=channel.name,
+        topic=channel.topic,
+        type=event_type,
+        data=data,
+        symbol=data["symbol"] if channel.keyed_by_symbol else None,
+        job_id=data.get("job_id") if channel.topic == "backtests" else None,
+        user=user,
+    )
+
+
 class EventIds:
     """
     Ordered event ids of the form C{<milliseconds>-<sequence>}, the shape of

@@ -24,16 +24,17 @@ from tickstock.broadcast import (
     MAX_ID_LENGTH,
     BadRequest,
     Broadcaster,
-    JobOwners,
     Subscription,
     parse_filter,
 )
-from tickstock.events import JOBS_CHANNEL, SYMBOL, TOPICS
-from tickstock.interfaces import IClient, IProducerLink
+from tickstock.events import JOBS_CHANNEL, SYMBOL, TOPICS, id_key
+from tickstock.history import Replay
+from tickstock.interfaces import IClient, IHistory, IProducerLink
 
 CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008
 CLOSE_SLOW_CONSUMER = 4001
+"""Fell behind on must-deliver events: reconnect with C{resume}."""
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}\Z")
 MAX_JOB_SYMBOLS = 50
 
@@ -102,7 +103,7 @@ class Gateway:
         self,
         clock: IReactorTime,
         broadcaster: Broadcaster,
-        jobs: JobOwners,
+        history: IHistory,
         link: IProducerLink,
         authenticate: Callable[[dict[str, Any]], Identity],
         max_subscriptions: int,
@@ -110,7 +111,7 @@ class Gateway:
     ) -> None:
         self._clock = clock
         self._broadcaster = broadcaster
-        self._jobs = jobs
+        self._history = history
         self._link = link
         self._authenticate = authenticate
         self._max_subscriptions = max_subscriptions
@@ -145,7 +146,7 @@ class Gateway:
     def slow_consumer(self, conn: IClient, queued: int) -> None:
         """A client stopped reading and its queue is full: close it."""
         self.slow_consumers_closed += 1
-        conn.close(CLOSE_SLOW_CONSUMER, f"too slow: {queued} messages queued; reconnect")
+        conn.close(CLOSE_SLOW_CONSUMER, f"too slow: {queued} messages queued; resume")
 
     def receive(self, conn: IClient, payload: bytes) -> None:
         """Handle one text message from C{conn}; every failure is answered."""
@@ -198,6 +199,13 @@ class Gateway:
     def _hello(self, conn: IClient, state: _State, message: dict[str, Any]) -> None:
         if conn.user is not None:
             raise BadRequest("bad_request", "hello was already said")
+        resume = message.get("resume")
+        if resume is not None:
+            last_id = resume.get("last_id") if isinstance(resume, dict) else None
+            try:
+                id_key(last_id if isinstance(last_id, str) else "")
+            except ValueError:
+                raise BadRequest("bad_request", "resume.last_id must be an event id") from None
         identity = self._authenticate(message)
         conn.user = identity.user
         if identity.expires_at is not None:
@@ -207,8 +215,7 @@ class Gateway:
         if state.hello_timer is not None and state.hello_timer.active():
             state.hello_timer.cancel()
         state.hello_timer = None
-        resume = message.get("resume")
-        if isinstance(resume, dict) and isinstance(resume.get("last_id"), str):
+        if resume is not None:
             state.resume_from = resume["last_id"]
         conn.reply({"op": "welcome", "id": message.get("id"), "user": conn.user,
                     "session": state.session, "pid": os.getpid()})
@@ -225,12 +232,38 @@ class Gateway:
             raise BadRequest("too_many_subscriptions",
                              f"at most {self._max_subscriptions} per connection")
         filter = parse_filter(topic, message.get("filter"))
-        state.subscriptions[sub_id] = self._broadcaster.subscribe(conn, sub_id, topic, filter)
-        reply: dict[str, Any] = {"op": "subscribed", "id": sub_id}
-        if state.resume_from is not None:
-            reply["recovered"] = False
-            reply["missed"] = {"from": state.resume_from, "reason": "no history in this version"}
+        after = state.resume_from
+        if after is None and topic != "backtests":
+            state.subscriptions[sub_id] = self._broadcaster.subscribe(conn, sub_id, topic, filter)
+            conn.reply({"op": "subscribed", "id": sub_id})
+            return
+        # Replay first (after the resume point; for backtests, the user's
+        # offline queue too), holding live events back until it is sent.
+        sub = self._broadcaster.subscribe(conn, sub_id, topic, filter, hold=True)
+        state.subscriptions[sub_id] = sub
+        d = self._history.replay(topic, after, conn.user)
+        d.addErrback(self._replay_failed, after)
+        d.addCallback(self._replayed, conn, state, sub, after)
+
+    def _replay_failed(self, failure: Any, after: str | None) -> Replay:
+        self.errors["history_unavailable"] += 1
+        self._log.warn("replay failed: {e}", e=failure.getErrorMessage())
+        return Replay([], None if after is None else {
+            "from": after, "to": None, "count": None, "reason": "history unavailable"})
+
+    def _replayed(self, replay: Replay, conn: IClient, state: _State, sub: Subscription,
+                  after: str | None) -> None:
+        if state.subscriptions.get(sub.id) is not sub:
+            return  # unsubscribed or gone meanwhile
+        reply: dict[str, Any] = {"op": "subscribed", "id": sub.id}
+        if after is not None:
+            reply["recovered"] = replay.missed is None
+            if replay.missed is not None:
+                reply["missed"] = replay.missed
         conn.reply(reply)
+        last = self._broadcaster.release(sub, replay.events, after or "0-0")
+        if sub.topic == "backtests" and last is not None and conn.user is not None:
+            self._history.delivered(conn.user, last)
 
     def _unsubscribe(self, conn: IClient, state: _State, message: dict[str, Any]) -> None:
         sub = state.subscriptions.pop(message.get("id"), None)
@@ -245,7 +278,6 @@ class Gateway:
         job_id = str(uuid.uuid4())
         job.update(job_type="backtest", job_id=job_id, user_id=conn.user,
                    timestamp=self._clock.seconds())
-        self._jobs.add(job_id, conn.user)
         request_id = message.get("id")
 
         def accepted(_: Any) -> None:
@@ -256,7 +288,10 @@ class Gateway:
             conn.reply({"op": "error", "id": request_id, "code": "unavailable",
                         "message": "the producer cannot be reached; try again"})
 
-        self._link.publish(JOBS_CHANNEL, orjson.dumps(job)).addCallbacks(accepted, failed)
+        # The owner is recorded before the producer can answer.
+        d = self._history.own(job_id, conn.user)
+        d.addCallback(lambda _: self._link.publish(JOBS_CHANNEL, orjson.dumps(job)))
+        d.addCallbacks(accepted, failed)
 
     def _ping(self, conn: IClient, state: _State, message: dict[str, Any]) -> None:
         conn.reply({"op": "pong", "id": message.get("id")})

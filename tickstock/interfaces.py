@@ -15,8 +15,12 @@ class IEventSource(Interface):
 
     def listen(receiver):  # type: ignore[no-untyped-def]
         """
-        From now on, call C{receiver(channel: str, raw: bytes)} once for each
-        producer message, in arrival order. The source does not parse.
+        From now on, call C{receiver(channel: str, raw: bytes, key)} once for
+        each producer message, in arrival order. The source does not parse.
+        C{key} identifies this delivery of the message for L{IHistory.append}
+        (L{None} on the embedded bus). The receiver returns a Deferred that
+        fires once the message is handled (stored or set aside); a source
+        that acknowledges (streams) acknowledges only then.
         """
 
     def status():  # type: ignore[no-untyped-def]
@@ -46,6 +50,52 @@ class IProducerLink(Interface):
         """
 
 
+class IHistory(Interface):
+    """
+    The ordered record of events: where each event gets its id, where
+    duplicates stop, what live delivery follows, and what a client that
+    reconnects with C{resume} is replayed from.
+    """
+
+    def append(event, key):  # type: ignore[no-untyped-def]
+        """
+        Store a validated event. Gives it its id (ids order all events, of
+        every topic) and, for a backtest event, the user who owns the job.
+        C{key} is the source's delivery key (see L{IEventSource.listen}).
+
+        @return: a Deferred firing with the id, or with L{None} when the
+            event duplicates one already stored (the same delivery handled
+            twice, or a producer C{event_id} seen within the history window).
+            Stored events reach the receivers of L{listen}, not the caller.
+        """
+
+    def listen(receiver):  # type: ignore[no-untyped-def]
+        """
+        Call C{receiver(event)} for every stored event, in id order, once.
+        """
+
+    def replay(topic, after, user):  # type: ignore[no-untyped-def]
+        """
+        The events of C{topic} with ids after C{after}, oldest first; for
+        C{backtests}, only those of C{user}'s jobs, and with C{after=None}
+        those not yet delivered to C{user} (the offline queue).
+
+        @return: a Deferred firing with a L{tickstock.history.Replay}.
+        """
+
+    def own(job_id, user):  # type: ignore[no-untyped-def]
+        """
+        Remember that C{user} owns backtest C{job_id}, so that its events
+        reach that user on every node. A Deferred.
+        """
+
+    def delivered(user, event_id):  # type: ignore[no-untyped-def]
+        """
+        C{user}'s targeted event C{event_id} reached at least one of their
+        connections: it leaves their offline queue. Never raises.
+        """
+
+
 class IEventSink(Interface):
     """
     Something validated events are routed to.
@@ -55,18 +105,6 @@ class IEventSink(Interface):
         """
         Take one L{tickstock.events.Event}. Must not raise and must not block:
         it is called on the reactor thread for every event.
-        """
-
-
-class IEventStore(IEventSink):
-    """
-    Event history: the embedded in-memory store, or PostgreSQL.
-    """
-
-    def recent(topic, limit):  # type: ignore[no-untyped-def]
-        """
-        A Deferred firing with up to C{limit} of the newest events of
-        C{topic}, oldest first.
         """
 
 

@@ -1,26 +1,28 @@
 """
-The router: the one place producer messages become events. It gives each
-message an ordered id, validates it, sets aside what is malformed, and hands
-the rest to the sinks (history store, broadcaster).
+The router: the one place producer messages become events. It validates
+each message, sets aside what is malformed, and appends the rest to the
+history, which gives them their ids and feeds live delivery.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from typing import Iterable
+from typing import Any
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from tickstock.events import EventIds, MalformedEvent, parse_event
-from tickstock.interfaces import IEventSink, IProducerLink
+from tickstock.events import MalformedEvent, parse_event
+from tickstock.interfaces import IHistory, IProducerLink
 
 SAMPLE_BYTES = 200
 
 
 class Router:
     """
-    Receives C{(channel, raw)} from an L{IEventSource} and routes events.
+    Receives C{(channel, raw, key)} from an L{IEventSource} and appends
+    events to the L{IHistory}.
 
     A malformed message is never fatal: it is counted by kind, logged the
     first time its kind is seen (with a sample, so a flood of the same fault
@@ -29,58 +31,44 @@ class Router:
 
     _log = Logger()
 
-    def __init__(
-        self,
-        clock: IReactorTime,
-        sinks: Iterable[IEventSink],
-        link: IProducerLink,
-        dedupe_window: int = 100_000,
-    ) -> None:
+    def __init__(self, clock: IReactorTime, history: IHistory, link: IProducerLink) -> None:
         self._clock = clock
-        self._sinks = tuple(IEventSink(sink) for sink in sinks)
+        self._history = IHistory(history)
         self._link = IProducerLink(link)
-        self._ids = EventIds()
-        self._seen: dict[tuple[str, str], None] = {}
-        self._dedupe_window = dedupe_window
         self.received = 0
         self.routed = 0
         self.duplicates = 0
+        self.failed = 0
         self.malformed: Counter[str] = Counter()
 
-    def receive(self, channel: str, raw: bytes) -> None:
-        """Route one producer message; never raises."""
+    def receive(self, channel: str, raw: bytes, key: object = None) -> Deferred[Any]:
+        """
+        Route one producer message. The Deferred fires once it is stored or
+        set aside, and fails only if the history could not be written (a
+        source that acknowledges must then not acknowledge it).
+        """
         self.received += 1
         now = self._clock.seconds()
         try:
-            event = parse_event(channel, raw, self._ids.next(now), now)
+            event = parse_event(channel, raw, "", now)
         except MalformedEvent as error:
             self._reject(channel, raw, error)
-            return
-        if self._is_duplicate(event.channel, event.data.get("event_id")):
-            self.duplicates += 1
-            return
-        for sink in self._sinks:
-            try:
-                sink.deliver(event)
-            except Exception:
-                self._log.failure("sink {sink!r} failed on event {id}", sink=sink, id=event.id)
-        self.routed += 1
+            return succeed(None)
+        return self._history.append(event, key).addCallbacks(self._stored, self._not_stored)
 
-    def _is_duplicate(self, channel: str, producer_id: str | None) -> bool:
-        """
-        A producer that retries re-sends the same C{event_id}: deliver it
-        once. Remembers the last C{dedupe_window} ids (per channel), oldest
-        forgotten first.
-        """
-        if producer_id is None or self._dedupe_window == 0:
-            return False
-        key = (channel, producer_id)
-        if key in self._seen:
-            return True
-        self._seen[key] = None
-        if len(self._seen) > self._dedupe_window:
-            del self._seen[next(iter(self._seen))]
-        return False
+    def _stored(self, event_id: str | None) -> str | None:
+        if event_id is None:
+            self.duplicates += 1
+        else:
+            self.routed += 1
+        return event_id
+
+    def _not_stored(self, failure: Any) -> Any:
+        self.failed += 1
+        if str(self.failed).strip("0") == "1":  # the 1st, 10th, 100th...
+            self._log.warn("could not store an event ({n} so far): {e}",
+                           n=self.failed, e=failure.getErrorMessage())
+        return failure
 
     def _reject(self, channel: str, raw: bytes, error: MalformedEvent) -> None:
         first = error.kind not in self.malformed

@@ -60,7 +60,7 @@ async def run(reactor: Any, args: argparse.Namespace) -> None:
     producer = Producer(reactor, publish, MarketSimulator(default_symbols(args.symbols),
                                                           random.Random(seed)), args.rate)
     jobs = RedisPubSubSource(reactor, args.address, channels=[JOBS_CHANNEL, CONTROL_CHANNEL])
-    jobs.listen(lambda channel, payload: (
+    jobs.listen(lambda channel, payload, key: (
         runner.handle_job(payload) if channel == JOBS_CHANNEL else runner.handle_control(payload)
     ))
     link.startService()

@@ -62,11 +62,10 @@ class TickStock(MultiService):
 
     def __init__(self, settings: Settings, reactor: IReactorCore) -> None:
         super().__init__()
-        from tickstock.broadcast import Broadcaster, JobOwners
+        from tickstock.broadcast import Broadcaster
         from tickstock.auth import JWTAuthenticator, anonymous
         from tickstock.gateway import Gateway
         from tickstock.router import Router
-        from tickstock.store.memory import MemoryStore
         from tickstock.web.site import JSONStatus, build_site
         from tickstock.web.stream import StreamFactory
         from autobahn.twisted.resource import WebSocketResource
@@ -76,21 +75,30 @@ class TickStock(MultiService):
         self._started_at = reactor.seconds()
         if settings.redis is None:
             from tickstock.bus.memory import MemoryBus
+            from tickstock.history.memory import MemoryHistory
 
             bus = MemoryBus(settings.deadletter_max)
             self.source, self.link = bus, bus
+            self.history = MemoryHistory(
+                reactor, settings.history_max, settings.history_max_age,
+                settings.history_user_max,
+            )
         else:
             from tickstock.bus.redis import RedisLink, RedisPubSubSource
+            from tickstock.history.redis import RedisHistory
 
             self.link = RedisLink(reactor, settings.redis, settings.deadletter_max)
             self.source = RedisPubSubSource(
                 reactor, settings.redis, settings.redis_ping_interval, settings.redis_ping_timeout
             )
+            self.history = RedisHistory(
+                reactor, settings.redis, self.link, settings.history_max,
+                settings.history_max_age, settings.history_user_max,
+            )
             self.link.setServiceParent(self)
+            self.history.setServiceParent(self)
             self.source.setServiceParent(self)
 
-        self.store = MemoryStore(settings.history_max)
-        self.jobs = JobOwners()
         self.stream = StreamFactory(
             allowed_origins=settings.allowed_origins,
             max_message_size=settings.max_message_size,
@@ -99,18 +107,18 @@ class TickStock(MultiService):
             ping_timeout=settings.ws_ping_timeout,
             handshake_timeout=settings.handshake_timeout,
         )
-        self.broadcaster = Broadcaster(self.stream.prepareMessage, self.jobs)
+        self.broadcaster = Broadcaster(self.stream.prepareMessage)
         authenticate = anonymous if settings.jwt_secret is None else JWTAuthenticator(
             settings.jwt_secret, audience=settings.jwt_audience, issuer=settings.jwt_issuer
         )
         self.gateway = Gateway(
-            reactor, self.broadcaster, self.jobs, self.link, authenticate,
+            reactor, self.broadcaster, self.history, self.link, authenticate,
             settings.max_subscriptions, settings.hello_timeout,
         )
         self.stream.gateway = self.gateway
-        self.router = Router(reactor, [self.store, self.broadcaster], self.link,
-                             settings.dedupe_window)
+        self.router = Router(reactor, self.history, self.link)
         self.source.listen(self.router.receive)
+        self.history.listen(self._live)
 
         if settings.demo or settings.redis is None:
             self._add_simulator(reactor, settings)
@@ -142,9 +150,13 @@ class TickStock(MultiService):
             from tickstock.bus.redis import RedisPubSubSource
 
             jobs = RedisPubSubSource(reactor, settings.redis, channels=[JOBS_CHANNEL])
-            jobs.listen(lambda channel, payload: runner.handle_job(payload))
+            jobs.listen(lambda channel, payload, key: runner.handle_job(payload))
             jobs.setServiceParent(self)
         SimulatorService(producer, runner).setServiceParent(self)
+
+    def _live(self, event: Any) -> None:
+        if self.broadcaster.deliver(event) and event.user is not None:
+            self.history.delivered(event.user, event.id)
 
     def health(self) -> tuple[bool, dict[str, Any]]:
         """Liveness, with the counters an operator looks at first."""
@@ -158,11 +170,13 @@ class TickStock(MultiService):
                 "received": self.router.received,
                 "routed": self.router.routed,
                 "duplicates": self.router.duplicates,
+                "store_failures": self.router.failed,
                 "malformed": dict(self.router.malformed),
                 "delivered": self.broadcaster.delivered,
                 "unrouted_targeted": self.broadcaster.unrouted,
             },
             "slow_consumers_closed": self.gateway.slow_consumers_closed,
+            "conflated": self.stream.conflated,
             "heartbeat_timeouts": self.gateway.heartbeat_timeouts,
         }
 
@@ -173,7 +187,8 @@ class TickStock(MultiService):
         if self.settings.redis is not None:
             link_ok = self.link.connected
             components["link"] = {"state": "connected" if link_ok else "connecting"}
-            ok = ok and link_ok
+            components["history"] = self.history.status()
+            ok = ok and link_ok and self.history.ready
         return ok, {"ready": ok, "mode": self.settings.mode, "components": components}
 
 

@@ -12,6 +12,8 @@ supervisor rebuilds a factory that gave up.
 
 from __future__ import annotations
 
+import hashlib
+from collections import deque
 from typing import Any, Callable, Iterable
 
 import orjson
@@ -95,6 +97,20 @@ class _Supervised(Service):
             old.disconnect()
 
 
+class _LinkProtocol(txredisapi.RedisProtocol):
+    """Loads the link's Lua scripts on every connection, before any command."""
+
+    def connectionMade(self) -> Any:
+        # Runs before the pool hands this connection out (a reactor turn
+        # later), so no EVALSHA can overtake the loads.
+        self.whenConnected().addCallback(self._preload)
+        return super().connectionMade()
+
+    def _preload(self, _: Any) -> None:
+        for source in self.factory.scripts:
+            self.execute_command("SCRIPT", "LOAD", source).addErrback(lambda _: None)
+
+
 @implementer(IProducerLink)
 class RedisLink(_Supervised):
     """
@@ -112,14 +128,26 @@ class RedisLink(_Supervised):
         super().__init__(reactor, address, self._new_factory)
         self._deadletter_max = deadletter_max
         self._reply_timeout = reply_timeout
+        self._scripts: list[str] = []
         self.dead_letters_lost = 0
+
+    def preload(self, source: str) -> None:
+        """
+        Load this Lua script on every (re)connection before any other
+        command, so EVALSHA never meets NOSCRIPT after a Redis restart (a
+        fallback to EVAL could reorder commands in flight).
+        """
+        self._scripts.append(source)
 
     def _new_factory(self) -> txredisapi.RedisFactory:
         a = self._address
-        return txredisapi.RedisFactory(
+        factory = txredisapi.RedisFactory(
             None, a.db, poolsize=1, isLazy=True, password=a.password, username=a.username,
             replyTimeout=self._reply_timeout, convertNumbers=False,
         )
+        factory.protocol = _LinkProtocol
+        factory.scripts = self._scripts
+        return factory
 
     @property
     def connected(self) -> bool:
@@ -148,6 +176,35 @@ class RedisLink(_Supervised):
 
     def _dead_letter_lost(self, failure: Any) -> None:
         self.dead_letters_lost += 1
+
+
+class Occurrences:
+    """
+    Names each pub/sub message by its bytes and how many times this process
+    saw the same bytes recently: the same message reaching several daemons
+    gets the same name on each, while a producer that really sends the same
+    bytes twice gets two names. A count restarts only once those bytes went
+    unseen for C{window} seconds (longer than the history remembers names).
+    """
+
+    def __init__(self, clock: IReactorTime, window: float) -> None:
+        self._clock = clock
+        self._window = window
+        self._seen: dict[str, tuple[int, float]] = {}
+        self._order: deque[tuple[float, str]] = deque()
+
+    def key(self, channel: bytes, message: bytes) -> str:
+        now = self._clock.seconds()
+        order, seen = self._order, self._seen
+        while order and order[0][0] < now - self._window:
+            at, old = order.popleft()
+            if seen[old][1] <= at:
+                del seen[old]
+        digest = hashlib.sha1(channel + b"\0" + message).hexdigest()
+        n = seen[digest][0] + 1 if digest in seen else 1
+        seen[digest] = (n, now)
+        order.append((now, digest))
+        return f"{digest}:{n}"
 
 
 class _SubscriberProtocol(txredisapi.SubscriberProtocol):
@@ -185,11 +242,12 @@ class RedisPubSubSource(_Supervised):
     def __init__(
         self, reactor: IReactorCore, address: RedisAddress,
         ping_interval: float = 1.0, ping_timeout: float = 3.0,
-        channels: Iterable[str] = tuple(CHANNELS),
+        channels: Iterable[str] = tuple(CHANNELS), dedupe_window: float = 30.0,
     ) -> None:
         super().__init__(reactor, address, self._new_factory)
         self._clock: IReactorTime = reactor
-        self._receiver: Callable[[str, bytes], None] | None = None
+        self._receiver: Callable[[str, bytes, str], Any] | None = None
+        self._occurrences = Occurrences(reactor, dedupe_window)
         self._channels = {name.encode(): name for name in channels}
         self._ping_timeout = ping_timeout
         self._heartbeat = LoopingCall(self._beat)
@@ -208,7 +266,7 @@ class RedisPubSubSource(_Supervised):
         self.last_error: str | None = None
         self.ping_rtt: float | None = None
 
-    def listen(self, receiver: Callable[[str, bytes], None]) -> None:
+    def listen(self, receiver: Callable[[str, bytes, str], Any]) -> None:
         self._receiver = receiver
 
     def _new_factory(self) -> txredisapi.RedisFactory:
@@ -300,7 +358,9 @@ class RedisPubSubSource(_Supervised):
     def _message(self, channel: bytes, message: bytes) -> None:
         name = self._channels.get(channel)
         if name is not None and self._receiver is not None:
-            self._receiver(name, message)
+            d = self._receiver(name, message, self._occurrences.key(channel, message))
+            if isinstance(d, Deferred):
+                d.addErrback(lambda _: None)  # counted by the receiver; pub/sub cannot retry
 
     def _beat(self) -> None:
         protocol = self._protocol

@@ -1,0 +1,50 @@
+"""
+Event history: where events get their ids, where duplicates stop, what live
+delivery follows, and what a reconnecting client is replayed from. The
+embedded L{memory} history serves one process; L{redis} is shared by every
+daemon on one Redis, so a client can resume on any of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from tickstock.events import Event, id_key
+
+BOOKMARK_EVERY = 100
+"""Trimming is recorded about once per this many dropped events (Redis
+trims whole stream nodes of 100 entries): the precision of a gap's count."""
+
+
+@dataclass(frozen=True)
+class Replay:
+    """
+    What a resuming subscription gets first.
+
+    @ivar events: kept events after the resume point, oldest first.
+    @ivar missed: L{None} if nothing after the resume point was dropped;
+        else C{{"from": <resume id>, "to": <newest dropped id>, "count": n}}
+        where C{n} is how many events of the topic were dropped after
+        C{from} (at most L{BOOKMARK_EVERY} too many: history records its
+        trimming in steps).
+    """
+
+    events: list[Event] = field(default_factory=list)
+    missed: dict[str, Any] | None = None
+
+
+def missed(after: str, last_dropped: str | None, dropped_total: int,
+           dropped_through_after: int) -> dict[str, Any] | None:
+    """
+    The gap a client resuming after C{after} fell into, if any.
+
+    @param last_dropped: the newest id ever trimmed from this history.
+    @param dropped_total: how many events were ever trimmed from it.
+    @param dropped_through_after: how many of those had ids up to
+        C{after}, as far as the bookmarks tell (a lower bound).
+    """
+    if last_dropped is None or id_key(last_dropped) <= id_key(after):
+        return None
+    return {"from": after, "to": last_dropped,
+            "count": max(1, dropped_total - dropped_through_after)}

@@ -1,0 +1,132 @@
+"""The embedded history: one process, no Redis; lost on restart, by design."""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from collections import deque
+from typing import Callable
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from zope.interface import implementer
+
+from tickstock.events import TOPICS, Event, EventIds, id_key
+from tickstock.history import BOOKMARK_EVERY, Replay, missed
+from tickstock.interfaces import IHistory
+
+JOBS_KEPT = 100_000
+
+
+class _Log:
+    """One bounded, ordered log of events (a topic's, or a user's)."""
+
+    def __init__(self, limit: int, max_age: float, on_drop: Callable[[Event], None]) -> None:
+        self.events: deque[Event] = deque()
+        self._limit = limit
+        self._max_age = max_age
+        self._on_drop = on_drop
+        self.last_dropped: str | None = None
+        self.dropped = 0
+        self._marks: list[tuple[tuple[int, int], int]] = []
+
+    def add(self, event: Event, now: float) -> None:
+        self.events.append(event)
+        events = self.events
+        while events and (
+            len(events) > self._limit or events[0].received_at < now - self._max_age
+        ):
+            self._drop(events.popleft())
+
+    def _drop(self, event: Event) -> None:
+        self.last_dropped = event.id
+        self.dropped += 1
+        if self.dropped % BOOKMARK_EVERY == 0:
+            self._marks.append((id_key(event.id), self.dropped))
+            if len(self._marks) > 2000:
+                del self._marks[:1000]
+        self._on_drop(event)
+
+    def replay(self, after: str) -> Replay:
+        key = id_key(after)
+        events = [e for e in self.events if id_key(e.id) > key]
+        at = bisect_right(self._marks, (key, float("inf")))
+        through = self._marks[at - 1][1] if at else 0
+        return Replay(events, missed(after, self.last_dropped, self.dropped, through))
+
+
+@implementer(IHistory)
+class MemoryHistory:
+    """
+    Per-topic and per-user logs in memory, bounded by count and age, with
+    ids from one process-wide L{EventIds}. A producer C{event_id} is a
+    duplicate while an event carrying it is still kept.
+    """
+
+    def __init__(self, clock: IReactorTime, max_events: int, max_age: float,
+                 user_max: int) -> None:
+        self._clock = clock
+        self._ids = EventIds()
+        self._max_age = max_age
+        self._user_max = user_max
+        self._topics = {t: _Log(max_events, max_age, self._forget) for t in TOPICS}
+        self._users: dict[str, _Log] = {}
+        self._owners: dict[str, str] = {}
+        self._delivered: dict[str, str] = {}
+        self._event_ids: dict[tuple[str, str], int] = {}
+        self._receivers: list[Callable[[Event], object]] = []
+
+    def append(self, event: Event, key: object = None) -> Deferred[str | None]:
+        producer_id = event.data.get("event_id")
+        if producer_id is not None:
+            seen = (event.channel, producer_id)
+            if seen in self._event_ids:
+                return succeed(None)
+            self._event_ids[seen] = 1
+        now = self._clock.seconds()
+        event.id = self._ids.next(now)
+        self._topics[event.topic].add(event, now)
+        if event.job_id is not None:
+            event.user = self._owners.get(event.job_id)
+            if event.user is not None:
+                self._user_log(event.user).add(event, now)
+        for receiver in self._receivers:
+            receiver(event)
+        return succeed(event.id)
+
+    def _forget(self, event: Event) -> None:
+        producer_id = event.data.get("event_id")
+        if producer_id is not None:
+            self._event_ids.pop((event.channel, producer_id), None)
+
+    def _user_log(self, user: str) -> _Log:
+        log = self._users.get(user)
+        if log is None:
+            log = self._users[user] = _Log(self._user_max, self._max_age, lambda e: None)
+        return log
+
+    def listen(self, receiver: Callable[[Event], object]) -> None:
+        self._receivers.append(receiver)
+
+    def replay(self, topic: str, after: str | None, user: str | None) -> Deferred[Replay]:
+        if topic == "backtests":
+            assert user is not None
+            log = self._users.get(user)
+            if log is None:
+                return succeed(Replay())
+            return succeed(log.replay(after or self._delivered.get(user, "0-0")))
+        assert after is not None
+        return succeed(self._topics[topic].replay(after))
+
+    def own(self, job_id: str, user: str) -> Deferred[None]:
+        if len(self._owners) >= JOBS_KEPT:
+            del self._owners[next(iter(self._owners))]
+        self._owners[job_id] = user
+        return succeed(None)
+
+    def delivered(self, user: str, event_id: str) -> None:
+        self._delivered[user] = event_id
+
+    def recent(self, topic: str, limit: int) -> Deferred[list[Event]]:
+        """Up to C{limit} of the newest events of C{topic}, oldest first."""
+        events = self._topics[topic].events
+        return succeed(list(events)[-limit:] if limit > 0 else [])

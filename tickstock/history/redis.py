@@ -1,0 +1,414 @@
+"""
+The shared history, in Redis: one stream per topic (and per user, for their
+own backtests), written by every daemon on that Redis through one Lua script
+so that all of them agree on each event's id, and read back by each daemon
+for live delivery (L{RedisHistory} tails the streams) and for resume.
+
+Ids: the script gives each event C{<ms>-<seq>} from one counter for all
+topics, so ids order events across topics, and a client's single
+C{last_id} is a valid resume point in every topic's stream.
+
+Duplicates stop in the script, atomically with the write:
+ - pub/sub: every daemon receives every message and appends it; the
+   source's key (a digest of the message and how many times this daemon saw
+   those bytes recently) makes the second daemon get the first one's id;
+ - streams: an entry is appended only while it is still pending in the
+   consumer group, and acknowledged in the same script, so an entry handled
+   twice (a crash before the ack, a reclaim) is stored once;
+ - a producer C{event_id} seen within the history's age is stored once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import orjson
+import txredisapi
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorCore
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from tickstock.bus.redis import NotConnected, RedisLink, _Supervised
+from tickstock.config import RedisAddress
+from tickstock.events import TOPICS, Event, id_key, stored_event
+from tickstock.history import Replay, missed
+from tickstock.interfaces import IHistory
+
+PREFIX = "tickstock:history:"
+LAST_KEY = PREFIX + "last"
+SINCE_KEY = PREFIX + "since"
+USER_PREFIX = "tickstock:user:"
+JOB_PREFIX = "tickstock:job:"
+SEEN_PREFIX = "tickstock:seen:"
+EVENT_ID_PREFIX = "tickstock:eid:"
+SEEN_TTL = 10.0
+"""Seconds a pub/sub message's key is remembered: far longer than the time
+between two daemons receiving the same message."""
+TAIL_BLOCK_MS = 1000
+TAIL_COUNT = 1000
+TAIL_CHUNK = 64
+TAIL_CHUNK_BYTES = 64 * 1024
+"""At most this many events or bytes are delivered per reactor turn (about
+what a socket reads per turn): between chunks sockets get written and read,
+so a burst read in one XREAD does not make healthy clients look slow."""
+DROPS_KEPT = 1000
+
+_DROPS = """
+local function drops(key, dropped)
+  if dropped == 0 then return end
+  local info = redis.call('XINFO', 'STREAM', key)
+  local f = {}
+  for i = 1, #info, 2 do f[info[i]] = info[i + 1] end
+  redis.call('XADD', key .. ':drops', 'MAXLEN', '~', %d, f['max-deleted-entry-id'],
+             'n', f['entries-added'] - f['length'])
+end
+""" % DROPS_KEPT
+
+INGEST = _DROPS + """
+-- KEYS: topic stream, last id, seen key | '', event_id key | '', job key | '',
+--       producer stream | '', since key
+-- ARGV: channel, type, data, maxlen, max age ms, seen ttl ms, event_id ttl ms,
+--       user maxlen, user ttl s, group, entry id, user prefix
+local function ack()
+  if KEYS[6] ~= '' then redis.call('XACK', KEYS[6], ARGV[10], ARGV[11]) end
+end
+if KEYS[6] ~= '' then
+  local pending = redis.call('XPENDING', KEYS[6], ARGV[10], ARGV[11], ARGV[11], 1)
+  if #pending == 0 then return {0, ''} end
+end
+if KEYS[3] ~= '' then
+  local seen = redis.call('GET', KEYS[3])
+  if seen then return {0, seen} end
+end
+if KEYS[4] ~= '' then
+  local seen = redis.call('GET', KEYS[4])
+  if seen then
+    if KEYS[3] ~= '' then redis.call('SET', KEYS[3], seen, 'PX', ARGV[6]) end
+    ack()
+    return {0, seen}
+  end
+end
+local t = redis.call('TIME')
+local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local seq = 0
+local last = redis.call('GET', KEYS[2])
+if last then
+  local lms, lseq = string.match(last, '^(%d+)-(%d+)$')
+  if ms <= tonumber(lms) then ms = tonumber(lms); seq = tonumber(lseq) + 1 end
+end
+local id = string.format('%.0f-%.0f', ms, seq)
+local fields = {'c', ARGV[1], 't', ARGV[2], 'd', ARGV[3]}
+local owner = false
+if KEYS[5] ~= '' then owner = redis.call('GET', KEYS[5]) end
+if owner then fields[7] = 'u'; fields[8] = owner end
+local minid = string.format('%.0f', ms - tonumber(ARGV[5]))
+redis.call('XADD', KEYS[1], id, unpack(fields))
+drops(KEYS[1], redis.call('XTRIM', KEYS[1], 'MAXLEN', '~', ARGV[4])
+               + redis.call('XTRIM', KEYS[1], 'MINID', '~', minid))
+if owner then
+  local user = ARGV[12] .. owner
+  redis.call('XADD', user, id, unpack(fields))
+  drops(user, redis.call('XTRIM', user, 'MAXLEN', '~', ARGV[8])
+              + redis.call('XTRIM', user, 'MINID', '~', minid))
+  redis.call('EXPIRE', user, ARGV[9])
+  redis.call('EXPIRE', user .. ':drops', ARGV[9])
+end
+if not last then redis.call('SET', KEYS[7], id) end
+redis.call('SET', KEYS[2], id)
+if KEYS[3] ~= '' then redis.call('SET', KEYS[3], id, 'PX', ARGV[6]) end
+if KEYS[4] ~= '' then redis.call('SET', KEYS[4], id, 'PX', ARGV[7]) end
+ack()
+return {1, id}
+"""
+
+REPLAY = """
+-- KEYS: stream, since key, delivered pointer | ''   ARGV: after | '', count
+local after = ARGV[1]
+if after == '' then after = redis.call('GET', KEYS[3]) or '0-0' end
+local since = redis.call('GET', KEYS[2]) or ''
+if redis.call('EXISTS', KEYS[1]) == 0 then return {after, {}, '0-0', 0, 0, since} end
+local entries = redis.call('XRANGE', KEYS[1], '(' .. after, '+', 'COUNT', ARGV[2])
+local info = redis.call('XINFO', 'STREAM', KEYS[1])
+local f = {}
+for i = 1, #info, 2 do f[info[i]] = info[i + 1] end
+local mark = redis.call('XREVRANGE', KEYS[1] .. ':drops', after, '-', 'COUNT', 1)
+local through = 0
+if #mark > 0 then through = tonumber(mark[1][2][2]) end
+return {after, entries, f['max-deleted-entry-id'], f['entries-added'] - f['length'],
+        through, since}
+"""
+
+
+@dataclass(frozen=True)
+class StreamEntry:
+    """The delivery key of an entry read from a producer stream."""
+
+    stream: str
+    group: str
+    entry_id: str
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _entry_event(entry: list[Any]) -> Event:
+    event_id, flat = entry
+    fields = {_text(flat[i]): flat[i + 1] for i in range(0, len(flat), 2)}
+    user = fields.get("u")
+    return stored_event(_text(event_id), _text(fields["c"]), _text(fields["t"]), fields["d"],
+                        None if user is None else _text(user))
+
+
+class _Script:
+    """
+    A Lua script run by SHA. The link loads it on each connection; EVAL is
+    only the fallback for a script cache flushed under a live connection.
+    """
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+    def run(self, execute: Callable[..., Deferred[Any]], keys: list[str],
+            args: list[Any]) -> Deferred[Any]:
+        def reload(failure: Any) -> Deferred[Any]:
+            failure.trap(txredisapi.ResponseError)
+            if "NOSCRIPT" not in str(failure.value):
+                return failure
+            return execute("EVAL", self.source, len(keys), *keys, *args)
+
+        return execute("EVALSHA", self.sha, len(keys), *keys, *args).addErrback(reload)
+
+
+@implementer(IHistory)
+class RedisHistory(_Supervised):
+    """
+    The history in Redis: writes and replays through the daemon's command
+    link (C{execute}); live delivery from a blocking C{XREAD} of every
+    topic's stream on a connection of its own (PITFALLS: a blocking read
+    must not share a connection), resumed from the last id it delivered
+    after any reconnect, so a Redis blip delays live events but loses none.
+    """
+
+    _log = Logger()
+    name_for_logs = "redis history"
+
+    def __init__(
+        self, reactor: IReactorCore, address: RedisAddress, link: RedisLink,
+        max_events: int, max_age: float, user_max: int, read_timeout: float = 5.0,
+    ) -> None:
+        super().__init__(reactor, address, self._new_factory)
+        self._execute = link.execute
+        self._max_events = max_events
+        self._max_age_ms = int(max_age * 1000)
+        self._user_max = user_max
+        self._user_ttl = int(max_age)
+        self._read_timeout = read_timeout
+        self._ingest = _Script(INGEST)
+        self._replay = _Script(REPLAY)
+        link.preload(INGEST)
+        link.preload(REPLAY)
+        self._receivers: list[Callable[[Event], object]] = []
+        self._keys = [PREFIX + topic for topic in TOPICS]
+        self._positions: dict[str, str] | None = None
+        self._held: list[Event] = []
+        self._ready: deque[Event] = deque()
+        self._reading: IDelayedCall | None = None
+        self.tail_reads = 0
+        self.tail_errors = 0
+
+    def _new_factory(self) -> txredisapi.RedisFactory:
+        a = self._address
+        return txredisapi.RedisFactory(
+            None, a.db, poolsize=1, isLazy=True, password=a.password, username=a.username,
+            replyTimeout=self._read_timeout, convertNumbers=False, charset=None,
+        )
+
+    # IHistory
+
+    def append(self, event: Event, key: object = None) -> Deferred[str | None]:
+        producer_id = event.data.get("event_id")
+        entry = key if isinstance(key, StreamEntry) else None
+        keys = [
+            PREFIX + event.topic,
+            LAST_KEY,
+            SEEN_PREFIX + key if isinstance(key, str) else "",
+            f"{EVENT_ID_PREFIX}{event.channel}:{producer_id}" if producer_id else "",
+            JOB_PREFIX + event.job_id if event.job_id else "",
+            entry.stream if entry else "",
+            SINCE_KEY,
+        ]
+        args = [
+            event.channel, event.type, orjson.dumps(event.data), self._max_events,
+            self._max_age_ms, int(SEEN_TTL * 1000), self._max_age_ms, self._user_max,
+            self._user_ttl, entry.group if entry else "", entry.entry_id if entry else "",
+            USER_PREFIX,
+        ]
+
+        def stored(reply: list[Any]) -> str | None:
+            return _text(reply[1]) if int(reply[0]) == 1 else None
+
+        return self._ingest.run(self._execute, keys, args).addCallback(stored)
+
+    def listen(self, receiver: Callable[[Event], object]) -> None:
+        self._receivers.append(receiver)
+
+    def replay(self, topic: str, after: str | None, user: str | None) -> Deferred[Replay]:
+        if topic == "backtests":
+            assert user is not None
+            stream, pointer = USER_PREFIX + user, f"{USER_PREFIX}{user}:delivered"
+        else:
+            assert after is not None
+            stream, pointer = PREFIX + topic, ""
+        d = self._replay.run(self._execute, [stream, SINCE_KEY, pointer],
+                             [after or "", self._max_events * 2])
+
+        def done(reply: list[Any]) -> Replay:
+            start, entries, last_dropped, dropped, through, since = reply
+            start, last_dropped, since = _text(start), _text(last_dropped), _text(since)
+            events = [_entry_event(entry) for entry in entries]
+            gap = missed(start, None if last_dropped == "0-0" else last_dropped,
+                         int(dropped), int(through))
+            if gap is None and after is not None and since and id_key(after) < id_key(since):
+                # Redis lost the history this id came from (a restart
+                # without persistence): what happened in between is unknown.
+                gap = {"from": after, "to": None, "count": None, "reason": "history was reset"}
+            return Replay(events, gap)
+
+        return d.addCallback(done)
+
+    def own(self, job_id: str, user: str) -> Deferred[Any]:
+        return self._execute("SET", JOB_PREFIX + job_id, user, "EX", self._user_ttl)
+
+    def delivered(self, user: str, event_id: str) -> None:
+        self._execute(
+            "SET", f"{USER_PREFIX}{user}:delivered", event_id, "EX", self._user_ttl
+        ).addErrback(lambda _: None)
+
+    # Live delivery: tail every topic's stream.
+
+    @property
+    def ready(self) -> bool:
+        """True once the tail knows where it reads from and is connected."""
+        return self._positions is not None and bool(self._factory and self._factory.pool)
+
+    def status(self) -> dict[str, Any]:
+        return {"state": "tailing" if self.ready else "connecting",
+                "reads": self.tail_reads, "errors": self.tail_errors,
+                "held": len(self._held)}
+
+    def startService(self) -> None:
+        super().startService()
+        self._schedule(0)
+
+    def stopService(self) -> Deferred[Any]:
+        if self._reading is not None and self._reading.active():
+            self._reading.cancel()
+        self._reading = None
+        return super().stopService()
+
+    def _schedule(self, delay: float) -> None:
+        if self.running:
+            self._reading = self._reactor.callLater(delay, self._read)
+
+    def _connection(self) -> Any:
+        factory = self._factory
+        if factory is None or not factory.pool:
+            raise NotConnected(f"not connected to {self._address}")
+        return factory.pool[0]
+
+    def _read(self) -> None:
+        self._reading = None
+        try:
+            conn = self._connection()
+        except NotConnected:
+            self._schedule(0.05)
+            return
+        if self._positions is None:
+            d = conn.execute_command("GET", LAST_KEY)
+            d.addCallback(self._start_at)
+        else:
+            block = () if self._held else ("BLOCK", TAIL_BLOCK_MS)
+            ids = [self._positions[key] for key in self._keys]
+            d = conn.execute_command("XREAD", "COUNT", TAIL_COUNT, *block, "STREAMS",
+                                     *self._keys, *ids, apply_timeout=False)
+            watchdog = self._reactor.callLater(
+                TAIL_BLOCK_MS / 1000 + self._read_timeout, self._hung, conn)
+            d.addBoth(self._cancel, watchdog)
+            d.addCallback(self._batch)
+        d.addCallbacks(lambda _: self._drain(), self._read_failed)
+
+    def _start_at(self, last: bytes | None) -> None:
+        start = "0-0" if last is None else _text(last)
+        self._positions = {key: start for key in self._keys}
+
+    @staticmethod
+    def _cancel(result: Any, watchdog: IDelayedCall) -> Any:
+        if watchdog.active():
+            watchdog.cancel()
+        return result
+
+    def _hung(self, conn: Any) -> None:
+        self._log.warn("redis history: no reply to XREAD in time; reconnecting")
+        if conn.transport is not None:
+            conn.transport.abortConnection()
+
+    def _read_failed(self, failure: Any) -> None:
+        self.tail_errors += 1
+        if self.running:
+            self._log.warn("redis history: reading failed ({e}); retrying",
+                           e=failure.getErrorMessage())
+        self._schedule(0.1)
+
+    def _batch(self, reply: list[Any] | None) -> None:
+        """
+        Deliver what XREAD returned, in id order across topics. A stream cut
+        short by COUNT may hold older entries than other streams' newest, so
+        events past the oldest cut are held for the next read.
+        """
+        self.tail_reads += 1
+        assert self._positions is not None
+        events, self._held = self._held, []
+        cut: tuple[int, int] | None = None
+        for key, entries in reply or ():
+            key = _text(key)
+            if not entries:
+                continue
+            self._positions[key] = _text(entries[-1][0])
+            for entry in entries:
+                events.append(_entry_event(entry))
+            if len(entries) >= TAIL_COUNT:
+                last = id_key(self._positions[key])
+                cut = last if cut is None else min(cut, last)
+        events.sort(key=lambda e: id_key(e.id))
+        for event in events:
+            if cut is not None and id_key(event.id) > cut:
+                self._held.append(event)
+            else:
+                self._ready.append(event)
+
+    def _drain(self) -> None:
+        """Deliver the events read, L{TAIL_CHUNK} per reactor turn, then read on."""
+        self._reading = None
+        ready = self._ready
+        budget = TAIL_CHUNK_BYTES
+        for _ in range(min(TAIL_CHUNK, len(ready))):
+            if budget <= 0:
+                break
+            event = ready.popleft()
+            budget -= len(event.wire_tail)
+            for receiver in self._receivers:
+                try:
+                    receiver(event)
+                except Exception:
+                    self._log.failure("delivering event {id} failed", id=event.id)
+        if ready:
+            if self.running:
+                self._reading = self._reactor.callLater(0, self._drain)
+        else:
+            self._schedule(0)
