@@ -52,7 +52,7 @@ def test_config_file_from_environment(tmp_path):
     ({"postgres": "dbname=x"}, {}, "--postgres: the PostgreSQL store is not available"),
     ({"redis": "redis://h"}, {}, "--jwt-secret-file: clients must authenticate"),
     ({}, {"TICKSTOCK_JWT_SECRET": "short"}, "TICKSTOCK_JWT_SECRET: the secret must be at least 32"),
-    ({"mode": "streams"}, {}, "--mode: streams mode is not available"),
+    ({"mode": "streams"}, {}, "--mode: streams mode reads Redis streams; give --redis"),
 ])
 def test_wrong_values_name_the_option(flags, env, message):
     """Each wrong value raises one line that names the option and the problem."""

@@ -390,7 +390,5 @@ def _check_combination(settings: Settings) -> None:
             f"--jwt-secret-file: clients must authenticate when not --demo; "
             f"give a secret file (or {SECRET_ENV})"
         )
-    if settings.mode == "streams":
-        raise ConfigError(
-            "--mode: streams mode is not available in this version; use pubsub"
-        )
+    if settings.mode == "streams" and settings.redis is None:
+        raise ConfigError("--mode: streams mode reads Redis streams; give --redis")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 import sys
 from typing import Any
 
@@ -85,12 +86,19 @@ class TickStock(MultiService):
             )
         else:
             from tickstock.bus.redis import RedisLink, RedisPubSubSource
+            from tickstock.bus.streams import RedisStreamSource
             from tickstock.history.redis import RedisHistory
 
-            self.link = RedisLink(reactor, settings.redis, settings.deadletter_max)
-            self.source = RedisPubSubSource(
-                reactor, settings.redis, settings.redis_ping_interval, settings.redis_ping_timeout
-            )
+            streams = settings.mode == "streams"
+            self.link = RedisLink(reactor, settings.redis, settings.deadletter_max,
+                                  streams=streams)
+            if streams:
+                self.source = RedisStreamSource(reactor, settings.redis, node_id(settings))
+            else:
+                self.source = RedisPubSubSource(
+                    reactor, settings.redis, settings.redis_ping_interval,
+                    settings.redis_ping_timeout,
+                )
             self.history = RedisHistory(
                 reactor, settings.redis, self.link, settings.history_max,
                 settings.history_max_age, settings.history_user_max,
@@ -193,6 +201,19 @@ class TickStock(MultiService):
 
 
 SHUTDOWN_GRACE = 3.0
+
+
+def node_id(settings: Settings) -> str:
+    """
+    This daemon's stream consumer name: C{--node-id}, else host name and
+    listen port, which stay the same across restarts, so a restarted daemon
+    finds what it read but did not acknowledge before it stopped.
+    """
+    if settings.node_id:
+        return settings.node_id
+    parts = settings.listen.split(":")
+    port = parts[1] if len(parts) > 1 and parts[1].isdigit() else str(os.getpid())
+    return f"{socket.gethostname()}:{port}"
 
 
 class ClientDrain(Service):

@@ -123,9 +123,11 @@ class RedisLink(_Supervised):
 
     def __init__(
         self, reactor: IReactorCore, address: RedisAddress, deadletter_max: int,
-        reply_timeout: float = 5.0,
+        reply_timeout: float = 5.0, streams: bool = False, stream_max: int = 100_000,
     ) -> None:
         super().__init__(reactor, address, self._new_factory)
+        self._streams = streams
+        self._stream_max = stream_max
         self._deadletter_max = deadletter_max
         self._reply_timeout = reply_timeout
         self._scripts: list[str] = []
@@ -161,7 +163,17 @@ class RedisLink(_Supervised):
         return self._factory.handler.execute_command(*args)
 
     def publish(self, channel: str, payload: bytes) -> Deferred[Any]:
-        return self.execute("PUBLISH", channel, payload)
+        """
+        PUBLISH; in streams mode XADD to the stream of that name (bounded,
+        as a producer must bound its streams), and for TickStock's own
+        channels (jobs) PUBLISH as well, as CONTRACT §2 says.
+        """
+        if not self._streams:
+            return self.execute("PUBLISH", channel, payload)
+        d = self.execute("XADD", channel, "MAXLEN", "~", self._stream_max, "*", "data", payload)
+        if channel not in CHANNELS:
+            d.addCallback(lambda _: self.execute("PUBLISH", channel, payload))
+        return d
 
     def dead_letter(self, channel: str, raw: bytes, reason: str) -> None:
         if self._deadletter_max == 0:
