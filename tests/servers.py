@@ -53,7 +53,8 @@ class RedisServer:
         self.process = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
              "--dir", self.dir, "--save", "", "--appendonly",
-             "yes" if self.appendonly else "no", "--logfile", "redis.log"],
+             "yes" if self.appendonly else "no", "--appendfsync", "always",
+             "--logfile", "redis.log"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         poll(self.answers, 10, f"redis-server on port {self.port}")

@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from tickstock.config import ConfigError, load_settings, normalize_origin, parse_redis_url
+from tickstock.config import OPTIONS, ConfigError, load_settings, normalize_origin, parse_redis_url
 
 
 def test_defaults_are_the_embedded_demo():
@@ -142,3 +143,10 @@ def test_twistd_refuses_a_bad_endpoint():
     assert result.returncode != 0
     assert result.stderr.strip().startswith("tickstock: --listen: not a Twisted endpoint string")
     assert "Traceback" not in result.stderr
+
+
+def test_readme_lists_every_option():
+    """The README's options table names every option with its env variable."""
+    readme = Path(__file__).resolve().parent.parent.joinpath("README.md").read_text()
+    for option in OPTIONS:
+        assert f"| `{option.cli}` | `{option.env}` |" in readme, option.name

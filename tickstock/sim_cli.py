@@ -28,6 +28,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         description="Publish realistic producer events to Redis and answer backtest jobs.",
     )
     parser.add_argument("--redis", required=True, help="redis://[:password@]host[:port][/db]")
+    parser.add_argument("--mode", choices=("pubsub", "streams"), default="pubsub",
+                        help="PUBLISH events (pubsub, default) or XADD them (streams)")
     parser.add_argument("--rate", type=float, default=50.0, help="events per second (default 50)")
     parser.add_argument("--symbols", type=int, default=20, help="how many symbols (default 20)")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
@@ -54,7 +56,7 @@ async def run(reactor: Any, args: argparse.Namespace) -> None:
     )
 
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(8), "big")
-    link = RedisLink(reactor, args.address, deadletter_max=0)
+    link = RedisLink(reactor, args.address, deadletter_max=0, streams=args.mode == "streams")
     publish = OutageQuietPublish(link.publish)
     runner = JobRunner(reactor, publish, Backtester(seed), step_interval=args.step_interval)
     producer = Producer(reactor, publish, MarketSimulator(default_symbols(args.symbols),

@@ -108,7 +108,12 @@ class _LinkProtocol(txredisapi.RedisProtocol):
 
     def _preload(self, _: Any) -> None:
         for source in self.factory.scripts:
-            self.execute_command("SCRIPT", "LOAD", source).addErrback(lambda _: None)
+            self.execute_command("SCRIPT", "LOAD", source).addErrback(self._not_loaded)
+
+    def _not_loaded(self, failure: Any) -> None:
+        # e.g. LOADING while Redis reads its AOF: try again on a new connection.
+        if self.transport is not None:
+            self.transport.loseConnection()
 
 
 @implementer(IProducerLink)
@@ -154,6 +159,12 @@ class RedisLink(_Supervised):
     @property
     def connected(self) -> bool:
         return self._factory is not None and self._factory.size > 0
+
+    def drop(self) -> None:
+        """Close the connection (it is remade, scripts loaded first)."""
+        if self._factory is not None:
+            for conn in list(self._factory.pool):
+                conn.transport.loseConnection()
 
     def execute(self, *args: Any) -> Deferred[Any]:
         """Run one Redis command, failing at once when not connected."""

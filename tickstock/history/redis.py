@@ -166,23 +166,24 @@ def _entry_event(entry: list[Any]) -> Event:
 
 class _Script:
     """
-    A Lua script run by SHA. The link loads it on each connection; EVAL is
-    only the fallback for a script cache flushed under a live connection.
+    A Lua script run by SHA; the link loads it first on every connection.
+    Should Redis answer NOSCRIPT anyway (its script cache was flushed), the
+    call fails and the link reconnects, which loads it again: an EVAL
+    fallback would let later calls already in flight overtake this one.
     """
 
-    def __init__(self, source: str) -> None:
-        self.source = source
+    def __init__(self, link: RedisLink, source: str) -> None:
+        self._link = link
         self.sha = hashlib.sha1(source.encode()).hexdigest()
+        link.preload(source)
 
-    def run(self, execute: Callable[..., Deferred[Any]], keys: list[str],
-            args: list[Any]) -> Deferred[Any]:
-        def reload(failure: Any) -> Deferred[Any]:
-            failure.trap(txredisapi.ResponseError)
-            if "NOSCRIPT" not in str(failure.value):
-                return failure
-            return execute("EVAL", self.source, len(keys), *keys, *args)
+    def run(self, keys: list[str], args: list[Any]) -> Deferred[Any]:
+        def reload(failure: Any) -> Any:
+            if "NOSCRIPT" in failure.getErrorMessage():
+                self._link.drop()
+            return failure
 
-        return execute("EVALSHA", self.sha, len(keys), *keys, *args).addErrback(reload)
+        return self._link.execute("EVALSHA", self.sha, len(keys), *keys, *args).addErrback(reload)
 
 
 @implementer(IHistory)
@@ -209,10 +210,8 @@ class RedisHistory(_Supervised):
         self._user_max = user_max
         self._user_ttl = int(max_age)
         self._read_timeout = read_timeout
-        self._ingest = _Script(INGEST)
-        self._replay = _Script(REPLAY)
-        link.preload(INGEST)
-        link.preload(REPLAY)
+        self._ingest = _Script(link, INGEST)
+        self._replay = _Script(link, REPLAY)
         self._receivers: list[Callable[[Event], object]] = []
         self._keys = [PREFIX + topic for topic in TOPICS]
         self._positions: dict[str, str] | None = None
@@ -253,7 +252,7 @@ class RedisHistory(_Supervised):
         def stored(reply: list[Any]) -> str | None:
             return _text(reply[1]) if int(reply[0]) == 1 else None
 
-        return self._ingest.run(self._execute, keys, args).addCallback(stored)
+        return self._ingest.run(keys, args).addCallback(stored)
 
     def listen(self, receiver: Callable[[Event], object]) -> None:
         self._receivers.append(receiver)
@@ -265,7 +264,7 @@ class RedisHistory(_Supervised):
         else:
             assert after is not None
             stream, pointer = PREFIX + topic, ""
-        d = self._replay.run(self._execute, [stream, SINCE_KEY, pointer],
+        d = self._replay.run([stream, SINCE_KEY, pointer],
                              [after or "", self._max_events * 2])
 
         def done(reply: list[Any]) -> Replay:
