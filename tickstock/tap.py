@@ -13,9 +13,10 @@ from typing import Any
 
 from twisted.application import strports
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IReactorCore
+from twisted.logger import Logger
 from twisted.python import usage
 
 from tickstock.config import OPTIONS, ConfigError, Settings, load_settings
@@ -57,9 +58,24 @@ def _check_endpoint(description: str) -> None:
 class TickStock(MultiService):
     """
     The daemon: every part, started in order (links to the producer first,
-    the web server last) and stopped in reverse. Its attributes are the parts,
-    for probes and tests.
+    the web server last) and stopped in reverse, each after the one before
+    has finished stopping. Its attributes are the parts, for probes and
+    tests.
     """
+
+    _log = Logger()
+
+    def stopService(self) -> Deferred[None]:
+        # MultiService stops every child at once; shutdown needs an order:
+        # the port, then the clients, then what was read is finished and
+        # acknowledged, and only then do the Redis connections close.
+        Service.stopService(self)
+        d: Deferred[Any] = succeed(None)
+        for service in reversed(list(self)):
+            d.addCallback(lambda _, service=service: service.stopService())
+            d.addErrback(lambda f, service=service: self._log.failure(
+                "stopping {service!r} failed", f, service=service))
+        return d.addCallback(lambda _: None)
 
     def __init__(self, settings: Settings, reactor: IReactorCore) -> None:
         super().__init__()
