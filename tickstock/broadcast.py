@@ -114,6 +114,9 @@ class Subscription:
     @ivar held: while the subscription's history is being replayed, the live
         events that match it, held back so that none is sent before the
         replay or twice; L{None} once it is live.
+    @ivar floor: after a replay, the id key of the newest event it sent:
+        live delivery may still be catching up to it, and what is not newer
+        was sent already. L{None} once a newer live event has passed.
     """
 
     client: IClient
@@ -121,6 +124,7 @@ class Subscription:
     topic: str
     filter: Filter
     held: list[Event] | None = None
+    floor: tuple[int, int] | None = None
 
     def wants(self, event: Event) -> bool:
         """Whether C{event} matches, checked in full (not via the index)."""
@@ -192,6 +196,7 @@ class Broadcaster:
         if replayed:
             last = max(last, id_key(replayed[-1].id))
         events += [e for e in held if id_key(e.id) > last]
+        sub.floor = max(last, id_key(events[-1].id)) if events else last
         for event in events:
             key = event.conflate_key
             sub.client.send(self._prepare(event.frame(sub.id)),
@@ -223,6 +228,10 @@ class Broadcaster:
             if sub.held is not None:
                 sub.held.append(event)
                 continue
+            if sub.floor is not None:
+                if id_key(event.id) <= sub.floor:
+                    continue
+                sub.floor = None
             frame = frames.get(sub.id)
             if frame is None:
                 frame = frames[sub.id] = self._prepare(event.frame(sub.id))

@@ -35,7 +35,7 @@ from zope.interface import implementer
 from tickstock.bus.redis import NotConnected, RedisLink, _Supervised
 from tickstock.config import RedisAddress
 from tickstock.events import TOPICS, Event, id_key, stored_event
-from tickstock.history import Replay, missed
+from tickstock.history import BOOKMARK_EVERY, Replay, missed
 from tickstock.interfaces import IHistory
 
 PREFIX = "tickstock:history:"
@@ -57,18 +57,37 @@ what a socket reads per turn): between chunks sockets get written and read,
 so a burst read in one XREAD does not make healthy clients look slow."""
 DROPS_KEPT = 1000
 
-_DROPS = """
-local function drops(key, dropped)
-  if dropped == 0 then return end
-  local info = redis.call('XINFO', 'STREAM', key)
-  local f = {}
-  for i = 1, #info, 2 do f[info[i]] = info[i + 1] end
-  redis.call('XADD', key .. ':drops', 'MAXLEN', '~', %d, f['max-deleted-entry-id'],
-             'n', f['entries-added'] - f['length'])
+_TRIM = """
+local function idlt(a, b)
+  local ams, aseq = string.match(a, '^(%%d+)-(%%d+)$')
+  local bms, bseq = string.match(b, '^(%%d+)-(%%d+)$')
+  ams, bms = tonumber(ams), tonumber(bms)
+  return ams < bms or (ams == bms and tonumber(aseq) < tonumber(bseq))
 end
-""" % DROPS_KEPT
+-- Trim KEY to MAXLEN entries and entries newer than MINID, in batches of
+-- about %(batch)d, recording each batch (newest dropped id, total dropped) in
+-- KEY:drops: XTRIM does not update max-deleted-entry-id, so Redis cannot say
+-- what it dropped.
+local function trim(key, maxlen, minid, late)
+  local cut = nil
+  local len = redis.call('XLEN', key)
+  if len > maxlen + %(batch)d then
+    local gone = redis.call('XRANGE', key, '-', '+', 'COUNT', len - maxlen)
+    cut = gone[#gone][1]
+  end
+  local old = redis.call('XRANGE', key, '-', '(' .. minid, 'COUNT', %(batch)d)
+  if #old == %(batch)d or (#old > 0 and idlt(old[1][1], late)) then
+    if cut == nil or idlt(cut, old[#old][1]) then cut = old[#old][1] end
+  end
+  if cut == nil then return end
+  local ms, seq = string.match(cut, '^(%%d+)-(%%d+)$')
+  local dropped = redis.call('XTRIM', key, 'MINID', ms .. '-' .. (tonumber(seq) + 1))
+  local total = redis.call('INCRBY', key .. ':dropped', dropped)
+  redis.call('XADD', key .. ':drops', 'MAXLEN', '~', %(kept)d, cut, 'n', total)
+end
+""" % {"batch": BOOKMARK_EVERY, "kept": DROPS_KEPT}
 
-INGEST = _DROPS + """
+INGEST = _TRIM + """
 -- KEYS: topic stream, last id, seen key | '', event_id key | '', job key | '',
 --       producer stream | '', since key
 -- ARGV: channel, type, data, maxlen, max age ms, seen ttl ms, event_id ttl ms,
@@ -105,17 +124,17 @@ local fields = {'c', ARGV[1], 't', ARGV[2], 'd', ARGV[3]}
 local owner = false
 if KEYS[5] ~= '' then owner = redis.call('GET', KEYS[5]) end
 if owner then fields[7] = 'u'; fields[8] = owner end
-local minid = string.format('%.0f', ms - tonumber(ARGV[5]))
+local minid = string.format('%.0f-0', ms - tonumber(ARGV[5]))
+local late = string.format('%.0f-0', ms - tonumber(ARGV[5]) - 60000)
 redis.call('XADD', KEYS[1], id, unpack(fields))
-drops(KEYS[1], redis.call('XTRIM', KEYS[1], 'MAXLEN', '~', ARGV[4])
-               + redis.call('XTRIM', KEYS[1], 'MINID', '~', minid))
+trim(KEYS[1], tonumber(ARGV[4]), minid, late)
 if owner then
   local user = ARGV[12] .. owner
   redis.call('XADD', user, id, unpack(fields))
-  drops(user, redis.call('XTRIM', user, 'MAXLEN', '~', ARGV[8])
-              + redis.call('XTRIM', user, 'MINID', '~', minid))
-  redis.call('EXPIRE', user, ARGV[9])
-  redis.call('EXPIRE', user .. ':drops', ARGV[9])
+  trim(user, tonumber(ARGV[8]), minid, late)
+  for _, key in ipairs({user, user .. ':drops', user .. ':dropped'}) do
+    redis.call('EXPIRE', key, ARGV[9])
+  end
 end
 if not last then redis.call('SET', KEYS[7], id) end
 redis.call('SET', KEYS[2], id)
@@ -126,20 +145,18 @@ return {1, id}
 """
 
 REPLAY = """
--- KEYS: stream, since key, delivered pointer | ''   ARGV: after | '', count
+-- KEYS: stream, since key, delivered pointer | ''   ARGV: after | ''
 local after = ARGV[1]
 if after == '' then after = redis.call('GET', KEYS[3]) or '0-0' end
 local since = redis.call('GET', KEYS[2]) or ''
-if redis.call('EXISTS', KEYS[1]) == 0 then return {after, {}, '0-0', 0, 0, since} end
-local entries = redis.call('XRANGE', KEYS[1], '(' .. after, '+', 'COUNT', ARGV[2])
-local info = redis.call('XINFO', 'STREAM', KEYS[1])
-local f = {}
-for i = 1, #info, 2 do f[info[i]] = info[i + 1] end
+local entries = redis.call('XRANGE', KEYS[1], '(' .. after, '+')
+local newest = redis.call('XREVRANGE', KEYS[1] .. ':drops', '+', '-', 'COUNT', 1)
+local last_dropped, dropped = '0-0', 0
+if #newest > 0 then last_dropped, dropped = newest[1][1], tonumber(newest[1][2][2]) end
 local mark = redis.call('XREVRANGE', KEYS[1] .. ':drops', after, '-', 'COUNT', 1)
 local through = 0
 if #mark > 0 then through = tonumber(mark[1][2][2]) end
-return {after, entries, f['max-deleted-entry-id'], f['entries-added'] - f['length'],
-        through, since}
+return {after, entries, last_dropped, dropped, through, since}
 """
 
 
@@ -215,6 +232,7 @@ class RedisHistory(_Supervised):
         self._receivers: list[Callable[[Event], object]] = []
         self._keys = [PREFIX + topic for topic in TOPICS]
         self._positions: dict[str, str] | None = None
+        self._positioned: list[Deferred[None]] = []
         self._held: list[Event] = []
         self._ready: deque[Event] = deque()
         self._reading: IDelayedCall | None = None
@@ -258,14 +276,21 @@ class RedisHistory(_Supervised):
         self._receivers.append(receiver)
 
     def replay(self, topic: str, after: str | None, user: str | None) -> Deferred[Replay]:
+        """
+        Waits until live delivery knows where it reads from: a replay taken
+        earlier could miss what happens between it and that point.
+        """
+        if self._positions is None:
+            waiter: Deferred[None] = Deferred()
+            self._positioned.append(waiter)
+            return waiter.addCallback(lambda _: self.replay(topic, after, user))
         if topic == "backtests":
             assert user is not None
             stream, pointer = USER_PREFIX + user, f"{USER_PREFIX}{user}:delivered"
         else:
             assert after is not None
             stream, pointer = PREFIX + topic, ""
-        d = self._replay.run([stream, SINCE_KEY, pointer],
-                             [after or "", self._max_events * 2])
+        d = self._replay.run([stream, SINCE_KEY, pointer], [after or ""])
 
         def done(reply: list[Any]) -> Replay:
             start, entries, last_dropped, dropped, through, since = reply
@@ -345,6 +370,9 @@ class RedisHistory(_Supervised):
     def _start_at(self, last: bytes | None) -> None:
         start = "0-0" if last is None else _text(last)
         self._positions = {key: start for key in self._keys}
+        waiters, self._positioned = self._positioned, []
+        for waiter in waiters:
+            waiter.callback(None)
 
     @staticmethod
     def _cancel(result: Any, watchdog: IDelayedCall) -> Any:
