@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable
 from zope.interface import implementer
 
 from tickstock.events import SYMBOL, TOPICS, Event, id_key
-from tickstock.interfaces import IClient, IEventSink
+from tickstock.interfaces import REPLAYED, IClient, IEventSink
 
 MAX_FILTER_SYMBOLS = 1000
 MAX_FILTER_PATTERNS = 100
@@ -198,9 +198,7 @@ class Broadcaster:
         events += [e for e in held if id_key(e.id) > last]
         sub.floor = max(last, id_key(events[-1].id)) if events else last
         for event in events:
-            key = event.conflate_key
-            sub.client.send(self._prepare(event.frame(sub.id)),
-                            None if key is None else (sub.id, key))
+            sub.client.send(self._prepare(event.frame(sub.id)), REPLAYED)
         self.delivered += len(events)
         return events[-1].id if events else None
 

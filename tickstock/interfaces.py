@@ -108,6 +108,10 @@ class IEventSink(Interface):
         """
 
 
+REPLAYED = ("replayed",)
+"""The key L{IClient.send} is given for the frames of a replay."""
+
+
 class IClient(Interface):
     """
     One WebSocket connection, as the broadcaster sees it.
@@ -122,7 +126,11 @@ class IClient(Interface):
         client past its queue bound is closed with a code that tells it to
         resume, never waited for and never silently skipped. A latest-only
         event has a key (L{tickstock.events.Event.conflate_key}): a queued
-        frame with the same key is replaced by the newer one.
+        frame with the same key is replaced by the newer one. L{REPLAYED}:
+        a must-deliver frame of a resumed subscription's replay, queued in
+        order like the others but not counted against the queue bound (the
+        history bounds a replay; the queue bound is for live events a client
+        cannot keep up with).
         """
 
     def reply(message):  # type: ignore[no-untyped-def]

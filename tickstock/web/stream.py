@@ -30,7 +30,7 @@ from zope.interface import implementer
 
 from tickstock.config import normalize_origin
 from tickstock.gateway import Gateway
-from tickstock.interfaces import IClient
+from tickstock.interfaces import REPLAYED, IClient
 
 CLOSE_HANDSHAKE_TIMEOUT = 1.0
 
@@ -109,6 +109,11 @@ class ClientProtocol(WebSocketServerProtocol):
             self._must += 1
             if self._must > limit:
                 self._overflow()
+        elif key is REPLAYED:
+            # Bounded by the history, not by queue_limit: negative keys are
+            # not counted in _must.
+            self._seq += 1
+            queue[-self._seq] = prepared
         elif key in queue:
             # Newest wins, and moves to the end: the queue stays in event-id
             # order, which a client resuming from its last seen id relies on.
@@ -150,7 +155,7 @@ class ClientProtocol(WebSocketServerProtocol):
         queue = self._queue
         while queue and not self._paused and not self._closing:
             key, prepared = queue.popitem(last=False)
-            if key.__class__ is int:
+            if key.__class__ is int and key > 0:
                 self._must -= 1
             self.sendPreparedMessage(prepared)
 
