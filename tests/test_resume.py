@@ -464,10 +464,6 @@ async def test_replay_longer_than_the_client_queue_is_delivered(redis_server, da
     assert daemon.service.gateway.slow_consumers_closed == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "tickstock bug: RedisHistory's live tail resumes from its last position after a "
-    "reconnect, but entries trimmed meanwhile are skipped silently for connected clients "
-    "(no check against the :drops marks); remove this mark once fixed"))
 @pytest_twisted.ensureDeferred
 async def test_live_clients_are_told_when_the_tail_fell_behind_trimming(
         redis_server, daemons, producer, monkeypatch):

@@ -238,6 +238,16 @@ class Broadcaster:
         self.delivered += sent
         return sent
 
+    def clients_of(self, topic: str) -> set[IClient]:
+        """Every client with a subscription to C{topic}."""
+        subs: set[Subscription] = set(self._any[topic])
+        for bucket in self._by_symbol[topic].values():
+            subs |= bucket
+        if topic == "backtests":
+            for bucket in self._by_user.values():
+                subs |= bucket
+        return {sub.client for sub in subs}
+
     def _buckets(self, sub: Subscription, create: bool) -> list[set[Subscription]]:
         if sub.topic == "backtests":
             user = sub.client.user

@@ -119,6 +119,7 @@ class Gateway:
         self.connections: dict[IClient, _State] = {}
         self.errors: Counter[str] = Counter()
         self.slow_consumers_closed = 0
+        self.live_gaps_closed = 0
         self.heartbeat_timeouts = 0
 
     def opened(self, conn: IClient) -> None:
@@ -147,6 +148,11 @@ class Gateway:
         """A client stopped reading and its queue is full: close it."""
         self.slow_consumers_closed += 1
         conn.close(CLOSE_SLOW_CONSUMER, f"too slow: {queued} messages queued; resume")
+
+    def missed_live(self, conn: IClient) -> None:
+        """Live events this client should have had are gone: make it resume."""
+        self.live_gaps_closed += 1
+        conn.close(CLOSE_SLOW_CONSUMER, "live events were missed; resume")
 
     def receive(self, conn: IClient, payload: bytes) -> None:
         """Handle one text message from C{conn}; every failure is answered."""

@@ -143,6 +143,8 @@ class TickStock(MultiService):
         self.router = Router(reactor, self.history, self.link)
         self.source.listen(self.router.receive)
         self.history.listen(self._live)
+        if settings.redis is not None:
+            self.history.on_gap(self._missed_live)
 
         if settings.demo or settings.redis is None:
             self._add_simulator(reactor, settings)
@@ -182,6 +184,10 @@ class TickStock(MultiService):
         if self.broadcaster.deliver(event) and event.user is not None:
             self.history.delivered(event.user, event.id)
 
+    def _missed_live(self, topic: str) -> None:
+        for client in self.broadcaster.clients_of(topic):
+            self.gateway.missed_live(client)
+
     def health(self) -> tuple[bool, dict[str, Any]]:
         """Liveness, with the counters an operator looks at first."""
         return True, {
@@ -201,6 +207,7 @@ class TickStock(MultiService):
             },
             "slow_consumers_closed": self.gateway.slow_consumers_closed,
             "conflated": self.stream.conflated,
+            "live_gaps_closed": self.gateway.live_gaps_closed,
             "heartbeat_timeouts": self.gateway.heartbeat_timeouts,
         }
 

@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import orjson
 import txredisapi
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IDelayedCall, IReactorCore
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -233,6 +233,8 @@ class RedisHistory(_Supervised):
         self._keys = [PREFIX + topic for topic in TOPICS]
         self._positions: dict[str, str] | None = None
         self._positioned: list[Deferred[None]] = []
+        self._gap_listeners: list[Callable[[str], object]] = []
+        self.tail_gaps = 0
         self._held: list[Event] = []
         self._ready: deque[Event] = deque()
         self._reading: IDelayedCall | None = None
@@ -323,7 +325,7 @@ class RedisHistory(_Supervised):
 
     def status(self) -> dict[str, Any]:
         return {"state": "tailing" if self.ready else "connecting",
-                "reads": self.tail_reads, "errors": self.tail_errors,
+                "reads": self.tail_reads, "errors": self.tail_errors, "gaps": self.tail_gaps,
                 "held": len(self._held)}
 
     def startService(self) -> None:
@@ -359,13 +361,45 @@ class RedisHistory(_Supervised):
         else:
             block = () if self._held else ("BLOCK", TAIL_BLOCK_MS)
             ids = [self._positions[key] for key in self._keys]
-            d = conn.execute_command("XREAD", "COUNT", TAIL_COUNT, *block, "STREAMS",
-                                     *self._keys, *ids, apply_timeout=False)
+            read = conn.execute_command("XREAD", "COUNT", TAIL_COUNT, *block, "STREAMS",
+                                        *self._keys, *ids, apply_timeout=False)
+            # Pipelined behind the read, so they run as soon as it returns:
+            # the newest id trimming dropped from each stream after ours.
+            marks = [conn.execute_command("XREVRANGE", key + ":drops", "+", "(" + since,
+                                          "COUNT", 1, apply_timeout=False)
+                     for key, since in zip(self._keys, ids)]
+            d = gatherResults([read, *marks], consumeErrors=True)
             watchdog = self._reactor.callLater(
                 TAIL_BLOCK_MS / 1000 + self._read_timeout, self._hung, conn)
             d.addBoth(self._cancel, watchdog)
+            d.addCallback(self._check_gaps)
             d.addCallback(self._batch)
         d.addCallbacks(lambda _: self._drain(), self._read_failed)
+
+    def on_gap(self, listener: Callable[[str], object]) -> None:
+        """Call C{listener(topic)} when live delivery of C{topic} skipped events."""
+        self._gap_listeners.append(listener)
+
+    def _check_gaps(self, replies: list[Any]) -> list[Any] | None:
+        """
+        Notice entries trimmed before this tail read them (it fell further
+        behind than the history keeps, e.g. while its connection was down):
+        a drop mark newer than where the read started and older than the
+        first entry it returned means live subscribers missed events.
+        """
+        reply, marks = replies[0], replies[1:]
+        first = {_text(key): _text(entries[0][0]) for key, entries in reply or () if entries}
+        for key, mark in zip(self._keys, marks):
+            if not mark:
+                continue
+            dropped = id_key(_text(mark[0][0]))
+            if key not in first or dropped < id_key(first[key]):
+                self.tail_gaps += 1
+                self._log.warn("redis history: live delivery of {key} fell behind its "
+                               "trimming; its subscribers are told to resume", key=key)
+                for listener in self._gap_listeners:
+                    listener(key[len(PREFIX):])
+        return reply
 
     def _start_at(self, last: bytes | None) -> None:
         start = "0-0" if last is None else _text(last)
