@@ -57,13 +57,16 @@ what a socket reads per turn): between chunks sockets get written and read,
 so a burst read in one XREAD does not make healthy clients look slow."""
 DROPS_KEPT = 1000
 
-_TRIM = """
+_IDLT = """
 local function idlt(a, b)
-  local ams, aseq = string.match(a, '^(%%d+)-(%%d+)$')
-  local bms, bseq = string.match(b, '^(%%d+)-(%%d+)$')
+  local ams, aseq = string.match(a, '^(%d+)-(%d+)$')
+  local bms, bseq = string.match(b, '^(%d+)-(%d+)$')
   ams, bms = tonumber(ams), tonumber(bms)
   return ams < bms or (ams == bms and tonumber(aseq) < tonumber(bseq))
 end
+"""
+
+_TRIM = _IDLT + """
 -- Trim KEY to MAXLEN entries and entries newer than MINID, in batches of
 -- about %(batch)d, recording each batch (newest dropped id, total dropped) in
 -- KEY:drops: XTRIM does not update max-deleted-entry-id, so Redis cannot say
@@ -160,6 +163,14 @@ return {after, entries, last_dropped, dropped, through, since}
 """
 
 
+ADVANCE = _IDLT + """
+-- KEYS: a user's delivered pointer   ARGV: event id, ttl s. Only moves forward.
+local now = redis.call('GET', KEYS[1])
+if not now or idlt(now, ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) end
+return 1
+"""
+
+
 @dataclass(frozen=True)
 class StreamEntry:
     """The delivery key of an entry read from a producer stream."""
@@ -229,6 +240,7 @@ class RedisHistory(_Supervised):
         self._read_timeout = read_timeout
         self._ingest = _Script(link, INGEST)
         self._replay = _Script(link, REPLAY)
+        self._advance = _Script(link, ADVANCE)
         self._receivers: list[Callable[[Event], object]] = []
         self._keys = [PREFIX + topic for topic in TOPICS]
         self._positions: dict[str, str] | None = None
@@ -312,9 +324,10 @@ class RedisHistory(_Supervised):
         return self._execute("SET", JOB_PREFIX + job_id, user, "EX", self._user_ttl)
 
     def delivered(self, user: str, event_id: str) -> None:
-        self._execute(
-            "SET", f"{USER_PREFIX}{user}:delivered", event_id, "EX", self._user_ttl
-        ).addErrback(lambda _: None)
+        # Only forward: another node, or a tail that is behind, may report
+        # an older event later.
+        self._advance.run([f"{USER_PREFIX}{user}:delivered"],
+                          [event_id, self._user_ttl]).addErrback(lambda _: None)
 
     # Live delivery: tail every topic's stream.
 
