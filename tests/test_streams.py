@@ -202,3 +202,64 @@ async def test_graceful_stop_acknowledges_what_it_read(redis_server, daemons):
                      20, "every entry handled")
     assert stored() == total
     assert first.service.source.acked + second.service.source.acked == total
+
+
+@pytest_twisted.ensureDeferred
+async def test_groups_are_recreated_after_redis_lost_its_data(redis_server, daemons):
+    """
+    Redis restarted without persistence forgets the consumer group, and a
+    group destroyed under a live connection answers NOGROUP: either way the
+    daemon recreates the groups from 0 and what the producer writes next is
+    delivered.
+    """
+    import orjson
+    from tests.test_end_to_end import pattern
+
+    daemon = daemons(redis=redis_server.url, mode="streams")
+    await eventually(lambda: daemon.service.readiness()[0], 10, "ready")
+    client = await connect(daemon.port, hello=daemon.hello("alice"))
+    await client.request({"op": "subscribe", "id": "p", "topic": "patterns"}, "subscribed")
+    redis_server.command("XADD", "tickstock.events.patterns", "*", "data",
+                         orjson.dumps(pattern(n=1, event_id="e1")))
+    await eventually(lambda: len(client.events()) == 1, 10, "first event")
+    redis_server.kill()
+    redis_server.start()
+    redis_server.command("XADD", "tickstock.events.patterns", "*", "data",
+                         orjson.dumps(pattern(n=2, event_id="e2")))
+    await eventually(lambda: len(client.events()) == 2, 15, "event after the restart")
+    # The same, answered as NOGROUP on a live connection. The stream is
+    # still there, so the new group re-reads it from 0: its event_ids make
+    # those re-reads duplicates.
+    redis_server.command("XGROUP", "DESTROY", "tickstock.events.patterns", "tickstock")
+    redis_server.command("XADD", "tickstock.events.patterns", "*", "data",
+                         orjson.dumps(pattern(n=3, event_id="e3")))
+    await eventually(lambda: len(client.events()) >= 3, 15, "event after NOGROUP")
+    await eventually(lambda: daemon.service.router.duplicates == 1, 5, "the re-read")
+    assert [e["data"]["n"] for e in client.events()] == [1, 2, 3]
+    assert "NOGROUP" in (daemon.service.source.last_error or "")
+
+
+@pytest_twisted.ensureDeferred
+async def test_entries_a_dead_consumer_left_pending_are_claimed(redis_server, daemons,
+                                                                 monkeypatch):
+    """
+    Entries another consumer read and never acknowledged (it died) are
+    claimed with XAUTOCLAIM and delivered, once.
+    """
+    import orjson
+    from tests.test_end_to_end import pattern
+    from tickstock.bus import streams
+
+    monkeypatch.setattr(streams, "CLAIM_MIN_IDLE_MS", 0)
+    channel = "tickstock.events.patterns"
+    redis_server.command("XGROUP", "CREATE", channel, "tickstock", "0", "MKSTREAM")
+    for n in range(5):
+        redis_server.command("XADD", channel, "*", "data", orjson.dumps(pattern(n=n)))
+    redis_server.command("XREADGROUP", "GROUP", "tickstock", "ghost", "COUNT", "5",
+                         "STREAMS", channel, ">")
+    daemon = daemons(redis=redis_server.url, mode="streams", node_id="alive")
+    await eventually(lambda: daemon.service.source.claimed == 5, 10, "claimed")
+    await eventually(lambda: daemon.service.router.routed == 5, 10, "stored")
+    assert redis_server.command("XPENDING", channel, "tickstock").startswith(b"*4\r\n:0\r\n")
+    stored = redis_server.command("XLEN", "tickstock:history:patterns")
+    assert stored == b":5\r\n"
