@@ -24,7 +24,7 @@ from zope.interface import implementer
 from tickstock.bus.redis import NotConnected, _Supervised
 from tickstock.config import RedisAddress
 from tickstock.events import CHANNELS, id_key
-from tickstock.history.redis import StreamEntry
+from tickstock.history.redis import StreamEntry, text
 from tickstock.interfaces import IEventSource
 
 GROUP = "tickstock"
@@ -35,10 +35,6 @@ CLAIM_MIN_IDLE_MS = 30_000
 STOP_GRACE = 5.0
 
 Receiver = Callable[[str, bytes, object], Deferred[Any]]
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 @implementer(IEventSource)
@@ -214,7 +210,7 @@ class RedisStreamSource(_Supervised):
 
         def handle(reply: list[Any] | None) -> Deferred[bool]:
             batch = [
-                (_text(stream), entry)
+                (text(stream), entry)
                 for stream, entries in (reply or ())
                 for entry in entries
             ]
@@ -262,11 +258,11 @@ class RedisStreamSource(_Supervised):
         if not batch:
             return succeed(True)
         assert self._receiver is not None
-        batch.sort(key=lambda item: id_key(_text(item[1][0])))
+        batch.sort(key=lambda item: id_key(text(item[1][0])))
         self.read += len(batch)
         handled: list[Deferred[Any]] = []
         for stream, (entry_id, fields) in batch:
-            entry_id = _text(entry_id)
+            entry_id = text(entry_id)
             raw = b""
             if fields:
                 pairs = dict(zip(fields[::2], fields[1::2]))
@@ -280,7 +276,7 @@ class RedisStreamSource(_Supervised):
             done: dict[str, list[str]] = {}
             for (ok, _), (stream, (entry_id, _f)) in zip(results, batch):
                 if ok:
-                    done.setdefault(stream, []).append(_text(entry_id))
+                    done.setdefault(stream, []).append(text(entry_id))
             acks = [conn.execute_command("XACK", stream, GROUP, *ids)
                     for stream, ids in done.items()]
             handled = sum(len(ids) for ids in done.values())

@@ -180,16 +180,16 @@ class StreamEntry:
     entry_id: str
 
 
-def _text(value: bytes | str) -> str:
+def text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
 def _entry_event(entry: list[Any]) -> Event:
     event_id, flat = entry
-    fields = {_text(flat[i]): flat[i + 1] for i in range(0, len(flat), 2)}
+    fields = {text(flat[i]): flat[i + 1] for i in range(0, len(flat), 2)}
     user = fields.get("u")
-    return stored_event(_text(event_id), _text(fields["c"]), _text(fields["t"]), fields["d"],
-                        None if user is None else _text(user))
+    return stored_event(text(event_id), text(fields["c"]), text(fields["t"]), fields["d"],
+                        None if user is None else text(user))
 
 
 class _Script:
@@ -282,7 +282,7 @@ class RedisHistory(_Supervised):
         ]
 
         def stored(reply: list[Any]) -> str | None:
-            return _text(reply[1]) if int(reply[0]) == 1 else None
+            return text(reply[1]) if int(reply[0]) == 1 else None
 
         return self._ingest.run(keys, args).addCallback(stored)
 
@@ -308,7 +308,7 @@ class RedisHistory(_Supervised):
 
         def done(reply: list[Any]) -> Replay:
             start, entries, last_dropped, dropped, through, since = reply
-            start, last_dropped, since = _text(start), _text(last_dropped), _text(since)
+            start, last_dropped, since = text(start), text(last_dropped), text(since)
             events = [_entry_event(entry) for entry in entries]
             gap = missed(start, None if last_dropped == "0-0" else last_dropped,
                          int(dropped), int(through))
@@ -401,11 +401,11 @@ class RedisHistory(_Supervised):
         first entry it returned means live subscribers missed events.
         """
         reply, marks = replies[0], replies[1:]
-        first = {_text(key): _text(entries[0][0]) for key, entries in reply or () if entries}
+        first = {text(key): text(entries[0][0]) for key, entries in reply or () if entries}
         for key, mark in zip(self._keys, marks):
             if not mark:
                 continue
-            dropped = id_key(_text(mark[0][0]))
+            dropped = id_key(text(mark[0][0]))
             if key not in first or dropped < id_key(first[key]):
                 self.tail_gaps += 1
                 self._log.warn("redis history: live delivery of {key} fell behind its "
@@ -415,7 +415,7 @@ class RedisHistory(_Supervised):
         return reply
 
     def _start_at(self, last: bytes | None) -> None:
-        start = "0-0" if last is None else _text(last)
+        start = "0-0" if last is None else text(last)
         self._positions = {key: start for key in self._keys}
         waiters, self._positioned = self._positioned, []
         for waiter in waiters:
@@ -450,10 +450,10 @@ class RedisHistory(_Supervised):
         events, self._held = self._held, []
         cut: tuple[int, int] | None = None
         for key, entries in reply or ():
-            key = _text(key)
+            key = text(key)
             if not entries:
                 continue
-            self._positions[key] = _text(entries[-1][0])
+            self._positions[key] = text(entries[-1][0])
             for entry in entries:
                 events.append(_entry_event(entry))
             if len(entries) >= TAIL_COUNT:
