@@ -5,7 +5,7 @@ client is paused, must-deliver frames are all kept and, past the queue bound,
 the client is closed with 4001 ("reconnect and resume"), never skipped.
 
 The unit tests drive L{ClientProtocol}'s queue with a faked socket: no
-transport and no Autobahn framing, C{sendPreparedMessage} and
+transport and no Autobahn framing, the socket write (C{_write}) and
 C{sendCloseFrame} are replaced by recorders, and the socket's buffer is a
 frame count that pauses the protocol when full, as Twisted's transport does
 past its buffer size. The end-to-end test uses a real daemon and a real
@@ -63,9 +63,10 @@ class FakeSocketProtocol(ClientProtocol):
         self.sent: list[str] = []
         self.unread = 0
         self.close_frames: list[tuple[int | None, bytes | None]] = []
+        self.state = self.STATE_OPEN
 
-    def sendPreparedMessage(self, preparedMsg: Any) -> None:
-        self.sent.append(preparedMsg)
+    def _write(self, data: Any) -> None:
+        self.sent.append(data)
         self.unread += 1
         if self.room is not None and self.unread >= self.room:
             self.pauseProducing()
@@ -80,14 +81,22 @@ class FakeSocketProtocol(ClientProtocol):
         self.resumeProducing()
 
 
+class Frame(str):
+    """A stand-in prepared frame: its wire bytes are its text."""
+
+    @property
+    def payloadHybi(self) -> str:
+        return self
+
+
 def tick(symbol: str, n: int) -> tuple[str, tuple[str, str]]:
     """A stand-in prepared tick frame and its conflation key."""
-    return f"tick {symbol} {n}", (TICKS, symbol)
+    return Frame(f"tick {symbol} {n}"), (TICKS, symbol)
 
 
 def must(n: int) -> tuple[str, None]:
     """A stand-in prepared must-deliver frame (a pattern) and its key, None."""
-    return f"pattern {n}", None
+    return Frame(f"pattern {n}"), None
 
 
 def send_all(proto: ClientProtocol, frames: list[tuple[str, Any]]) -> None:
