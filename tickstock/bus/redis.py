@@ -16,6 +16,7 @@ import hashlib
 from collections import deque
 from typing import Any, Callable, Iterable
 
+import hiredis
 import orjson
 import txredisapi
 from twisted.application.service import Service
@@ -97,7 +98,31 @@ class _Supervised(Service):
             old.disconnect()
 
 
-class _LinkProtocol(txredisapi.RedisProtocol):
+class _Encoding:
+    """
+    Commands encoded by hiredis (C) rather than txredisapi's per-argument
+    Python, and replies passed on untouched when no decoding was asked for
+    (txredisapi copies every list in a reply element by element even then):
+    both are paid for every event.
+    """
+
+    charset: str | None
+    convertNumbers: bool
+
+    def _build_command(self, *args: Any, **kwargs: Any) -> bytes:
+        return hiredis.pack_command(args)
+
+    def tryConvertData(self, data: Any) -> Any:
+        if self.charset is None and not self.convertNumbers:
+            return data
+        return super().tryConvertData(data)  # type: ignore[misc]
+
+
+class RedisProtocol(_Encoding, txredisapi.RedisProtocol):
+    """txredisapi's protocol, with L{_Encoding}."""
+
+
+class _LinkProtocol(RedisProtocol):
     """Loads the link's Lua scripts on every connection, before any command."""
 
     def connectionMade(self) -> Any:
@@ -168,10 +193,12 @@ class RedisLink(_Supervised):
 
     def execute(self, *args: Any) -> Deferred[Any]:
         """Run one Redis command, failing at once when not connected."""
-        if not self.connected:
+        factory = self._factory
+        if factory is None or not factory.pool:
             return fail(NotConnected(f"not connected to {self._address}"))
-        assert self._factory is not None
-        return self._factory.handler.execute_command(*args)
+        # Straight to the one connection: the handler's wrapper adds a
+        # Deferred and a lookup per command.
+        return factory.pool[0].execute_command(*args)
 
     def publish(self, channel: str, payload: bytes) -> Deferred[Any]:
         """
@@ -230,7 +257,7 @@ class Occurrences:
         return f"{digest}:{n}"
 
 
-class _SubscriberProtocol(txredisapi.SubscriberProtocol):
+class _SubscriberProtocol(_Encoding, txredisapi.SubscriberProtocol):
     """Hands each connection and message to the L{RedisPubSubSource}."""
 
     def connectionMade(self) -> Any:

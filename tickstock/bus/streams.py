@@ -21,7 +21,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorCore
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from tickstock.bus.redis import NotConnected, _Supervised
+from tickstock.bus.redis import NotConnected, RedisProtocol, _Supervised
 from tickstock.config import RedisAddress
 from tickstock.events import CHANNELS, id_key
 from tickstock.history.redis import StreamEntry, text
@@ -85,10 +85,12 @@ class RedisStreamSource(_Supervised):
 
     def _new_factory(self) -> txredisapi.RedisFactory:
         a = self._address
-        return txredisapi.RedisFactory(
+        factory = txredisapi.RedisFactory(
             None, a.db, poolsize=1, isLazy=True, password=a.password, username=a.username,
             replyTimeout=self._read_timeout, convertNumbers=False, charset=None,
         )
+        factory.protocol = RedisProtocol
+        return factory
 
     def startService(self) -> None:
         super().startService()

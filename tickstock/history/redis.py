@@ -32,7 +32,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorCore
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from tickstock.bus.redis import NotConnected, RedisLink, _Supervised
+from tickstock.bus.redis import NotConnected, RedisLink, _LinkProtocol, _Supervised
 from tickstock.config import RedisAddress
 from tickstock.events import TOPICS, Event, id_key, stored_event
 from tickstock.history import BOOKMARK_EVERY, Replay, missed
@@ -56,6 +56,9 @@ TAIL_CHUNK_BYTES = 64 * 1024
 what a socket reads per turn): between chunks sockets get written and read,
 so a burst read in one XREAD does not make healthy clients look slow."""
 DROPS_KEPT = 1000
+INGEST_BATCH = BOOKMARK_EVERY
+"""Events stored per script call at most: Redis runs nothing else meanwhile,
+and trimming by age keeps pace (it drops up to this many per call)."""
 
 _IDLT = """
 local function idlt(a, b)
@@ -91,60 +94,76 @@ end
 """ % {"batch": BOOKMARK_EVERY, "kept": DROPS_KEPT}
 
 INGEST = _TRIM + """
--- KEYS: topic stream, last id, seen key | '', event_id key | '', job key | '',
---       producer stream | '', since key
--- ARGV: channel, type, data, maxlen, max age ms, seen ttl ms, event_id ttl ms,
---       user maxlen, user ttl s, group, entry id, user prefix
-local function ack()
-  if KEYS[6] ~= '' then redis.call('XACK', KEYS[6], ARGV[10], ARGV[11]) end
-end
-if KEYS[6] ~= '' then
-  local pending = redis.call('XPENDING', KEYS[6], ARGV[10], ARGV[11], ARGV[11], 1)
-  if #pending == 0 then return {0, ''} end
-end
-if KEYS[3] ~= '' then
-  local seen = redis.call('GET', KEYS[3])
-  if seen then return {0, seen} end
-end
-if KEYS[4] ~= '' then
-  local seen = redis.call('GET', KEYS[4])
-  if seen then
-    if KEYS[3] ~= '' then redis.call('SET', KEYS[3], seen, 'PX', ARGV[6]) end
-    ack()
-    return {0, seen}
-  end
-end
+-- Stores a batch of events, in order, atomically; returns {stored, id} per
+-- event (stored 0: a duplicate, with the first copy's id, or '').
+-- KEYS: last id, since key, then per event: topic stream, seen key | '',
+--       event_id key | '', job key | '', producer stream | ''
+-- ARGV: maxlen, max age ms, seen ttl ms, event_id ttl ms, user maxlen,
+--       user ttl s, user prefix, then per event: channel, type, data,
+--       group | '', entry id | ''
+local maxlen, max_age = tonumber(ARGV[1]), tonumber(ARGV[2])
+local user_max, user_ttl, user_prefix = tonumber(ARGV[5]), ARGV[6], ARGV[7]
 local t = redis.call('TIME')
 local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local seq = 0
-local last = redis.call('GET', KEYS[2])
+local last = redis.call('GET', KEYS[1])
+local first = not last
 if last then
   local lms, lseq = string.match(last, '^(%d+)-(%d+)$')
   if ms <= tonumber(lms) then ms = tonumber(lms); seq = tonumber(lseq) + 1 end
 end
-local id = string.format('%.0f-%.0f', ms, seq)
-local fields = {'c', ARGV[1], 't', ARGV[2], 'd', ARGV[3]}
-local owner = false
-if KEYS[5] ~= '' then owner = redis.call('GET', KEYS[5]) end
-if owner then fields[7] = 'u'; fields[8] = owner end
-local minid = string.format('%.0f-0', ms - tonumber(ARGV[5]))
-local late = string.format('%.0f-0', ms - tonumber(ARGV[5]) - 60000)
-redis.call('XADD', KEYS[1], id, unpack(fields))
-trim(KEYS[1], tonumber(ARGV[4]), minid, late)
-if owner then
-  local user = ARGV[12] .. owner
-  redis.call('XADD', user, id, unpack(fields))
-  trim(user, tonumber(ARGV[8]), minid, late)
+local touched, users, out, stored = {}, {}, {}, false
+for i = 0, (#KEYS - 2) / 5 - 1 do
+  local k, a = 2 + i * 5, 7 + i * 5
+  local stream, seen_key, eid_key, job_key, source = KEYS[k+1], KEYS[k+2], KEYS[k+3], KEYS[k+4], KEYS[k+5]
+  local group, entry = ARGV[a+4], ARGV[a+5]
+  local done = nil
+  if source ~= '' and #redis.call('XPENDING', source, group, entry, entry, 1) == 0 then
+    done = ''
+  end
+  if done == nil and seen_key ~= '' then done = redis.call('GET', seen_key) or nil end
+  if done == nil and eid_key ~= '' then
+    done = redis.call('GET', eid_key) or nil
+    if done and seen_key ~= '' then redis.call('SET', seen_key, done, 'PX', ARGV[3]) end
+  end
+  if done == nil then
+    local id = string.format('%.0f-%.0f', ms, seq)
+    seq = seq + 1
+    local fields = {'c', ARGV[a+1], 't', ARGV[a+2], 'd', ARGV[a+3]}
+    local owner = false
+    if job_key ~= '' then owner = redis.call('GET', job_key) end
+    if owner then fields[7] = 'u'; fields[8] = owner end
+    redis.call('XADD', stream, id, unpack(fields))
+    touched[stream] = maxlen
+    if owner then
+      redis.call('XADD', user_prefix .. owner, id, unpack(fields))
+      users[user_prefix .. owner] = user_max
+    end
+    if seen_key ~= '' then redis.call('SET', seen_key, id, 'PX', ARGV[3]) end
+    if eid_key ~= '' then redis.call('SET', eid_key, id, 'PX', ARGV[4]) end
+    last, stored = id, true
+    out[#out + 1] = 1
+    out[#out + 1] = id
+  else
+    out[#out + 1] = 0
+    out[#out + 1] = done
+  end
+  if source ~= '' and done ~= '' then redis.call('XACK', source, group, entry) end
+end
+local minid = string.format('%.0f-0', ms - max_age)
+local late = string.format('%.0f-0', ms - max_age - 60000)
+for stream, n in pairs(touched) do trim(stream, n, minid, late) end
+for user, n in pairs(users) do
+  trim(user, n, minid, late)
   for _, key in ipairs({user, user .. ':drops', user .. ':dropped'}) do
-    redis.call('EXPIRE', key, ARGV[9])
+    redis.call('EXPIRE', key, user_ttl)
   end
 end
-if not last then redis.call('SET', KEYS[7], id) end
-redis.call('SET', KEYS[2], id)
-if KEYS[3] ~= '' then redis.call('SET', KEYS[3], id, 'PX', ARGV[6]) end
-if KEYS[4] ~= '' then redis.call('SET', KEYS[4], id, 'PX', ARGV[7]) end
-ack()
-return {1, id}
+if stored then
+  if first then redis.call('SET', KEYS[2], last) end
+  redis.call('SET', KEYS[1], last)
+end
+return out
 """
 
 REPLAY = """
@@ -162,6 +181,19 @@ if #mark > 0 then through = tonumber(mark[1][2][2]) end
 return {after, entries, last_dropped, dropped, through, since}
 """
 
+
+MARKS = """
+-- KEYS: drop-mark streams   ARGV: per key, the id a tail read starts after.
+-- Per key, the newest drop mark after that id, or ''.
+local out = {}
+for i, key in ipairs(KEYS) do
+  local mark = redis.call('XREVRANGE', key, '+', '(' .. ARGV[i], 'COUNT', 1)
+  out[i] = mark[1] and mark[1][1] or ''
+end
+return out
+"""
+
+MARKS_SHA = hashlib.sha1(MARKS.encode()).hexdigest()
 
 ADVANCE = _IDLT + """
 -- KEYS: a user's delivered pointer   ARGV: event id, ttl s. Only moves forward.
@@ -241,6 +273,8 @@ class RedisHistory(_Supervised):
         self._ingest = _Script(link, INGEST)
         self._replay = _Script(link, REPLAY)
         self._advance = _Script(link, ADVANCE)
+        self._pending: list[tuple[Event, object, Deferred[str | None]]] = []
+        self._flushing: IDelayedCall | None = None
         self._receivers: list[Callable[[Event], object]] = []
         self._keys = [PREFIX + topic for topic in TOPICS]
         self._positions: dict[str, str] | None = None
@@ -255,36 +289,64 @@ class RedisHistory(_Supervised):
 
     def _new_factory(self) -> txredisapi.RedisFactory:
         a = self._address
-        return txredisapi.RedisFactory(
+        factory = txredisapi.RedisFactory(
             None, a.db, poolsize=1, isLazy=True, password=a.password, username=a.username,
             replyTimeout=self._read_timeout, convertNumbers=False, charset=None,
         )
+        factory.protocol = _LinkProtocol
+        factory.scripts = [MARKS]
+        return factory
 
     # IHistory
 
     def append(self, event: Event, key: object = None) -> Deferred[str | None]:
-        producer_id = event.data.get("event_id")
-        entry = key if isinstance(key, StreamEntry) else None
-        keys = [
-            PREFIX + event.topic,
-            LAST_KEY,
-            SEEN_PREFIX + key if isinstance(key, str) else "",
-            f"{EVENT_ID_PREFIX}{event.channel}:{producer_id}" if producer_id else "",
-            JOB_PREFIX + event.job_id if event.job_id else "",
-            entry.stream if entry else "",
-            SINCE_KEY,
-        ]
-        args = [
-            event.channel, event.type, orjson.dumps(event.data), self._max_events,
-            self._max_age_ms, int(SEEN_TTL * 1000), self._max_age_ms, self._user_max,
-            self._user_ttl, entry.group if entry else "", entry.entry_id if entry else "",
-            USER_PREFIX,
-        ]
+        """
+        Events appended in one reactor turn are stored by one script call
+        (at most L{INGEST_BATCH} per call), in the order they were appended:
+        a round-trip per event would cost more than everything else an event
+        needs.
+        """
+        d: Deferred[str | None] = Deferred()
+        self._pending.append((event, key, d))
+        if self._flushing is None:
+            self._flushing = self._reactor.callLater(0, self._flush)
+        return d
 
-        def stored(reply: list[Any]) -> str | None:
-            return text(reply[1]) if int(reply[0]) == 1 else None
+    def _flush(self) -> None:
+        self._flushing = None
+        pending = self._pending
+        batch, self._pending = pending[:INGEST_BATCH], pending[INGEST_BATCH:]
+        if self._pending:
+            self._flushing = self._reactor.callLater(0, self._flush)
+        keys = [LAST_KEY, SINCE_KEY]
+        args: list[Any] = [
+            self._max_events, self._max_age_ms, int(SEEN_TTL * 1000), self._max_age_ms,
+            self._user_max, self._user_ttl, USER_PREFIX,
+        ]
+        for event, key, _ in batch:
+            producer_id = event.data.get("event_id")
+            entry = key if isinstance(key, StreamEntry) else None
+            keys += (
+                PREFIX + event.topic,
+                SEEN_PREFIX + key if isinstance(key, str) else "",
+                f"{EVENT_ID_PREFIX}{event.channel}:{producer_id}" if producer_id else "",
+                JOB_PREFIX + event.job_id if event.job_id else "",
+                entry.stream if entry else "",
+            )
+            args += (
+                event.channel, event.type, orjson.dumps(event.data),
+                entry.group if entry else "", entry.entry_id if entry else "",
+            )
 
-        return self._ingest.run(keys, args).addCallback(stored)
+        def stored(reply: list[Any]) -> None:
+            for i, (_, _, d) in enumerate(batch):
+                d.callback(text(reply[2 * i + 1]) if int(reply[2 * i]) == 1 else None)
+
+        def failed(failure: Any) -> None:
+            for _, _, d in batch:
+                d.errback(failure)
+
+        self._ingest.run(keys, args).addCallbacks(stored, failed)
 
     def listen(self, receiver: Callable[[Event], object]) -> None:
         self._receivers.append(receiver)
@@ -376,12 +438,12 @@ class RedisHistory(_Supervised):
             ids = [self._positions[key] for key in self._keys]
             read = conn.execute_command("XREAD", "COUNT", TAIL_COUNT, *block, "STREAMS",
                                         *self._keys, *ids, apply_timeout=False)
-            # Pipelined behind the read, so they run as soon as it returns:
-            # the newest id trimming dropped from each stream after ours.
-            marks = [conn.execute_command("XREVRANGE", key + ":drops", "+", "(" + since,
-                                          "COUNT", 1, apply_timeout=False)
-                     for key, since in zip(self._keys, ids)]
-            d = gatherResults([read, *marks], consumeErrors=True)
+            # Pipelined behind the read, so it runs as soon as the read
+            # returns: the newest id trimming dropped from each stream after ours.
+            marks = conn.execute_command("EVALSHA", MARKS_SHA, len(self._keys),
+                                         *(key + ":drops" for key in self._keys), *ids,
+                                         apply_timeout=False)
+            d = gatherResults([read, marks], consumeErrors=True)
             watchdog = self._reactor.callLater(
                 TAIL_BLOCK_MS / 1000 + self._read_timeout, self._hung, conn)
             d.addBoth(self._cancel, watchdog)
@@ -400,12 +462,12 @@ class RedisHistory(_Supervised):
         a drop mark newer than where the read started and older than the
         first entry it returned means live subscribers missed events.
         """
-        reply, marks = replies[0], replies[1:]
+        reply, marks = replies
         first = {text(key): text(entries[0][0]) for key, entries in reply or () if entries}
         for key, mark in zip(self._keys, marks):
             if not mark:
                 continue
-            dropped = id_key(text(mark[0][0]))
+            dropped = id_key(text(mark))
             if key not in first or dropped < id_key(first[key]):
                 self.tail_gaps += 1
                 self._log.warn("redis history: live delivery of {key} fell behind its "
@@ -434,9 +496,14 @@ class RedisHistory(_Supervised):
 
     def _read_failed(self, failure: Any) -> None:
         self.tail_errors += 1
+        message = failure.getErrorMessage()
         if self.running:
-            self._log.warn("redis history: reading failed ({e}); retrying",
-                           e=failure.getErrorMessage())
+            self._log.warn("redis history: reading failed ({e}); retrying", e=message)
+        factory = self._factory
+        if "NOSCRIPT" in message and factory is not None:
+            # Redis's script cache was flushed: a new connection loads it.
+            for conn in list(factory.pool):
+                conn.transport.loseConnection()
         self._schedule(0.1)
 
     def _batch(self, reply: list[Any] | None) -> None:
