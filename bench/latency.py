@@ -17,6 +17,7 @@ import json
 import os
 import queue
 import random
+import resource
 import secrets
 import shutil
 import signal
@@ -368,13 +369,17 @@ def run(args: argparse.Namespace, procs: Procs, workdir: Path) -> dict[str, Any]
     secret = secrets.token_urlsafe(48)
     secret_file = workdir / "jwt-secret"
     secret_file.write_text(secret)
+    if args.server == "peer":
+        server_argv = [sys.executable, str(HERE / "peer_socketio.py"), "--port", str(ws_port),
+                       "--redis", f"redis://127.0.0.1:{redis_port}/0"]
+    else:
+        server_argv = [twistd, "-n", "--pidfile=", "tickstock",
+                       "--redis", f"redis://127.0.0.1:{redis_port}/0",
+                       "--listen", f"tcp:{ws_port}:interface=127.0.0.1",
+                       "--jwt-secret-file", str(secret_file)]
     with open(daemon_log, "wb") as log:
-        daemon = procs.start("daemon", pinned(server_core, [
-            twistd, "-n", "--pidfile=", "tickstock",
-            "--redis", f"redis://127.0.0.1:{redis_port}/0",
-            "--listen", f"tcp:{ws_port}:interface=127.0.0.1",
-            "--jwt-secret-file", str(secret_file),
-        ]), cwd=str(workdir), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        daemon = procs.start("daemon", pinned(server_core, server_argv), cwd=str(workdir),
+                             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
 
     def daemon_alive() -> None:
         redis_alive()
@@ -383,6 +388,7 @@ def run(args: argparse.Namespace, procs: Procs, workdir: Path) -> dict[str, Any]
 
     wait_until("the daemon's /ready", lambda: http_json(base + "/ready", 1)[0] == 200,
                30, daemon_alive)
+    rss_before_clients = rss_mb(daemon.pid)
 
     # ---- load generator
     loadgen_err = workdir / "loadgen.err"
@@ -391,7 +397,8 @@ def run(args: argparse.Namespace, procs: Procs, workdir: Path) -> dict[str, Any]
             sys.executable, str(HERE / "loadgen.py"),
             "--port", str(ws_port), "--clients", str(args.clients),
             "--symbols", ",".join(symbols), "--warmup-events", str(warmup_events),
-            "--drain", str(args.drain),
+            "--drain", str(args.drain), "--protocol",
+            "socketio" if args.server == "peer" else "tickstock",
         ]), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1,
             env={**os.environ, "TICKSTOCK_JWT_SECRET": secret})
     lines = LineReader(loadgen.stdout)
@@ -404,6 +411,9 @@ def run(args: argparse.Namespace, procs: Procs, workdir: Path) -> dict[str, Any]
     if health.get("clients") != args.clients or health.get("subscriptions") != args.clients:
         raise BenchError(f"daemon reports clients={health.get('clients')} "
                          f"subscriptions={health.get('subscriptions')}, expected {args.clients}")
+
+    if args.idle:
+        return idle(args, daemon.pid, rss_before_clients, ready, loadgen, lines)
 
     clients_of = {symbol: 0 for symbol in symbols}
     for k in range(args.clients):
@@ -501,6 +511,7 @@ def run(args: argparse.Namespace, procs: Procs, workdir: Path) -> dict[str, Any]
     events1, slow = health1["events"], health1.get("slow_consumers_closed")
 
     out: dict[str, Any] = {
+        "server": args.server,
         "scenario": args.scenario or (
             f"patterns fan-out: {args.clients} clients, {n_sym} symbol(s), "
             f"{args.rate:g} ev/s for {args.duration:g}s"),
@@ -528,9 +539,9 @@ def run(args: argparse.Namespace, procs: Procs, workdir: Path) -> dict[str, Any]
             "client_errors": result["errors"],
             "per_client_received": result["per_client"],
             "server_events_received": events1["received"] - health0["received"],
-            "server_events_routed": events1["routed"] - health0["routed"],
+            "server_events_routed": events1.get("routed", 0) - health0.get("routed", 0),
             "server_delivered": events1["delivered"] - health0["delivered"],
-            "server_malformed": events1["malformed"],
+            "server_malformed": events1.get("malformed", 0),
             "slow_consumers_closed": slow,
             "publish_no_subscriber": publisher.no_subscriber,
             "publish_errors": publisher.errors,
@@ -563,10 +574,38 @@ def run(args: argparse.Namespace, procs: Procs, workdir: Path) -> dict[str, Any]
     return out
 
 
+def idle(args: argparse.Namespace, pid: int, rss_before: float, ready: dict[str, Any],
+         loadgen: subprocess.Popen[Any], lines: LineReader) -> dict[str, Any]:
+    """
+    Memory of idle connections: every client authenticated and subscribed,
+    nothing published; RSS growth from before the first client, per client.
+    """
+    time.sleep(args.duration)  # let allocator and garbage collector settle
+    rss_after = rss_mb(pid)
+    cpu = cpu_seconds(pid)
+    assert loadgen.stdin is not None
+    loadgen.stdin.write("END " + json.dumps({"per_symbol": {}}) + "\n")
+    loadgen.stdin.flush()
+    lines.expect("DONE", 60)
+    result = lines.expect("RESULT", 60)
+    return {
+        "server": args.server,
+        "scenario": args.scenario or f"idle: {args.clients} subscribed clients",
+        "clients": args.clients,
+        "server_rss_mb_before": rss_before,
+        "server_rss_mb": rss_after,
+        "kb_per_connection": round((rss_after - rss_before) * 1024 / args.clients, 2),
+        "server_cpu_s_total": round(cpu, 3),
+        "connect_s": ready["connect_s"],
+        "checks": {"lost_connections": result["lost_connections"],
+                   "server_closes": result["server_closes"], "client_errors": result["errors"]},
+    }
+
+
 def faults(out: dict[str, Any]) -> list[str]:
     """What makes a run's numbers untrustworthy (exit status 2)."""
     checks, problems = out["checks"], []
-    if out["loss"]:
+    if out.get("loss"):
         problems.append(f"loss={out['loss']}")
     for name in ("duplicates", "out_of_order", "misrouted", "lost_connections",
                  "publish_no_subscriber", "slow_consumers_closed"):
@@ -575,7 +614,7 @@ def faults(out: dict[str, Any]) -> list[str]:
     for name in ("server_closes", "client_errors", "publish_errors", "server_malformed"):
         if checks.get(name):
             problems.append(f"{name}={checks[name]}")
-    if out["diagnostics"]["loadgen_busy"] > 0.8:
+    if "diagnostics" in out and out["diagnostics"]["loadgen_busy"] > 0.8:
         problems.append("the load generator was over 80% busy: it may be the bottleneck")
     return problems
 
@@ -594,6 +633,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="after publishing, give up waiting once nothing arrives for "
                              "this long, in seconds (3)")
     parser.add_argument("--scenario", default=None, help="a name for this run in the output")
+    parser.add_argument("--server", choices=("tickstock", "peer"), default="tickstock",
+                        help="peer: the python-socketio reference (bench/peer_socketio.py)")
+    parser.add_argument("--idle", action="store_true",
+                        help="publish nothing; measure memory per idle connection "
+                             "(--duration: seconds to let it settle)")
     parser.add_argument("--redis-server", default="/usr/bin/redis-server")
     parser.add_argument("--keep", action="store_true",
                         help="keep the temp dir (logs of redis, daemon, loadgen)")
@@ -608,7 +652,14 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, terminate)
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with it ignored
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    # Many connections need many descriptors, here and in the children.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if args.clients * 2 + 100 > hard:
+        print(f"latency.py: warning: {args.clients} clients need more file descriptors than "
+              f"the limit of {hard}", file=sys.stderr)  # even if started with it ignored
     workdir = Path(tempfile.mkdtemp(prefix="tickstock-bench-"))
     procs = Procs()
     keep = args.keep

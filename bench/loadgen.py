@@ -53,6 +53,8 @@ import orjson
 
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 EVENT_PREFIX = b'{"op":"event"'
+SIO_EVENT_PREFIX = b'42["event",'
+SIO_PATH = "/socket.io/?EIO=4&transport=websocket"
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux; Python has no constant
 SCM_TIMESTAMPNS = SO_TIMESTAMPNS
 ANC_SIZE = socket.CMSG_SPACE(16)
@@ -265,40 +267,21 @@ class Client:
             self.fail("bad Sec-WebSocket-Accept")
             return
         self.state = HELLO
-        self.send_json({"op": "hello", "token": mint_token(f"bench-{self.index}")})
+        if not self.loop.socketio:
+            self.send_json({"op": "hello", "token": mint_token(f"bench-{self.index}")})
 
     def text(self, payload: bytes, stamp: float, now: float) -> None:
+        if self.loop.socketio:
+            self.socketio_text(payload, stamp, now)
+            return
         stats = self.stats
         if payload.startswith(EVENT_PREFIX):
             try:
                 message = orjson.loads(payload)
-                data = message["data"]
-                sent_at = data["sent_at"]
-                event_id = data["event_id"]
-                seq = int(event_id[event_id.rfind("-") + 1:])
-            except Exception:
+            except orjson.JSONDecodeError:
                 stats.bad_frames += 1
                 return
-            if message["sub"] != "s1" or data.get("symbol") != self.symbol:
-                stats.misrouted += 1
-            seen = self.seen
-            if seq >= len(seen):
-                seen.extend(bytes(seq + 4096 - len(seen)))
-            if seen[seq]:
-                stats.duplicates += 1
-                return
-            seen[seq] = 1
-            if seq < self.last_seq:
-                stats.out_of_order += 1
-            else:
-                self.last_seq = seq
-            if seq < stats.warmup_events:
-                stats.warmup_received += 1
-                return
-            stats.kernel_lat.append(stamp - sent_at)
-            stats.app_lat.append(now - sent_at)
-            self.count += 1
-            stats.received += 1
+            self.event(message, stamp, now)
             return
         try:
             message = orjson.loads(payload)
@@ -311,14 +294,71 @@ class Client:
             self.send_json({"op": "subscribe", "id": "s1", "topic": "patterns",
                             "filter": {"symbols": [self.symbol]}})
         elif op == "subscribed" and message.get("id") == "s1" and self.state == SUBSCRIBING:
-            self.state = LIVE
-            self.loop.subscribed(self)
+            self.went_live()
         elif op == "error":
             if len(stats.errors) < 10:
                 stats.errors.append({"client": self.index, **message})
             if self.state != LIVE:
                 raise Failure(f"client {self.index}: {message}")
         # anything else (pong, later additions to the protocol) is ignored
+
+    def socketio_text(self, payload: bytes, stamp: float, now: float) -> None:
+        """Engine.IO v4 / Socket.IO v5 packets, for the reference peer."""
+        stats = self.stats
+        if payload.startswith(SIO_EVENT_PREFIX):
+            try:
+                message = orjson.loads(payload[2:])[1]
+            except (orjson.JSONDecodeError, IndexError):
+                stats.bad_frames += 1
+                return
+            self.event(message, stamp, now)
+        elif payload == b"2":  # Engine.IO ping
+            self.write(client_frame(1, b"3"))
+        elif payload.startswith(b"0") and self.state == HELLO:  # Engine.IO open
+            self.write(client_frame(1, b"40"))
+        elif payload.startswith(b"40") and self.state == HELLO:  # namespace connected
+            self.state = SUBSCRIBING
+            self.write(client_frame(1, b"42" + orjson.dumps(
+                ["subscribe", {"id": "s1", "symbols": [self.symbol]}])))
+        elif payload.startswith(b'42["subscribed"') and self.state == SUBSCRIBING:
+            self.went_live()
+        elif payload.startswith(b"44") and self.state != LIVE:
+            raise Failure(f"client {self.index}: {payload[:200]!r}")
+
+    def went_live(self) -> None:
+        self.state = LIVE
+        self.loop.subscribed(self)
+
+    def event(self, message: dict[str, Any], stamp: float, now: float) -> None:
+        stats = self.stats
+        try:
+            data = message["data"]
+            sent_at = data["sent_at"]
+            event_id = data["event_id"]
+            seq = int(event_id[event_id.rfind("-") + 1:])
+        except (KeyError, TypeError, ValueError):
+            stats.bad_frames += 1
+            return
+        if message["sub"] != "s1" or data.get("symbol") != self.symbol:
+            stats.misrouted += 1
+        seen = self.seen
+        if seq >= len(seen):
+            seen.extend(bytes(seq + 4096 - len(seen)))
+        if seen[seq]:
+            stats.duplicates += 1
+            return
+        seen[seq] = 1
+        if seq < self.last_seq:
+            stats.out_of_order += 1
+        else:
+            self.last_seq = seq
+        if seq < stats.warmup_events:
+            stats.warmup_received += 1
+            return
+        stats.kernel_lat.append(stamp - sent_at)
+        stats.app_lat.append(now - sent_at)
+        self.count += 1
+        stats.received += 1
 
     def other(self, fin: int, opcode: int, payload: bytes, stamp: float, now: float) -> None:
         if opcode == 9:  # ping
@@ -381,7 +421,8 @@ class Loop:
     def __init__(self, args: argparse.Namespace) -> None:
         self.host = args.host
         self.port = args.port
-        self.path = args.path.encode()
+        self.socketio = args.protocol == "socketio"
+        self.path = (SIO_PATH if self.socketio else args.path).encode()
         self.host_header = f"{args.host}:{args.port}".encode()
         self.stats = Stats(args.warmup_events)
         self.symbols = [s for s in args.symbols.split(",") if s]
@@ -562,6 +603,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--path", default="/ws")
+    parser.add_argument("--protocol", choices=("tickstock", "socketio"), default="tickstock",
+                        help="socketio: Engine.IO v4 over WebSocket, for the reference peer")
     parser.add_argument("--clients", type=int, default=100)
     parser.add_argument("--symbols", default="AAPL",
                         help="comma-separated; client k subscribes to symbols[k %% N]")

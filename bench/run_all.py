@@ -1,0 +1,243 @@
+"""
+Every benchmark scenario, TickStock beside the python-socketio peer, in one
+command; writes bench/results/latest.json and latest.md and prints the table.
+
+    .venv/bin/python bench/run_all.py            # about 6 minutes
+    .venv/bin/python bench/run_all.py --quick    # shorter windows, for a smoke run
+
+Each scenario is one run of bench/latency.py (its own redis, server and
+load generator, pinned to cores 0 and 1); see bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+RAMP_STEP = 1.25
+MAX_P99_MS = 100.0
+
+
+def latency(*args: str) -> tuple[int, dict[str, Any] | None, str]:
+    """One bench/latency.py run: exit status, its JSON (if any), its stderr tail."""
+    proc = subprocess.run([sys.executable, str(HERE / "latency.py"), *args],
+                          capture_output=True, text=True, timeout=1800, check=False)
+    out = json.loads(proc.stdout) if proc.stdout.strip() else None
+    return proc.returncode, out, "\n".join(proc.stderr.splitlines()[-3:])
+
+
+def scenario(name: str, *args: str) -> dict[str, Any]:
+    print(f"run_all: {name} ...", file=sys.stderr, flush=True)
+    status, out, err = latency("--scenario", name, *args)
+    if out is None:
+        return {"scenario": name, "error": err or f"exit status {status}"}
+    out["clean"] = status == 0
+    if status != 0:
+        out["problems"] = err
+    return out
+
+
+def ramp(name: str, start: float, duration: str, *args: str) -> dict[str, Any]:
+    """
+    Raise the rate by L{RAMP_STEP} until a run loses anything, is not
+    clean or has p99 >= 100 ms; the result is the last run that passed. A
+    run that passed but had the load generator's core saturated ends the
+    ramp too: beyond it the harness, not the server, is measured.
+    """
+    rate, best, steps, limit = start, None, [], "server"
+    while True:
+        out = scenario(f"{name} @ {rate:g} ev/s", "--rate", f"{rate:g}",
+                       "--duration", duration, *args)
+        passed = (out.get("loss") == 0 and "latency_ms" in out
+                  and out["latency_ms"]["p99"] < MAX_P99_MS)
+        loadgen_bound = out.get("diagnostics", {}).get("loadgen_busy", 0) > 0.8
+        ok = passed and (out.get("clean") or loadgen_bound)
+        steps.append({"rate": rate, "ok": bool(ok),
+                      "deliveries_per_s": out.get("deliveries_per_s"),
+                      "p99_ms": out.get("latency_ms", {}).get("p99"),
+                      "server_busy": out.get("diagnostics", {}).get("server_busy"),
+                      "loadgen_busy": out.get("diagnostics", {}).get("loadgen_busy"),
+                      "loss": out.get("loss"), "problems": out.get("problems")})
+        if ok:
+            best = out
+        if not ok or loadgen_bound:
+            limit = "load generator" if ok else "server"
+            break
+        rate = round(rate * RAMP_STEP, 2)
+    return {"scenario": name, "ramp": steps, "best": best, "limited_by": limit}
+
+
+def api_latency(requests: int) -> dict[str, Any]:
+    """
+    GET /health and /ready against an embedded daemon, one keep-alive
+    connection at a time (the REST history API arrives with PostgreSQL).
+    """
+    import http.client
+    import socket
+    import tempfile
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    twistd = str(Path(sys.executable).parent / "twistd")
+    workdir = tempfile.mkdtemp(prefix="tickstock-api-")
+    proc = subprocess.Popen(
+        ["taskset", "-c", "0", twistd, "-n", "--pidfile=", "tickstock",
+         "--listen", f"tcp:{port}:interface=127.0.0.1"],
+        cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=1)
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    return {"scenario": "api", "error": "the daemon did not start"}
+                time.sleep(0.1)
+        out: dict[str, Any] = {"scenario": "API latency (embedded daemon, keep-alive)"}
+        for path in ("/health", "/ready"):
+            conn = http.client.HTTPConnection("127.0.0.1", port)
+            times = []
+            for _ in range(requests):
+                t = time.perf_counter()
+                conn.request("GET", path)
+                response = conn.getresponse()
+                response.read()
+                times.append(time.perf_counter() - t)
+            conn.close()
+            times.sort()
+            out[path] = {"requests": requests,
+                         "p50_ms": round(times[len(times) // 2] * 1000, 3),
+                         "p99_ms": round(times[int(len(times) * 0.99) - 1] * 1000, 3)}
+        return out
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def machine() -> dict[str, Any]:
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(),
+            "kernel": platform.release()}
+
+
+def row(label: str, out: dict[str, Any] | None) -> str:
+    if not out or "latency_ms" not in out:
+        error = (out or {}).get("error", "did not pass")
+        return f"| {label} | - | - | - | - | - | - | {error} |"
+    lat = out["latency_ms"]
+    note = "" if out.get("clean") else "not clean: " + str(out.get("problems", "")).strip()
+    return (f"| {label} | {out['clients']} | {out['deliveries_per_s']:,.0f} | {out['loss']} "
+            f"| {lat['p50']:.1f} | {lat['p99']:.1f} | {out['cpu_s_per_100k_deliveries']:.2f} "
+            f"| {out['server_rss_mb']:.0f} MB {note}|")
+
+
+def table(results: dict[str, Any]) -> str:
+    lines = [
+        f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, "
+        f"Python {results['machine']['python']}; server on core 0, load generator, "
+        f"publisher and redis on core 1. {results['date']}.",
+        "",
+        "| scenario | clients | deliveries/s | loss | p50 ms | p99 ms | CPU-s/100k | RSS |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for key, label in (
+        ("fanout", "TickStock: 1000 clients on 1 symbol, 40 ev/s"),
+        ("filtered", "TickStock: 100 symbols x 10 clients, 4000 ev/s"),
+        ("steady", "TickStock: 1000 clients, 5,000 deliveries/s"),
+        ("peer_fanout", "peer: 1000 clients on 1 symbol, 2 ev/s"),
+        ("peer_filtered", "peer: 100 symbols x 10 clients, 200 ev/s"),
+    ):
+        if key in results:
+            lines.append(row(label, results[key]))
+    for key, label in (("ramp", "TickStock"), ("peer_ramp", "peer")):
+        if key in results:
+            best, limit = results[key]["best"], results[key]["limited_by"]
+            lines.append(row(f"{label}: fan-out ramp, highest passing rate "
+                             f"(limited by the {limit})", best))
+    lines.append("")
+    for key, label in (("idle", "TickStock"), ("peer_idle", "peer")):
+        out = results.get(key)
+        if out and "kb_per_connection" in out:
+            auth = "authenticated, " if key == "idle" else ""
+            lines.append(f"- {label}, idle: {out['clients']:,} {auth}subscribed "
+                         f"connections: {out['kb_per_connection']:.1f} KB each "
+                         f"(RSS {out['server_rss_mb_before']:.0f} -> "
+                         f"{out['server_rss_mb']:.0f} MB)")
+    ramp_t, ramp_p = results.get("ramp", {}).get("best"), results.get("peer_ramp", {}).get("best")
+    if ramp_t and ramp_p:
+        at_least = "at least " if results["ramp"]["limited_by"] != "server" else ""
+        lines.append(f"- Fan-out ramp (zero loss, p99 < 100 ms): TickStock {at_least}"
+                     f"{ramp_t['deliveries_per_s']:,.0f} deliveries/s, peer "
+                     f"{ramp_p['deliveries_per_s']:,.0f}: {at_least}"
+                     f"{ramp_t['deliveries_per_s'] / ramp_p['deliveries_per_s']:.0f}x")
+    api = results.get("api")
+    if api and "/health" in api:
+        lines.append(f"- API (GET /health, /ready, keep-alive): p50 "
+                     f"{api['/health']['p50_ms']:.2f} / {api['/ready']['p50_ms']:.2f} ms, "
+                     f"p99 {api['/health']['p99_ms']:.2f} / {api['/ready']['p99_ms']:.2f} ms")
+    lines.append("- Tick ingestion: not measured yet (it arrives with the PostgreSQL store)")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="shorter runs, fewer idle clients")
+    parser.add_argument("--only", default="", help="comma-separated scenario keys")
+    args = parser.parse_args()
+    d = "4" if args.quick else "10"
+    idle_clients = "2000" if args.quick else "10000"
+    plan = {
+        "fanout": lambda: scenario("fan-out", "--clients", "1000", "--rate", "40",
+                                   "--duration", d),
+        "filtered": lambda: scenario("filtered", "--clients", "1000", "--symbols", "100",
+                                     "--rate", "4000", "--duration", d),
+        "steady": lambda: scenario("steady 5k/s", "--clients", "1000", "--rate", "5",
+                                   "--duration", "20" if not args.quick else "6"),
+        "idle": lambda: scenario("idle", "--idle", "--clients", idle_clients,
+                                 "--duration", "3"),
+        "ramp": lambda: ramp("fan-out ramp", 60, "5", "--clients", "1000"),
+        "api": lambda: api_latency(500 if args.quick else 2000),
+        "peer_fanout": lambda: scenario("peer fan-out", "--server", "peer", "--clients", "1000",
+                                        "--rate", "2", "--duration", d),
+        "peer_filtered": lambda: scenario("peer filtered", "--server", "peer",
+                                          "--clients", "1000", "--symbols", "100",
+                                          "--rate", "200", "--duration", d),
+        "peer_idle": lambda: scenario("peer idle", "--server", "peer", "--idle",
+                                      "--clients", idle_clients, "--duration", "3"),
+        "peer_ramp": lambda: ramp("peer fan-out ramp", 0.8, "10", "--server", "peer",
+                                  "--clients", "1000"),
+    }
+    only = [k for k in args.only.split(",") if k]
+    results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "machine": machine()}
+    for key, run in plan.items():
+        if not only or key in only:
+            results[key] = run()
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "latest.json").write_text(json.dumps(results, indent=1) + "\n")
+    markdown = table(results)
+    (RESULTS / "latest.md").write_text(markdown)
+    print(markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
