@@ -65,12 +65,31 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def tree(pid: int) -> list[int]:
+    """A process and its descendants (the daemon's workers, with --workers)."""
+    pids, i = [pid], 0
+    while i < len(pids):
+        try:
+            with open(f"/proc/{pids[i]}/task/{pids[i]}/children") as handle:
+                pids += [int(p) for p in handle.read().split()]
+        except OSError:
+            pass
+        i += 1
+    return pids
+
+
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, from /proc/PID/stat."""
-    with open(f"/proc/{pid}/stat") as handle:
-        stat = handle.read()
-    fields = stat[stat.rfind(")") + 2:].split()  # fields[0] is field 3 (state)
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    """utime + stime of a process and its descendants, from /proc/PID/stat."""
+    total = 0.0
+    for p in tree(pid):
+        try:
+            with open(f"/proc/{p}/stat") as handle:
+                stat = handle.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()  # fields[0] is field 3 (state)
+        total += (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return total
 
 
 def core_busy() -> dict[int, float]:
@@ -91,11 +110,16 @@ def self_cpu() -> float:
 
 
 def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    raise BenchError(f"no VmRSS for pid {pid}")
+    """VmRSS of a process and its descendants."""
+    total = 0
+    for p in tree(pid):
+        try:
+            with open(f"/proc/{p}/status") as handle:
+                total += next(int(line.split()[1]) for line in handle
+                              if line.startswith("VmRSS:"))
+        except (OSError, StopIteration):
+            continue
+    return round(total / 1024, 1)
 
 
 def http_json(url: str, timeout: float = 2.0) -> tuple[int, Any]:
@@ -378,7 +402,12 @@ def run(args: argparse.Namespace, procs: Procs, workdir: Path) -> dict[str, Any]
                        "--listen", f"tcp:{ws_port}:interface=127.0.0.1",
                        "--jwt-secret-file", str(secret_file)]
     with open(daemon_log, "wb") as log:
-        daemon = procs.start("daemon", pinned(server_core, server_argv), cwd=str(workdir),
+        if args.workers > 1:
+            # One core is not enough for several workers; none is pinned.
+            server_argv += ["--workers", str(args.workers)]
+        unpinned = args.workers > 1 or args.unpinned_server
+        daemon = procs.start("daemon", pinned(None if unpinned else server_core,
+                                              server_argv), cwd=str(workdir),
                              stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
 
     def daemon_alive() -> None:
@@ -408,7 +437,9 @@ def run(args: argparse.Namespace, procs: Procs, workdir: Path) -> dict[str, Any]
         daemon_alive()
         raise BenchError(f"{error}\n{tail(loadgen_err)}") from None
     status, health = http_json(base + "/health")
-    if health.get("clients") != args.clients or health.get("subscriptions") != args.clients:
+    # (with --workers, /health is one worker's: each answers for itself)
+    if args.workers == 1 and (health.get("clients") != args.clients
+                              or health.get("subscriptions") != args.clients):
         raise BenchError(f"daemon reports clients={health.get('clients')} "
                          f"subscriptions={health.get('subscriptions')}, expected {args.clients}")
 
@@ -446,6 +477,8 @@ def run(args: argparse.Namespace, procs: Procs, workdir: Path) -> dict[str, Any]
                 health0 = http_json(base + "/health")[1]["events"]
                 settled = (health0["received"] >= warmup_events
                            and health0["delivered"] >= warmup_deliveries)
+                if args.workers > 1:
+                    settled = False  # one worker's counters: wait until the event is due
                 if settled or time.monotonic() >= due:
                     break
                 time.sleep(0.002)
@@ -512,6 +545,7 @@ def run(args: argparse.Namespace, procs: Procs, workdir: Path) -> dict[str, Any]
 
     out: dict[str, Any] = {
         "server": args.server,
+        "workers": args.workers,
         "scenario": args.scenario or (
             f"patterns fan-out: {args.clients} clients, {n_sym} symbol(s), "
             f"{args.rate:g} ev/s for {args.duration:g}s"),
@@ -635,6 +669,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenario", default=None, help="a name for this run in the output")
     parser.add_argument("--server", choices=("tickstock", "peer"), default="tickstock",
                         help="peer: the python-socketio reference (bench/peer_socketio.py)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="run the daemon with --workers N (then unpinned)")
+    parser.add_argument("--unpinned-server", action="store_true",
+                        help="do not pin the server to core 0 (implied by --workers > 1)")
     parser.add_argument("--idle", action="store_true",
                         help="publish nothing; measure memory per idle connection "
                              "(--duration: seconds to let it settle)")

@@ -189,6 +189,15 @@ def table(results: dict[str, Any]) -> str:
                      f"{ramp_t['deliveries_per_s']:,.0f} deliveries/s, peer "
                      f"{ramp_p['deliveries_per_s']:,.0f}: {at_least}"
                      f"{ramp_t['deliveries_per_s'] / ramp_p['deliveries_per_s']:.0f}x")
+    one, two = results.get("workers1"), results.get("workers2")
+    if one and two and "cpu_s_per_100k_deliveries" in one and "cpu_s_per_100k_deliveries" in two:
+        ratio = one["cpu_s_per_100k_deliveries"] / two["cpu_s_per_100k_deliveries"]
+        lines.append(f"- `--workers 2` vs 1 (1000 clients, 30,000 deliveries/s, unpinned): "
+                     f"{two['cpu_s_per_100k_deliveries']:.2f} vs "
+                     f"{one['cpu_s_per_100k_deliveries']:.2f} CPU-s/100k, so two cores carry "
+                     f"{2 * ratio:.2f}x what one does (projected: this machine has no third "
+                     f"core for the load generator); p99 {two['latency_ms']['p99']:.1f} vs "
+                     f"{one['latency_ms']['p99']:.1f} ms")
     api = results.get("api")
     if api and "/health" in api:
         lines.append(f"- API (GET /health, /ready, keep-alive): p50 "
@@ -215,6 +224,10 @@ def main() -> int:
         "idle": lambda: scenario("idle", "--idle", "--clients", idle_clients,
                                  "--duration", "3"),
         "ramp": lambda: ramp("fan-out ramp", 60, "5", "--clients", "1000"),
+        "workers1": lambda: scenario("1 worker, unpinned", "--unpinned-server",
+                                     "--clients", "1000", "--rate", "30", "--duration", d),
+        "workers2": lambda: scenario("2 workers", "--workers", "2",
+                                     "--clients", "1000", "--rate", "30", "--duration", d),
         "api": lambda: api_latency(500 if args.quick else 2000),
         "peer_fanout": lambda: scenario("peer fan-out", "--server", "peer", "--clients", "1000",
                                         "--rate", "2", "--duration", d),

@@ -54,6 +54,10 @@ def test_config_file_from_environment(tmp_path):
     ({"redis": "redis://h"}, {}, "--jwt-secret-file: clients must authenticate"),
     ({}, {"TICKSTOCK_JWT_SECRET": "short"}, "TICKSTOCK_JWT_SECRET: the secret must be at least 32"),
     ({"mode": "streams"}, {}, "--mode: streams mode reads Redis streams; give --redis"),
+    ({"workers": "2"}, {}, "--workers: worker processes share events through Redis"),
+    ({"workers": "0"}, {}, "--workers: must be between"),
+    ({"workers": "2", "redis": "redis://h", "listen": "unix:/tmp/s", "demo": True}, {},
+     "--workers: needs a tcp: --listen endpoint"),
 ])
 def test_wrong_values_name_the_option(flags, env, message):
     """Each wrong value raises one line that names the option and the problem."""

@@ -240,6 +240,8 @@ OPTIONS: tuple[Option, ...] = (
            "Seconds an event is kept for resume (also the producer event_id dedupe window)."),
     Option("history_user_max", _number(1, 1_000_000, int), 1000,
            "Targeted events (own backtests) kept per user until delivered or expired."),
+    Option("workers", _number(1, 256, int), 1,
+           "Processes serving the one port (needs --redis and a tcp: --listen)."),
     Option("node_id", _str, None,
            "This daemon's name as a stream consumer (default: host name and listen port)."),
 )
@@ -276,6 +278,7 @@ class Settings:
     history_max: int
     history_max_age: float
     history_user_max: int
+    workers: int
     node_id: str | None
     jwt_secret: bytes | None = dataclasses.field(default=None, repr=False)
 
@@ -390,5 +393,9 @@ def _check_combination(settings: Settings) -> None:
             f"--jwt-secret-file: clients must authenticate when not --demo; "
             f"give a secret file (or {SECRET_ENV})"
         )
+    if settings.workers > 1 and settings.redis is None:
+        raise ConfigError("--workers: worker processes share events through Redis; give --redis")
+    if settings.workers > 1 and settings.listen.split(":", 1)[0] not in ("tcp", "tcp6"):
+        raise ConfigError("--workers: needs a tcp: --listen endpoint")
     if settings.mode == "streams" and settings.redis is None:
         raise ConfigError("--mode: streams mode reads Redis streams; give --redis")

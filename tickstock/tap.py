@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import socket
 import sys
 from typing import Any
@@ -32,6 +33,11 @@ class Options(usage.Options):
         if not option.flag
     ]
     optFlags = [[option.cli[2:], None, option.help] for option in OPTIONS if option.flag]
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        # Kept for --workers: each worker is started with the same options.
+        self.raw_args = list(sys.argv[1:] if options is None else options)
+        super().parseOptions(options)
 
     def postOptions(self) -> None:
         flags = {option.name: self[option.cli[2:]] or None for option in OPTIONS}
@@ -77,7 +83,12 @@ class TickStock(MultiService):
                 "stopping {service!r} failed", f, service=service))
         return d.addCallback(lambda _: None)
 
-    def __init__(self, settings: Settings, reactor: IReactorCore) -> None:
+    def __init__(self, settings: Settings, reactor: IReactorCore,
+                 worker: int | None = None) -> None:
+        """
+        @param worker: this process's index when it is one of C{--workers}:
+            it then serves the listening socket its parent handed it.
+        """
         super().__init__()
         from tickstock.broadcast import Broadcaster
         from tickstock.auth import JWTAuthenticator, anonymous
@@ -88,6 +99,7 @@ class TickStock(MultiService):
         from autobahn.twisted.resource import WebSocketResource
 
         self.settings = settings
+        self.worker = worker
         self._clock = reactor
         self._started_at = reactor.seconds()
         if settings.redis is None:
@@ -109,7 +121,7 @@ class TickStock(MultiService):
             self.link = RedisLink(reactor, settings.redis, settings.deadletter_max,
                                   streams=streams)
             if streams:
-                self.source = RedisStreamSource(reactor, settings.redis, node_id(settings))
+                self.source = RedisStreamSource(reactor, settings.redis, node_id(settings, worker))
             else:
                 self.source = RedisPubSubSource(
                     reactor, settings.redis, settings.redis_ping_interval,
@@ -156,8 +168,13 @@ class TickStock(MultiService):
         )
         # Stopped in reverse: the port closes first, then clients are told to go.
         ClientDrain(self.gateway, reactor, SHUTDOWN_GRACE).setServiceParent(self)
-        # strports: a port already in use stops twistd with an error at start.
-        strports.service(settings.listen, site, reactor=reactor).setServiceParent(self)
+        if worker is not None:
+            from tickstock.workers import LISTEN_FD, AdoptedPort
+
+            AdoptedPort(reactor, LISTEN_FD, site).setServiceParent(self)
+        else:
+            # strports: a port already in use stops twistd with an error at start.
+            strports.service(settings.listen, site, reactor=reactor).setServiceParent(self)
 
     def _add_simulator(self, reactor: IReactorCore, settings: Settings) -> None:
         from tickstock.sim import (
@@ -193,6 +210,7 @@ class TickStock(MultiService):
         return True, {
             "status": "ok",
             "pid": os.getpid(),
+            "worker": self.worker,
             "uptime_s": round(self._clock.seconds() - self._started_at, 3),
             "clients": len(self.gateway.connections),
             "subscriptions": self.broadcaster.subscriptions,
@@ -226,17 +244,20 @@ class TickStock(MultiService):
 SHUTDOWN_GRACE = 3.0
 
 
-def node_id(settings: Settings) -> str:
+def node_id(settings: Settings, worker: int | None = None) -> str:
     """
     This daemon's stream consumer name: C{--node-id}, else host name and
     listen port, which stay the same across restarts, so a restarted daemon
-    finds what it read but did not acknowledge before it stopped.
+    finds what it read but did not acknowledge before it stopped; a worker
+    adds its index.
     """
     if settings.node_id:
-        return settings.node_id
-    parts = settings.listen.split(":")
-    port = parts[1] if len(parts) > 1 and parts[1].isdigit() else str(os.getpid())
-    return f"{socket.gethostname()}:{port}"
+        name = settings.node_id
+    else:
+        parts = settings.listen.split(":")
+        port = parts[1] if len(parts) > 1 and parts[1].isdigit() else str(os.getpid())
+        name = f"{socket.gethostname()}:{port}"
+    return name if worker is None else f"{name}:w{worker}"
 
 
 class ClientDrain(Service):
@@ -292,4 +313,17 @@ def makeService(options: Options) -> MultiService:
     """twistd's entry point."""
     from twisted.internet import reactor
 
-    return TickStock(options.settings, reactor)
+    from tickstock.workers import WORKER_ENV, WorkerPool
+
+    settings = options.settings
+    if WORKER_ENV in os.environ:
+        # Ctrl-C reaches the whole process group; the parent relays a stop
+        # to its workers, and a second one would stop a stopped reactor.
+        reactor.callWhenRunning(signal.signal, signal.SIGINT, signal.SIG_IGN)
+        return TickStock(settings, reactor, worker=int(os.environ[WORKER_ENV]))
+    if settings.workers > 1:
+        pool = MultiService()
+        WorkerPool(reactor, settings.listen, settings.workers,
+                   options.raw_args).setServiceParent(pool)
+        return pool
+    return TickStock(settings, reactor)

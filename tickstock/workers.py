@@ -1,0 +1,189 @@
+"""
+C{--workers N}: N daemon processes serving one listening socket, so that
+fan-out uses N cores.
+
+The parent binds the port once (so a port in use fails at start, as with one
+process), then runs N copies of itself (C{twistd -n tickstock} with the same
+options) that each accept connections on that socket, handed over as file
+descriptor 3. The kernel spreads new connections over the processes that
+are waiting to accept. Each worker is a full daemon, a node of its own on
+the shared Redis: its own subscriber, history tail and clients. That is
+also why workers need C{--redis}: they agree on event ids, deduplicate and
+share the history through it, exactly as separate nodes do.
+
+The parent serves nothing itself. It relays each worker's log lines into its
+own log, restarts a worker that exits (after L{RESTART_DELAY} seconds), and
+at shutdown sends every worker SIGTERM, so each does its own graceful stop
+(clients told 1001), killing what still runs after L{STOP_TIMEOUT} seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.error import ProcessDone, ProcessExitedAlready
+from twisted.internet.interfaces import IReactorCore
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+
+from tickstock.config import ConfigError
+
+WORKER_ENV = "_TICKSTOCK_WORKER"
+"""Set in a worker's environment to its index; not a setting anyone gives."""
+LISTEN_FD = 3
+RESTART_DELAY = 1.0
+STOP_TIMEOUT = 15.0
+_RUN_TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
+
+
+def listening_socket(description: str, backlog: int = 1024) -> socket.socket:
+    """
+    Bind and listen on a C{tcp:PORT[:interface=ADDR][:backlog=N]} endpoint
+    (the only kind several processes can share this way).
+
+    @raise ConfigError: for other endpoints, or when the port cannot be bound.
+    """
+    kind, _, rest = description.partition(":")
+    if kind not in ("tcp", "tcp6"):
+        raise ConfigError(f"--workers: needs a tcp: --listen endpoint, not {description!r}")
+    port, *params = rest.split(":")
+    options = dict(p.split("=", 1) for p in params if "=" in p)
+    interface = options.get("interface", "::" if kind == "tcp6" else "")
+    family = socket.AF_INET6 if kind == "tcp6" or ":" in interface else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((interface, int(port)))
+        sock.listen(int(options.get("backlog", backlog)))
+    except (OSError, ValueError) as error:
+        sock.close()
+        raise ConfigError(f"--listen: cannot listen on {description!r}: {error}") from None
+    sock.setblocking(False)
+    return sock
+
+
+class _Worker(ProcessProtocol):
+    """One worker process: its output goes to the parent's log, line by line."""
+
+    _log = Logger()
+
+    def __init__(self, pool: WorkerPool, index: int) -> None:
+        self.index = index
+        self._pool = pool
+        self._partial = {1: b"", 2: b""}
+        self.ended: Deferred[None] = Deferred()
+
+    def childDataReceived(self, fd: int, data: bytes) -> None:
+        *lines, self._partial[fd] = (self._partial.get(fd, b"") + data).split(b"\n")
+        for line in lines:
+            self._log.info("worker {i}: {line}", i=self.index,
+                           line=line.decode("utf-8", "replace"))
+
+    def processEnded(self, reason: Any) -> None:
+        self.ended.callback(None)
+        self._pool._ended(self, reason)
+
+
+class WorkerPool(Service):
+    """Runs and supervises the worker processes (see the module docstring)."""
+
+    _log = Logger()
+
+    def __init__(self, reactor: IReactorCore, listen: str, count: int, args: list[str]) -> None:
+        self._reactor = reactor
+        self._listen = listen
+        self._count = count
+        self._args = args
+        self._socket: socket.socket | None = None
+        self._workers: dict[int, Any] = {}
+        self.restarts = 0
+
+    def privilegedStartService(self) -> None:
+        # Bound before twistd drops privileges, like a strports service.
+        self._socket = listening_socket(self._listen)
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        if self._socket is None:
+            self._socket = listening_socket(self._listen)
+        super().startService()
+        for index in range(self._count):
+            self._spawn(index)
+
+    def _spawn(self, index: int) -> None:
+        assert self._socket is not None
+        worker = _Worker(self, index)
+        env = {**os.environ, WORKER_ENV: str(index)}
+        argv = [sys.executable, "-c", _RUN_TWISTD, "-n", "--pidfile=", "tickstock", *self._args]
+        transport = self._reactor.spawnProcess(
+            worker, sys.executable, argv, env=env,
+            childFDs={0: "w", 1: "r", 2: "r", LISTEN_FD: self._socket.fileno()},
+        )
+        self._workers[index] = (worker, transport)
+        self._log.info("worker {i} started (pid {pid})", i=index, pid=transport.pid)
+
+    def _ended(self, worker: _Worker, reason: Any) -> None:
+        if self._workers.get(worker.index, (None,))[0] is not worker:
+            return
+        del self._workers[worker.index]
+        if not self.running:
+            return
+        how = "exited" if reason.check(ProcessDone) else reason.getErrorMessage()
+        self._log.warn("worker {i} {how}; restarting it in {d:g}s", i=worker.index, how=how,
+                       d=RESTART_DELAY)
+        self.restarts += 1
+        self._reactor.callLater(RESTART_DELAY, self._restart, worker.index)
+
+    def _restart(self, index: int) -> None:
+        if self.running and index not in self._workers:
+            self._spawn(index)
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        running = list(self._workers.values())
+        def signal(name: str) -> None:
+            for _, transport in running:
+                try:
+                    transport.signalProcess(name)
+                except ProcessExitedAlready:
+                    pass
+
+        signal("TERM")
+        killer = self._reactor.callLater(STOP_TIMEOUT, signal, "KILL")
+
+
+        def done(_: Any) -> None:
+            if killer.active():
+                killer.cancel()
+            if self._socket is not None:
+                self._socket.close()
+                self._socket = None
+
+        return DeferredList([worker.ended for worker, _ in running]).addCallback(done)
+
+
+class AdoptedPort(Service):
+    """A worker's side: serve C{factory} on the listening socket it was given."""
+
+    def __init__(self, reactor: Any, fd: int, factory: Any) -> None:
+        self._reactor = reactor
+        self._fd = fd
+        self._factory = factory
+        self._port: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        probe = socket.socket(fileno=os.dup(self._fd))
+        family = probe.family
+        probe.close()
+        self._port = self._reactor.adoptStreamPort(self._fd, family, self._factory)
+        os.close(self._fd)  # adoptStreamPort keeps a duplicate of its own
+
+    def stopService(self) -> Any:
+        super().stopService()
+        return self._port.stopListening() if self._port is not None else None
