@@ -271,7 +271,9 @@ async def test_a_client_that_stops_reading_ticks_gets_the_newest_per_symbol(daem
     to fill loopback's socket buffers. It is not closed: its ticks are
     conflated. Once it reads again it gets every pattern, the last tick
     published for each symbol as the last it sees of that symbol, and all of
-    it in event-id order.
+    it in event-id order. (Frames written straight to the socket meet a full
+    one here: what the kernel does not take must follow, whole and in order,
+    through Twisted's buffer.)
     """
     daemon = daemons(sim_rate=0, client_queue_limit=20)
     client = await connect(daemon.port, hello=daemon.hello("slow"))
