@@ -12,7 +12,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
-from tests.servers import RedisServer, free_port
+from tests.servers import PostgresServer, RedisServer, free_port
 from tickstock.auth import JWTAuthenticator
 from tickstock.config import Settings, load_settings
 from tickstock.tap import TickStock
@@ -22,6 +22,44 @@ from tickstock.tap import TickStock
 def redis_server() -> Iterator[RedisServer]:
     """A fresh redis-server for one test, stopped afterwards."""
     server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[PostgresServer]:
+    """One PostgreSQL cluster for the whole run; tests get databases of their own."""
+    server = PostgresServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+_databases = iter(range(1, 1_000_000))
+
+
+@pytest.fixture
+def postgres(postgres_cluster: PostgresServer) -> Iterator[str]:
+    """The DSN of a new, migrated database of this test's own on the shared cluster."""
+    from tickstock.store.migrate import migrate
+
+    name = f"t{next(_databases)}"
+    postgres_cluster.sql(f"CREATE DATABASE {name}")
+    dsn = postgres_cluster.dsn(name)
+    migrate(dsn)
+    yield dsn
+    postgres_cluster.sql(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def postgres_server() -> Iterator[PostgresServer]:
+    """A PostgreSQL cluster for one test that may kill, pause or restart it."""
+    server = PostgresServer()
     server.start()
     try:
         yield server

@@ -5,6 +5,7 @@ port in a temporary folder, which tests may kill, pause and restart.
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import signal
@@ -13,7 +14,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable
 
 
 def free_port() -> int:
@@ -93,4 +94,114 @@ class RedisServer:
         if self.process is not None:
             os.kill(self.process.pid, signal.SIGCONT)
             self.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _postgres_bin(name: str) -> str:
+    """A PostgreSQL server program: on PATH, else in Debian's versioned folder."""
+    found = shutil.which(name)
+    if found is None:
+        candidates = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+        if not candidates:
+            raise RuntimeError("PostgreSQL is not installed (apt-get install postgresql)")
+        found = candidates[-1]
+    return found
+
+
+class PostgresServer:
+    """
+    A PostgreSQL cluster of the test run's own, in a temporary folder, on a
+    free loopback port. PostgreSQL refuses to run as root, so when the tests
+    run as root the cluster belongs to the C{postgres} user.
+    """
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="tickstock-pg-")
+        self.data = os.path.join(self.dir, "data")
+        self.process: subprocess.Popen[bytes] | None = None
+        self._as: list[str] = []
+        if os.geteuid() == 0:
+            shutil.chown(self.dir, "postgres", "postgres")
+            self._as = ["runuser", "-u", "postgres", "--"]
+        subprocess.run(
+            [*self._as, _postgres_bin("initdb"), "-D", self.data, "-U", "postgres",
+             "--auth=trust", "--no-sync", "-E", "UTF8", "--locale=C"],
+            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+
+    def dsn(self, dbname: str = "postgres", user: str = "postgres", **extra: str) -> str:
+        params = {"host": "127.0.0.1", "port": str(self.port), "dbname": dbname,
+                  "user": user, **extra}
+        return " ".join(f"{key}={value}" for key, value in params.items())
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [*self._as, _postgres_bin("postgres"), "-D", self.data, "-p", str(self.port),
+             "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.dir}",
+             "-c", "fsync=off", "-c", "synchronous_commit=off",
+             "-c", "full_page_writes=off", "-c", "max_connections=200"],
+            stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.dir, "log"), "ab"),
+        )
+        poll(self.answers, 30, f"postgres on port {self.port}")
+
+    def answers(self) -> bool:
+        try:
+            self.sql("SELECT 1")
+            return True
+        except Exception:
+            return False
+
+    def sql(self, statement: str, dbname: str = "postgres", params: Any = None) -> list[Any]:
+        """Run one statement on a fresh autocommit connection; its rows, if any."""
+        import psycopg2
+
+        conn = psycopg2.connect(self.dsn(dbname, connect_timeout="2"))
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cursor:
+                cursor.execute(statement, params)
+                return cursor.fetchall() if cursor.description else []
+        finally:
+            conn.close()
+
+    def _signal(self, signum: int) -> None:
+        assert self.process is not None
+        # runuser forks: signal the server, whose pid is in postmaster.pid.
+        with open(os.path.join(self.data, "postmaster.pid")) as handle:
+            os.kill(int(handle.readline()), signum)
+
+    def kill(self) -> None:
+        """Crash the server (every backend goes with it)."""
+        self._signal(signal.SIGKILL)
+        assert self.process is not None
+        self.process.wait()
+        self.process = None
+        # A killed postmaster leaves its backends to die on their own.
+        subprocess.run(["pkill", "-9", "-f", f"postgres.*{self.data}"], check=False)
+
+    def restart(self) -> None:
+        """Stop (fast shutdown) and start again on the same port and data."""
+        self.stop_server()
+        self.start()
+
+    def stop_server(self) -> None:
+        if self.process is not None:
+            self._signal(signal.SIGINT)
+            self.process.wait()
+            self.process = None
+
+    def pause(self) -> None:
+        self._signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._signal(signal.SIGCONT)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            try:
+                self.resume()
+            except (OSError, ValueError):
+                pass
+            self.stop_server()
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -50,7 +50,7 @@ def test_config_file_from_environment(tmp_path):
     ({"allowed_origins": "ftp://x"}, {}, "--allowed-origins: not an http(s) origin"),
     ({"jwt_secret_file": "/nonexistent"}, {}, "--jwt-secret-file: no such file"),
     ({}, {"TICKSTOCK_DEMO": "maybe"}, "TICKSTOCK_DEMO: expected true or false"),
-    ({"postgres": "dbname=x"}, {}, "--postgres: the PostgreSQL store is not available"),
+    ({"postgres_readonly": "dbname=x"}, {}, "--postgres-readonly: give --postgres too"),
     ({"redis": "redis://h"}, {}, "--jwt-secret-file: clients must authenticate"),
     ({}, {"TICKSTOCK_JWT_SECRET": "short"}, "TICKSTOCK_JWT_SECRET: the secret must be at least 32"),
     ({"mode": "streams"}, {}, "--mode: streams mode reads Redis streams; give --redis"),

@@ -244,6 +244,24 @@ OPTIONS: tuple[Option, ...] = (
            "Processes serving the one port (needs --redis and a tcp: --listen)."),
     Option("node_id", _str, None,
            "This daemon's name as a stream consumer (default: host name and listen port)."),
+    Option("postgres_timeout", _number(0.1, 600), 5.0,
+           "Seconds a PostgreSQL statement may run before it is cancelled (and the API says 503)."),
+    Option("flush_interval", _number(0.01, 60), 1.0,
+           "Seconds between writes of tick bars and events to the store."),
+    Option("pending_max", _number(100, 100_000_000, int), 200_000,
+           "Unwritten bars and events kept in memory while the store is down; past it the "
+           "oldest are spilled to --spool-dir."),
+    Option("spool_dir", _str, None,
+           "Folder for bars and events spilled while PostgreSQL is down (default: a "
+           "tickstock-spool folder in the system temp folder)."),
+    Option("tick_rate", _number(0.1, 1000), 10.0,
+           "Most tick updates per second one client gets per symbol (newer ones replace older)."),
+    Option("catchup_max", _number(0, 1_000_000, int), 10_000,
+           "Events one resuming subscription may get from PostgreSQL when its gap is older "
+           "than the Redis history."),
+    Option("api_cache_ttl", _number(0, 3600), 5.0,
+           "Seconds a cached /api/patterns answer is served (universe answers: until the "
+           "producer says they changed); 0: no cache."),
 )
 
 _BY_NAME = {option.name: option for option in OPTIONS}
@@ -280,6 +298,13 @@ class Settings:
     history_user_max: int
     workers: int
     node_id: str | None
+    postgres_timeout: float
+    flush_interval: float
+    pending_max: int
+    spool_dir: str | None
+    tick_rate: float
+    catchup_max: int
+    api_cache_ttl: float
     jwt_secret: bytes | None = dataclasses.field(default=None, repr=False)
 
     @property
@@ -383,11 +408,8 @@ def _check_combination(settings: Settings) -> None:
         raise ConfigError("--ws-ping-timeout: must be shorter than ten ping intervals")
     if settings.redis_ping_timeout <= settings.redis_ping_interval:
         raise ConfigError("--redis-ping-timeout: must be longer than --redis-ping-interval")
-    if settings.postgres or settings.postgres_readonly:
-        raise ConfigError(
-            "--postgres: the PostgreSQL store is not available in this version; "
-            "leave it unset to use the embedded store"
-        )
+    if settings.postgres_readonly and not settings.postgres:
+        raise ConfigError("--postgres-readonly: give --postgres too (the writer)")
     if settings.redis is not None and not settings.demo and settings.jwt_secret is None:
         raise ConfigError(
             f"--jwt-secret-file: clients must authenticate when not --demo; "

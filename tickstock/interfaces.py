@@ -138,3 +138,75 @@ class IClient(Interface):
 
     def close(code, reason):  # type: ignore[no-untyped-def]
         """Close the connection with a WebSocket close code and reason."""
+
+
+class IStore(Interface):
+    """
+    The system of record (PostgreSQL, or the embedded memory store): tick
+    bars, pattern and market-state event history, universes, and the reads
+    the REST API and deep catch-up make. Every method returns a Deferred
+    that fails fast with L{tickstock.store.StoreUnavailable} when the
+    store cannot be reached or a statement exceeds its timeout; none waits
+    for a dead server.
+    """
+
+    ready = Attribute("True while reads and writes can be served.")
+
+    def status():  # type: ignore[no-untyped-def]
+        """The store's state for C{/ready} (a JSON-able dict with C{"state"})."""
+
+    def write(bars, events):  # type: ignore[no-untyped-def]
+        """
+        Persist C{bars} (L{tickstock.store.Bar} parts) and C{events} (stored
+        L{tickstock.events.Event}s of the C{patterns} and C{market_state}
+        topics) in one transaction. Idempotent: writing the same bar part or
+        event again changes nothing, so a write that timed out but was
+        applied may simply be retried. Also records every symbol seen.
+        """
+
+    def events_after(topic, after, until, symbols, limit):  # type: ignore[no-untyped-def]
+        """
+        Stored events of C{topic} with C{after} < id <= C{until} (C{until}
+        L{None}: no upper bound), of C{symbols} only unless L{None}, oldest
+        first, at most C{limit}: one page of a deep catch-up.
+        """
+
+    def patterns(query):  # type: ignore[no-untyped-def]
+        """
+        A page of pattern events for a L{tickstock.store.PatternQuery},
+        newest first, as JSON-able dicts (see L{tickstock.store.pattern_row}).
+        """
+
+    def symbols():  # type: ignore[no-untyped-def]
+        """Every known symbol, as dicts sorted by symbol."""
+
+    def ohlcv(symbol, since, until, limit):  # type: ignore[no-untyped-def]
+        """
+        1-minute bars of C{symbol} with C{since} <= minute < C{until} (epoch
+        seconds, either L{None}), oldest first, at most C{limit}.
+        """
+
+    def universes():  # type: ignore[no-untyped-def]
+        """A summary of every universe (key, type, category, symbol count, updated)."""
+
+    def universe(key):  # type: ignore[no-untyped-def]
+        """One universe with its symbols, or L{None} if there is no such key."""
+
+
+class ICache(Interface):
+    """
+    A shared cache for REST answers (Redis, or memory when embedded). A
+    cache never fails a request: an unreachable cache is a miss.
+    """
+
+    hits = Attribute("Lookups answered from the cache.")
+    misses = Attribute("Lookups that were not.")
+
+    def get(key):  # type: ignore[no-untyped-def]
+        """A Deferred firing with the bytes cached under C{key}, or L{None}."""
+
+    def put(key, value, ttl):  # type: ignore[no-untyped-def]
+        """Cache C{value} (bytes) under C{key} for C{ttl} seconds; never raises."""
+
+    def invalidate():  # type: ignore[no-untyped-def]
+        """Forget every cached answer, on every node sharing the cache."""
