@@ -202,11 +202,13 @@ class ICache(Interface):
     hits = Attribute("Lookups answered from the cache.")
     misses = Attribute("Lookups that were not.")
 
-    def get(key):  # type: ignore[no-untyped-def]
-        """A Deferred firing with the bytes cached under C{key}, or L{None}."""
-
-    def put(key, value, ttl):  # type: ignore[no-untyped-def]
-        """Cache C{value} (bytes) under C{key} for C{ttl} seconds; never raises."""
+    def fetch(key, compute, ttl):  # type: ignore[no-untyped-def]
+        """
+        The bytes cached under C{key}; on a miss, C{compute()} (a Deferred
+        of bytes) is called and its result cached for C{ttl} seconds,
+        unless L{invalidate} was called meanwhile. Failures of C{compute}
+        pass through, uncached.
+        """
 
     def invalidate():  # type: ignore[no-untyped-def]
         """Forget every cached answer, on every node sharing the cache."""
