@@ -144,6 +144,9 @@ class PostgresServer:
             stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.dir, "log"), "ab"),
         )
         poll(self.answers, 30, f"postgres on port {self.port}")
+        # runuser forks: the server's own pid is in postmaster.pid.
+        with open(os.path.join(self.data, "postmaster.pid")) as handle:
+            self.pid = int(handle.readline())
 
     def answers(self) -> bool:
         try:
@@ -165,11 +168,22 @@ class PostgresServer:
         finally:
             conn.close()
 
-    def _signal(self, signum: int) -> None:
+    def _signal(self, signum: int, backends: bool = False) -> None:
         assert self.process is not None
-        # runuser forks: signal the server, whose pid is in postmaster.pid.
-        with open(os.path.join(self.data, "postmaster.pid")) as handle:
-            os.kill(int(handle.readline()), signum)
+        pids = [self.pid]
+        if backends:
+            for entry in os.listdir("/proc"):
+                try:
+                    with open(f"/proc/{entry}/stat") as handle:
+                        if int(handle.read().rsplit(")", 1)[1].split()[1]) == self.pid:
+                            pids.append(int(entry))
+                except (OSError, ValueError, IndexError):
+                    continue
+        for pid in pids:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
 
     def kill(self) -> None:
         """Crash the server (every backend goes with it)."""
@@ -192,10 +206,14 @@ class PostgresServer:
             self.process = None
 
     def pause(self) -> None:
-        self._signal(signal.SIGSTOP)
+        """Freeze the server and every backend (a hung server, not a dead one)."""
+        self._signal(signal.SIGSTOP, backends=True)
 
     def resume(self) -> None:
-        self._signal(signal.SIGCONT)
+        self._signal(signal.SIGCONT, backends=True)
+        # runuser stops itself when its child stops; it must go on too.
+        if self.process is not None:
+            os.kill(self.process.pid, signal.SIGCONT)
 
     def stop(self) -> None:
         if self.process is not None:

@@ -39,11 +39,14 @@ async def test_bad_requests_get_errors_and_the_connection_stays(quiet):
     assert await error_for({"op": "hello", "id": "h2"}) == "bad_request"
     assert await error_for({"op": "subscribe", "id": "a", "topic": "weather"}) == "bad_topic"
     for bad in ({"symbols": ["aapl"]}, {"symbols": []}, {"min_confidence": 2},
-                {"min_confidence": True}, {"colour": "red"}, {"universe": "sp500"}, "AAPL"):
+                {"min_confidence": True}, {"colour": "red"}, {"universe": "no spaces"},
+                {"universe": 5}, "AAPL"):
         assert await error_for({"op": "subscribe", "id": "a", "topic": "patterns",
                                 "filter": bad}) == "bad_filter", bad
     assert await error_for({"op": "subscribe", "id": "a", "topic": "health",
                             "filter": {"symbols": ["AAPL"]}}) == "bad_filter"
+    assert await error_for({"op": "subscribe", "id": "a", "topic": "patterns",
+                            "filter": {"universe": "sp500"}}) == "unknown_universe"
     assert await error_for({"op": "unsubscribe", "id": "nope"}) == "unknown_subscription"
     for params in ({"symbols": [], "start_date": "2024-01-01", "end_date": "2024-01-02"},
                    {"symbols": ["AAPL", "AAPL"], "start_date": "2024-01-01", "end_date": "2024-01-02"},

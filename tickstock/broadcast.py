@@ -11,7 +11,8 @@ targeted topics (a user's own backtests) by user.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable
 
 from zope.interface import implementer
@@ -22,11 +23,12 @@ from tickstock.interfaces import REPLAYED, IClient, IEventSink
 MAX_FILTER_SYMBOLS = 1000
 MAX_FILTER_PATTERNS = 100
 MAX_ID_LENGTH = 64
+UNIVERSE_KEY = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}\Z")
 
 _FILTER_FIELDS = {
-    "patterns": {"symbols", "patterns", "min_confidence"},
-    "market_state": {"symbols"},
-    "ticks": {"symbols"},
+    "patterns": {"symbols", "universe", "patterns", "min_confidence"},
+    "market_state": {"symbols", "universe"},
+    "ticks": {"symbols", "universe"},
     "backtests": set(),
     "health": set(),
     "universe": set(),
@@ -45,11 +47,15 @@ class BadRequest(ValueError):
 class Filter:
     """
     What a subscription wants. Every field is optional; L{None} matches all.
+
+    @ivar universe: a universe key whose symbols are added to C{symbols}
+        once resolved, and again whenever the universe changes.
     """
 
     symbols: frozenset[str] | None = None
     patterns: frozenset[str] | None = None
     min_confidence: float | None = None
+    universe: str | None = None
 
     def matches(self, event: Event) -> bool:
         """Whether C{event} passes the fields the symbol index did not check."""
@@ -72,8 +78,6 @@ def parse_filter(topic: str, raw: Any) -> Filter:
         return Filter()
     if not isinstance(raw, dict):
         raise BadRequest("bad_filter", "filter must be an object")
-    if "universe" in raw:
-        raise BadRequest("bad_filter", "universe filters are not available in this version")
     unknown = sorted(set(raw) - _FILTER_FIELDS[topic])
     if unknown:
         raise BadRequest("bad_filter", f"filter field {unknown[0]!r} does not apply to {topic}")
@@ -103,7 +107,12 @@ def parse_filter(topic: str, raw: Any) -> Filter:
         ):
             raise BadRequest("bad_filter", "min_confidence must be a number from 0 to 1")
         confidence = float(confidence)
-    return Filter(symbols, patterns, confidence)
+    universe = raw.get("universe")
+    if universe is not None and not (
+        isinstance(universe, str) and UNIVERSE_KEY.match(universe)
+    ):
+        raise BadRequest("bad_filter", "universe must be a universe key (1-64 of A-Za-z0-9_.:-)")
+    return Filter(symbols, patterns, confidence, universe)
 
 
 @dataclass(eq=False, slots=True)
@@ -175,6 +184,17 @@ class Broadcaster:
             bucket.discard(sub)
         self.subscriptions -= 1
         self._prune(sub)
+
+    def retarget(self, sub: Subscription, symbols: frozenset[str] | None) -> None:
+        """Give a live subscription a new symbol set (its universe changed)."""
+        if symbols == sub.filter.symbols:
+            return
+        for bucket in self._buckets(sub, create=False):
+            bucket.discard(sub)
+        self._prune(sub)
+        sub.filter = replace(sub.filter, symbols=symbols)
+        for bucket in self._buckets(sub, create=True):
+            bucket.add(sub)
 
     def release(self, sub: Subscription, replayed: list[Event], after: str) -> str | None:
         """

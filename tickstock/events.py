@@ -312,3 +312,9 @@ def id_key(event_id: str) -> tuple[int, int]:
     if not (ms.isdigit() and seq.isdigit()):
         raise ValueError(f"not an event id: {event_id!r}")
     return int(ms), int(seq)
+
+
+def id_before(event_id: str) -> str:
+    """The greatest id that sorts before C{event_id} (for "after" bounds)."""
+    ms, seq = id_key(event_id)
+    return f"{ms}-{seq - 1}" if seq else f"{ms - 1}-{2**31 - 1}"

@@ -11,7 +11,7 @@ import os
 import re
 import uuid
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date
 from typing import Any, Callable
 
@@ -24,12 +24,15 @@ from tickstock.broadcast import (
     MAX_ID_LENGTH,
     BadRequest,
     Broadcaster,
+    Filter,
     Subscription,
     parse_filter,
 )
 from tickstock.events import JOBS_CHANNEL, SYMBOL, TOPICS, id_key
+from tickstock.catchup import deepen
 from tickstock.history import Replay
-from tickstock.interfaces import IClient, IHistory, IProducerLink
+from tickstock.interfaces import IClient, IHistory, IProducerLink, IStore
+from tickstock.universes import Universes
 
 CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008
@@ -45,6 +48,7 @@ class _State:
 
     session: str = field(default_factory=lambda: uuid.uuid4().hex)
     subscriptions: dict[str, Subscription] = field(default_factory=dict)
+    resolving: set[str] = field(default_factory=set)
     resume_from: str | None = None
     hello_timer: IDelayedCall | None = None
     expiry_timer: IDelayedCall | None = None
@@ -108,7 +112,15 @@ class Gateway:
         authenticate: Callable[[dict[str, Any]], Identity],
         max_subscriptions: int,
         hello_timeout: float,
+        universes: Universes | None = None,
+        store: IStore | None = None,
+        catchup_max: int = 0,
     ) -> None:
+        """
+        @param universes: resolves universe filters; L{None}: they are refused.
+        @param store: where a resume older than the history is caught up
+            from (at most C{catchup_max} events); L{None}: nowhere.
+        """
         self._clock = clock
         self._broadcaster = broadcaster
         self._history = history
@@ -116,6 +128,9 @@ class Gateway:
         self._authenticate = authenticate
         self._max_subscriptions = max_subscriptions
         self._hello_timeout = hello_timeout
+        self._universes = universes
+        self._store = store
+        self._catchup_max = catchup_max
         self.connections: dict[IClient, _State] = {}
         self.errors: Counter[str] = Counter()
         self.slow_consumers_closed = 0
@@ -137,7 +152,12 @@ class Gateway:
             if timer is not None and timer.active():
                 timer.cancel()
         for sub in state.subscriptions.values():
-            self._broadcaster.unsubscribe(sub)
+            self._drop(sub)
+
+    def _drop(self, sub: Subscription) -> None:
+        self._broadcaster.unsubscribe(sub)
+        if self._universes is not None and sub.filter.universe is not None:
+            self._universes.untrack(sub)
 
     def close_all(self, code: int, reason: str) -> None:
         """Close every connection, e.g. with 1001 at shutdown so clients reconnect elsewhere."""
@@ -232,24 +252,54 @@ class Gateway:
             raise BadRequest("bad_request", "subscribe needs an id")
         if topic not in TOPICS:
             raise BadRequest("bad_topic", f"topic must be one of {', '.join(TOPICS)}")
-        if sub_id in state.subscriptions:
+        if sub_id in state.subscriptions or sub_id in state.resolving:
             raise BadRequest("duplicate_id", f"subscription {sub_id!r} exists")
-        if len(state.subscriptions) >= self._max_subscriptions:
+        if len(state.subscriptions) + len(state.resolving) >= self._max_subscriptions:
             raise BadRequest("too_many_subscriptions",
                              f"at most {self._max_subscriptions} per connection")
         filter = parse_filter(topic, message.get("filter"))
+        if filter.universe is None:
+            self._subscribe_to(conn, state, sub_id, topic, filter)
+            return
+        if self._universes is None:
+            raise BadRequest("unknown_universe", "this server has no universes")
+        explicit = filter.symbols
+        state.resolving.add(sub_id)
+
+        def resolved(symbols: frozenset[str]) -> None:
+            state.resolving.discard(sub_id)
+            if self.connections.get(conn) is not state:
+                return
+            sub = self._subscribe_to(conn, state, sub_id, topic,
+                                     replace(filter, symbols=symbols | (explicit or frozenset())))
+            assert self._universes is not None
+            self._universes.track(sub, explicit)
+
+        def refused(failure: Any) -> None:
+            state.resolving.discard(sub_id)
+            error = failure.trap(BadRequest) and failure.value
+            self.errors[error.code] += 1
+            conn.reply({"op": "error", "id": sub_id, "code": error.code, "message": str(error)})
+
+        self._universes.resolve(filter.universe).addCallbacks(resolved, refused)
+
+    def _subscribe_to(self, conn: IClient, state: _State, sub_id: str, topic: str,
+                      filter: Filter) -> Subscription:
         after = state.resume_from
         if after is None and topic != "backtests":
-            state.subscriptions[sub_id] = self._broadcaster.subscribe(conn, sub_id, topic, filter)
+            sub = state.subscriptions[sub_id] = self._broadcaster.subscribe(
+                conn, sub_id, topic, filter)
             conn.reply({"op": "subscribed", "id": sub_id})
-            return
+            return sub
         # Replay first (after the resume point; for backtests, the user's
         # offline queue too), holding live events back until it is sent.
         sub = self._broadcaster.subscribe(conn, sub_id, topic, filter, hold=True)
         state.subscriptions[sub_id] = sub
         d = self._history.replay(topic, after, conn.user)
         d.addErrback(self._replay_failed, after)
+        d.addCallback(deepen, self._store, topic, after, filter.symbols, self._catchup_max)
         d.addCallback(self._replayed, conn, state, sub, after)
+        return sub
 
     def _replay_failed(self, failure: Any, after: str | None) -> Replay:
         self.errors["history_unavailable"] += 1
@@ -275,7 +325,7 @@ class Gateway:
         sub = state.subscriptions.pop(message.get("id"), None)
         if sub is None:
             raise BadRequest("unknown_subscription", f"no subscription {message.get('id')!r}")
-        self._broadcaster.unsubscribe(sub)
+        self._drop(sub)
         conn.reply({"op": "unsubscribed", "id": sub.id})
 
     def _submit_backtest(self, conn: IClient, state: _State, message: dict[str, Any]) -> None:

@@ -7,13 +7,13 @@ history, which gives them their ids and feeds live delivery.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from tickstock.events import MalformedEvent, parse_event
+from tickstock.events import Event, MalformedEvent, parse_event
 from tickstock.interfaces import IHistory, IProducerLink
 
 SAMPLE_BYTES = 200
@@ -31,8 +31,15 @@ class Router:
 
     _log = Logger()
 
-    def __init__(self, clock: IReactorTime, history: IHistory, link: IProducerLink) -> None:
+    def __init__(self, clock: IReactorTime, history: IHistory, link: IProducerLink,
+                 stored: Callable[[Event], object] | None = None) -> None:
+        """
+        @param stored: called with each event this process stored (not a
+            duplicate), once, with its id: on every node together, each
+            event is passed on exactly once (to be persisted).
+        """
         self._clock = clock
+        self._on_stored = stored
         self._history = IHistory(history)
         self._link = IProducerLink(link)
         self.received = 0
@@ -54,13 +61,17 @@ class Router:
         except MalformedEvent as error:
             self._reject(channel, raw, error)
             return succeed(None)
-        return self._history.append(event, key).addCallbacks(self._stored, self._not_stored)
+        return self._history.append(event, key).addCallbacks(
+            self._stored, self._not_stored, callbackArgs=(event,))
 
-    def _stored(self, event_id: str | None) -> str | None:
+    def _stored(self, event_id: str | None, event: Event) -> str | None:
         if event_id is None:
             self.duplicates += 1
         else:
             self.routed += 1
+            if self._on_stored is not None:
+                event.id = event_id
+                self._on_stored(event)
         return event_id
 
     def _not_stored(self, failure: Any) -> Any:

@@ -68,16 +68,19 @@ def build_site(
     health: JSONStatus,
     ready: JSONStatus,
     timeout: float,
+    api: Resource | None = None,
 ) -> Site:
     """
     Assemble the site. C{timeout} bounds how long a connection may sit
     without finishing its HTTP request (slowloris), which Autobahn's own
-    handshake timeout does not cover.
+    handshake timeout does not cover. C{api} is served at C{/api}.
     """
     root = static_root()
     root.putChild(b"ws", ws)
     root.putChild(b"health", health)
     root.putChild(b"ready", ready)
+    if api is not None:
+        root.putChild(b"api", api)
     site = SecureSite(root, timeout=timeout)
     site.displayTracebacks = False
     return site

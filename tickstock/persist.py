@@ -1,0 +1,406 @@
+"""
+Writing tick bars and stored events to the L{IStore}, in batches, without
+losing any while the store is down.
+
+Ticks are folded into bar parts in memory (L{tickstock.bars}); every flush
+interval, one C{store.write} takes everything changed or received since the
+last successful one. A failed write keeps it all for the next flush. Past
+C{pending_max} unwritten bars and events, the oldest are spilled to files
+in the spool folder, which are written back, one per flush, once the store
+works again, and picked up by the next run if this one stops first. Parts
+make all of this safe to repeat: a part is written whole and replaces its
+earlier version, and a spilled aggregate leaves memory, so a later tick of
+its minute starts a new part rather than a second version of a spooled one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from typing import Any
+
+import orjson
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from tickstock.bars import BarAggregator
+from tickstock.events import Event, stored_event
+from tickstock.interfaces import IStore
+from tickstock.store import Bar
+
+GRACE_MINUTES = 2
+"""Clean aggregates this many minutes older than the newest are forgotten."""
+SPOOL_FILE_ITEMS = 20_000
+"""The most bars and events one spool file holds (and one write-back writes)."""
+STOP_TIMEOUT = 5.0
+_SPOOL_NAME = re.compile(r"^(\d{12})-[A-Za-z0-9_.-]+\.jsonl\Z")
+
+
+class Persister(Service):
+    """
+    Batches ticks (as bar parts) and stored events into C{store.write}
+    calls, at most one in flight.
+
+    @ivar ticks: ticks accepted.
+    @ivar bars_written: bar part versions the store confirmed.
+    @ivar events_written: events the store confirmed.
+    @ivar write_failures: failed writes (each is retried).
+    @ivar spilled: bars and events moved to spool files.
+    @ivar last_error: the last write or spool error, or L{None}.
+    """
+
+    _log = Logger()
+
+    def __init__(self, clock: IReactorTime, store: IStore, bars: BarAggregator | str,
+                 flush_interval: float, pending_max: int, spool_dir: str,
+                 stop_timeout: float = STOP_TIMEOUT) -> None:
+        """
+        @param bars: the aggregator to use, or the part prefix for a new one
+            (unique to this node and run).
+        @param pending_max: the most unwritten bars and events kept in memory;
+            past it, the oldest are spilled down to half of it.
+        @param spool_dir: the folder of spool files, created if missing.
+        @param stop_timeout: the longest L{stopService} waits for its last
+            write before spilling what it holds.
+        """
+        self._clock = clock
+        self._store = IStore(store)
+        self._bars = bars if isinstance(bars, BarAggregator) else BarAggregator(bars)
+        self._add = self._bars.add
+        self._interval = flush_interval
+        self._max = pending_max
+        self._dir = spool_dir
+        self._stop_timeout = stop_timeout
+        self._tag = re.sub(r"[^A-Za-z0-9_.-]", "_", self._bars.part_prefix) or "spool"
+        self._events: list[Event] = []
+        self._spool: list[str] = []
+        self._seq = 0
+        self._loop: LoopingCall | None = None
+        self._flushing: Deferred[None] | None = None
+        self._writing: Deferred[Any] | None = None
+        self._in_flight = 0
+        self._failing = False
+        self._outage_failures = 0
+        self._spill_blocked = False
+        self._spill_logged = False
+        self._stop_expired = False
+        self.ticks = 0
+        self.bars_written = 0
+        self.events_written = 0
+        self.write_failures = 0
+        self.spilled = 0
+        self.last_error: str | None = None
+
+    @property
+    def pending(self) -> int:
+        """Bars with unwritten ticks and events waiting, not counting a write in flight."""
+        return self._bars.dirty_count + len(self._events)
+
+    @property
+    def spool_files(self) -> int:
+        """Spool files waiting to be written back."""
+        return len(self._spool)
+
+    def add_tick(self, event: Event) -> None:
+        """Fold one tick event into its bar. Never raises, never blocks."""
+        data = event.data
+        self.ticks += 1
+        if (self._add(event.symbol, data["price"],  # type: ignore[arg-type]
+                      data["volume"], data["timestamp"])
+                and self._bars.dirty_count + len(self._events) > self._max):
+            self._relieve()
+
+    def add_event(self, event: Event) -> None:
+        """Queue one event of a stored topic (it has its id) for the next write."""
+        self._events.append(event)
+        if len(self._events) + self._bars.dirty_count > self._max:
+            self._relieve()
+
+    def status(self) -> dict[str, Any]:
+        """
+        For C{/ready} and operators: C{"failing"} while writes fail,
+        C{"backlog"} while spool files wait or memory is past its bound,
+        else C{"ok"}.
+        """
+        if self._failing:
+            state = "failing"
+        elif self._spool or self.pending > self._max:
+            state = "backlog"
+        else:
+            state = "ok"
+        return {
+            "state": state,
+            "ticks": self.ticks,
+            "bars_written": self.bars_written,
+            "events_written": self.events_written,
+            "write_failures": self.write_failures,
+            "spilled": self.spilled,
+            "spool_files": self.spool_files,
+            "pending": self.pending,
+            "in_flight": self._in_flight,
+            "last_error": self.last_error,
+        }
+
+    def startService(self) -> None:
+        super().startService()
+        self._stop_expired = False
+        try:
+            os.makedirs(self._dir, exist_ok=True)
+            names = sorted(n for n in os.listdir(self._dir) if _SPOOL_NAME.match(n))
+        except OSError as error:
+            self._log.error("cannot read the spool folder {dir}: {e}", dir=self._dir, e=error)
+            names = []
+        self._spool = [os.path.join(self._dir, n) for n in names]
+        if names:
+            self._seq = max(self._seq, int(names[-1][:12]))
+            self._log.info("{n} spool files in {dir} from an earlier run will be written back",
+                           n=len(names), dir=self._dir)
+        self._loop = LoopingCall(self._tick)
+        self._loop.clock = self._clock
+        self._loop.start(self._interval, now=False)
+
+    def stopService(self) -> Deferred[None]:
+        """
+        One last write of what memory holds, waited for at most
+        C{stop_timeout} seconds; whatever is still unwritten then is spilled.
+        """
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        timer: IDelayedCall = self._clock.callLater(self._stop_timeout, self._expire)
+        try:
+            if self._flushing is not None:
+                await _after(self._flushing)
+            if not self._stop_expired:
+                await self._write_memory()
+        finally:
+            if timer.active():
+                timer.cancel()
+        before = self.spilled
+        self._spill_blocked = False
+        self._spill(self.pending)
+        if self.spilled > before:
+            self._log.info("stopped; {n} unwritten bars and events spilled to {dir}",
+                           n=self.spilled - before, dir=self._dir)
+
+    def _expire(self) -> None:
+        self._stop_expired = True
+        if self._writing is not None:
+            self._writing.cancel()
+
+    def _tick(self) -> None:
+        self._spill_blocked = False
+        if self._flushing is not None:
+            return
+        try:
+            self._bars.evict(self._bars.newest_minute - GRACE_MINUTES * 60)
+        except Exception:
+            self._log.failure("evicting bars failed")
+        flushing = self._flushing = Deferred.fromCoroutine(self._flush())
+        flushing.addBoth(self._flushed)
+
+    def _flushed(self, result: Any) -> None:
+        self._flushing = None
+        if isinstance(result, Failure):
+            self._log.failure("flush failed unexpectedly", result)
+
+    async def _flush(self) -> None:
+        if await self._write_memory() and self._spool and self.running:
+            await self._write_back()
+
+    async def _write_memory(self) -> bool:
+        """Write every dirty bar and waiting event; whether that worked."""
+        bars, taken = self._bars.take_dirty()
+        events, self._events = self._events, []
+        if not bars and not events:
+            return True
+        self._in_flight = len(bars) + len(events)
+        try:
+            await self._write(bars, events)
+        except Exception as error:
+            self._bars.failed(taken)
+            self._events[:0] = events
+            self._failed(error)
+            if self.pending > self._max:
+                self._relieve()
+            return False
+        finally:
+            self._in_flight = 0
+        self._bars.written(taken)
+        return True
+
+    async def _write_back(self) -> None:
+        """Write the oldest spool file, and delete it once that worked."""
+        path = self._spool[0]
+        try:
+            bars, events = _read_spool(path)
+        except FileNotFoundError:
+            self._spool.pop(0)
+            return
+        except (OSError, ValueError, TypeError, KeyError) as error:
+            self._spool.pop(0)
+            self.last_error = f"unreadable spool file {path}: {error}"
+            self._log.error("cannot read spool file {path} ({e}); moved aside as .bad",
+                            path=path, e=error)
+            try:
+                os.replace(path, path + ".bad")
+            except OSError:
+                pass
+            return
+        try:
+            await self._write(bars, events)
+        except Exception as error:
+            self._failed(error)
+            return
+        self._spool.pop(0)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        if not self._spool:
+            self._spill_logged = False
+            self._log.info("spool written back; {dir} is empty", dir=self._dir)
+
+    async def _write(self, bars: list[Bar], events: list[Event]) -> None:
+        self._writing = self._store.write(bars, events)
+        try:
+            await self._writing
+        finally:
+            self._writing = None
+        self.bars_written += len(bars)
+        self.events_written += len(events)
+        if self._failing:
+            self._failing = False
+            self._log.info("store writes work again after {n} failed",
+                           n=self._outage_failures)
+            self._outage_failures = 0
+
+    def _failed(self, error: Exception) -> None:
+        self.write_failures += 1
+        self._outage_failures += 1
+        self.last_error = f"{type(error).__name__}: {error}"
+        if not self._failing:
+            self._failing = True
+            self._log.warn("store writes failing ({e}); keeping bars and events to retry",
+                           e=self.last_error)
+
+    def _relieve(self) -> None:
+        """Past the bound: spill the oldest down to half of it."""
+        if not self._spill_blocked:
+            self._spill(self.pending - self._max // 2)
+
+    def _spill(self, count: int) -> None:
+        """
+        Move C{count} unwritten items to spool files: bars of minutes past
+        the grace period first (they will not change), then the oldest
+        events, then the oldest remaining bars.
+        """
+        closed = self._bars.newest_minute - GRACE_MINUTES * 60
+        try:
+            count = self._spill_bars(count, closed)
+            count = self._spill_events(count)
+            self._spill_bars(count, None)
+        except OSError as error:
+            self._spill_blocked = True
+            self.last_error = f"cannot spill to {self._dir}: {error}"
+            self._log.error("cannot spill to {dir} ({e}); keeping it all in memory",
+                            dir=self._dir, e=error)
+
+    def _spill_bars(self, count: int, before_minute: int | None) -> int:
+        while count > 0:
+            bars, taken = self._bars.oldest(min(count, SPOOL_FILE_ITEMS), before_minute)
+            if not bars:
+                break
+            self._write_spool([orjson.dumps({"bar": bar}) for bar in bars])
+            self._bars.forget(taken)
+            count -= len(bars)
+        return count
+
+    def _spill_events(self, count: int) -> int:
+        while count > 0 and self._events:
+            events = self._events[:min(count, SPOOL_FILE_ITEMS)]
+            self._write_spool([_event_line(event) for event in events])
+            del self._events[:len(events)]
+            count -= len(events)
+        return count
+
+    def _write_spool(self, lines: list[bytes]) -> None:
+        """One spool file, whole or not at all: a temp file, fsynced, renamed."""
+        os.makedirs(self._dir, exist_ok=True)
+        fd, temp = tempfile.mkstemp(dir=self._dir, prefix=".", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(b"\n".join(lines) + b"\n")
+                out.flush()
+                os.fsync(out.fileno())
+            self._seq += 1
+            path = os.path.join(self._dir, f"{self._seq:012d}-{self._tag}.jsonl")
+            os.replace(temp, path)
+        except BaseException:
+            try:
+                os.unlink(temp)
+            except OSError:
+                pass
+            raise
+        _sync_dir(self._dir)
+        self._spool.append(path)
+        self.spilled += len(lines)
+        if not self._spill_logged:
+            self._spill_logged = True
+            self._log.warn("more than {max} bars and events unwritten: spilling the oldest "
+                           "to {dir}", max=self._max, dir=self._dir)
+
+
+def _event_line(event: Event) -> bytes:
+    return orjson.dumps({"event": {"id": event.id, "channel": event.channel,
+                                   "type": event.type, "user": event.user,
+                                   "data": event.data}})
+
+
+def _read_spool(path: str) -> tuple[list[Bar], list[Event]]:
+    bars: list[Bar] = []
+    events: list[Event] = []
+    with open(path, "rb") as spool:
+        for line in spool:
+            item = orjson.loads(line)
+            if "bar" in item:
+                bars.append(Bar(**item["bar"]))
+            else:
+                e = item["event"]
+                events.append(stored_event(e["id"], e["channel"], e["type"],
+                                           orjson.dumps(e["data"]), e["user"]))
+    return bars, events
+
+
+def _sync_dir(path: str) -> None:
+    # The rename is durable only once the folder's entry is on disk too.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _after(d: Deferred[Any]) -> Deferred[None]:
+    """A Deferred that fires when C{d} does, leaving C{d}'s result to its owner."""
+    done: Deferred[None] = Deferred()
+
+    def fire(result: Any) -> Any:
+        done.callback(None)
+        return result
+
+    d.addBoth(fire)
+    return done

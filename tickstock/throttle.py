@@ -1,0 +1,51 @@
+"""
+Live ticks, at most C{rate} per second per symbol: a newer tick replaces
+one still waiting for its turn, so every client gets each symbol's latest
+price at most C{rate} times a second, never a stale one last.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from twisted.internet.interfaces import IReactorTime
+
+from tickstock.events import Event
+
+
+class TickThrottle:
+    """
+    Passes tick events to C{deliver}, conflated per symbol.
+
+    @ivar conflated: ticks replaced by a newer one before their turn.
+    """
+
+    def __init__(self, clock: IReactorTime, rate: float,
+                 deliver: Callable[[Event], object]) -> None:
+        self._clock = clock
+        self._interval = 1.0 / rate
+        self._deliver = deliver
+        self._next: dict[str | None, float] = {}
+        self._waiting: dict[str | None, Event] = {}
+        self.conflated = 0
+
+    def __call__(self, event: Event) -> None:
+        symbol = event.symbol
+        if symbol in self._waiting:
+            self.conflated += 1
+            self._waiting[symbol] = event
+            return
+        now = self._clock.seconds()
+        due = self._next.get(symbol, 0.0)
+        if now >= due:
+            self._next[symbol] = now + self._interval
+            self._deliver(event)
+        else:
+            self._waiting[symbol] = event
+            self._clock.callLater(due - now, self._release, symbol)
+
+    def _release(self, symbol: str | None) -> None:
+        event = self._waiting.pop(symbol, None)
+        if event is not None:
+            self._next[symbol] = self._clock.seconds() + self._interval
+            self._deliver(event)
