@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import socket
 import sys
+import tempfile
 from typing import Any
 
 from twisted.application import strports
@@ -22,6 +24,8 @@ from twisted.python import usage
 
 from tickstock.config import OPTIONS, ConfigError, Settings, load_settings
 from tickstock.events import JOBS_CHANNEL
+from tickstock.store import STORED_TOPICS
+from tickstock.universes import UPDATED_CHANNEL
 
 
 class Options(usage.Options):
@@ -96,6 +100,10 @@ class TickStock(MultiService):
         from tickstock.router import Router
         from tickstock.web.site import JSONStatus, build_site
         from tickstock.web.stream import StreamFactory
+        from tickstock.web.api import build_api
+        from tickstock.cache import MemoryCache, RedisCache
+        from tickstock.throttle import TickThrottle
+        from tickstock.universes import Universes
         from autobahn.twisted.resource import WebSocketResource
 
         self.settings = settings
@@ -133,6 +141,10 @@ class TickStock(MultiService):
             )
             self.link.setServiceParent(self)
             self.history.setServiceParent(self)
+        self._add_store(reactor, settings, worker)
+        if settings.redis is not None:
+            # After the store: stopped before it, so what the source still
+            # hands over is flushed to the store at shutdown.
             self.source.setServiceParent(self)
 
         self.stream = StreamFactory(
@@ -144,15 +156,18 @@ class TickStock(MultiService):
             handshake_timeout=settings.handshake_timeout,
         )
         self.broadcaster = Broadcaster(self.stream.prepareMessage)
+        self.ticks = TickThrottle(reactor, settings.tick_rate, self.broadcaster.deliver)
+        self.universes = Universes(self.store, self.broadcaster)
         authenticate = anonymous if settings.jwt_secret is None else JWTAuthenticator(
             settings.jwt_secret, audience=settings.jwt_audience, issuer=settings.jwt_issuer
         )
         self.gateway = Gateway(
             reactor, self.broadcaster, self.history, self.link, authenticate,
             settings.max_subscriptions, settings.hello_timeout,
+            universes=self.universes, store=self.store, catchup_max=settings.catchup_max,
         )
         self.stream.gateway = self.gateway
-        self.router = Router(reactor, self.history, self.link)
+        self.router = Router(reactor, self.history, self.link, stored=self._persist)
         self.source.listen(self.router.receive)
         self.history.listen(self._live)
         if settings.redis is not None:
@@ -161,10 +176,14 @@ class TickStock(MultiService):
         if settings.demo or settings.redis is None:
             self._add_simulator(reactor, settings)
 
+        self.cache = (MemoryCache(reactor) if settings.redis is None
+                      else RedisCache(self.link, reactor))
+        self.api = build_api(self.store, self.cache, authenticate, settings.api_cache_ttl,
+                             clock=reactor, timeout=settings.postgres_timeout)
         site = build_site(
             WebSocketResource(self.stream),
             JSONStatus(self.health), JSONStatus(self.readiness),
-            timeout=settings.handshake_timeout,
+            timeout=settings.handshake_timeout, api=self.api,
         )
         # Stopped in reverse: the port closes first, then clients are told to go.
         ClientDrain(self.gateway, reactor, SHUTDOWN_GRACE).setServiceParent(self)
@@ -175,6 +194,43 @@ class TickStock(MultiService):
         else:
             # strports: a port already in use stops twistd with an error at start.
             strports.service(settings.listen, site, reactor=reactor).setServiceParent(self)
+
+    def _add_store(self, reactor: Any, settings: Settings, worker: int | None) -> None:
+        """The system of record, and the persister that batches writes to it."""
+        from tickstock.persist import Persister
+
+        if settings.postgres:
+            from tickstock.store.postgres import PostgresStore
+
+            self.store = PostgresStore(reactor, settings.postgres, settings.postgres_readonly,
+                                       settings.postgres_timeout)
+            self.store.setServiceParent(self)
+        else:
+            from tickstock.sim import UNIVERSES, default_symbols
+            from tickstock.store.memory import MemoryStore
+
+            # The demo's universes: no producer writes cache_entries here.
+            symbols = default_symbols(max(settings.sim_symbols, 10))
+            self.store = MemoryStore(reactor, universes={
+                key: {"type": _demo_universe_type(key),
+                      "symbols": symbols[n::len(UNIVERSES)] or symbols[:1]}
+                for n, key in enumerate(UNIVERSES)
+            })
+        node = node_id(settings, worker)
+        spool = settings.spool_dir or os.path.join(tempfile.gettempdir(), "tickstock-spool")
+        self.persister = Persister(
+            reactor, self.store, f"{node}:{int(reactor.seconds() * 1000)}",
+            settings.flush_interval, settings.pending_max,
+            os.path.join(spool, re.sub(r"[^A-Za-z0-9_.-]", "_", node)),
+        )
+        self.persister.setServiceParent(self)
+
+    def _persist(self, event: Any) -> None:
+        """An event this process stored: into bars, or the event history."""
+        if event.topic == "ticks":
+            self.persister.add_tick(event)
+        elif event.topic in STORED_TOPICS:
+            self.persister.add_event(event)
 
     def _add_simulator(self, reactor: IReactorCore, settings: Settings) -> None:
         from tickstock.sim import (
@@ -198,8 +254,26 @@ class TickStock(MultiService):
         SimulatorService(producer, runner).setServiceParent(self)
 
     def _live(self, event: Any) -> None:
+        if event.topic == "ticks":
+            self.ticks(event)
+            return
+        if event.topic == "universe":
+            self._universe_changed(event)
         if self.broadcaster.deliver(event) and event.user is not None:
             self.history.delivered(event.user, event.id)
+
+    def _universe_changed(self, event: Any) -> None:
+        if event.channel in (UPDATED_CHANNEL, "tickstock.cache.sync_complete"):
+            self.cache.invalidate()
+        if not self.settings.postgres and event.channel == UPDATED_CHANNEL:
+            # Embedded store: the event's own symbol list is the universe.
+            key, symbols = event.data.get("universe"), event.data.get("symbols")
+            if isinstance(key, str) and isinstance(symbols, list):
+                try:
+                    self.store.set_universe(key, _demo_universe_type(key), symbols)
+                except ValueError:
+                    pass
+        self.universes.changed(event)
 
     def _missed_live(self, topic: str) -> None:
         for client in self.broadcaster.clients_of(topic):
@@ -227,12 +301,17 @@ class TickStock(MultiService):
             "conflated": self.stream.conflated,
             "live_gaps_closed": self.gateway.live_gaps_closed,
             "heartbeat_timeouts": self.gateway.heartbeat_timeouts,
+            "ticks_conflated": self.ticks.conflated,
+            "universe_refreshes": self.universes.refreshes,
+            "persist": self.persister.status(),
+            "api": self.api.stats(),
         }
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         """Ready when producer messages can arrive (and, with Redis, be sent)."""
-        components: dict[str, Any] = {"source": self.source.status()}
-        ok = bool(self.source.ready)
+        components: dict[str, Any] = {"source": self.source.status(),
+                                      "store": self.store.status()}
+        ok = bool(self.source.ready) and bool(self.store.ready)
         if self.settings.redis is not None:
             link_ok = self.link.connected
             components["link"] = {"state": "connected" if link_ok else "connecting"}
@@ -242,6 +321,10 @@ class TickStock(MultiService):
 
 
 SHUTDOWN_GRACE = 3.0
+
+
+def _demo_universe_type(key: str) -> str:
+    return "etf_universe" if key.startswith("etf") else "stock_universe"
 
 
 def node_id(settings: Settings, worker: int | None = None) -> str:
