@@ -160,16 +160,37 @@ def add_universes(store: Any, universes: dict[str, dict[str, Any]]) -> None:
         for key, spec in universes.items():
             store.set_universe(key, spec["type"], spec["symbols"], spec["category"],
                                spec["metadata"])
-    else:  # pragma: no cover - other stores add their branch here
-        raise NotImplementedError(type(store))
+        return
+    import psycopg2
+
+    with psycopg2.connect(store.dsn) as conn, conn.cursor() as cursor:
+        for key, spec in universes.items():
+            cursor.execute(
+                "INSERT INTO cache_entries (type, name, key, value, universe_category, "
+                "universe_metadata) VALUES (%s, %s, %s, %s, %s, %s)",
+                (spec["type"], key, key, orjson.dumps({"symbols": spec["symbols"]}).decode(),
+                 spec["category"], orjson.dumps(spec["metadata"]).decode()
+                 if spec["metadata"] is not None else None))
+    conn.close()
 
 
-@pytest.fixture(params=["memory"])
-def store(request: pytest.FixtureRequest) -> Any:
-    """An empty store of each kind (the memory store; others may be added)."""
+@pytest.fixture(params=["memory", "postgres"])
+def store(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """An empty store of each kind: memory, and PostgreSQL (a migrated database of its own)."""
     if request.param == "memory":
-        return MemoryStore(reactor)
-    raise NotImplementedError(request.param)  # pragma: no cover
+        yield MemoryStore(reactor)
+        return
+    from tests.wsclient import eventually
+    from tickstock.store.postgres import PostgresStore
+
+    dsn = request.getfixturevalue("postgres")
+    pg = PostgresStore(reactor, dsn, None, 5.0)
+    pg.dsn = dsn
+    pg.startService()
+    pytest_twisted.blockon(Deferred.fromCoroutine(
+        eventually(lambda: pg.ready, 10, "PostgreSQL store ready")))
+    yield pg
+    pg.stopService()
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ start-up, failing fast meanwhile and never hanging.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from typing import Any
 
 import orjson
 import psycopg2
@@ -17,18 +17,11 @@ import pytest_twisted
 from twisted.internet import reactor, task
 
 from tests.servers import PostgresServer
+from tests.wsclient import eventually
 from tickstock.events import Event, parse_event
 from tickstock.store import Bar, PatternQuery, StoreUnavailable
 from tickstock.store.migrate import migrate
 from tickstock.store.postgres import PostgresStore
-
-
-async def eventually(predicate: Callable[[], Any], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await task.deferLater(reactor, 0.02, lambda: None)
 
 
 async def outcome(d: Any) -> Any:
