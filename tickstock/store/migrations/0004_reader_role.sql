@@ -15,7 +15,8 @@ BEGIN
         BEGIN
             CREATE ROLE tickstock_reader NOLOGIN;
         EXCEPTION WHEN insufficient_privilege THEN
-            RAISE NOTICE 'role tickstock_reader not created (% lacks CREATEROLE): read-only logins are unavailable until a privileged user runs this migration''s statements', current_user;
+            RAISE NOTICE 'role tickstock_reader not created (% lacks CREATEROLE): %',
+                current_user, 'no read-only logins until a user with CREATEROLE runs 0004_reader_role.sql';
             RETURN;
         END;
     END IF;

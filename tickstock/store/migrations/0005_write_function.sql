@@ -58,3 +58,10 @@ BEGIN
         WHERE x.last_seen < now() - interval '1 minute';
 END
 $$;
+
+-- Only the owner (the daemon's --postgres login) writes through it.
+REVOKE EXECUTE ON FUNCTION tickstock_write(
+    text[], double precision[], text[], double precision[], double precision[],
+    double precision[], double precision[], double precision[], double precision[],
+    double precision[], integer[], bigint[], integer[], text[], text[], text[], text[],
+    text[], double precision[], double precision[], text[]) FROM PUBLIC;
