@@ -97,6 +97,20 @@ class RedisServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def run_sql(dsn: str, statement: str, params: Any = None) -> list[Any]:
+    """Run one statement on a fresh autocommit connection; its rows, if any."""
+    import psycopg2
+
+    conn = psycopg2.connect(dsn)
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cursor:
+            cursor.execute(statement, params)
+            return cursor.fetchall() if cursor.description else []
+    finally:
+        conn.close()
+
+
 def _postgres_bin(name: str) -> str:
     """A PostgreSQL server program: on PATH, else in Debian's versioned folder."""
     found = shutil.which(name)
@@ -157,16 +171,7 @@ class PostgresServer:
 
     def sql(self, statement: str, dbname: str = "postgres", params: Any = None) -> list[Any]:
         """Run one statement on a fresh autocommit connection; its rows, if any."""
-        import psycopg2
-
-        conn = psycopg2.connect(self.dsn(dbname, connect_timeout="2"))
-        try:
-            conn.autocommit = True
-            with conn.cursor() as cursor:
-                cursor.execute(statement, params)
-                return cursor.fetchall() if cursor.description else []
-        finally:
-            conn.close()
+        return run_sql(self.dsn(dbname, connect_timeout="2"), statement, params)
 
     def _signal(self, signum: int, backends: bool = False) -> None:
         assert self.process is not None

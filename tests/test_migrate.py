@@ -20,7 +20,7 @@ import psycopg2.errors
 import pytest
 from psycopg2.extensions import parse_dsn
 
-from tests.servers import PostgresServer, free_port, poll
+from tests.servers import PostgresServer, free_port, poll, run_sql
 from tickstock.store.db_cli import ReaderError, create_reader, main
 from tickstock.store.migrate import (
     LOCK_KEY,
@@ -42,16 +42,6 @@ UPDATE = "update_etf_universe(text,text[],text,jsonb)"
 _names = itertools.count(1)
 
 
-def query(dsn: str, statement: str, params: Any = None) -> list[Any]:
-    """Run one statement in autocommit; its rows, if any."""
-    conn = psycopg2.connect(dsn)
-    try:
-        conn.autocommit = True
-        with conn.cursor() as cursor:
-            cursor.execute(statement, params)
-            return cursor.fetchall() if cursor.description else []
-    finally:
-        conn.close()
 
 
 @pytest.fixture
@@ -70,17 +60,17 @@ def snapshot(dsn: str) -> list[list[Any]]:
     nothing visible.
     """
     return [
-        query(dsn, """
+        run_sql(dsn, """
             SELECT c.relname, c.relkind, c.xmin::text, c.relacl::text, a.attname,
                    format_type(a.atttypid, a.atttypmod), a.attnotnull, a.xmin::text
             FROM pg_class c
             LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0
             WHERE c.relnamespace = 'public'::regnamespace ORDER BY 1, 5"""),
-        query(dsn, """
+        run_sql(dsn, """
             SELECT p.oid::regprocedure::text, p.xmin::text, md5(p.prosrc), p.proacl::text
             FROM pg_proc p WHERE p.pronamespace = 'public'::regnamespace ORDER BY 1"""),
-        query(dsn, "SELECT version, name, applied_at FROM schema_migrations ORDER BY 1"),
-        query(dsn, "SELECT xmin::text, setconfig FROM pg_db_role_setting"),
+        run_sql(dsn, "SELECT version, name, applied_at FROM schema_migrations ORDER BY 1"),
+        run_sql(dsn, "SELECT xmin::text, setconfig FROM pg_db_role_setting"),
     ]
 
 
@@ -94,7 +84,7 @@ def test_migrate_applies_every_packaged_migration_in_order(empty: str) -> None:
     assert pending(empty) == ALL
     assert migrate(empty) == ALL
     assert pending(empty) == []
-    rows = query(empty, "SELECT version, name FROM schema_migrations ORDER BY version")
+    rows = run_sql(empty, "SELECT version, name FROM schema_migrations ORDER BY version")
     assert rows == [(int(name[:4]), name) for name in ALL]
     applied, left = status(empty)
     assert [name for name, _ in applied] == ALL and left == []
@@ -118,7 +108,7 @@ def test_concurrent_migrations_apply_each_once(empty: str) -> None:
         cursor.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
     with ThreadPoolExecutor(2) as pool:
         runs = [pool.submit(migrate, empty) for _ in range(2)]
-        poll(lambda: query(empty, """
+        poll(lambda: run_sql(empty, """
             SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
               AND objid = %s AND database = (SELECT oid FROM pg_database
                                              WHERE datname = current_database())""",
@@ -129,7 +119,7 @@ def test_concurrent_migrations_apply_each_once(empty: str) -> None:
         results = sorted((run.result(timeout=30) for run in runs), key=len)
     holder.close()
     assert results == [[], ALL]
-    assert query(empty, "SELECT count(*), count(DISTINCT version) FROM schema_migrations") == [
+    assert run_sql(empty, "SELECT count(*), count(DISTINCT version) FROM schema_migrations") == [
         (len(ALL), len(ALL))]
 
 
@@ -142,8 +132,8 @@ def test_failed_migration_is_rolled_back_and_stays_pending(empty: str) -> None:
     broken = Migration(2, "0002_broken", "CREATE TABLE half (x int); SELECT no_such_function();")
     with pytest.raises(MigrationError, match="0002_broken failed and was rolled back"):
         migrate(empty, migrations=[first, broken])
-    assert query(empty, "SELECT name FROM schema_migrations") == [(first.name,)]
-    assert query(empty, "SELECT to_regclass('half')") == [(None,)]
+    assert run_sql(empty, "SELECT name FROM schema_migrations") == [(first.name,)]
+    assert run_sql(empty, "SELECT to_regclass('half')") == [(None,)]
     fixed = Migration(2, "0002_broken", "CREATE TABLE half (x int);")
     assert migrate(empty, migrations=[first, fixed]) == ["0002_broken"]
 
@@ -164,7 +154,7 @@ def test_contract_tables_and_columns_exist(postgres: str) -> None:
     """The CONTRACT §6 tables exist with the columns and types the original system used."""
     columns = {
         (table, column): kind
-        for table, column, kind in query(postgres, """
+        for table, column, kind in run_sql(postgres, """
             SELECT table_name, column_name, data_type FROM information_schema.columns
             WHERE table_schema = 'public'""")
     }
@@ -188,7 +178,7 @@ def test_contract_tables_and_columns_exist(postgres: str) -> None:
 
 def test_contract_functions_exist(postgres: str) -> None:
     """The four universe functions exist with the documented signatures and results."""
-    rows = query(postgres, """
+    rows = run_sql(postgres, """
         SELECT p.oid::regprocedure::text, pg_get_function_result(p.oid) FROM pg_proc p
         WHERE p.proname LIKE '%etf_universe%' ORDER BY 1""")
     assert rows == [
@@ -203,10 +193,10 @@ def test_contract_functions_exist(postgres: str) -> None:
 
 def test_ohlcv_stays_a_plain_table_without_timescale(postgres: str) -> None:
     """Where TimescaleDB is not available, 0003 leaves C{ohlcv_1min} a plain table."""
-    if query(postgres, "SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'"):
+    if run_sql(postgres, "SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'"):
         pytest.skip("TimescaleDB is installed here")
-    assert query(postgres, "SELECT relkind FROM pg_class WHERE relname = 'ohlcv_1min'") == [("r",)]
-    assert query(postgres, "SELECT 1 FROM pg_extension WHERE extname = 'timescaledb'") == []
+    assert run_sql(postgres, "SELECT relkind FROM pg_class WHERE relname = 'ohlcv_1min'") == [("r",)]
+    assert run_sql(postgres, "SELECT 1 FROM pg_extension WHERE extname = 'timescaledb'") == []
 
 
 # ---------------------------------------------------------------- universe functions
@@ -218,18 +208,18 @@ def test_update_and_get_etf_universe(postgres: str) -> None:
     dropped, category and metadata set), and get_etf_universe returns its
     value; a missing key, or a stock universe, is NULL.
     """
-    assert query(postgres, "SELECT update_etf_universe('core', %s, 'Sector', %s)",
+    assert run_sql(postgres, "SELECT update_etf_universe('core', %s, 'Sector', %s)",
                  (["SPY", "QQQ", "SPY", "BRK.B"], '{"name": "Core ETFs"}')) == [(True,)]
-    assert query(postgres, "SELECT get_etf_universe('core')") == [
+    assert run_sql(postgres, "SELECT get_etf_universe('core')") == [
         ({"symbols": ["SPY", "QQQ", "BRK.B"]},)]
-    row = query(postgres, """
+    row = run_sql(postgres, """
         SELECT name, universe_category, universe_metadata, environment,
                last_universe_update IS NOT NULL, updated_at > now() - interval '1 minute'
         FROM cache_entries WHERE type = 'etf_universe' AND key = 'core'""")
     assert row == [("Core ETFs", "Sector", {"name": "Core ETFs"}, "DEFAULT", True, True)]
-    query(postgres, """INSERT INTO cache_entries (type, name, key, value)
+    run_sql(postgres, """INSERT INTO cache_entries (type, name, key, value)
                        VALUES ('stock_universe', 'big', 'big', '{"symbols": ["AAPL"]}')""")
-    assert query(postgres, "SELECT get_etf_universe('missing'), get_etf_universe('big')") == [
+    assert run_sql(postgres, "SELECT get_etf_universe('missing'), get_etf_universe('big')") == [
         (None, None)]
 
 
@@ -238,12 +228,12 @@ def test_update_etf_universe_replaces_symbols_and_keeps_the_rest(postgres: str) 
     Updating replaces the symbol list but keeps the value's other keys, the
     metadata keys not given, and (with a NULL category) the category.
     """
-    query(postgres, """
+    run_sql(postgres, """
         INSERT INTO cache_entries (type, name, key, value, universe_category, universe_metadata)
         VALUES ('etf_universe', 'Old', 'old', '{"symbols": ["XLF"], "note": "kept"}',
                 'Sector', '{"focus": "rotation"}')""")
-    query(postgres, "SELECT update_etf_universe('old', ARRAY['XLE', 'XLK'], NULL, '{\"criteria\": \"AUM\"}')")
-    assert query(postgres, """
+    run_sql(postgres, "SELECT update_etf_universe('old', ARRAY['XLE', 'XLK'], NULL, '{\"criteria\": \"AUM\"}')")
+    assert run_sql(postgres, """
         SELECT value, universe_category, universe_metadata, name FROM cache_entries
         WHERE key = 'old'""") == [
         ({"symbols": ["XLE", "XLK"], "note": "kept"}, "Sector",
@@ -254,33 +244,33 @@ def test_update_etf_universe_replaces_symbols_and_keeps_the_rest(postgres: str) 
 def test_update_etf_universe_rejects_bad_symbols(postgres: str, symbols: list[str | None]) -> None:
     """A symbol that does not look like a ticker fails the whole call, writing nothing."""
     with pytest.raises(psycopg2.errors.InvalidParameterValue, match="not a valid symbol"):
-        query(postgres, "SELECT update_etf_universe('core', %s::text[])", (symbols,))
-    assert query(postgres, "SELECT count(*) FROM cache_entries") == [(0,)]
+        run_sql(postgres, "SELECT update_etf_universe('core', %s::text[])", (symbols,))
+    assert run_sql(postgres, "SELECT count(*) FROM cache_entries") == [(0,)]
 
 
 def test_update_etf_universe_requires_key_and_list(postgres: str) -> None:
     """A NULL or empty key, or a NULL symbol list, is refused."""
     for key, symbols in (("", ["SPY"]), (None, ["SPY"]), ("core", None)):
         with pytest.raises(psycopg2.errors.InvalidParameterValue, match="are required"):
-            query(postgres, "SELECT update_etf_universe(%s, %s::text[])", (key, symbols))
+            run_sql(postgres, "SELECT update_etf_universe(%s, %s::text[])", (key, symbols))
 
 
 def test_get_etf_universes_summary(postgres: str) -> None:
     """One row per ETF universe by key, with its symbol count; stock universes are left out."""
-    query(postgres, "SELECT update_etf_universe('b', ARRAY['SPY', 'QQQ'])")
-    query(postgres, "SELECT update_etf_universe('a', ARRAY['XLF'], 'Sector')")
-    query(postgres, """INSERT INTO cache_entries (type, name, key, value) VALUES
+    run_sql(postgres, "SELECT update_etf_universe('b', ARRAY['SPY', 'QQQ'])")
+    run_sql(postgres, "SELECT update_etf_universe('a', ARRAY['XLF'], 'Sector')")
+    run_sql(postgres, """INSERT INTO cache_entries (type, name, key, value) VALUES
         ('stock_universe', 's', 's', '{"symbols": ["AAPL"]}'),
         ('etf_universe', 'c', 'c', '{"no": "symbols"}')""")
-    rows = query(postgres, "SELECT key, category, symbol_count, last_update IS NOT NULL "
+    rows = run_sql(postgres, "SELECT key, category, symbol_count, last_update IS NOT NULL "
                            "FROM get_etf_universes_summary()")
     assert rows == [("a", "Sector", 1, True), ("b", "ETF", 2, True), ("c", None, 0, True)]
 
 
 def test_validate_etf_universe_symbols(postgres: str) -> None:
     """Each symbol, in the order given, with whether it looks right and is in C{symbols}."""
-    query(postgres, "INSERT INTO symbols (symbol) VALUES ('SPY'), ('QQQ')")
-    rows = query(postgres, "SELECT * FROM validate_etf_universe_symbols(%s::text[])",
+    run_sql(postgres, "INSERT INTO symbols (symbol) VALUES ('SPY'), ('QQQ')")
+    rows = run_sql(postgres, "SELECT * FROM validate_etf_universe_symbols(%s::text[])",
                  (["QQQ", "ZZZZ", "bad!", None, "SPY"],))
     assert rows == [("QQQ", True, True), ("ZZZZ", True, False), ("bad!", False, False),
                     (None, False, False), ("SPY", True, True)]
@@ -296,8 +286,8 @@ def reader(postgres: str, postgres_cluster: PostgresServer,
     A login made by C{tickstock-db create-reader} on a migrated database
     holding a universe, as C{(login, DSN)}; dropped afterwards.
     """
-    query(postgres, "INSERT INTO symbols (symbol) VALUES ('SPY')")
-    query(postgres, "SELECT update_etf_universe('core', ARRAY['SPY'])")
+    run_sql(postgres, "INSERT INTO symbols (symbol) VALUES ('SPY')")
+    run_sql(postgres, "SELECT update_etf_universe('core', ARRAY['SPY'])")
     dbname = parse_dsn(postgres)["dbname"]
     login = f"ui_{dbname}"
     secret = tmp_path / "password"
@@ -344,10 +334,10 @@ def test_reader_can_read_everything(reader: tuple[str, str]) -> None:
     """The reader selects from every table and calls the three reading functions."""
     _, dsn = reader
     for table in TABLES:
-        query(dsn, f"SELECT * FROM {table} LIMIT 1")
-    assert query(dsn, "SELECT get_etf_universe('core')") == [({"symbols": ["SPY"]},)]
-    assert query(dsn, "SELECT key, symbol_count FROM get_etf_universes_summary()") == [("core", 1)]
-    assert query(dsn, "SELECT * FROM validate_etf_universe_symbols(ARRAY['SPY'])") == [
+        run_sql(dsn, f"SELECT * FROM {table} LIMIT 1")
+    assert run_sql(dsn, "SELECT get_etf_universe('core')") == [({"symbols": ["SPY"]},)]
+    assert run_sql(dsn, "SELECT key, symbol_count FROM get_etf_universes_summary()") == [("core", 1)]
+    assert run_sql(dsn, "SELECT * FROM validate_etf_universe_symbols(ARRAY['SPY'])") == [
         ("SPY", True, True)]
     assert pending(dsn) == []
 
@@ -369,10 +359,10 @@ def test_reader_cannot_write_even_with_read_only_off(reader: tuple[str, str],
     The read-only default is a soft guard: with it turned off, the grants
     still refuse every write, and nothing was changed.
     """
-    before = query(postgres, "SELECT count(*), max(value::text) FROM cache_entries")
+    before = run_sql(postgres, "SELECT count(*), max(value::text) FROM cache_entries")
     outcome = write_errors(reader[1], read_write=True)
     assert outcome == {statement: psycopg2.errors.InsufficientPrivilege for statement in outcome}
-    assert query(postgres, "SELECT count(*), max(value::text) FROM cache_entries") == before
+    assert run_sql(postgres, "SELECT count(*), max(value::text) FROM cache_entries") == before
 
 
 def test_reader_password_is_stored_hashed(reader: tuple[str, str],
@@ -422,14 +412,14 @@ def test_create_reader_refuses_role_that_could_still_write(
     login = f"w_{parse_dsn(postgres)['dbname']}"
     postgres_cluster.sql(f"CREATE ROLE {login}")
     try:
-        query(postgres, f"GRANT INSERT ON events TO {login}")
+        run_sql(postgres, f"GRANT INSERT ON events TO {login}")
         with pytest.raises(ReaderError, match="could still write events"):
             create_reader(postgres, login, "password")
         assert postgres_cluster.sql(
             "SELECT rolcanlogin, pg_has_role(%s, 'tickstock_reader', 'MEMBER') FROM pg_roles "
             "WHERE rolname = %s", params=(login, login)) == [(False, False)]
     finally:
-        query(postgres, f"REVOKE ALL ON events FROM {login}")
+        run_sql(postgres, f"REVOKE ALL ON events FROM {login}")
         postgres_cluster.sql(f"DROP ROLE {login}")
 
 

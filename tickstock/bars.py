@@ -100,18 +100,7 @@ class BarAggregator:
         agg = self._current.get(symbol)
         if agg is None or not agg.minute <= timestamp < agg.end:
             return self._add_slow(symbol, price, volume, timestamp)
-        if timestamp < agg.open_ts:
-            agg.open_ts = timestamp
-            agg.open = price
-        if timestamp >= agg.close_ts:
-            agg.close_ts = timestamp
-            agg.close = price
-        if price > agg.high:
-            agg.high = price
-        elif price < agg.low:
-            agg.low = price
-        agg.volume += volume
-        agg.ticks += 1
+        _fold(agg, price, volume, timestamp)
         if agg.dirty:
             return False
         agg.dirty = True
