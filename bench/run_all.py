@@ -2,11 +2,13 @@
 Every benchmark scenario, TickStock beside the python-socketio peer, in one
 command; writes bench/results/latest.json and latest.md and prints the table.
 
-    .venv/bin/python bench/run_all.py            # about 6 minutes
+    .venv/bin/python bench/run_all.py            # about 11 minutes
     .venv/bin/python bench/run_all.py --quick    # shorter windows, for a smoke run
 
 Each scenario is one run of bench/latency.py (its own redis, server and
-load generator, pinned to cores 0 and 1); see bench/README.md.
+load generator, pinned to cores 0 and 1), except `ticks` (bench/ingest.py:
+ticks into bars in PostgreSQL) and `history_api` (bench/history_api.py:
+/api/patterns over 1,000,000 stored events); see bench/README.md.
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ def ramp(name: str, start: float, duration: str, *args: str) -> dict[str, Any]:
 def api_latency(requests: int) -> dict[str, Any]:
     """
     GET /health and /ready against an embedded daemon, one keep-alive
-    connection at a time (the REST history API arrives with PostgreSQL).
+    connection at a time (the REST history API: L{history_api}).
     """
     import http.client
     import socket
@@ -124,6 +126,106 @@ def api_latency(requests: int) -> dict[str, Any]:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def script(name: str, path: str, *args: str) -> dict[str, Any]:
+    """
+    One run of another bench script that prints one JSON object (ingest.py,
+    history_api.py): its output, with C{clean} and, if not, its stderr tail.
+    """
+    print(f"run_all: {name} ...", file=sys.stderr, flush=True)
+    proc = subprocess.run([sys.executable, str(HERE / path), *args],
+                          capture_output=True, text=True, timeout=1800, check=False)
+    err = "\n".join(proc.stderr.splitlines()[-3:])
+    if not proc.stdout.strip():
+        return {"scenario": name, "error": err or f"exit status {proc.returncode}"}
+    out: dict[str, Any] = json.loads(proc.stdout)
+    out["clean"] = proc.returncode == 0
+    if proc.returncode != 0:
+        out["problems"] = err
+    return out
+
+
+def ticks_lines(out: dict[str, Any]) -> list[str]:
+    """The tick-ingestion table: a ramp's best step and the one that failed, or one run."""
+    lines = [
+        "Tick ingestion (`bench/ingest.py`: ticks -> 1-minute bars in PostgreSQL, through the "
+        "Redis history; daemon on core 0; publisher, redis and PostgreSQL on core 1; target "
+        f"{out.get('target', 50_000):,} ticks/s with zero loss):",
+        "",
+        "| run | ticks/s | loss | lag s | daemon CPU-s/100k ticks | daemon busy | daemon RSS "
+        "| redis CPU-s | PostgreSQL CPU-s | note |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+
+    def line(label: str, run: dict[str, Any], note: str) -> str:
+        diag = run["diagnostics"]
+        return (f"| {label} | {run['published_per_s']:,.0f} | {run['loss']:,} | {run['lag_s']:.2f} "
+                f"| {run['cpu_s_per_100k_ticks']:.2f} | {diag['daemon_busy']:.2f} "
+                f"| {run['daemon_rss_mb']:.0f} MB | {run['redis_cpu_s']:.1f} "
+                f"| {run['postgres_cpu_s']:.1f} | {note} |")
+
+    if "error" in out:
+        return lines + [f"| ticks | - | - | - | - | - | - | - | - | {out['error']} |"]
+    if "ramp" not in out:
+        note = "sustained" if out.get("sustained") else "; ".join(out.get("problems", []))
+        return lines + [line(f"{out['rate']:,.0f} ticks/s for {out['duration_s']:g} s, "
+                             f"{out['symbols']} symbols", out, note)]
+    best, steps = out["best"], out["ramp"]
+    if best is not None:
+        gaps = (f"; live tail gaps from {out['history_gaps_from_rate']:,} ticks/s"
+                if out.get("history_gaps_from_rate") else "")
+        lines.append(line(f"ramp: highest zero-loss rate (x1.25 steps of "
+                          f"{best['duration_s']:g} s; limited by: {out['limited_by']})",
+                          best, "meets the target" if out["meets_target"]
+                          else f"below the target{gaps}"))
+    failed = steps[-1] if steps and not steps[-1]["ok"] else None
+    if failed is not None:
+        lines.append(f"| ramp: next step, failed | {failed['published_per_s']:,.0f} "
+                     f"| {failed['loss']:,} | {failed['lag_s']:.2f} "
+                     f"| {failed['cpu_s_per_100k_ticks']:.2f} | {failed['daemon_busy']:.2f} "
+                     f"| - | - | - | {'; '.join(failed['problems'])} |")
+    return lines
+
+
+def history_lines(out: dict[str, Any]) -> list[str]:
+    """The /api/patterns table: every query kind, without and with the cache."""
+    if "error" in out:
+        return [f"- /api/patterns history: {out['error']}"]
+    data, unc, cac = out["data"], out["uncached"], out["cached"]
+    lines = [
+        f"REST history (`bench/history_api.py`: `GET /api/patterns` over "
+        f"{data['events']:,} stored events, {data['symbols']} symbols, {data['patterns']} "
+        f"patterns; one keep-alive client on core 1, requests one at a time; target p95 "
+        f"< {unc['target_p95_ms']:g} ms uncached, < {cac['target_p95_ms']:g} ms cached):",
+        "",
+        "| query kind | uncached p50 / p95 / p99 ms | uncached req/s | cached p50 / p95 / p99 ms "
+        "| cached req/s |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for kind in ("all", *unc["kinds"]):
+        u = unc["overall"] if kind == "all" else unc["kinds"][kind]
+        c = cac["overall"] if kind == "all" else cac["kinds"].get(kind)
+        cached = (f"{c['p50_ms']:.2f} / {c['p95_ms']:.2f} / {c['p99_ms']:.2f} "
+                  f"| {c['requests_per_s']:,.0f}" if c else "- | -")
+        lines.append(f"| {'**all**' if kind == 'all' else kind} | {u['p50_ms']:.2f} / "
+                     f"{u['p95_ms']:.2f} / {u['p99_ms']:.2f} | {u['requests_per_s']:,.0f} "
+                     f"| {cached} |")
+    slow = out.get("explain_slowest_uncached", {})
+    lines += [
+        "",
+        f"- Targets: uncached {'met' if unc['meets_target'] else 'missed'}, cached "
+        f"{'met' if cac['meets_target'] else 'missed'} (cache hit ratio "
+        f"{cac['cache']['ratio']}); daemon CPU per request {unc['daemon_cpu_ms_per_request']:.2f} "
+        f"ms uncached, {cac['daemon_cpu_ms_per_request']:.2f} ms cached",
+    ]
+    if slow.get("indexes") is not None:
+        removed = sum(n.get("rows_removed_by_filter", 0) for n in slow.get("nodes", []))
+        lines.append(f"- Slowest uncached kind: {slow['kind']} (`{slow['query']}`): "
+                     f"{', '.join(slow['scans'])} on {', '.join(slow['indexes']) or 'no index'}, "
+                     f"{removed:,} rows removed by filter, {slow['execution_ms']:.1f} ms in "
+                     f"PostgreSQL")
+    return lines
 
 
 def machine() -> dict[str, Any]:
@@ -218,7 +320,9 @@ def table(results: dict[str, Any]) -> str:
         lines.append(f"- API (GET /health, /ready, keep-alive): p50 "
                      f"{api['/health']['p50_ms']:.2f} / {api['/ready']['p50_ms']:.2f} ms, "
                      f"p99 {api['/health']['p99_ms']:.2f} / {api['/ready']['p99_ms']:.2f} ms")
-    lines.append("- Tick ingestion: not measured yet (it arrives with the PostgreSQL store)")
+    for key, render in (("ticks", ticks_lines), ("history_api", history_lines)):
+        if key in results:
+            lines += ["", *render(results[key])]
     return "\n".join(lines) + "\n"
 
 
@@ -251,6 +355,14 @@ def main() -> int:
         "workers2": lambda: scenario("2 workers", "--workers", "2",
                                      "--clients", "1000", "--rate", "30", "--duration", d),
         "api": lambda: api_latency(500 if args.quick else 2000),
+        # A quick run checks one rate; a full one ramps (about 2 minutes).
+        "ticks": lambda: script("ticks", "ingest.py", "--rate", "10000", "--duration", "5")
+        if args.quick else script("ticks ramp", "ingest.py", "--ramp", "--start-rate", "10000",
+                                  "--duration", "15"),
+        "history_api": lambda: script(
+            "history api", "history_api.py",
+            *(("--events", "300000", "--requests", "60", "--cached-requests", "200")
+              if args.quick else ())),
         "peer_fanout": lambda: scenario("peer fan-out", "--server", "peer", "--clients", "1000",
                                         "--rate", "2", "--duration", d),
         "peer_filtered": lambda: scenario("peer filtered", "--server", "peer",

@@ -313,11 +313,15 @@ class RedisHistory(_Supervised):
         return d
 
     def _flush(self) -> None:
+        # Everything appended this turn goes out now, in calls of at most
+        # INGEST_BATCH: leaving some for the next turn lets a fast producer
+        # outgrow the queue, since each turn also reads more messages.
         self._flushing = None
-        pending = self._pending
-        batch, self._pending = pending[:INGEST_BATCH], pending[INGEST_BATCH:]
-        if self._pending:
-            self._flushing = self._reactor.callLater(0, self._flush)
+        pending, self._pending = self._pending, []
+        for start in range(0, len(pending), INGEST_BATCH):
+            self._store(pending[start:start + INGEST_BATCH])
+
+    def _store(self, batch: list[tuple[Event, object, Deferred[str | None]]]) -> None:
         keys = [LAST_KEY, SINCE_KEY]
         args: list[Any] = [
             self._max_events, self._max_age_ms, int(SEEN_TTL * 1000), self._max_age_ms,
