@@ -211,7 +211,9 @@ class TickStock(MultiService):
 
             # The demo's universes: no producer writes cache_entries here.
             symbols = default_symbols(max(settings.sim_symbols, 10))
-            self.store = MemoryStore(reactor, universes={
+            # As many events as the history keeps: every one is a Python
+            # object the garbage collector walks, on the delivery thread.
+            self.store = MemoryStore(reactor, max_events=settings.history_max, universes={
                 key: {"type": _demo_universe_type(key),
                       "symbols": symbols[n::len(UNIVERSES)] or symbols[:1]}
                 for n, key in enumerate(UNIVERSES)

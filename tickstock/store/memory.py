@@ -42,8 +42,10 @@ class _Topic:
             insort(self.keys, key)
         return True
 
-    def pop_oldest(self) -> None:
-        del self.events[self.keys.pop(0)]
+    def drop_oldest(self, n: int) -> None:
+        for key in self.keys[:n]:
+            del self.events[key]
+        del self.keys[:n]
 
 
 @dataclass
@@ -167,10 +169,16 @@ class MemoryStore:
         slot.put(part)
 
     def _trim(self, cutoff: float) -> None:
+        # Oldest first across topics, a run at a time: one list cut per run,
+        # not one per event (popping the front of a long list is O(n)).
         while self._event_count > self._max_events:
-            oldest = min((t for t in self._topics.values() if t.keys), key=lambda t: t.keys[0])
-            oldest.pop_oldest()
-            self._event_count -= 1
+            logs = [t for t in self._topics.values() if t.keys]
+            oldest = min(logs, key=lambda t: t.keys[0])
+            nexts = [t.keys[0] for t in logs if t is not oldest]
+            run = bisect_left(oldest.keys, min(nexts)) if nexts else len(oldest.keys)
+            n = max(1, min(run, self._event_count - self._max_events))
+            oldest.drop_oldest(n)
+            self._event_count -= n
         drop = bisect_left(self._oldest, (cutoff, ""))
         for minute, symbol in self._oldest[:drop]:
             del self._bars[symbol][minute]
