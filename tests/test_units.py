@@ -168,9 +168,16 @@ def test_every_channel_has_a_topic_and_parses_a_minimal_message():
 
 
 def make_gateway(clock: Clock, link: Any = None) -> Gateway:
-    return Gateway(clock, Broadcaster(lambda b: b), MemoryHistory(clock, 10, 60, 10),
-                   link or MemoryBus(),
-                   anonymous, max_subscriptions=2, hello_timeout=5)
+    """A gateway over memory parts; C{link} is where its jobs are published."""
+    from tickstock.jobs import Jobs
+    from tickstock.router import Router
+    from tickstock.store.memory import MemoryStore
+
+    history, link = MemoryHistory(clock, 10, 60, 10), link or MemoryBus()
+    jobs = Jobs(clock, MemoryStore(clock), history, link,
+                Router(clock, history, link).receive, per_user=3, timeout=300)
+    return Gateway(clock, Broadcaster(lambda b: b), history, anonymous,
+                   max_subscriptions=2, hello_timeout=5, jobs=jobs)
 
 
 def test_hello_timer_closes_silent_clients():

@@ -157,6 +157,24 @@ def _origins(value: Any) -> tuple[str, ...]:
     return tuple(result)
 
 
+JOB_PATTERNS = ("Doji", "Hammer", "Engulfing", "ShootingStar", "MorningStar",
+                "EveningStar", "BullFlag", "HeadAndShoulders", "DoubleBottom", "Breakout")
+"""The built-in simulator's pattern catalogue: the default C{--job-patterns}."""
+
+
+def _names(value: Any) -> tuple[str, ...]:
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)):
+        raise ValueError("expected a comma-separated list of names")
+    names = tuple(dict.fromkeys(
+        item.strip() for item in items if isinstance(item, str) and item.strip()))
+    if len(names) != len([i for i in items if not isinstance(i, str) or i.strip()]):
+        raise ValueError("expected names as non-empty strings")
+    if not names or any(len(n) > 64 or not n.isprintable() for n in names):
+        raise ValueError("expected 1 or more names of 1-64 printable characters")
+    return names
+
+
 def _redis(value: Any) -> RedisAddress:
     return parse_redis_url(_str(value))
 
@@ -262,6 +280,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("api_cache_ttl", _number(0, 3600), 5.0,
            "Seconds a cached /api/patterns answer is served (universe answers: until the "
            "producer says they changed); 0: no cache."),
+    Option("jobs_per_user", _number(1, 10_000, int), 3,
+           "Backtest jobs one user may have queued or running at once; more are refused."),
+    Option("job_timeout", _number(1, 7 * 86400), 300.0,
+           "Seconds a job may go without progress from the producer before it is failed."),
+    Option("job_patterns", _names, JOB_PATTERNS,
+           "Pattern names a backtest may ask for (comma-separated)."),
 )
 
 _BY_NAME = {option.name: option for option in OPTIONS}
@@ -305,6 +329,9 @@ class Settings:
     tick_rate: float
     catchup_max: int
     api_cache_ttl: float
+    jobs_per_user: int
+    job_timeout: float
+    job_patterns: tuple[str, ...]
     jwt_secret: bytes | None = dataclasses.field(default=None, repr=False)
 
     @property

@@ -1,6 +1,6 @@
 """
 What a WebSocket client may ask, and the answers: C{hello}, C{subscribe},
-C{unsubscribe}, C{submit_backtest}, C{ping} (CONTRACT §3). Kept apart from
+C{unsubscribe}, C{submit_backtest}, C{cancel_job}, C{ping} (CONTRACT §3). Kept apart from
 Autobahn so the protocol stays thin and every request is testable with a
 recording fake connection.
 """
@@ -8,14 +8,13 @@ recording fake connection.
 from __future__ import annotations
 
 import os
-import re
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from datetime import date
 from typing import Any, Callable
 
 import orjson
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
@@ -28,18 +27,17 @@ from tickstock.broadcast import (
     Subscription,
     parse_filter,
 )
-from tickstock.events import JOBS_CHANNEL, SYMBOL, TOPICS, id_key
+from tickstock.events import TOPICS, id_key
 from tickstock.catchup import deepen
 from tickstock.history import Replay
-from tickstock.interfaces import IClient, IHistory, IProducerLink, IStore
+from tickstock.interfaces import IClient, IHistory, IStore
+from tickstock.jobs import JobRefused, Jobs
 from tickstock.universes import Universes
 
 CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008
 CLOSE_SLOW_CONSUMER = 4001
 """Fell behind on must-deliver events: reconnect with C{resume}."""
-_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}\Z")
-MAX_JOB_SYMBOLS = 50
 
 
 @dataclass(eq=False)
@@ -52,46 +50,6 @@ class _State:
     resume_from: str | None = None
     hello_timer: IDelayedCall | None = None
     expiry_timer: IDelayedCall | None = None
-
-
-def parse_job(params: Any) -> dict[str, Any]:
-    """
-    Check backtest parameters.
-
-    @raise BadRequest: naming the first wrong field.
-    """
-    if not isinstance(params, dict):
-        raise BadRequest("bad_params", "params must be an object")
-    symbols = params.get("symbols")
-    if not isinstance(symbols, list) or not 1 <= len(symbols) <= MAX_JOB_SYMBOLS:
-        raise BadRequest("bad_params", f"symbols: a list of 1-{MAX_JOB_SYMBOLS} symbols")
-    for symbol in symbols:
-        if not isinstance(symbol, str) or not SYMBOL.match(symbol):
-            raise BadRequest("bad_params", f"symbols: not a symbol: {symbol!r}")
-    if len(set(symbols)) != len(symbols):
-        raise BadRequest("bad_params", "symbols: duplicates")
-    dates = {}
-    for name in ("start_date", "end_date"):
-        value = params.get(name)
-        try:
-            if not isinstance(value, str) or not _DATE.match(value):
-                raise ValueError(value)
-            dates[name] = date.fromisoformat(value)
-        except ValueError:
-            raise BadRequest("bad_params", f"{name}: expected YYYY-MM-DD") from None
-    if dates["start_date"] > dates["end_date"]:
-        raise BadRequest("bad_params", "start_date: after end_date")
-    patterns = params.get("patterns", [])
-    if not isinstance(patterns, list) or len(patterns) > 50 or not all(
-        isinstance(p, str) and 0 < len(p) <= 64 for p in patterns
-    ):
-        raise BadRequest("bad_params", "patterns: a list of up to 50 pattern names")
-    return {
-        "symbols": symbols,
-        "start_date": params["start_date"],
-        "end_date": params["end_date"],
-        "patterns": patterns,
-    }
 
 
 class Gateway:
@@ -108,23 +66,24 @@ class Gateway:
         clock: IReactorTime,
         broadcaster: Broadcaster,
         history: IHistory,
-        link: IProducerLink,
         authenticate: Callable[[dict[str, Any]], Identity],
         max_subscriptions: int,
         hello_timeout: float,
         universes: Universes | None = None,
         store: IStore | None = None,
         catchup_max: int = 0,
+        jobs: Jobs | None = None,
     ) -> None:
         """
         @param universes: resolves universe filters; L{None}: they are refused.
+        @param jobs: takes backtest submissions and cancels; L{None}: refused.
         @param store: where a resume older than the history is caught up
             from (at most C{catchup_max} events); L{None}: nowhere.
         """
         self._clock = clock
         self._broadcaster = broadcaster
         self._history = history
-        self._link = link
+        self._jobs = jobs
         self._authenticate = authenticate
         self._max_subscriptions = max_subscriptions
         self._hello_timeout = hello_timeout
@@ -329,25 +288,37 @@ class Gateway:
         conn.reply({"op": "unsubscribed", "id": sub.id})
 
     def _submit_backtest(self, conn: IClient, state: _State, message: dict[str, Any]) -> None:
-        assert conn.user is not None
-        job = parse_job(message.get("params"))
-        job_id = str(uuid.uuid4())
-        job.update(job_type="backtest", job_id=job_id, user_id=conn.user,
-                   timestamp=self._clock.seconds())
-        request_id = message.get("id")
+        jobs, user, request_id = self._jobs_for(conn), conn.user, message.get("id")
+        Deferred.fromCoroutine(jobs.submit(user, message.get("params"))).addCallbacks(  # type: ignore[arg-type]
+            lambda job: conn.reply({"op": "job_accepted", "id": request_id,
+                                    "job_id": job["job_id"], "status": job["status"]}),
+            self._job_refused, errbackArgs=(conn, request_id))
 
-        def accepted(_: Any) -> None:
-            conn.reply({"op": "job_accepted", "id": request_id, "job_id": job_id})
+    def _cancel_job(self, conn: IClient, state: _State, message: dict[str, Any]) -> None:
+        jobs, request_id, job_id = self._jobs_for(conn), message.get("id"), message.get("job_id")
+        if not isinstance(job_id, str) or not 0 < len(job_id) <= MAX_ID_LENGTH:
+            raise BadRequest("bad_request", "job_id must be the id of one of your jobs")
+        Deferred.fromCoroutine(jobs.cancel(conn.user, job_id)).addCallbacks(  # type: ignore[arg-type]
+            lambda job: conn.reply({"op": "job_cancelled", "id": request_id,
+                                    "job_id": job["job_id"]}),
+            self._job_refused, errbackArgs=(conn, request_id))
 
-        def failed(failure: Any) -> None:
-            self.errors["unavailable"] += 1
-            conn.reply({"op": "error", "id": request_id, "code": "unavailable",
-                        "message": "the producer cannot be reached; try again"})
+    def _jobs_for(self, conn: IClient) -> Jobs:
+        if self._jobs is None:
+            raise BadRequest("unavailable", "this server takes no backtest jobs")
+        return self._jobs
 
-        # The owner is recorded before the producer can answer.
-        d = self._history.own(job_id, conn.user)
-        d.addCallback(lambda _: self._link.publish(JOBS_CHANNEL, orjson.dumps(job)))
-        d.addCallbacks(accepted, failed)
+    def _job_refused(self, failure: Any, conn: IClient, request_id: str | None) -> None:
+        if failure.check(JobRefused):
+            error = failure.value
+        else:
+            self._log.failure("a job request failed", failure)
+            error = JobRefused(500, "internal", "internal error")
+        self.errors[error.code] += 1
+        reply = {"op": "error", "id": request_id, "code": error.code, "message": str(error)}
+        if error.fields:
+            reply["fields"] = error.fields
+        conn.reply(reply)
 
     def _ping(self, conn: IClient, state: _State, message: dict[str, Any]) -> None:
         conn.reply({"op": "pong", "id": message.get("id")})
@@ -357,5 +328,6 @@ class Gateway:
         "subscribe": _subscribe,
         "unsubscribe": _unsubscribe,
         "submit_backtest": _submit_backtest,
+        "cancel_job": _cancel_job,
         "ping": _ping,
     }

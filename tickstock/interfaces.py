@@ -63,10 +63,16 @@ class IHistory(Interface):
         every topic) and, for a backtest event, the user who owns the job.
         C{key} is the source's delivery key (see L{IEventSource.listen}).
 
+        A backtest event is stored only while its job is known (L{own}) and
+        open; the first final one (a result, or progress with status
+        C{failed} or C{cancelled}) closes the job, atomically with storing it.
+
         @return: a Deferred firing with the id, or with L{None} when the
             event duplicates one already stored (the same delivery handled
-            twice, or a producer C{event_id} seen within the history window).
-            Stored events reach the receivers of L{listen}, not the caller.
+            twice, or a producer C{event_id} seen within the history window),
+            or with a L{tickstock.history.Refused} for a backtest event of
+            an unknown or closed job. Stored events reach the receivers of
+            L{listen}, not the caller.
         """
 
     def listen(receiver):  # type: ignore[no-untyped-def]
@@ -85,8 +91,8 @@ class IHistory(Interface):
 
     def own(job_id, user):  # type: ignore[no-untyped-def]
         """
-        Remember that C{user} owns backtest C{job_id}, so that its events
-        reach that user on every node. A Deferred.
+        Open backtest C{job_id}, owned by C{user}: from now on its events
+        are stored and reach that user on every node. A Deferred.
         """
 
     def delivered(user, event_id):  # type: ignore[no-untyped-def]
@@ -159,9 +165,11 @@ class IStore(Interface):
         """
         Persist C{bars} (L{tickstock.store.Bar} parts) and C{events} (stored
         L{tickstock.events.Event}s of the C{patterns} and C{market_state}
-        topics) in one transaction. Idempotent: writing the same bar part or
-        event again changes nothing, so a write that timed out but was
-        applied may simply be retried. Also records every symbol seen.
+        topics, kept; of C{backtests}, applied in order to their job's
+        record by L{tickstock.jobs.update_of} while it is not final) in one
+        transaction. Idempotent: writing the same bar part or event again
+        changes nothing, so a write that timed out but was applied may
+        simply be retried. Also records every symbol seen.
         """
 
     def events_after(topic, after, until, symbols, limit):  # type: ignore[no-untyped-def]
@@ -191,6 +199,38 @@ class IStore(Interface):
 
     def universe(key):  # type: ignore[no-untyped-def]
         """One universe with its symbols, or L{None} if there is no such key."""
+
+
+class IJobStore(Interface):
+    """
+    Backtest job records (the C{jobs} table, or memory). Records are dicts:
+    C{job_id}, C{user_id}, C{status} (C{queued}, C{running}, C{completed},
+    C{failed}, C{cancelled}), C{params}, C{progress}, C{results}, C{error},
+    C{created_at} and C{updated_at} (epoch seconds). Every method returns a
+    Deferred that fails fast when the store is unavailable.
+    """
+
+    def create_job(record, max_active):  # type: ignore[no-untyped-def]
+        """
+        Insert a new C{queued} record, unless its user already has
+        C{max_active} jobs queued or running (checked atomically with the
+        insert). Fires with whether it was inserted.
+        """
+
+    def job(job_id):  # type: ignore[no-untyped-def]
+        """The record of C{job_id}, or L{None}."""
+
+    def jobs(user, before, limit):  # type: ignore[no-untyped-def]
+        """
+        C{user}'s records, newest first, at most C{limit}; with C{before}
+        (a job id of theirs), only those older than it.
+        """
+
+    def stale_jobs(cutoff, limit):  # type: ignore[no-untyped-def]
+        """Up to C{limit} queued or running records last updated before C{cutoff}."""
+
+    def close_job(job_id, status, error, at):  # type: ignore[no-untyped-def]
+        """Give a queued or running record the final C{status} (and C{error})."""
 
 
 class ICache(Interface):

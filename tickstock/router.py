@@ -14,6 +14,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from tickstock.events import Event, MalformedEvent, parse_event
+from tickstock.history import Refused
 from tickstock.interfaces import IHistory, IProducerLink
 
 SAMPLE_BYTES = 200
@@ -45,14 +46,16 @@ class Router:
         self.received = 0
         self.routed = 0
         self.duplicates = 0
+        self.refused: Counter[str] = Counter()
         self.failed = 0
         self.malformed: Counter[str] = Counter()
 
     def receive(self, channel: str, raw: bytes, key: object = None) -> Deferred[Any]:
         """
         Route one producer message. The Deferred fires once it is stored or
-        set aside, and fails only if the history could not be written (a
-        source that acknowledges must then not acknowledge it).
+        set aside (with what L{IHistory.append} gave, or L{None} for a
+        malformed message), and fails only if the history could not be
+        written (a source that acknowledges must then not acknowledge it).
         """
         self.received += 1
         now = self._clock.seconds()
@@ -64,9 +67,12 @@ class Router:
         return self._history.append(event, key).addCallbacks(
             self._stored, self._not_stored, callbackArgs=(event,))
 
-    def _stored(self, event_id: str | None, event: Event) -> str | None:
+    def _stored(self, event_id: str | Refused | None, event: Event) -> str | Refused | None:
         if event_id is None:
             self.duplicates += 1
+        elif isinstance(event_id, Refused):
+            # Progress or a result of a job that is unknown or already over.
+            self.refused[event_id.reason] += 1
         else:
             self.routed += 1
             if self._on_stored is not None:

@@ -25,6 +25,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from tickstock.config import JOB_PATTERNS
 from tickstock.events import SYMBOL
 
 Event = dict[str, Any]
@@ -46,8 +47,7 @@ UNIVERSE_CHANNELS: Mapping[str, str] = {
     "ipo_assignment": "tickstock.cache.ipo_assignment",
     "delisting_cleanup": "tickstock.cache.delisting_cleanup",
 }
-PATTERNS = ("Doji", "Hammer", "Engulfing", "ShootingStar", "MorningStar",
-            "EveningStar", "BullFlag", "HeadAndShoulders", "DoubleBottom", "Breakout")
+PATTERNS = JOB_PATTERNS
 TIMEFRAMES = ("1min", "5min", "daily")
 UNIVERSES = ("etf_growth", "etf_value", "sp500_top", "nasdaq100", "dow30", "sector_leaders")
 SECTORS = ("Technology", "Financials", "Energy", "Health Care", "Industrials", "Utilities")

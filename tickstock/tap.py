@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from tickstock.config import OPTIONS, ConfigError, Settings, load_settings
-from tickstock.events import JOBS_CHANNEL
+from tickstock.events import CONTROL_CHANNEL, JOBS_CHANNEL
 from tickstock.store import STORED_TOPICS
 from tickstock.universes import UPDATED_CHANNEL
 
@@ -97,6 +97,7 @@ class TickStock(MultiService):
         from tickstock.broadcast import Broadcaster
         from tickstock.auth import JWTAuthenticator, anonymous
         from tickstock.gateway import Gateway
+        from tickstock.jobs import Jobs
         from tickstock.router import Router
         from tickstock.web.site import JSONStatus, build_site
         from tickstock.web.stream import StreamFactory
@@ -161,13 +162,17 @@ class TickStock(MultiService):
         authenticate = anonymous if settings.jwt_secret is None else JWTAuthenticator(
             settings.jwt_secret, audience=settings.jwt_audience, issuer=settings.jwt_issuer
         )
+        self.router = Router(reactor, self.history, self.link, stored=self._persist)
+        self.jobs = Jobs(reactor, self.store, self.history, self.link, self.router.receive,
+                         settings.jobs_per_user, settings.job_timeout, settings.job_patterns)
+        self.jobs.setServiceParent(self)
         self.gateway = Gateway(
-            reactor, self.broadcaster, self.history, self.link, authenticate,
+            reactor, self.broadcaster, self.history, authenticate,
             settings.max_subscriptions, settings.hello_timeout,
             universes=self.universes, store=self.store, catchup_max=settings.catchup_max,
+            jobs=self.jobs,
         )
         self.stream.gateway = self.gateway
-        self.router = Router(reactor, self.history, self.link, stored=self._persist)
         self.source.listen(self.router.receive)
         self.history.listen(self._live)
         if settings.redis is not None:
@@ -179,7 +184,7 @@ class TickStock(MultiService):
         self.cache = (MemoryCache(reactor) if settings.redis is None
                       else RedisCache(self.link, reactor))
         self.api = build_api(self.store, self.cache, authenticate, settings.api_cache_ttl,
-                             clock=reactor, timeout=settings.postgres_timeout)
+                             clock=reactor, timeout=settings.postgres_timeout, jobs=self.jobs)
         site = build_site(
             WebSocketResource(self.stream),
             JSONStatus(self.health), JSONStatus(self.readiness),
@@ -228,10 +233,10 @@ class TickStock(MultiService):
         self.persister.setServiceParent(self)
 
     def _persist(self, event: Any) -> None:
-        """An event this process stored: into bars, or the event history."""
+        """An event this process stored: into bars, the event history, or its job's record."""
         if event.topic == "ticks":
             self.persister.add_tick(event)
-        elif event.topic in STORED_TOPICS:
+        elif event.topic in STORED_TOPICS or event.topic == "backtests":
             self.persister.add_event(event)
 
     def _add_simulator(self, reactor: IReactorCore, settings: Settings) -> None:
@@ -247,11 +252,14 @@ class TickStock(MultiService):
             producer = Producer(reactor, publish, simulator, settings.sim_rate)
         if settings.redis is None:
             self.link.on(JOBS_CHANNEL, runner.handle_job)
+            self.link.on(CONTROL_CHANNEL, runner.handle_control)
         else:
             from tickstock.bus.redis import RedisPubSubSource
 
-            jobs = RedisPubSubSource(reactor, settings.redis, channels=[JOBS_CHANNEL])
-            jobs.listen(lambda channel, payload, key: runner.handle_job(payload))
+            jobs = RedisPubSubSource(reactor, settings.redis,
+                                     channels=[JOBS_CHANNEL, CONTROL_CHANNEL])
+            jobs.listen(lambda channel, payload, key: runner.handle_job(payload)
+                        if channel == JOBS_CHANNEL else runner.handle_control(payload))
             jobs.setServiceParent(self)
         SimulatorService(producer, runner).setServiceParent(self)
 
@@ -296,6 +304,7 @@ class TickStock(MultiService):
                 "duplicates": self.router.duplicates,
                 "store_failures": self.router.failed,
                 "malformed": dict(self.router.malformed),
+                "job_events_dropped": dict(self.router.refused),
                 "delivered": self.broadcaster.delivered,
                 "unrouted_targeted": self.broadcaster.unrouted,
             },
@@ -306,6 +315,7 @@ class TickStock(MultiService):
             "ticks_conflated": self.ticks.conflated,
             "universe_refreshes": self.universes.refreshes,
             "persist": self.persister.status(),
+            "jobs": self.jobs.stats(),
             "api": self.api.stats(),
         }
 

@@ -18,6 +18,16 @@ trims whole stream nodes of 100 entries): the precision of a gap's count."""
 
 
 @dataclass(frozen=True)
+class Refused:
+    """
+    An event the history would not store: its job is unknown
+    (C{unknown_job}) or has ended (C{finished_job}).
+    """
+
+    reason: str
+
+
+@dataclass(frozen=True)
 class Replay:
     """
     What a resuming subscription gets first.

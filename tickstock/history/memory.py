@@ -11,8 +11,9 @@ from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
 from tickstock.events import TOPICS, Event, EventIds, id_key
-from tickstock.history import BOOKMARK_EVERY, Replay, missed
+from tickstock.history import BOOKMARK_EVERY, Refused, Replay, missed
 from tickstock.interfaces import IHistory
+from tickstock.jobs import outcome
 
 JOBS_KEPT = 100_000
 
@@ -70,25 +71,32 @@ class MemoryHistory:
         self._user_max = user_max
         self._topics = {t: _Log(max_events, max_age, self._forget) for t in TOPICS}
         self._users: dict[str, _Log] = {}
-        self._owners: dict[str, str] = {}
+        self._jobs: dict[str, list[str | None]] = {}  # job id: [owner, final status]
         self._delivered: dict[str, str] = {}
         self._event_ids: dict[tuple[str, str], int] = {}
         self._receivers: list[Callable[[Event], object]] = []
 
     def append(self, event: Event, key: object = None) -> Deferred[str | None]:
         producer_id = event.data.get("event_id")
-        if producer_id is not None:
-            seen = (event.channel, producer_id)
-            if seen in self._event_ids:
-                return succeed(None)
+        seen = None if producer_id is None else (event.channel, producer_id)
+        if seen is not None and seen in self._event_ids:
+            return succeed(None)
+        job = None
+        if event.topic == "backtests":
+            job = self._jobs.get(event.job_id)  # type: ignore[arg-type]
+            if job is None:
+                return succeed(Refused("unknown_job"))
+            if job[1] is not None:
+                return succeed(Refused("finished_job"))
+            job[1] = outcome(event)
+        if seen is not None:
             self._event_ids[seen] = 1
         now = self._clock.seconds()
         event.id = self._ids.next(now)
         self._topics[event.topic].add(event, now)
-        if event.job_id is not None:
-            event.user = self._owners.get(event.job_id)
-            if event.user is not None:
-                self._user_log(event.user).add(event, now)
+        if job is not None:
+            event.user = job[0]
+            self._user_log(job[0]).add(event, now)  # type: ignore[arg-type]
         for receiver in self._receivers:
             receiver(event)
         return succeed(event.id)
@@ -118,9 +126,9 @@ class MemoryHistory:
         return succeed(self._topics[topic].replay(after))
 
     def own(self, job_id: str, user: str) -> Deferred[None]:
-        if len(self._owners) >= JOBS_KEPT:
-            del self._owners[next(iter(self._owners))]
-        self._owners[job_id] = user
+        if len(self._jobs) >= JOBS_KEPT:
+            del self._jobs[next(iter(self._jobs))]
+        self._jobs[job_id] = [user, None]
         return succeed(None)
 
     def delivered(self, user: str, event_id: str) -> None:

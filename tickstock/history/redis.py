@@ -35,14 +35,15 @@ from zope.interface import implementer
 from tickstock.bus.redis import NotConnected, RedisLink, _LinkProtocol, _Supervised
 from tickstock.config import RedisAddress
 from tickstock.events import TOPICS, Event, id_key, stored_event
-from tickstock.history import BOOKMARK_EVERY, Replay, missed
+from tickstock.history import BOOKMARK_EVERY, Refused, Replay, missed
 from tickstock.interfaces import IHistory
+from tickstock.jobs import outcome
 
 PREFIX = "tickstock:history:"
 LAST_KEY = PREFIX + "last"
 SINCE_KEY = PREFIX + "since"
 USER_PREFIX = "tickstock:user:"
-JOB_PREFIX = "tickstock:job:"
+JOB_PREFIX = "tickstock:jobstate:"
 SEEN_PREFIX = "tickstock:seen:"
 EVENT_ID_PREFIX = "tickstock:eid:"
 SEEN_TTL = 10.0
@@ -95,12 +96,14 @@ end
 
 INGEST = _TRIM + """
 -- Stores a batch of events, in order, atomically; returns {stored, id} per
--- event (stored 0: a duplicate, with the first copy's id, or '').
+-- event (stored 0: a duplicate, with the first copy's id, or ''; or an
+-- event of an unknown or closed job: '!unknown_job', '!finished_job').
+-- A job is a hash {u: owner, f: final status once closed}.
 -- KEYS: last id, since key, then per event: topic stream, seen key | '',
 --       event_id key | '', job key | '', producer stream | ''
 -- ARGV: maxlen, max age ms, seen ttl ms, event_id ttl ms, user maxlen,
 --       user ttl s, user prefix, then per event: channel, type, data,
---       group | '', entry id | ''
+--       group | '', entry id | '', final status it gives its job | ''
 local maxlen, max_age = tonumber(ARGV[1]), tonumber(ARGV[2])
 local user_max, user_ttl, user_prefix = tonumber(ARGV[5]), ARGV[6], ARGV[7]
 local t = redis.call('TIME')
@@ -114,7 +117,7 @@ if last then
 end
 local touched, users, out, stored = {}, {}, {}, false
 for i = 0, (#KEYS - 2) / 5 - 1 do
-  local k, a = 2 + i * 5, 7 + i * 5
+  local k, a = 2 + i * 5, 7 + i * 6
   local stream, seen_key, eid_key, job_key, source = KEYS[k+1], KEYS[k+2], KEYS[k+3], KEYS[k+4], KEYS[k+5]
   local group, entry = ARGV[a+4], ARGV[a+5]
   local done = nil
@@ -126,13 +129,22 @@ for i = 0, (#KEYS - 2) / 5 - 1 do
     done = redis.call('GET', eid_key) or nil
     if done and seen_key ~= '' then redis.call('SET', seen_key, done, 'PX', ARGV[3]) end
   end
+  local owner = false
+  if done == nil and job_key ~= '' then
+    local job = redis.call('HMGET', job_key, 'u', 'f')
+    if not job[1] then done = '!unknown_job'
+    elseif job[2] then done = '!finished_job'
+    else owner = job[1] end
+  end
   if done == nil then
     local id = string.format('%.0f-%.0f', ms, seq)
     seq = seq + 1
     local fields = {'c', ARGV[a+1], 't', ARGV[a+2], 'd', ARGV[a+3]}
-    local owner = false
-    if job_key ~= '' then owner = redis.call('GET', job_key) end
-    if owner then fields[7] = 'u'; fields[8] = owner end
+    if owner then
+      fields[7] = 'u'; fields[8] = owner
+      if ARGV[a+6] ~= '' then redis.call('HSET', job_key, 'f', ARGV[a+6]) end
+      redis.call('EXPIRE', job_key, user_ttl)
+    end
     redis.call('XADD', stream, id, unpack(fields))
     touched[stream] = maxlen
     if owner then
@@ -340,11 +352,14 @@ class RedisHistory(_Supervised):
             args += (
                 event.channel, event.type, orjson.dumps(event.data),
                 entry.group if entry else "", entry.entry_id if entry else "",
+                (outcome(event) or "") if event.job_id else "",
             )
 
         def stored(reply: list[Any]) -> None:
             for i, (_, _, d) in enumerate(batch):
-                d.callback(text(reply[2 * i + 1]) if int(reply[2 * i]) == 1 else None)
+                value = text(reply[2 * i + 1])
+                d.callback(value if int(reply[2 * i]) == 1 else
+                           Refused(value[1:]) if value.startswith("!") else None)
 
         def failed(failure: Any) -> None:
             for _, _, d in batch:
@@ -387,7 +402,9 @@ class RedisHistory(_Supervised):
         return d.addCallback(done)
 
     def own(self, job_id: str, user: str) -> Deferred[Any]:
-        return self._execute("SET", JOB_PREFIX + job_id, user, "EX", self._user_ttl)
+        key = JOB_PREFIX + job_id
+        return self._execute("HSET", key, "u", user).addCallback(
+            lambda _: self._execute("EXPIRE", key, self._user_ttl))
 
     def delivered(self, user: str, event_id: str) -> None:
         # Only forward: another node, or a tail that is behind, may report

@@ -19,7 +19,8 @@ from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
 from tickstock.events import SYMBOL, Event, id_key
-from tickstock.interfaces import IStore
+from tickstock.interfaces import IJobStore, IStore
+from tickstock.jobs import ACTIVE, update_of
 from tickstock.store import STORED_TOPICS, UNIVERSE_TYPES, Bar, PatternQuery, pattern_row
 
 Key = tuple[int, int]
@@ -92,7 +93,10 @@ class _Minute:
         }
 
 
-@implementer(IStore)
+JOBS_KEPT = 100_000
+
+
+@implementer(IStore, IJobStore)
 class MemoryStore:
     """
     Events of L{STORED_TOPICS} (at most C{max_events}, the oldest ids
@@ -128,6 +132,7 @@ class MemoryStore:
         self._oldest: list[tuple[int, str]] = []
         self._symbols: dict[str, list[float]] = {}
         self._universes: dict[str, _Universe] = {}
+        self._jobs: dict[str, dict[str, Any]] = {}  # in creation order
         for key, spec in (universes or {}).items():
             self.set_universe(key, spec["type"], spec["symbols"], spec.get("category"),
                               spec.get("metadata"), spec.get("updated"))
@@ -146,10 +151,62 @@ class MemoryStore:
         for event in events:
             if event.symbol is not None:
                 self._seen(event.symbol, now)
+            update = update_of(event)
+            if update is not None:
+                self._update_job(event.job_id, *update,  # type: ignore[arg-type]
+                                 at=event.received_at or now)
+                continue
             topic = self._topics.get(event.topic)
             if topic is not None and topic.add(id_key(event.id), event):
                 self._event_count += 1
         self._trim(cutoff)
+        return succeed(None)
+
+    def _update_job(self, job_id: str, status: str, progress: float | None, results: Any,
+                    error: str | None, at: float) -> None:
+        job = self._jobs.get(job_id)
+        if job is None or job["status"] not in ACTIVE:
+            return
+        job.update(status=status, updated_at=at)
+        if progress is not None:
+            job["progress"] = progress
+        if results is not None:
+            job["results"] = results
+        if error is not None:
+            job["error"] = error
+
+    # IJobStore
+
+    def create_job(self, record: Mapping[str, Any], max_active: int) -> Deferred[bool]:
+        user = record["user_id"]
+        active = sum(1 for j in self._jobs.values()
+                     if j["user_id"] == user and j["status"] in ACTIVE)
+        if active >= max_active:
+            return succeed(False)
+        if len(self._jobs) >= JOBS_KEPT:
+            del self._jobs[next(iter(self._jobs))]
+        self._jobs[record["job_id"]] = dict(record)
+        return succeed(True)
+
+    def job(self, job_id: str) -> Deferred[dict[str, Any] | None]:
+        job = self._jobs.get(job_id)
+        return succeed(None if job is None else dict(job))
+
+    def jobs(self, user: str, before: str | None, limit: int) -> Deferred[list[dict[str, Any]]]:
+        mine = [j for j in self._jobs.values() if j["user_id"] == user]
+        if before is not None:
+            cut = next((i for i, j in enumerate(mine) if j["job_id"] == before), None)
+            mine = [] if cut is None else mine[:cut]
+        return succeed([dict(j) for j in reversed(mine[-limit:])])
+
+    def stale_jobs(self, cutoff: float, limit: int) -> Deferred[list[dict[str, Any]]]:
+        stale = [dict(j) for j in self._jobs.values()
+                 if j["status"] in ACTIVE and j["updated_at"] < cutoff]
+        return succeed(stale[:limit])
+
+    def close_job(self, job_id: str, status: str, error: str | None,
+                  at: float) -> Deferred[None]:
+        self._update_job(job_id, status, None, None, error, at)
         return succeed(None)
 
     def _seen(self, symbol: str, now: float) -> None:

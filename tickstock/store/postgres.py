@@ -16,11 +16,15 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from tickstock.events import Event, id_key, stored_event
-from tickstock.interfaces import IStore
-from tickstock.store import UNIVERSE_TYPES, Bar, PatternQuery, StoreUnavailable
+from tickstock.interfaces import IJobStore, IStore
+from tickstock.jobs import update_of
+from tickstock.store import STORED_TOPICS, UNIVERSE_TYPES, Bar, PatternQuery, StoreUnavailable
 from tickstock.store.pool import Pool, session_dsn
 
 WRITE = "SELECT tickstock_write(" + ", ".join(["%s"] * 21) + ")"
+WRITE_WITH_JOBS = WRITE + ", tickstock_update_jobs(%s, %s, %s, %s, %s, %s)"
+_JOB_COLUMNS = ("job_id, user_id, status, params::text, progress, results::text, error, "
+                "extract(epoch FROM created_at)::float8, extract(epoch FROM updated_at)::float8")
 
 _EVENT_COLUMNS = "id_ms, id_seq, channel, event_type, data::text"
 
@@ -37,8 +41,33 @@ def _pattern(row: tuple[Any, ...]) -> dict[str, Any]:
             "confidence": confidence, "timestamp": data.get("timestamp"), "data": data}
 
 
+def _job(row: tuple[Any, ...]) -> dict[str, Any]:
+    job_id, user, status, params, progress, results, error, created, updated = row
+    return {"job_id": job_id, "user_id": user, "status": status,
+            "params": orjson.loads(params), "progress": progress,
+            "results": None if results is None else orjson.loads(results),
+            "error": error, "created_at": created, "updated_at": updated}
+
+
+def job_params(events: Iterable[Event], now: float) -> list[list[Any]]:
+    """The 6 column arrays of one C{tickstock_update_jobs} call, in event order."""
+    columns: list[list[Any]] = [[] for _ in range(6)]
+    for event in events:
+        update = update_of(event)
+        if update is None:
+            continue
+        status, progress, results, error = update
+        for column, value in zip(columns, (
+            event.job_id, status, progress,
+            None if results is None else orjson.dumps(results).decode(), error,
+            event.received_at or now,
+        )):
+            column.append(value)
+    return columns
+
+
 def write_params(bars: Iterable[Bar], events: Iterable[Event]) -> list[list[Any]]:
-    """The 21 column arrays of one C{tickstock_write} call."""
+    """The 21 column arrays of one C{tickstock_write} call (backtest events aside)."""
     columns: list[list[Any]] = [[] for _ in range(21)]
     # One version per part (the newest): a statement may touch a row once.
     newest: dict[tuple[str, int, str], Bar] = {}
@@ -53,6 +82,8 @@ def write_params(bars: Iterable[Bar], events: Iterable[Event]) -> list[list[Any]
         )):
             column.append(value)
     for event in events:
+        if event.topic not in STORED_TOPICS:
+            continue
         ms, seq = id_key(event.id)
         data = event.data
         confidence = data.get("confidence") if event.topic == "patterns" else None
@@ -65,7 +96,7 @@ def write_params(bars: Iterable[Bar], events: Iterable[Event]) -> list[list[Any]
     return columns
 
 
-@implementer(IStore)
+@implementer(IStore, IJobStore)
 class PostgresStore(Service):
     """
     L{IStore} on PostgreSQL. The schema must be migrated
@@ -139,7 +170,48 @@ class PostgresStore(Service):
 
     def write(self, bars: list[Bar], events: list[Event]) -> Deferred[None]:
         params = write_params(bars, events)
+        jobs = job_params(events, self._clock.seconds())
+        if jobs[0]:
+            return self.writer.run(lambda c: c.runOperation(WRITE_WITH_JOBS, params + jobs))
         return self.writer.run(lambda c: c.runOperation(WRITE, params))
+
+    # IJobStore
+
+    def create_job(self, record: dict[str, Any], max_active: int) -> Deferred[bool]:
+        return self.writer.run(lambda c: c.runQuery(
+            "SELECT tickstock_submit_job(%s, %s, %s::jsonb, %s, %s)",
+            (record["job_id"], record["user_id"], orjson.dumps(record["params"]).decode(),
+             record["created_at"], max_active),
+        )).addCallback(lambda rows: bool(rows[0][0]))
+
+    def job(self, job_id: str) -> Deferred[dict[str, Any] | None]:
+        return self._read(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE job_id = %s", (job_id,)
+                          ).addCallback(lambda rows: _job(rows[0]) if rows else None)
+
+    def jobs(self, user: str, before: str | None, limit: int) -> Deferred[list[dict[str, Any]]]:
+        sql = [f"SELECT {_JOB_COLUMNS} FROM jobs WHERE user_id = %s"]
+        params: list[Any] = [user]
+        if before is not None:
+            sql.append("AND (created_at, job_id) < (SELECT created_at, job_id FROM jobs "
+                       "WHERE job_id = %s AND user_id = %s)")
+            params += [before, user]
+        sql.append("ORDER BY created_at DESC, job_id DESC LIMIT %s")
+        params.append(limit)
+        return self._read(" ".join(sql), params).addCallback(lambda rows: [_job(r) for r in rows])
+
+    def stale_jobs(self, cutoff: float, limit: int) -> Deferred[list[dict[str, Any]]]:
+        return self._read(
+            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE status IN ('queued', 'running') "
+            "AND updated_at < to_timestamp(%s) ORDER BY updated_at LIMIT %s", (cutoff, limit),
+        ).addCallback(lambda rows: [_job(r) for r in rows])
+
+    def close_job(self, job_id: str, status: str, error: str | None,
+                  at: float) -> Deferred[None]:
+        return self.writer.run(lambda c: c.runOperation(
+            "UPDATE jobs SET status = %s, error = coalesce(%s, error), "
+            "updated_at = to_timestamp(%s) "
+            "WHERE job_id = %s AND status IN ('queued', 'running')",
+            (status, error, at, job_id)))
 
     def _read(self, sql: str, params: Any) -> Deferred[list[tuple[Any, ...]]]:
         return self.reader.run(lambda c: c.runQuery(sql, params))

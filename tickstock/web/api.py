@@ -1,7 +1,8 @@
 """
 The REST API under C{/api} (CONTRACT §4; documented in C{docs/openapi.yaml}):
 pattern history, symbols, 1-minute bars and universes, read from an
-L{IStore}, with pattern and universe answers kept in an L{ICache}.
+L{IStore}, with pattern and universe answers kept in an L{ICache}; and the
+caller's backtest jobs, through L{tickstock.jobs.Jobs}.
 
 Every answer is JSON, and every refusal says why in one error object.
 Parameters are parsed strictly (an unknown, repeated or malformed one is a
@@ -31,6 +32,7 @@ from tickstock.auth import Identity
 from tickstock.broadcast import BadRequest
 from tickstock.events import MAX_STRING, SYMBOL
 from tickstock.interfaces import ICache, IStore
+from tickstock.jobs import NOT_FOUND, JobRefused, Jobs
 from tickstock.store import PatternQuery, StoreUnavailable
 
 PATTERNS_MAX = 1000
@@ -45,14 +47,26 @@ DECIMAL = re.compile(r"^[0-9]{1,3}(\.[0-9]{1,9})?\Z")
 ISO_DATE_TIME = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9:.+\-Zz]{2,29}\Z")
 INTEGER = re.compile(r"^[0-9]{1,6}\Z")
 
-ROUTES = (
-    "/api/patterns",
-    "/api/symbols",
-    "/api/ohlcv/{symbol}",
-    "/api/universes",
-    "/api/universes/{key}",
-)
-"""Every route served (all GET), as C{docs/openapi.yaml} names them."""
+JOBS_MAX = 100
+JOBS_DEFAULT = 20
+JOB_BODY_MAX = 64 * 1024
+JOB_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
+
+ROUTES = {
+    "/api/patterns": ("GET",),
+    "/api/symbols": ("GET",),
+    "/api/ohlcv/{symbol}": ("GET",),
+    "/api/universes": ("GET",),
+    "/api/universes/{key}": ("GET",),
+    "/api/jobs": ("GET", "POST"),
+    "/api/jobs/{job_id}": ("GET", "DELETE"),
+}
+"""Every route served and its methods, as C{docs/openapi.yaml} names them."""
+
+
+Answer = bytes | tuple[int, bytes, Mapping[bytes, bytes]]
+"""A handler's answer: a 200 body, or C{(status, body, headers)}."""
+Handler = Callable[[Request, Identity], Awaitable[Answer]]
 
 
 class ApiError(Exception):
@@ -134,6 +148,12 @@ def _limit(most: int) -> Callable[[str], int]:
 def _cursor(text: str) -> str:
     if not CURSOR.match(text):
         raise _Bad("must be a next_cursor from a previous page")
+    return text
+
+
+def _job_id(text: str) -> str:
+    if not JOB_ID.match(text):
+        raise _Bad("must be a job id (a lowercase UUID)")
     return text
 
 
@@ -267,9 +287,11 @@ class ApiResource(Resource):
     def __init__(
         self, store: IStore, cache: ICache, authenticate: Callable[[dict[str, Any]], Identity],
         pattern_ttl: float, universe_ttl: float, clock: IReactorTime, timeout: float,
+        jobs: Jobs | None = None,
     ) -> None:
         super().__init__()
         self._store = store
+        self._jobs = jobs
         self._cache = cache
         self._authenticate = authenticate
         self._pattern_ttl = pattern_ttl
@@ -301,7 +323,8 @@ class ApiResource(Resource):
         reply = _Reply(request, self)
         timer = self._clock.callLater(self._timeout, self._too_slow, reply)
         d = Deferred.fromCoroutine(self._answer(request, reply))
-        d.addCallbacks(lambda body: reply.send(200, body), lambda f: self._failed(f, reply))
+        d.addCallbacks(lambda answer: reply.send(*answer) if isinstance(answer, tuple)
+                       else reply.send(200, answer), lambda f: self._failed(f, reply))
 
         def settle(result: Any) -> Any:
             if timer.active():
@@ -320,6 +343,14 @@ class ApiResource(Resource):
     def _failed(self, failure: Failure, reply: _Reply) -> None:
         if failure.check(ApiError):
             reply.error(failure.value)
+        elif failure.check(JobRefused):
+            error = failure.value
+            api_error = ApiError(error.status, error.code, str(error), headers={
+                b"retry-after": b"1"} if error.status == 503 else None)
+            body = api_error.body()
+            if error.fields:
+                body["error"]["fields"] = error.fields
+            reply.send(error.status, dumps(body), api_error.headers)
         elif failure.check(StoreUnavailable, CancelledError, TimeoutError):
             reply.error(_unavailable("the store is unavailable; retry shortly"))
         else:
@@ -327,30 +358,37 @@ class ApiResource(Resource):
             self._log.failure("API request {path} failed", failure, path=reply.request.path)
             reply.error(ApiError(500, "internal", "internal error"))
 
-    async def _answer(self, request: Request, reply: _Reply) -> bytes:
-        route, handler = self._route(request.postpath or [])
+    async def _answer(self, request: Request, reply: _Reply) -> Answer:
+        route, handlers = self._route(request.postpath or [])
         reply.route = route
-        self._identify(request)
-        if handler is None:
+        identity = self._identify(request)
+        if not handlers:
             raise ApiError(404, "not_found", "no such API route")
-        if request.method != b"GET":
-            raise ApiError(405, "method_not_allowed", "only GET is allowed here",
-                           headers={b"allow": b"GET"})
-        return await handler(request)
+        handler = handlers.get(request.method.decode("ascii", "replace"))
+        if handler is None:
+            allowed = ", ".join(handlers)
+            raise ApiError(405, "method_not_allowed", f"only {allowed} allowed here",
+                           headers={b"allow": allowed.encode()})
+        return await handler(request, identity)
 
-    def _route(self, path: list[bytes]) -> tuple[str, Callable[[Request], Awaitable[bytes]] | None]:
+    def _route(self, path: list[bytes]) -> tuple[str, dict[str, Handler]]:
         match path:
             case [b"patterns"]:
-                return "patterns", self._patterns
+                return "patterns", {"GET": self._patterns}
             case [b"symbols"]:
-                return "symbols", self._symbols
+                return "symbols", {"GET": self._symbols}
             case [b"ohlcv", symbol] if symbol:
-                return "ohlcv", lambda request: self._ohlcv(request, symbol)
+                return "ohlcv", {"GET": lambda r, i: self._ohlcv(r, i, symbol)}
             case [b"universes"]:
-                return "universes", self._universes
+                return "universes", {"GET": self._universes}
             case [b"universes", key] if key:
-                return "universe", lambda request: self._universe(request, key)
-        return "other", None
+                return "universe", {"GET": lambda r, i: self._universe(r, i, key)}
+            case [b"jobs"]:
+                return "jobs", {"GET": self._list_jobs, "POST": self._submit_job}
+            case [b"jobs", job_id] if job_id:
+                return "job", {"GET": lambda r, i: self._get_job(r, i, job_id),
+                               "DELETE": lambda r, i: self._cancel_job(r, i, job_id)}
+        return "other", {}
 
     def _identify(self, request: Request) -> Identity:
         values = request.requestHeaders.getRawHeaders(b"authorization") or []
@@ -380,7 +418,7 @@ class ApiResource(Resource):
             return compute()
         return self._cache.fetch(key, compute, ttl)
 
-    async def _patterns(self, request: Request) -> bytes:
+    async def _patterns(self, request: Request, identity: Identity) -> bytes:
         p = _parse_query(request, {
             "symbol": _symbol, "pattern": _pattern, "min_confidence": _confidence,
             "since": _time, "limit": _limit(PATTERNS_MAX), "cursor": _cursor,
@@ -402,7 +440,7 @@ class ApiResource(Resource):
             key, lambda: self._from_store(lambda: self._store.patterns(query)).addCallback(page),
             self._pattern_ttl)
 
-    async def _symbols(self, request: Request) -> bytes:
+    async def _symbols(self, request: Request, identity: Identity) -> bytes:
         _parse_query(request, {})
         rows = await self._from_store(self._store.symbols)
         return dumps({"symbols": [
@@ -411,7 +449,7 @@ class ApiResource(Resource):
             for row in rows
         ]})
 
-    async def _ohlcv(self, request: Request, raw_symbol: bytes) -> bytes:
+    async def _ohlcv(self, request: Request, identity: Identity, raw_symbol: bytes) -> bytes:
         symbol = _path_param(raw_symbol, "symbol", _symbol)
         p = _parse_query(request, {"since": _time, "until": _time,
                                         "limit": _limit(BARS_MAX)})
@@ -430,7 +468,7 @@ class ApiResource(Resource):
             for bar in bars
         ]})
 
-    async def _universes(self, request: Request) -> bytes:
+    async def _universes(self, request: Request, identity: Identity) -> bytes:
         _parse_query(request, {})
 
         def listing(rows: list[dict[str, Any]]) -> bytes:
@@ -444,7 +482,7 @@ class ApiResource(Resource):
             "universes", lambda: self._from_store(self._store.universes).addCallback(listing),
             self._universe_ttl)
 
-    async def _universe(self, request: Request, raw_key: bytes) -> bytes:
+    async def _universe(self, request: Request, identity: Identity, raw_key: bytes) -> bytes:
         key = _path_param(raw_key, "key", _universe_key)
         _parse_query(request, {})
 
@@ -461,6 +499,68 @@ class ApiResource(Resource):
             self._universe_ttl)
 
 
+    # Backtest jobs: a user's own only; another user's job is "not found".
+
+    def _jobs_service(self) -> Jobs:
+        if self._jobs is None:
+            raise ApiError(404, "not_found", "this server takes no backtest jobs")
+        return self._jobs
+
+    async def _submit_job(self, request: Request, identity: Identity) -> Answer:
+        jobs = self._jobs_service()
+        _parse_query(request, {})
+        content_type = (request.getHeader(b"content-type") or b"").split(b";")[0].strip()
+        if content_type.lower() != b"application/json":
+            raise ApiError(415, "unsupported_media_type",
+                           "send the parameters as Content-Type: application/json")
+        raw = request.content.read(JOB_BODY_MAX + 1) if request.content is not None else b""
+        if len(raw) > JOB_BODY_MAX:
+            raise ApiError(413, "too_large", f"the body may be at most {JOB_BODY_MAX} bytes")
+        try:
+            params = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise ApiError(400, "bad_json", "the body is not JSON") from None
+        job = await jobs.submit(identity.user, params)
+        return 202, dumps(job_view(job)), {b"location": b"/api/jobs/" + job["job_id"].encode()}
+
+    async def _list_jobs(self, request: Request, identity: Identity) -> bytes:
+        jobs = self._jobs_service()
+        p = _parse_query(request, {"limit": _limit(JOBS_MAX), "cursor": _job_id})
+        limit = p.get("limit", JOBS_DEFAULT)
+        rows = await jobs.list(identity.user, p.get("cursor"), limit + 1)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return dumps({"jobs": [job_view(row) for row in rows],
+                      "next_cursor": rows[-1]["job_id"] if more and rows else None})
+
+    async def _get_job(self, request: Request, identity: Identity, raw_id: bytes) -> bytes:
+        jobs = self._jobs_service()
+        job_id = _job_path(raw_id)
+        _parse_query(request, {})
+        return dumps(job_view(await jobs.get(identity.user, job_id)))
+
+    async def _cancel_job(self, request: Request, identity: Identity, raw_id: bytes) -> bytes:
+        jobs = self._jobs_service()
+        job_id = _job_path(raw_id)
+        _parse_query(request, {})
+        return dumps(job_view(await jobs.cancel(identity.user, job_id)))
+
+
+def _job_path(raw: bytes) -> str:
+    # A malformed id is as unknown as another user's: 404, never 400.
+    try:
+        return _job_id(raw.decode("utf-8"))
+    except (UnicodeDecodeError, _Bad):
+        raise JobRefused(404, "not_found", NOT_FOUND) from None
+
+
+def job_view(job: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON shape of one job in the REST API."""
+    return {"job_id": job["job_id"], "status": job["status"], "params": job["params"],
+            "progress": job["progress"], "results": job["results"], "error": job["error"],
+            "created_at": iso(job["created_at"]), "updated_at": iso(job["updated_at"])}
+
+
 def _unauthorized(message: str, token_given: bool) -> ApiError:
     challenge = b'Bearer realm="tickstock"'
     if token_given:
@@ -471,7 +571,7 @@ def _unauthorized(message: str, token_given: bool) -> ApiError:
 def build_api(
     store: IStore, cache: ICache, authenticate: Callable[[dict[str, Any]], Identity],
     pattern_ttl: float, universe_ttl: float = 3600, *, clock: IReactorTime,
-    timeout: float = 5.0,
+    timeout: float = 5.0, jobs: Jobs | None = None,
 ) -> ApiResource:
     """
     The C{/api} resource.
@@ -485,6 +585,7 @@ def build_api(
     @param clock: for the default C{/api/ohlcv} window and the timeout.
     @param timeout: seconds after which a request the store has not
         answered gets a 503.
+    @param jobs: serves C{/api/jobs}; L{None}: those routes are 404s.
     """
     return ApiResource(IStore(store), ICache(cache), authenticate, pattern_ttl, universe_ttl,
-                       clock, timeout)
+                       clock, timeout, jobs)

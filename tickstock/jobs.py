@@ -1,0 +1,353 @@
+"""
+Backtest jobs: submitted by a user (WebSocket C{submit_backtest} or
+C{POST /api/jobs}), recorded in the store, run by the producer, and followed
+to their end through the producer's progress and result events.
+
+A job's state has one authority per concern:
+ - the history decides, atomically with storing each event, whether an
+   event may still be delivered: a job's events pass only while the job is
+   known and not final, and the first final event (a result, or progress
+   with status C{failed} or C{cancelled}) closes it, on every node at once;
+ - the store keeps the record users list and read, updated from the
+   events the history stored, through the persister (so it lags live
+   delivery by at most the flush interval, and survives a store outage).
+
+TickStock's own decisions (a cancel, a timeout, an unreachable producer) are
+progress events it appends itself, so they take the same path as the
+producer's: the owner's connections get them live or on reconnect, the
+record follows, and a race with the producer's result has one winner.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import date
+from typing import Any, Callable, Iterable, Mapping
+
+import orjson
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from tickstock.broadcast import BadRequest
+from tickstock.config import JOB_PATTERNS
+from tickstock.events import CONTROL_CHANNEL, JOBS_CHANNEL, SYMBOL, Event
+from tickstock.history import Refused
+from tickstock.interfaces import IHistory, IJobStore, IProducerLink
+
+PROGRESS_CHANNEL = "tickstock.events.backtesting.progress"
+MAX_SYMBOLS = 50
+MAX_YEARS = 10
+FINAL = ("completed", "failed", "cancelled")
+ACTIVE = ("queued", "running")
+PARAMS = ("symbols", "start_date", "end_date", "patterns")
+SWEEP_BATCH = 100
+
+
+class JobRefused(BadRequest):
+    """
+    A job request that is refused: C{code} and message for the client,
+    C{status} for REST, and for invalid parameters one message per field.
+    """
+
+    def __init__(self, status: int, code: str, message: str,
+                 fields: Mapping[str, str] | None = None) -> None:
+        super().__init__(code, message)
+        self.status = status
+        self.fields = dict(fields or {})
+
+
+def update_of(event: Event) -> tuple[str, float | None, Any, str | None] | None:
+    """
+    What a stored backtest event does to its job's record: C{(status,
+    progress, results, error)}, or L{None} for an event of another topic.
+    A progress event with status C{completed} leaves the job running: the
+    job is complete when its result arrives.
+    """
+    if event.topic != "backtests":
+        return None
+    data = event.data
+    if event.type == "backtest_result":
+        return "completed", 1.0, data.get("results"), None
+    status = data.get("status")
+    if status in ("failed", "cancelled"):
+        error = data.get("error") or data.get("message") or status
+        return status, data.get("progress"), None, str(error)[:512]
+    return "running", data.get("progress"), None, None
+
+
+def outcome(event: Event) -> str | None:
+    """The final status C{event} gives its job, or L{None} if it leaves it open."""
+    update = update_of(event)
+    return update[0] if update is not None and update[0] in FINAL else None
+
+
+def parse_params(params: Any, known_patterns: Iterable[str]) -> dict[str, Any]:
+    """
+    Check backtest parameters, all of them, so that a client learns every
+    problem at once.
+
+    @raise JobRefused: C{bad_params}, with one message per wrong field.
+    """
+    if not isinstance(params, dict):
+        raise JobRefused(400, "bad_params", "params must be an object",
+                         {"params": "must be an object"})
+    errors: dict[str, str] = {}
+    for name in params:
+        if name not in PARAMS:
+            errors[str(name)[:64]] = "unknown field"
+    symbols = params.get("symbols")
+    if not isinstance(symbols, list) or not 1 <= len(symbols) <= MAX_SYMBOLS:
+        errors["symbols"] = f"must be a list of 1-{MAX_SYMBOLS} symbols"
+    else:
+        bad = [s for s in symbols if not (isinstance(s, str) and SYMBOL.match(s))]
+        seen: set[str] = set()
+        twice = [s for s in symbols if isinstance(s, str) and (s in seen or seen.add(s))]
+        if bad:
+            errors["symbols"] = (f"not a symbol (1-10 characters of A-Z, 0-9, '.', '-'): "
+                                 f"{bad[0]!r}")
+        elif twice:
+            errors["symbols"] = f"{twice[0]!r} is given more than once"
+    dates: dict[str, date] = {}
+    for name in ("start_date", "end_date"):
+        value = params.get(name)
+        if value is None:
+            errors[name] = "required (YYYY-MM-DD)"
+            continue
+        try:
+            if not (isinstance(value, str) and len(value) == 10 and value[4] == value[7] == "-"):
+                raise ValueError(value)
+            dates[name] = date.fromisoformat(value)
+        except ValueError:
+            errors[name] = f"must be a date as YYYY-MM-DD, not {str(value)[:32]!r}"
+    if len(dates) == 2:
+        start, end = dates["start_date"], dates["end_date"]
+        if start > end:
+            errors["end_date"] = "must not be before start_date"
+        elif end > _years_after(start, MAX_YEARS):
+            errors["end_date"] = f"the range may span at most {MAX_YEARS} years"
+    patterns = params.get("patterns", [])
+    known = frozenset(known_patterns)
+    if not isinstance(patterns, list) or len(patterns) > len(known):
+        errors["patterns"] = f"must be a list of at most {len(known)} pattern names"
+    else:
+        unknown = [p for p in patterns if p not in known]
+        if unknown:
+            errors["patterns"] = (f"unknown pattern {str(unknown[0])[:64]!r}; known: "
+                                  + ", ".join(sorted(known)))
+        elif len(set(patterns)) != len(patterns):
+            errors["patterns"] = "a pattern is given more than once"
+    if errors:
+        raise JobRefused(400, "bad_params", "; ".join(f"{k}: {v}" for k, v in errors.items()),
+                         errors)
+    return {"symbols": symbols, "start_date": params["start_date"],
+            "end_date": params["end_date"], "patterns": patterns}
+
+
+def _years_after(day: date, years: int) -> date:
+    try:
+        return day.replace(year=day.year + years)
+    except ValueError:  # 29 February
+        return day.replace(year=day.year + years, day=28)
+
+
+NOT_FOUND = "no job with this id"
+
+
+class Jobs(Service):
+    """
+    Submits, reads and cancels jobs for their owners, and fails jobs whose
+    producer went silent. Used by the WebSocket gateway and the REST API
+    alike, so both behave the same.
+
+    @ivar submitted: jobs accepted.
+    @ivar timed_out: jobs this node failed for silence.
+    @ivar control_failures: cancel messages that could not be published.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self, clock: IReactorTime, store: IJobStore, history: IHistory, link: IProducerLink,
+        receive: Callable[[str, bytes], Deferred[Any]], per_user: int, timeout: float,
+        patterns: Iterable[str] = JOB_PATTERNS,
+    ) -> None:
+        """
+        @param receive: how TickStock's own progress events enter, as the
+            producer's do (L{tickstock.router.Router.receive}).
+        @param per_user: the most jobs one user may have queued or running.
+        @param timeout: seconds without progress after which a job fails.
+        """
+        self._clock = clock
+        self._store = store
+        self._history = history
+        self._link = link
+        self._receive = receive
+        self.per_user = per_user
+        self.timeout = timeout
+        self.patterns = tuple(patterns)
+        self._loop: LoopingCall | None = None
+        self._sweeping = False
+        self.submitted = 0
+        self.timed_out = 0
+        self.control_failures = 0
+
+    def stats(self) -> dict[str, int]:
+        return {"submitted": self.submitted, "timed_out": self.timed_out,
+                "control_failures": self.control_failures}
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop = LoopingCall(self.sweep)
+        self._loop.clock = self._clock
+        self._loop.start(max(0.05, min(self.timeout / 4, 30.0)), now=False)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+
+    async def submit(self, user: str, params: Any) -> dict[str, Any]:
+        """
+        Validate, record as C{queued}, and send to the producer.
+
+        @return: the job's record.
+        @raise JobRefused: C{bad_params} (400), C{too_many_jobs} (429),
+            C{unavailable} (503).
+        """
+        params = parse_params(params, self.patterns)
+        job_id, now = str(uuid.uuid4()), self._clock.seconds()
+        record = {"job_id": job_id, "user_id": user, "status": "queued", "params": params,
+                  "progress": 0.0, "results": None, "error": None,
+                  "created_at": now, "updated_at": now}
+        try:
+            created = await self._store.create_job(record, self.per_user)
+        except Exception as error:
+            raise _unavailable("the job store", error) from None
+        if not created:
+            raise JobRefused(429, "too_many_jobs",
+                             f"at most {self.per_user} jobs may be queued or running at once; "
+                             "wait for one to finish or cancel one")
+        try:
+            # The history must know the job before the producer can answer.
+            await self._history.own(job_id, user)
+            await self._link.publish(JOBS_CHANNEL, orjson.dumps(
+                {"job_type": "backtest", "job_id": job_id, "user_id": user, **params,
+                 "timestamp": now}))
+        except Exception as error:
+            try:
+                await self._close(record, "failed", "producer unreachable", tell_producer=False)
+            except Exception as failure:
+                self._log.warn("could not mark job {job_id} failed: {e}", job_id=job_id, e=failure)
+            raise _unavailable("the producer", error) from None
+        self.submitted += 1
+        return record
+
+    async def get(self, user: str, job_id: str) -> dict[str, Any]:
+        """
+        The record of C{user}'s job C{job_id}.
+
+        @raise JobRefused: C{not_found} (404) also for another user's job,
+            so that ids cannot be probed.
+        """
+        try:
+            job = await self._store.job(job_id)
+        except Exception as error:
+            raise _unavailable("the job store", error) from None
+        if job is None or job["user_id"] != user:
+            raise JobRefused(404, "not_found", NOT_FOUND)
+        return job
+
+    async def list(self, user: str, before: str | None, limit: int) -> list[dict[str, Any]]:
+        """C{user}'s jobs, newest first, after the cursor job C{before}."""
+        try:
+            return await self._store.jobs(user, before, limit)
+        except Exception as error:
+            raise _unavailable("the job store", error) from None
+
+    async def cancel(self, user: str, job_id: str) -> dict[str, Any]:
+        """
+        Cancel C{user}'s queued or running job: its owner is told with a
+        C{cancelled} progress event, and the producer on
+        C{tickstock.jobs.control}.
+
+        @raise JobRefused: C{not_found} (404), C{job_finished} (409).
+        """
+        job = await self.get(user, job_id)
+        if job["status"] in FINAL:
+            raise JobRefused(409, "job_finished", f"the job is already {job['status']}")
+        try:
+            closed = await self._close(job, "cancelled", None)
+        except Exception as error:
+            raise _unavailable("the history", error) from None
+        if closed == "finished":
+            raise JobRefused(409, "job_finished", "the job has already finished")
+        return {**job, "status": "cancelled", "updated_at": self._clock.seconds()}
+
+    async def _close(self, job: Mapping[str, Any], status: str, error: str | None,
+                     tell_producer: bool = True) -> str:
+        """
+        End C{job} with a progress event of C{status} from TickStock, and
+        tell the producer to stop working on it.
+
+        @return: C{"closed"}; C{"duplicate"} if another node just did the
+            same; C{"finished"} if the job had already ended.
+        """
+        job_id, now = job["job_id"], self._clock.seconds()
+        data: dict[str, Any] = {
+            "event_type": "backtest_progress", "job_id": job_id, "user_id": job["user_id"],
+            "progress": job.get("progress") or 0.0, "status": status, "timestamp": now,
+            "source": "tickstock", "event_id": f"tickstock-{status}-{job_id}"}
+        if error is not None:
+            data["error"] = error
+        result = await self._receive(PROGRESS_CHANNEL, orjson.dumps(data))
+        if isinstance(result, Refused):
+            if result.reason != "unknown_job":
+                return "finished"
+            # The history forgot the job (its record outlived Redis's
+            # state): no event of it can reach anyone; close the record.
+            await self._store.close_job(job_id, status, error, now)
+        if result is None:
+            return "duplicate"
+        if tell_producer:
+            control = {"action": "cancel", "job_id": job_id, "user_id": job["user_id"],
+                       "reason": error or status, "timestamp": now}
+            try:
+                await self._link.publish(CONTROL_CHANNEL, orjson.dumps(control))
+            except Exception as failure:
+                self.control_failures += 1
+                self._log.warn("could not tell the producer to stop job {job_id}: {e}",
+                               job_id=job_id, e=failure)
+        return "closed"
+
+    def sweep(self) -> Deferred[None]:
+        """Fail the jobs that had no progress for C{timeout} seconds."""
+        if self._sweeping:
+            return Deferred.fromCoroutine(_nothing())
+        self._sweeping = True
+        d = Deferred.fromCoroutine(self._sweep())
+
+        def done(result: Any) -> None:
+            self._sweeping = False
+            if result is not None and hasattr(result, "getErrorMessage"):
+                self._log.warn("job timeout sweep failed: {e}", e=result.getErrorMessage())
+
+        return d.addBoth(done)
+
+    async def _sweep(self) -> None:
+        stale = await self._store.stale_jobs(self._clock.seconds() - self.timeout, SWEEP_BATCH)
+        for job in stale:
+            closed = await self._close(
+                job, "failed", f"timeout: no progress for {self.timeout:g} s")
+            if closed == "closed":
+                self.timed_out += 1
+
+
+def _unavailable(what: str, error: BaseException) -> JobRefused:
+    return JobRefused(503, "unavailable", f"{what} cannot be reached ({error}); try again")
+
+
+async def _nothing() -> None:
+    return None
