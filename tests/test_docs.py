@@ -3,8 +3,8 @@ Tests for C{docs/asyncapi.yaml}: the message document must stay true to the
 code. The channel table, the WebSocket ops, the error codes and the limits are
 compared with the modules that implement them, and concrete messages are run
 both through the documented JSON Schemas and through the real validators
-(L{tickstock.events.parse_event}, L{tickstock.gateway.Gateway}), which must
-agree.
+(L{tickstock.events.parse_event}, L{tickstock.gateway.Gateway} with a real
+L{tickstock.jobs.Jobs}), which must agree.
 """
 
 from __future__ import annotations
@@ -19,12 +19,17 @@ from twisted.internet import defer, task
 from zope.interface import implementer
 
 from tickstock import broadcast, events, gateway
+from tickstock import jobs as jobs_module
 from tickstock.broadcast import Broadcaster
+from tickstock.config import JOB_PATTERNS
 from tickstock.history.memory import MemoryHistory
-from tickstock.events import CHANNELS, JOBS_CHANNEL, MalformedEvent, parse_event
+from tickstock.events import CHANNELS, CONTROL_CHANNEL, JOBS_CHANNEL, MalformedEvent, parse_event
 from tickstock.auth import anonymous
 from tickstock.gateway import Gateway
 from tickstock.interfaces import IClient, IProducerLink
+from tickstock.jobs import PROGRESS_CHANNEL, Jobs
+from tickstock.router import Router
+from tickstock.store.memory import MemoryStore
 from tickstock.web import stream
 
 yaml = pytest.importorskip("yaml")
@@ -34,8 +39,10 @@ DOC_PATH = ROOT / "docs" / "asyncapi.yaml"
 DOC: dict[str, Any] = yaml.safe_load(DOC_PATH.read_text(encoding="utf-8"))
 BASE_URI = "urn:tickstock:asyncapi"
 
-CLIENT_OPS = ("hello", "subscribe", "unsubscribe", "submit_backtest", "ping")
-SERVER_OPS = ("welcome", "subscribed", "unsubscribed", "job_accepted", "event", "pong", "error")
+CLIENT_OPS = ("hello", "subscribe", "unsubscribe", "submit_backtest", "cancel_job", "ping")
+SERVER_OPS = ("welcome", "subscribed", "unsubscribed", "job_accepted", "job_cancelled", "event",
+              "pong", "error")
+RESULTS_CHANNEL = "tickstock.events.backtesting.results"
 
 
 # ---------------------------------------------------------------- reading the document
@@ -129,6 +136,12 @@ def channel_validator(schema_for: Callable[..., Any], channel: str) -> Any:
     return schema_for(payload_ref(message))
 
 
+def channel_validator_subscribe(schema_for: Callable[..., Any], channel: str) -> Any:
+    """A validator for what TickStock sends on C{channel}."""
+    (message,) = messages(channel, "subscribe")
+    return schema_for(payload_ref(message))
+
+
 def client_validator(schema_for: Callable[..., Any]) -> Any:
     return schema_for(*(payload_ref(m) for m in messages("/ws", "publish")))
 
@@ -180,17 +193,25 @@ class FakeLink:
 
 
 class Session:
-    """One client connection to a gateway built from fakes."""
+    """
+    One client connection to a gateway built from fakes: the real L{Jobs}
+    over a memory store and history, publishing to a L{FakeLink}, with
+    TickStock's own job events entering through the real L{Router}.
+    """
 
-    def __init__(self, *, fail_publish: bool = False, max_subscriptions: int = 100) -> None:
+    def __init__(self, *, fail_publish: bool = False, max_subscriptions: int = 100,
+                 per_user: int = 3, timeout: float = 300.0) -> None:
         self.clock = task.Clock()
         self.clock.advance(1700000000.0)
         self.link = FakeLink(fail=fail_publish)
         self.history = MemoryHistory(self.clock, 100, 3600, 100)
         self.broadcaster = Broadcaster(lambda frame: frame)
         self.history.listen(self.broadcaster.deliver)
-        self.gateway = Gateway(self.clock, self.broadcaster, self.history, self.link, anonymous,
-                               max_subscriptions, hello_timeout=10.0)
+        self.router = Router(self.clock, self.history, self.link)
+        self.jobs = Jobs(self.clock, MemoryStore(self.clock), self.history, self.link,
+                         self.router.receive, per_user=per_user, timeout=timeout)
+        self.gateway = Gateway(self.clock, self.broadcaster, self.history, anonymous,
+                               max_subscriptions, hello_timeout=10.0, jobs=self.jobs)
         self.client = FakeClient()
         self.gateway.opened(self.client)
 
@@ -203,9 +224,14 @@ class Session:
         return self.client.replies[-1]
 
 
+    def published(self, channel: str) -> list[dict[str, Any]]:
+        """What the gateway's jobs published on C{channel}, in order."""
+        return [message for name, message in self.link.published if name == channel]
+
+
 def greeted(**kwargs: Any) -> Session:
     session = Session(**kwargs)
-    assert session.send({"op": "hello", "token": "alice"})["op"] == "welcome"
+    assert session.send({"op": "hello", "user": "alice"})["op"] == "welcome"
     return session
 
 
@@ -286,6 +312,21 @@ def test_jobs_channel_is_documented() -> None:
         "job_type", "job_id", "user_id", "symbols", "start_date", "end_date", "patterns",
         "timestamp"}
     assert properties_of(message["payload"])["job_type"]["const"] == "backtest"
+
+
+def test_control_channel_is_documented() -> None:
+    """
+    C{tickstock.jobs.control} is documented as sent by TickStock (never
+    consumed), with exactly the fields of the cancel message required and
+    no others allowed.
+    """
+    channel = DOC["channels"][CONTROL_CHANNEL]
+    assert "publish" not in channel and "x-tickstock-topic" not in channel
+    (message,) = messages(CONTROL_CHANNEL, "subscribe")
+    assert required_of(message["payload"]) == {
+        "action", "job_id", "user_id", "reason", "timestamp"}
+    assert resolve(message["payload"])["additionalProperties"] is False
+    assert properties_of(message["payload"])["action"]["const"] == "cancel"
 
 
 def test_deadletter_list_is_documented() -> None:
@@ -422,6 +463,105 @@ def test_job_message_matches_schema(schema_for: Callable[..., Any]) -> None:
     assert channel == JOBS_CHANNEL
     schema_for("#/components/schemas/BacktestJob").validate(job)
     assert job["job_id"] == reply["job_id"] and job["patterns"] == []
+    assert reply["status"] == "queued"
+
+
+def test_control_messages_match_schema(schema_for: Callable[..., Any]) -> None:
+    """
+    The cancel TickStock publishes on C{tickstock.jobs.control} after a
+    C{cancel_job} (reason C{cancelled}) and after a job timed out (reason
+    C{timeout: ...}) is a valid documented C{JobControl}; the final progress
+    events TickStock adds for both reach the owner's C{backtests}
+    subscription and are valid as the progress channel's schema (which
+    L{parse_event} accepts too) and as C{TickStockBacktestProgress}.
+    """
+    control = channel_validator_subscribe(schema_for, CONTROL_CHANNEL)
+    progress = channel_validator(schema_for, PROGRESS_CHANNEL)
+    own = schema_for("#/components/schemas/TickStockBacktestProgress")
+    session = greeted(timeout=300.0)
+    assert session.send({"op": "subscribe", "id": "b", "topic": "backtests"})["op"] == \
+        "subscribed"
+    first = session.send({"op": "submit_backtest", "id": "r1", "params": SUBMIT})["job_id"]
+    second = session.send({"op": "submit_backtest", "id": "r2", "params": SUBMIT})["job_id"]
+    reply = session.send({"op": "cancel_job", "id": "c1", "job_id": first})
+    assert reply == {"op": "job_cancelled", "id": "c1", "job_id": first}
+    session.clock.advance(301)
+    session.jobs.sweep()
+
+    sent = session.published(CONTROL_CHANNEL)
+    assert [(m["job_id"], m["reason"]) for m in sent] == [
+        (first, "cancelled"), (second, "timeout: no progress for 300 s")]
+    for message in sent:
+        control.validate(message)
+        assert message["user_id"] == "alice"
+
+    frames = [f for f in session.client.frames if f["sub"] == "b"]
+    assert [(f["data"]["job_id"], f["data"]["status"]) for f in frames] == [
+        (first, "cancelled"), (second, "failed")]
+    assert frames[1]["data"]["error"] == "timeout: no progress for 300 s"
+    for frame in frames:
+        data = frame["data"]
+        assert frame["type"] == "backtest_progress" and data["source"] == "tickstock"
+        progress.validate(data)
+        own.validate(data)
+        parse_event(PROGRESS_CHANNEL, orjson.dumps(data), "1-0", 1.0)
+    assert session.jobs.timed_out == 1
+
+
+def test_documented_tickstock_progress_examples_are_tickstock_progress(
+    schema_for: Callable[..., Any],
+) -> None:
+    """The documented examples of TickStock's own progress events pass its stricter schema."""
+    own = schema_for("#/components/schemas/TickStockBacktestProgress")
+    examples = [e["payload"] for e in DOC["components"]["messages"]["BacktestProgress"]["examples"]
+                if e["payload"].get("source") == "tickstock"]
+    assert {e["status"] for e in examples} == {"cancelled", "failed"}
+    for example in examples:
+        own.validate(example)
+
+
+def test_job_lifecycle_is_as_documented() -> None:
+    """
+    As the progress channel says: progress with status C{completed} leaves
+    the job open, the result closes it, and later events of it, or events
+    of a job TickStock does not know, are dropped (counted by reason);
+    progress with status C{failed} closes a job too.
+    """
+    description = DOC["channels"][PROGRESS_CHANNEL]["description"]
+    for word in ("`completed`", "`failed`", "`cancelled`", "unknown_job", "finished_job",
+                 "job_events_dropped", "--job-timeout"):
+        assert word in description, word
+    session = greeted()
+    session.send({"op": "subscribe", "id": "b", "topic": "backtests"})
+    first = session.send({"op": "submit_backtest", "id": "r1", "params": SUBMIT})["job_id"]
+    second = session.send({"op": "submit_backtest", "id": "r2", "params": SUBMIT})["job_id"]
+
+    def progress(job_id: str, status: str) -> None:
+        session.router.receive(PROGRESS_CHANNEL, orjson.dumps(
+            {"job_id": job_id, "progress": 1, "status": status, "timestamp": 1700000001}))
+
+    def result(job_id: str) -> None:
+        session.router.receive(RESULTS_CHANNEL, orjson.dumps(
+            {"job_id": job_id, "results": {"win_rate": 0.5, "roi": 0.1, "sharpe_ratio": 1,
+             "max_drawdown": -0.1}, "completed_at": 1700000002}))
+
+    progress(first, "completed")
+    progress(first, "running")
+    result(first)
+    progress(first, "running")
+    result(first)
+    progress(second, "failed")
+    result(second)
+    progress("no-such-job", "running")
+    delivered = [(f["data"]["job_id"], f["type"], f["data"].get("status"))
+                 for f in session.client.frames if f["sub"] == "b"]
+    assert delivered == [
+        (first, "backtest_progress", "completed"), (first, "backtest_progress", "running"),
+        (first, "backtest_result", None), (second, "backtest_progress", "failed")]
+    assert dict(session.router.refused) == {"finished_job": 3, "unknown_job": 1}
+    assert session.link.dead == []
+    reply = session.send({"op": "cancel_job", "id": "c", "job_id": second})
+    assert (reply["op"], reply["code"]) == ("error", "job_finished")
 
 
 # ---------------------------------------------------------------- CONTRACT §3: WebSocket
@@ -440,14 +580,16 @@ def test_every_server_message_is_documented() -> None:
 
 def test_error_codes_match_the_code() -> None:
     """
-    The documented error codes are exactly the codes the gateway and the
-    filter parser can send (read from their source), C{unauthorized} included.
+    The documented error codes are exactly the codes the gateway, the filter
+    parser and the jobs service can send (read from their source),
+    C{unauthorized} and C{internal} included.
     """
     sources = "".join(
         Path(module.__file__).read_text(encoding="utf-8")
-        for module in (gateway, broadcast, stream)
+        for module in (gateway, broadcast, stream, jobs_module)
     )
     found = set(re.findall(r'BadRequest\(\s*"([a-z_]+)"', sources))
+    found |= set(re.findall(r'JobRefused\(\s*\d+,\s*"([a-z_]+)"', sources))
     found |= set(re.findall(r'"code":\s*"([a-z_]+)"', sources))
     found |= set(re.findall(r'error\.code == "([a-z_]+)"', sources))
     documented = properties_of({"$ref": "#/components/schemas/ServerError"})["code"]["enum"]
@@ -477,9 +619,83 @@ def test_topics_filters_and_limits_match_the_code() -> None:
     filter_props = properties_of({"$ref": "#/components/schemas/Filter"})
     assert filter_props["symbols"]["maxItems"] == broadcast.MAX_FILTER_SYMBOLS
     assert filter_props["patterns"]["maxItems"] == broadcast.MAX_FILTER_PATTERNS
-    params = properties_of({"$ref": "#/components/schemas/ClientSubmitBacktest"})["params"]
-    assert params["properties"]["symbols"]["maxItems"] == gateway.MAX_JOB_SYMBOLS
     assert DOC["components"]["schemas"]["RequestId"]["maxLength"] == broadcast.MAX_ID_LENGTH
+    cancel = properties_of({"$ref": "#/components/schemas/ClientCancelJob"})
+    assert cancel["job_id"]["maxLength"] == broadcast.MAX_ID_LENGTH
+
+
+def test_backtest_params_match_the_code() -> None:
+    """
+    C{submit_backtest} params: exactly L{tickstock.jobs.PARAMS}, no others
+    (C{additionalProperties: false}), at most L{tickstock.jobs.MAX_SYMBOLS}
+    symbols, none twice; patterns none twice and, as the enum, exactly the
+    default known names L{tickstock.config.JOB_PATTERNS}; the year limit,
+    which a schema cannot say, in the descriptions.
+    """
+    submit = resolve({"$ref": "#/components/schemas/ClientSubmitBacktest"})
+    params = properties_of(submit)["params"]
+    assert params["additionalProperties"] is False
+    assert set(params["properties"]) == set(jobs_module.PARAMS)
+    assert set(params["required"]) == set(jobs_module.PARAMS) - {"patterns"}
+    symbols, patterns = params["properties"]["symbols"], params["properties"]["patterns"]
+    assert symbols["maxItems"] == jobs_module.MAX_SYMBOLS and symbols["minItems"] == 1
+    assert symbols["uniqueItems"] is True and patterns["uniqueItems"] is True
+    assert patterns["items"]["enum"] == list(JOB_PATTERNS)
+    assert "--job-patterns" in patterns["description"]
+    limit = f"{jobs_module.MAX_YEARS} years"
+    assert limit in submit["description"]
+    assert limit in params["properties"]["end_date"]["description"]
+    job = properties_of({"$ref": "#/components/schemas/BacktestJob"})
+    assert job["symbols"]["maxItems"] == jobs_module.MAX_SYMBOLS
+    assert job["patterns"]["uniqueItems"] is True
+
+
+@pytest.mark.parametrize("start,end,refused", [
+    ("2023-01-01", "2023-01-01", None),
+    ("2013-01-01", "2023-01-01", None),
+    ("2013-01-01", "2023-01-02", "end_date"),
+    ("2012-02-29", "2022-02-28", None),
+    ("2012-02-29", "2022-03-01", "end_date"),
+    ("2023-12-31", "2023-01-01", "end_date"),
+])
+def test_date_rules_a_schema_cannot_say(
+    schema_for: Callable[..., Any], start: str, end: str, refused: str | None,
+) -> None:
+    """
+    The date rules only the description states (start not after end, at
+    most 10 years) are the gateway's: such params pass the schema and are
+    refused with C{bad_params} naming C{end_date}.
+    """
+    message = {"op": "submit_backtest", "id": "r1",
+               "params": {**SUBMIT, "start_date": start, "end_date": end}}
+    assert client_validator(schema_for).is_valid(message)
+    reply = greeted().send(message)
+    if refused is None:
+        assert reply["op"] == "job_accepted", reply
+    else:
+        assert (reply["op"], reply["code"], list(reply["fields"])) == (
+            "error", "bad_params", [refused]), reply
+
+
+def test_bad_params_names_every_field(schema_for: Callable[..., Any]) -> None:
+    """
+    A C{submit_backtest} with several wrong params is answered with one
+    C{bad_params} error whose C{fields} names each of them (an unknown field
+    too, and C{params} itself when it is not an object), as documented.
+    """
+    validator = server_validator(schema_for)
+    message = {"op": "submit_backtest", "id": "r1", "params": {
+        "symbols": [], "start_date": "2023-1-01", "patterns": ["Nope"], "interval": "1d"}}
+    assert not client_validator(schema_for).is_valid(message)
+    reply = greeted().send(message)
+    assert reply["code"] == "bad_params"
+    assert set(reply["fields"]) == {"symbols", "start_date", "end_date", "patterns", "interval"}
+    validator.validate(reply)
+    reply = greeted().send({"op": "submit_backtest", "id": "r1", "params": "AAPL"})
+    assert (reply["code"], set(reply["fields"])) == ("bad_params", {"params"})
+    validator.validate(reply)
+    assert not validator.is_valid({**reply, "code": "bad_request"})
+    assert not validator.is_valid({k: v for k, v in reply.items() if k != "fields"})
 
 
 def test_universe_filters_are_documented() -> None:
@@ -538,6 +754,11 @@ CLIENT_CASES: list[tuple[dict[str, Any], str | None]] = [
     ({"op": "subscribe", "id": "s1", "topic": "universe", "filter": {}}, None),
     ({"op": "submit_backtest", "id": "r1", "params": SUBMIT}, None),
     ({"op": "submit_backtest", "params": {**SUBMIT, "patterns": ["Doji", "Hammer"]}}, None),
+    ({"op": "submit_backtest", "params": {**SUBMIT, "patterns": list(JOB_PATTERNS)}}, None),
+    ({"op": "submit_backtest", "params": {**SUBMIT, "patterns": []}}, None),
+    ({"op": "submit_backtest", "params": {**SUBMIT, "symbols": [f"S{i}" for i in range(50)]}},
+     None),
+    ({"op": "submit_backtest", "params": {**SUBMIT, "start_date": "2014-01-01"}}, None),
     ({"op": "nope"}, "unknown_op"),
     ({"id": "x"}, "unknown_op"),
     ({"op": "ping", "id": ""}, "bad_request"),
@@ -569,6 +790,19 @@ CLIENT_CASES: list[tuple[dict[str, Any], str | None]] = [
     ({"op": "submit_backtest", "params": {**SUBMIT, "start_date": "2023-13-01"}},
      "bad_params"),
     ({"op": "submit_backtest", "params": {**SUBMIT, "patterns": [""]}}, "bad_params"),
+    ({"op": "submit_backtest", "params": {**SUBMIT, "patterns": ["Nope"]}}, "bad_params"),
+    ({"op": "submit_backtest", "params": {**SUBMIT, "patterns": ["Doji", "Doji"]}},
+     "bad_params"),
+    ({"op": "submit_backtest", "params": {**SUBMIT, "patterns": "Doji"}}, "bad_params"),
+    ({"op": "submit_backtest", "params": {**SUBMIT, "interval": "1d"}}, "bad_params"),
+    ({"op": "submit_backtest", "params": {**SUBMIT, "symbols": []}}, "bad_params"),
+    ({"op": "submit_backtest", "params": {**SUBMIT, "end_date": None}}, "bad_params"),
+    ({"op": "submit_backtest", "params": {**SUBMIT, "end_date": "2023-02-30"}}, "bad_params"),
+    ({"op": "submit_backtest", "params": ["AAPL"]}, "bad_params"),
+    ({"op": "cancel_job", "id": "c1"}, "bad_request"),
+    ({"op": "cancel_job", "id": "c1", "job_id": ""}, "bad_request"),
+    ({"op": "cancel_job", "id": "c1", "job_id": "x" * 65}, "bad_request"),
+    ({"op": "cancel_job", "id": "c1", "job_id": 5}, "bad_request"),
 ]
 
 
@@ -592,39 +826,79 @@ def test_client_schema_agrees_with_gateway(
 def test_every_reply_matches_server_schemas(schema_for: Callable[..., Any]) -> None:
     """
     Every reply and event frame the gateway sends in a session touching each
-    op and each kind of error is a valid documented server message.
+    op and each kind of error is a valid documented server message: jobs
+    accepted up to the per-user limit (3) and C{too_many_jobs} past it,
+    C{bad_params} with C{fields}, a cancel, a second cancel of the same job
+    (C{job_finished}), a cancel of an unknown job (C{not_found}), a publish
+    failure (C{unavailable}), an unexpected failure (C{internal}), and the
+    progress events TickStock adds (a cancel, a timeout).
     """
     validator = server_validator(schema_for)
-    session = Session(max_subscriptions=2)
+    session = Session(max_subscriptions=2, per_user=3)
     sent = [
         b"{not json", b"[1]", {"op": "ping"},  # bad_json, bad_request, hello_required
-        {"op": "hello", "token": "alice", "resume": {"last_id": "1700000000000-0"}},
+        {"op": "hello", "user": "alice", "resume": {"last_id": "1699999999999-0"}},
         {"op": "hello"},
         {"op": "subscribe", "id": "s1", "topic": "patterns", "filter": {"symbols": ["AAPL"]}},
         {"op": "subscribe", "id": "s1", "topic": "ticks"},
         {"op": "subscribe", "id": "s2", "topic": "ticks"},
         {"op": "subscribe", "id": "s3", "topic": "health"},
         {"op": "unsubscribe", "id": "s2"}, {"op": "unsubscribe", "id": "s2"},
+        {"op": "subscribe", "id": "b", "topic": "backtests"},
         {"op": "submit_backtest", "id": "r1", "params": SUBMIT},
+        {"op": "submit_backtest", "id": "r2", "params": SUBMIT},
+        {"op": "submit_backtest", "id": "r3", "params": SUBMIT},
+        {"op": "submit_backtest", "id": "r4", "params": SUBMIT},  # too_many_jobs
+        {"op": "submit_backtest", "id": "r5", "params": {**SUBMIT, "patterns": ["Nope"]}},
+        {"op": "cancel_job", "id": "c0"},  # bad_request
+        {"op": "cancel_job", "id": "c1", "job_id": "5b0c6f7e-3c1d-4c4e-9d1e-0f7f4b3a2c11"},
         {"op": "ping", "id": "p1"},
     ]
     for message in sent:
         session.send(message)
+    first = next(r["job_id"] for r in session.client.replies if r["op"] == "job_accepted")
+    assert session.send({"op": "cancel_job", "id": "c2", "job_id": first})["op"] == \
+        "job_cancelled"
+    assert session.send({"op": "cancel_job", "id": "c3", "job_id": first})["code"] == \
+        "job_finished"
+    session.clock.advance(301)
+    session.jobs.sweep()  # the other two time out
+
+    async def broken(user: str, params: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    session.jobs.submit = broken  # type: ignore[method-assign]
+    assert session.send({"op": "submit_backtest", "id": "r6", "params": SUBMIT})["code"] == \
+        "internal"
     failing = greeted(fail_publish=True)
+    failing.send({"op": "subscribe", "id": "b", "topic": "backtests"})
     failing.send({"op": "submit_backtest", "id": "r2", "params": SUBMIT})
+    no_jobs = greeted()
+    no_jobs.gateway._jobs = None
+    no_jobs.send({"op": "cancel_job", "id": "c1", "job_id": first})
 
     event = parse_event("tickstock.events.patterns", orjson.dumps(
         {"symbol": "AAPL", "pattern": "Doji", "confidence": 0.9, "timestamp": 1700000000,
          "extra": [1, 2]}), "1700000000000-3", 1700000000.0)
     session.broadcaster.deliver(event)
 
-    replies = session.client.replies + failing.client.replies
-    seen = {r["op"] for r in replies} | {f["op"] for f in session.client.frames}
+    replies = session.client.replies + failing.client.replies + no_jobs.client.replies
+    frames = session.client.frames + failing.client.frames
+    seen = {r["op"] for r in replies} | {f["op"] for f in frames}
     assert seen == set(SERVER_OPS)
     codes = {r["code"] for r in replies if r["op"] == "error"}
     assert codes == {"bad_json", "bad_request", "hello_required", "duplicate_id",
-                     "too_many_subscriptions", "unknown_subscription", "unavailable"}
-    for message in replies + session.client.frames:
+                     "too_many_subscriptions", "unknown_subscription", "bad_params",
+                     "too_many_jobs", "not_found", "job_finished", "internal", "unavailable"}
+    documented = properties_of({"$ref": "#/components/schemas/ServerError"})["code"]["enum"]
+    assert set(documented) - codes == {"bad_topic", "bad_filter", "unknown_op",
+                                       "unknown_universe", "unauthorized"}  # tested elsewhere
+    statuses = [(f["data"]["status"], f["data"].get("error")) for f in frames
+                if f.get("type") == "backtest_progress"]
+    assert statuses == [("cancelled", None), ("failed", "timeout: no progress for 300 s"),
+                        ("failed", "timeout: no progress for 300 s"),
+                        ("failed", "producer unreachable")]
+    for message in replies + frames:
         errors = [e.message for e in validator.iter_errors(message)]
         assert not errors, (message, errors)
 

@@ -101,3 +101,31 @@ async def http_get(port: int, path: str, headers: dict[bytes, list[bytes]] | Non
         return response.code, orjson.loads(body)
     except orjson.JSONDecodeError:
         return response.code, body
+
+
+async def http_request(port: int, method: bytes, path: str, token: str | None = None,
+                       body: Any = None, content_type: bytes = b"application/json",
+                       ) -> tuple[int, Any, Any]:
+    """
+    Any request to the daemon in this reactor, with a bearer token and a
+    JSON (or raw bytes) body; (status, parsed JSON or raw body, headers).
+    """
+    from twisted.web.client import Agent, FileBodyProducer, readBody
+    from twisted.web.http_headers import Headers
+    from io import BytesIO
+
+    headers = Headers()
+    if token is not None:
+        headers.addRawHeader(b"authorization", b"Bearer " + token.encode())
+    producer = None
+    if body is not None:
+        headers.addRawHeader(b"content-type", content_type)
+        raw = body if isinstance(body, bytes) else orjson.dumps(body)
+        producer = FileBodyProducer(BytesIO(raw))
+    response = await Agent(reactor).request(
+        method, f"http://127.0.0.1:{port}{path}".encode(), headers, producer)
+    data = await readBody(response)
+    try:
+        return response.code, orjson.loads(data), response.headers
+    except orjson.JSONDecodeError:
+        return response.code, data, response.headers

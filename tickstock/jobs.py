@@ -284,6 +284,8 @@ class Jobs(Service):
             raise _unavailable("the history", error) from None
         if closed == "finished":
             raise JobRefused(409, "job_finished", "the job has already finished")
+        if closed == "duplicate":
+            raise JobRefused(409, "job_finished", "the job is already cancelled")
         return {**job, "status": "cancelled", "updated_at": self._clock.seconds()}
 
     async def _close(self, job: Mapping[str, Any], status: str, error: str | None,
