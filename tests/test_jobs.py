@@ -550,3 +550,41 @@ async def test_streams_mode_acknowledges_dropped_job_events(redis_server, daemon
     for channel in (PROGRESS, RESULTS):
         pending = redis_server.command("XPENDING", channel, "tickstock")
         assert pending.startswith(b"*4\r\n:0\r\n"), (channel, pending[:40])
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_embedded_demo_runs_jobs_on_its_simulator(daemons):
+    """
+    With no outside service, the built-in producer answers a job submitted
+    over REST with its progress steps and a real backtest of its synthetic
+    bars, and honours a cancel.
+    """
+    from tickstock.sim import Backtester
+
+    daemon = daemons()
+    tab = await watcher(daemon, "alice")
+    status, job, _ = await http_request(daemon.port, b"POST", "/api/jobs", "alice", PARAMS)
+    assert status == 202, job
+    await eventually(lambda: steps(tab)[-1:] == ["result"], 10, "the simulator's result")
+    assert steps(tab) == [0.25, 0.5, 0.75, 1.0, "result"]
+    expected = Backtester().run(PARAMS)
+    assert tab.events("bt")[-1]["data"]["results"] == expected
+    deadline = reactor.seconds() + 10
+    while reactor.seconds() < deadline:
+        body = (await http_request(daemon.port, b"GET", f"/api/jobs/{job['job_id']}", "alice"))[1]
+        if body["status"] == "completed":
+            break
+    assert body["status"] == "completed" and body["results"] == expected
+    assert (await http_request(daemon.port, b"GET", f"/api/jobs/{job['job_id']}", "bob"))[0] == 404
+
+    status, second, _ = await http_request(daemon.port, b"POST", "/api/jobs", "alice", PARAMS)
+    status, body, _ = await http_request(daemon.port, b"DELETE",
+                                         f"/api/jobs/{second['job_id']}", "alice")
+    assert status == 200 and body["status"] == "cancelled"
+    # The simulator stops and reports its own cancel, which comes too late to count.
+    await eventually(lambda: daemon.service.router.refused["finished_job"] == 1, 5,
+                     "the simulator's cancel dropped")
+    mine = [e for e in tab.events("bt") if e["data"]["job_id"] == second["job_id"]]
+    assert [e["data"]["status"] for e in mine][-1] == "cancelled"
+    assert mine[-1]["data"]["source"] == "tickstock"
+    assert all(e["data"]["status"] == "running" for e in mine[:-1])

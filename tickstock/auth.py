@@ -30,12 +30,13 @@ class Identity:
 
 def anonymous(hello: dict[str, Any]) -> Identity:
     """
-    Auth off (demo): the client names itself with C{user}, or gets a guest
+    Auth off (demo): the client names itself with C{user} (or, as on REST
+    where only a bearer token can be given, with C{token}), or gets a guest
     name. Never used when a secret is configured.
     """
-    name = hello.get("user")
-    if isinstance(name, str) and _USER.match(name):
-        return Identity(name)
+    for name in (hello.get("user"), hello.get("token")):
+        if isinstance(name, str) and _USER.match(name):
+            return Identity(name)
     return Identity("guest-" + uuid.uuid4().hex[:8])
 
 

@@ -22,8 +22,10 @@ const state = {
   name: "demo", lastId: null, seq: 0, watch: [],
   subs: new Map(),     // subscription id -> topic, for the current connection
   requests: new Map(), // submit_backtest request id -> job row, until accepted
+  cancels: new Map(),  // cancel_job request id -> job row, until answered
   jobs: new Map(),     // job_id -> job row
 };
+const FINAL = new Set(["done", "failed", "cancelled"]);
 
 // ---- small helpers -------------------------------------------------------
 
@@ -116,8 +118,10 @@ function handle(raw) {
     ui.btRun.disabled = false;
     state.subs.clear();
     subscribe("health"); subscribe("backtests"); subscribeWatch();
+    loadJobs(m.user);
   } else if (m.op === "event") onEvent(m);
   else if (m.op === "job_accepted") accepted(m);
+  else if (m.op === "job_cancelled") cancelled(m);
   else if (m.op === "error") onError(m);
 }
 
@@ -139,7 +143,9 @@ function subscribeWatch() {
 function onError(m) {
   const text = `${str(m.code)}: ${str(m.message)}`;
   const job = state.requests.get(m.id);
+  const cancelling = state.cancels.get(m.id);
   if (job) { state.requests.delete(m.id); jobStatus(job, "failed", text); }
+  else if (cancelling) { state.cancels.delete(m.id); cancelling.cancel.disabled = false; ui.btMsg.textContent = text; }
   else if (state.subs.has(m.id)) ui.watchMsg.textContent = text;
   else ui.notice.textContent = text;
 }
@@ -255,18 +261,25 @@ function renderHealth() {
 
 // ---- backtests -------------------------------------------------------------
 
-function jobStatus(job, status, text) { job.box.dataset.status = status; job.status.textContent = text; }
+function jobStatus(job, status, text) {
+  job.box.dataset.status = status; job.status.textContent = text;
+  job.cancel.hidden = !job.id || FINAL.has(status);
+}
 
-function newJob(title) {
-  const job = { box: el("li", "job"), title: el("span", "job-title", title), status: el("span", "job-status"),
-    bar: el("progress"), results: el("dl", "results") };
-  job.bar.max = 1; job.bar.value = 0;
-  job.box.append(job.title, job.status, job.bar, job.results);
+function newJob(title, id) {
+  const job = { id, box: el("li", "job"), title: el("span", "job-title", title), status: el("span", "job-status"),
+    cancel: el("button", "job-cancel", "Cancel"), bar: el("progress"), results: el("dl", "results") };
+  job.bar.max = 1; job.bar.value = 0; job.cancel.type = "button"; job.cancel.hidden = true;
+  job.cancel.addEventListener("click", () => cancelJob(job));
+  job.box.append(job.title, job.status, job.cancel, job.bar, job.results);
   ui.jobs.prepend(job.box);
   while (ui.jobs.children.length > MAX_JOBS) ui.jobs.lastElementChild.remove();
-  for (const [id, j] of state.jobs) if (!j.box.isConnected) state.jobs.delete(id);
+  for (const [jobId, j] of state.jobs) if (!j.box.isConnected) state.jobs.delete(jobId);
+  if (id) state.jobs.set(id, job);
   return job;
 }
+
+const jobTitle = (p) => `${(p.symbols || []).join(", ")} · ${str(p.start_date)} → ${str(p.end_date)}`;
 
 function submitBacktest() {
   const { list, bad } = parseSymbols(ui.btSymbols.value);
@@ -276,7 +289,7 @@ function submitBacktest() {
   if (!ui.btMsg.textContent && !state.welcomeAt) ui.btMsg.textContent = "not connected";
   if (ui.btMsg.textContent) return;
   const id = `r${++state.seq}`;
-  const job = newJob(`${list.join(", ")} · ${start} → ${end}`);
+  const job = newJob(jobTitle({ symbols: list, start_date: start, end_date: end }));
   jobStatus(job, "pending", "submitting…");
   state.requests.set(id, job);
   send({ op: "submit_backtest", id, params: { symbols: list, start_date: start, end_date: end, patterns: [] } });
@@ -288,23 +301,58 @@ function accepted(m) {
   state.requests.delete(m.id);
   const early = state.jobs.get(m.job_id); // its events beat the acceptance: keep that row
   if (early) { early.title.textContent = job.title.textContent; job.box.remove(); return; }
+  job.id = m.job_id; state.jobs.set(m.job_id, job);
   jobStatus(job, "queued", "queued");
-  state.jobs.set(m.job_id, job);
+}
+
+function cancelJob(job) {
+  const id = `c${++state.seq}`;
+  state.cancels.set(id, job); job.cancel.disabled = true;
+  send({ op: "cancel_job", id, job_id: job.id });
+}
+
+function cancelled(m) {
+  const job = state.cancels.get(m.id);
+  state.cancels.delete(m.id);
+  if (job && !FINAL.has(job.box.dataset.status)) jobStatus(job, "cancelled", "cancelled");
+}
+
+function showResults(job, r) {
+  const items = [["Win rate", pct(r.win_rate, 1)], ["ROI", pct(r.roi, 2)], ["Sharpe", fixed(r.sharpe_ratio, 2)],
+    ["Max drawdown", pct(r.max_drawdown, 1)], ["Trades", num(r.trades) ? String(r.trades) : "—"]];
+  job.results.replaceChildren(...items.flatMap(([k, v]) => [el("dt", null, k), el("dd", null, v)]));
 }
 
 function onBacktest(type, d) {
   if (typeof d.job_id !== "string") return;
-  let job = state.jobs.get(d.job_id);
-  if (!job) { job = newJob(`job ${d.job_id.slice(0, 8)}`); state.jobs.set(d.job_id, job); }
+  const job = state.jobs.get(d.job_id) || newJob(`job ${d.job_id.slice(0, 8)}`, d.job_id);
+  if (FINAL.has(job.box.dataset.status)) return;
   if (type === "backtest_progress") {
     if (num(d.progress)) job.bar.value = Math.min(1, Math.max(0, d.progress));
-    if (job.box.dataset.status !== "done") jobStatus(job, str(d.status), `${str(d.status)} ${pct(d.progress)}`);
+    const status = d.status === "failed" || d.status === "cancelled" ? d.status : "running";
+    const why = typeof d.error === "string" ? `: ${d.error}` : "";
+    jobStatus(job, status, status === "running" ? `${str(d.status)} ${pct(d.progress)}` : `${status}${why}`);
   } else if (type === "backtest_result") {
-    const r = d.results && typeof d.results === "object" ? d.results : {};
     job.bar.value = 1; jobStatus(job, "done", "completed");
-    const items = [["Win rate", pct(r.win_rate, 1)], ["ROI", pct(r.roi, 2)], ["Sharpe", fixed(r.sharpe_ratio, 2)],
-      ["Max drawdown", pct(r.max_drawdown, 1)], ["Trades", num(r.trades) ? String(r.trades) : "—"]];
-    job.results.replaceChildren(...items.flatMap(([k, v]) => [el("dt", null, k), el("dd", null, v)]));
+    showResults(job, d.results && typeof d.results === "object" ? d.results : {});
+  }
+}
+
+// Past jobs, from the REST API: in the demo the bearer token is the user's name.
+async function loadJobs(user) {
+  let page;
+  try {
+    const answer = await fetch(`/api/jobs?limit=${MAX_JOBS}`, { headers: { authorization: `Bearer ${user}` } });
+    if (!answer.ok) return;
+    page = await answer.json();
+  } catch { return; }
+  for (const j of (page.jobs || []).slice().reverse()) {
+    if (typeof j.job_id !== "string" || state.jobs.has(j.job_id)) continue;
+    const job = newJob(jobTitle(j.params || {}), j.job_id);
+    job.bar.value = num(j.progress) ? j.progress : 0;
+    const status = j.status === "completed" ? "done" : str(j.status);
+    jobStatus(job, status, j.error ? `${j.status}: ${j.error}` : status === "running" ? `running ${pct(j.progress)}` : str(j.status));
+    if (j.results && typeof j.results === "object") showResults(job, j.results);
   }
 }
 
