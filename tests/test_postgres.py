@@ -225,3 +225,47 @@ async def test_postgres_down_at_start(postgres_server: PostgresServer, start_sto
     assert not store.ready
     postgres_server.start()
     await eventually(lambda: store.ready, 20, "ready once PostgreSQL is up")
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_job_limit_holds_under_concurrent_submissions(postgres, start_store) -> None:
+    """
+    Eight submissions at once for one user with a limit of 2 (the writer pool
+    runs them on two connections): exactly 2 are inserted. Job updates apply
+    in order and stop at a final state.
+    """
+    from twisted.internet.defer import gatherResults
+
+    store = start_store(postgres, writers=4)
+    await eventually(lambda: store.ready, 10, "store ready")
+
+    def record(n: int, user: str = "alice") -> dict[str, Any]:
+        return {"job_id": f"job-{user}-{n}", "user_id": user, "params": {"symbols": ["AAPL"]},
+                "created_at": 1_700_000_000.0 + n}
+
+    inserted = await gatherResults([store.create_job(record(n), 2) for n in range(8)])
+    assert sorted(inserted) == [False] * 6 + [True] * 2
+    assert await store.create_job(record(0, "bob"), 2)
+    mine = [record(n)["job_id"] for n, ok in enumerate(inserted) if ok]
+    job_id = mine[0]
+
+    def progress(value: float, status: str, event_id: str) -> Event:
+        return parse_event("tickstock.events.backtesting.progress", orjson.dumps(
+            {"job_id": job_id, "progress": value, "status": status, "timestamp": 1.0}),
+            event_id, 1_700_000_100.0)
+
+    result = parse_event("tickstock.events.backtesting.results", orjson.dumps(
+        {"job_id": job_id, "results": {"win_rate": 0.5, "roi": 0.1, "sharpe_ratio": 1.0,
+                                       "max_drawdown": 0.2}, "completed_at": 2.0}),
+        "1700000000000-3", 1_700_000_200.0)
+    await store.write([], [progress(0.5, "processing", "1700000000000-1"),
+                           progress(0.9, "processing", "1700000000000-2"), result,
+                           progress(0.1, "failed", "1700000000000-4")])
+    job = await store.job(job_id)
+    assert (job["status"], job["progress"], job["error"]) == ("completed", 1.0, None)
+    assert job["results"]["roi"] == 0.1 and job["updated_at"] == 1_700_000_200.0
+    assert [j["job_id"] for j in await store.jobs("alice", None, 10)] == mine[::-1]
+    assert [j["job_id"] for j in await store.jobs("alice", mine[1], 10)] == mine[:1]
+    stale = await store.stale_jobs(1_800_000_000.0, 10)
+    assert sorted(j["job_id"] for j in stale) == sorted([mine[1], "job-bob-0"])
+    assert await store.stale_jobs(1_600_000_000.0, 10) == []
