@@ -26,10 +26,11 @@ from typing import Any, Callable, Iterable, Mapping
 
 import orjson
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from tickstock.broadcast import BadRequest
 from tickstock.config import JOB_PATTERNS
@@ -327,16 +328,15 @@ class Jobs(Service):
     def sweep(self) -> Deferred[None]:
         """Fail the jobs that had no progress for C{timeout} seconds."""
         if self._sweeping:
-            return Deferred.fromCoroutine(_nothing())
+            return succeed(None)
         self._sweeping = True
-        d = Deferred.fromCoroutine(self._sweep())
 
         def done(result: Any) -> None:
             self._sweeping = False
-            if result is not None and hasattr(result, "getErrorMessage"):
+            if isinstance(result, Failure):
                 self._log.warn("job timeout sweep failed: {e}", e=result.getErrorMessage())
 
-        return d.addBoth(done)
+        return Deferred.fromCoroutine(self._sweep()).addBoth(done)
 
     async def _sweep(self) -> None:
         stale = await self._store.stale_jobs(self._clock.seconds() - self.timeout, SWEEP_BATCH)
@@ -349,7 +349,3 @@ class Jobs(Service):
 
 def _unavailable(what: str, error: BaseException) -> JobRefused:
     return JobRefused(503, "unavailable", f"{what} cannot be reached ({error}); try again")
-
-
-async def _nothing() -> None:
-    return None
