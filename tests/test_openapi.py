@@ -304,7 +304,7 @@ def test_every_route_served_is_documented_and_every_documented_route_served():
     The documented paths are exactly the API's routes plus the probes, each
     route documented with exactly the methods it serves (the probes: GET),
     and every top-level child of the real site (but the WebSocket, in
-    asyncapi.yaml) is documented.
+    asyncapi.yaml, and the JS client's static files) is documented.
     """
     from autobahn.twisted.resource import WebSocketResource
     from autobahn.twisted.websocket import WebSocketServerFactory
@@ -313,9 +313,11 @@ def test_every_route_served_is_documented_and_every_documented_route_served():
     from tickstock.cache import MemoryCache
     from tickstock.store.memory import MemoryStore
     from tickstock.auth import anonymous
+    from tickstock.metrics import Metrics, MetricsResource
     from tickstock.web.site import JSONStatus, build_site
 
-    assert set(DOC["paths"]) == set(ROUTES) | set(PROBES)
+    assert set(DOC["paths"]) == set(ROUTES) | set(PROBES) | {"/metrics"}
+    assert set(operations("/metrics")) == {"GET"}
     for path, methods in ROUTES.items():
         assert set(operations(path)) == set(methods), path
     for path in PROBES:
@@ -325,9 +327,14 @@ def test_every_route_served_is_documented_and_every_documented_route_served():
     assert len(operation_ids) == len(set(operation_ids))
     clock = Clock()
     api = build_api(MemoryStore(clock), MemoryCache(clock), anonymous, 1, clock=clock)
-    status = JSONStatus(lambda: (True, {}))
-    site = build_site(WebSocketResource(WebSocketServerFactory()), status, status, 1, api=api)
-    children = {name.decode() for name in site.resource.children} - {"ws"}
+    def report() -> tuple[bool, dict[str, object]]:
+        return True, {}
+
+    status = JSONStatus(report)
+    metrics = MetricsResource(Metrics(clock, report, report, dict))
+    site = build_site(WebSocketResource(WebSocketServerFactory()), status, status, 1, api=api,
+                      metrics=metrics)
+    children = {name.decode() for name in site.resource.children} - {"ws", "static"}
     documented_tops = {path.split("/")[1] for path in DOC["paths"]}
     assert children == documented_tops
 

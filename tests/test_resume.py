@@ -255,7 +255,7 @@ async def test_resume_after_500_missed_events(redis_server, daemons, producer, m
     expected = [*range(0, 500, 2), *range(1000, 1005), *range(2000, 2005)]
     await eventually(lambda: len(second.events("s1")) >= len(expected), 20, "the replay")
     reply = next(m for m in second.messages[start:] if m.get("op") == "subscribed")
-    assert reply == {"op": "subscribed", "id": "s1", "recovered": True}
+    assert reply == {"op": "subscribed", "id": "s1", "recovered": True, "replayed": len(expected)}
 
     # Later live events follow on; a marker shows nothing else came.
     producer.publish([(PATTERNS, pattern(s, seq=3000 + n)) for n in range(5) for s in ("AAPL", "MSFT")])
@@ -298,7 +298,7 @@ async def test_resume_on_another_daemon(redis_server, daemons, producer):
 
     on_b = await connect(b.port, hello={**b.hello("alice"), "resume": {"last_id": last_id}})
     reply = await on_b.request(sub, "subscribed")
-    assert reply == {"op": "subscribed", "id": "p", "recovered": True}
+    assert reply == {"op": "subscribed", "id": "p", "recovered": True, "replayed": 200}
     producer.publish([(PATTERNS, pattern("NVDA", seq=n)) for n in range(210, 230)])
     await eventually(lambda: len(on_b.events("p")) >= 220, 20, "missed and live on B")
     await routed([a, b], 230, "all stored once")
@@ -338,7 +338,7 @@ async def test_replay_then_lagging_live_tail_deliver_each_event_once(
     await eventually(lambda: len(tail.behind or ()) == 20, 10, "read by the tail, not delivered")
     second = await connect(daemon.port, hello={**daemon.hello("alice"), "resume": {"last_id": last_id}})
     reply = await second.request(sub, "subscribed")
-    assert reply == {"op": "subscribed", "id": "p", "recovered": True}
+    assert reply == {"op": "subscribed", "id": "p", "recovered": True, "replayed": 20}
     await eventually(lambda: len(second.events("p")) >= 20, 10, "the replay")
     tail.catch_up()
     producer.publish([(PATTERNS, pattern(seq=9999))])
@@ -453,7 +453,7 @@ async def test_replay_longer_than_the_client_queue_is_delivered(redis_server, da
         await eventually(lambda n=1 + start + 100: len(watch.events("w")) == n, 10, "the tail")
     second = await connect(daemon.port, hello={**daemon.hello("alice"), "resume": {"last_id": last_id}})
     reply = await second.request(sub, "subscribed")
-    assert reply == {"op": "subscribed", "id": "p", "recovered": True}
+    assert reply == {"op": "subscribed", "id": "p", "recovered": True, "replayed": 1000}
     await eventually(lambda: len(second.events("p")) >= 1000 or second.close_code is not None,
                      20, "the replay")
     producer.publish([(PATTERNS, pattern(seq=9999))])

@@ -12,6 +12,7 @@ targeted topics (a user's own backtests) by user.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable
 
@@ -165,6 +166,7 @@ class Broadcaster:
         self.delivered = 0
         self.unrouted = 0
         self.subscriptions = 0
+        self.by_topic: Counter[str] = Counter()
 
     def subscribe(self, client: IClient, sub_id: str, topic: str, filter: Filter,
                   hold: bool = False) -> Subscription:
@@ -176,6 +178,7 @@ class Broadcaster:
         for bucket in self._buckets(sub, create=True):
             bucket.add(sub)
         self.subscriptions += 1
+        self.by_topic[topic] += 1
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
@@ -183,6 +186,7 @@ class Broadcaster:
         for bucket in self._buckets(sub, create=False):
             bucket.discard(sub)
         self.subscriptions -= 1
+        self.by_topic[sub.topic] -= 1
         self._prune(sub)
 
     def retarget(self, sub: Subscription, symbols: frozenset[str] | None) -> None:
@@ -196,12 +200,14 @@ class Broadcaster:
         for bucket in self._buckets(sub, create=True):
             bucket.add(sub)
 
-    def release(self, sub: Subscription, replayed: list[Event], after: str) -> str | None:
+    def release(self, sub: Subscription, replayed: list[Event], after: str,
+                announce: Callable[[int], None]) -> str | None:
         """
         End a subscription's replay: send C{replayed} (the history after
         C{after}, oldest first), then the live events held meanwhile that
         are newer than both, then go live. Latest-only topics send only the
-        newest replayed event per key.
+        newest replayed event per key. C{announce} is told how many events
+        the replay sends (history and held) before any is sent.
         """
         held, sub.held = sub.held or [], None
         last = id_key(after)
@@ -216,6 +222,7 @@ class Broadcaster:
         if replayed:
             last = max(last, id_key(replayed[-1].id))
         events += [e for e in held if id_key(e.id) > last]
+        announce(len(events))
         sub.floor = max(last, id_key(events[-1].id)) if events else last
         for event in events:
             sub.client.send(self._prepare(event.frame(sub.id)), REPLAYED)

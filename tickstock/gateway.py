@@ -95,6 +95,7 @@ class Gateway:
         self.slow_consumers_closed = 0
         self.live_gaps_closed = 0
         self.heartbeat_timeouts = 0
+        self.catchups = 0
 
     def opened(self, conn: IClient) -> None:
         """A client finished its WebSocket handshake; it must say hello soon."""
@@ -270,13 +271,19 @@ class Gateway:
                   after: str | None) -> None:
         if state.subscriptions.get(sub.id) is not sub:
             return  # unsubscribed or gone meanwhile
-        reply: dict[str, Any] = {"op": "subscribed", "id": sub.id}
         if after is not None:
-            reply["recovered"] = replay.missed is None
-            if replay.missed is not None:
-                reply["missed"] = replay.missed
-        conn.reply(reply)
-        last = self._broadcaster.release(sub, replay.events, after or "0-0")
+            self.catchups += 1
+
+        def announce(replayed: int) -> None:
+            reply: dict[str, Any] = {"op": "subscribed", "id": sub.id}
+            if after is not None:
+                reply["recovered"] = replay.missed is None
+                reply["replayed"] = replayed
+                if replay.missed is not None:
+                    reply["missed"] = replay.missed
+            conn.reply(reply)
+
+        last = self._broadcaster.release(sub, replay.events, after or "0-0", announce)
         if sub.topic == "backtests" and last is not None and conn.user is not None:
             self._history.delivered(conn.user, last)
 

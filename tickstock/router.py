@@ -44,6 +44,7 @@ class Router:
         self._history = IHistory(history)
         self._link = IProducerLink(link)
         self.received = 0
+        self.received_by_channel: Counter[str] = Counter()
         self.routed = 0
         self.duplicates = 0
         self.refused: Counter[str] = Counter()
@@ -58,6 +59,7 @@ class Router:
         written (a source that acknowledges must then not acknowledge it).
         """
         self.received += 1
+        self.received_by_channel[channel] += 1
         now = self._clock.seconds()
         try:
             event = parse_event(channel, raw, "", now)

@@ -102,6 +102,7 @@ class TickStock(MultiService):
         from tickstock.web.site import JSONStatus, build_site
         from tickstock.web.stream import StreamFactory
         from tickstock.web.api import build_api
+        from tickstock.metrics import Metrics, MetricsResource
         from tickstock.cache import MemoryCache, RedisCache
         from tickstock.throttle import TickThrottle
         from tickstock.universes import Universes
@@ -183,12 +184,16 @@ class TickStock(MultiService):
 
         self.cache = (MemoryCache(reactor) if settings.redis is None
                       else RedisCache(self.link, reactor))
+        self.metrics = Metrics(reactor, self.health, self.readiness, self._metrics_extra)
+        self.metrics.setServiceParent(self)
         self.api = build_api(self.store, self.cache, authenticate, settings.api_cache_ttl,
-                             clock=reactor, timeout=settings.postgres_timeout, jobs=self.jobs)
+                             clock=reactor, timeout=settings.postgres_timeout, jobs=self.jobs,
+                             observe=self.metrics.api_request)
         site = build_site(
             WebSocketResource(self.stream),
             JSONStatus(self.health), JSONStatus(self.readiness),
             timeout=settings.handshake_timeout, api=self.api,
+            metrics=MetricsResource(self.metrics),
         )
         # Stopped in reverse: the port closes first, then clients are told to go.
         ClientDrain(self.gateway, reactor, SHUTDOWN_GRACE).setServiceParent(self)
@@ -269,8 +274,10 @@ class TickStock(MultiService):
             return
         if event.topic == "universe":
             self._universe_changed(event)
-        if self.broadcaster.deliver(event) and event.user is not None:
-            self.history.delivered(event.user, event.id)
+        if self.broadcaster.deliver(event):
+            self.metrics.delivered(event)
+            if event.user is not None:
+                self.history.delivered(event.user, event.id)
 
     def _universe_changed(self, event: Any) -> None:
         if event.channel in (UPDATED_CHANNEL, "tickstock.cache.sync_complete"):
@@ -293,6 +300,7 @@ class TickStock(MultiService):
         """Liveness, with the counters an operator looks at first."""
         return True, {
             "status": "ok",
+            "auth": "none" if self.settings.jwt_secret is None else "token",
             "pid": os.getpid(),
             "worker": self.worker,
             "uptime_s": round(self._clock.seconds() - self._started_at, 3),
@@ -318,6 +326,12 @@ class TickStock(MultiService):
             "jobs": self.jobs.stats(),
             "api": self.api.stats(),
         }
+
+    def _metrics_extra(self) -> dict[str, Any]:
+        """What /metrics shows beyond the /health body."""
+        return {"subscriptions_by_topic": +self.broadcaster.by_topic,
+                "received_by_channel": self.router.received_by_channel,
+                "client_errors": self.gateway.errors, "catchups": self.gateway.catchups}
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         """Ready when producer messages can arrive (and, with Redis, be sent)."""

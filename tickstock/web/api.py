@@ -244,6 +244,7 @@ class _Reply:
         self.request = request
         self.route = "other"
         self._resource = resource
+        self._started = resource.clock.seconds()
         self.done = False
         request.notifyFinish().addErrback(self._gone)
 
@@ -257,7 +258,7 @@ class _Reply:
         if self.done:
             return
         self.done = True
-        self._resource.count(self.route, status)
+        self._resource.count(self.route, status, self._resource.clock.seconds() - self._started)
         request = self.request
         request.setResponseCode(status)
         request.setHeader(b"content-type", b"application/json")
@@ -287,24 +288,27 @@ class ApiResource(Resource):
     def __init__(
         self, store: IStore, cache: ICache, authenticate: Callable[[dict[str, Any]], Identity],
         pattern_ttl: float, universe_ttl: float, clock: IReactorTime, timeout: float,
-        jobs: Jobs | None = None,
+        jobs: Jobs | None = None, observe: Callable[[str, int, float], None] | None = None,
     ) -> None:
         super().__init__()
+        self._observe = observe
         self._store = store
         self._jobs = jobs
         self._cache = cache
         self._authenticate = authenticate
         self._pattern_ttl = pattern_ttl
         self._universe_ttl = universe_ttl
-        self._clock = clock
+        self._clock = self.clock = clock
         self._timeout = timeout
         self._requests: dict[str, Counter[int]] = {}
         self.clients_gone = 0
         self.timeouts = 0
         self.internal_errors = 0
 
-    def count(self, route: str, status: int) -> None:
+    def count(self, route: str, status: int, seconds: float) -> None:
         self._requests.setdefault(route, Counter())[status] += 1
+        if self._observe is not None:
+            self._observe(route, status, seconds)
 
     def stats(self) -> dict[str, Any]:
         """Counters for C{/health} and metrics; JSON-able."""
@@ -572,6 +576,7 @@ def build_api(
     store: IStore, cache: ICache, authenticate: Callable[[dict[str, Any]], Identity],
     pattern_ttl: float, universe_ttl: float = 3600, *, clock: IReactorTime,
     timeout: float = 5.0, jobs: Jobs | None = None,
+    observe: Callable[[str, int, float], None] | None = None,
 ) -> ApiResource:
     """
     The C{/api} resource.
@@ -586,6 +591,7 @@ def build_api(
     @param timeout: seconds after which a request the store has not
         answered gets a 503.
     @param jobs: serves C{/api/jobs}; L{None}: those routes are 404s.
+    @param observe: told each answer's route, status and seconds taken.
     """
     return ApiResource(IStore(store), ICache(cache), authenticate, pattern_ttl, universe_ttl,
-                       clock, timeout, jobs)
+                       clock, timeout, jobs, observe)

@@ -1,5 +1,6 @@
 """
-The web site: the dashboard's static files at C{/}, the WebSocket at C{/ws},
+The web site: the dashboard at C{/}, the JS client library at
+C{/static/tickstock.js}, the WebSocket at C{/ws},
 and C{/health} and C{/ready} for probes. One port for all of them.
 """
 
@@ -37,10 +38,9 @@ class JSONStatus(Resource):
         return orjson.dumps(body)
 
 
-def static_root() -> File:
-    """The packaged static files (dashboard, JS)."""
-    path = importlib.resources.files("tickstock.web") / "static"
-    return File(str(path))
+def packaged(folder: str) -> File:
+    """One of the packaged folders of static files: C{dashboard} or C{client}."""
+    return File(str(importlib.resources.files("tickstock.web") / folder))
 
 
 SECURITY_HEADERS = {
@@ -69,18 +69,23 @@ def build_site(
     ready: JSONStatus,
     timeout: float,
     api: Resource | None = None,
+    metrics: Resource | None = None,
 ) -> Site:
     """
     Assemble the site. C{timeout} bounds how long a connection may sit
     without finishing its HTTP request (slowloris), which Autobahn's own
-    handshake timeout does not cover. C{api} is served at C{/api}.
+    handshake timeout does not cover. C{api} is served at C{/api},
+    C{metrics} at C{/metrics}.
     """
-    root = static_root()
+    root = packaged("dashboard")
+    root.putChild(b"static", packaged("client"))
     root.putChild(b"ws", ws)
     root.putChild(b"health", health)
     root.putChild(b"ready", ready)
     if api is not None:
         root.putChild(b"api", api)
+    if metrics is not None:
+        root.putChild(b"metrics", metrics)
     site = SecureSite(root, timeout=timeout)
     site.displayTracebacks = False
     return site

@@ -1,0 +1,411 @@
+"""
+The dashboard and tickstock.js in a real headless Chromium (Debian's
+C{chromium}, driven by Playwright), against a real daemon (C{twistd
+tickstock} in its own process, streams mode), the test's own Redis and
+C{tickstock-sim}. A screenshot of the dashboard is saved to
+C{test-artifacts/} (or C{$TICKSTOCK_ARTIFACTS}).
+
+scripts/test installs Chromium and sets C{TICKSTOCK_BROWSER_REQUIRED}, so
+there a missing browser fails the run; elsewhere these tests are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from tests.conftest import TEST_SECRET
+from tests.servers import RedisServer, poll
+from tests.test_streams import TwistdDaemon
+from tickstock.auth import JWTAuthenticator
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = os.environ.get("TICKSTOCK_CHROMIUM", "/usr/bin/chromium")
+ARTIFACTS = Path(os.environ.get("TICKSTOCK_ARTIFACTS", ROOT / "test-artifacts"))
+# The flags this sandbox needs: no background calls out of a closed network.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+WATCH = ("AAPL", "MSFT")   # the simulator also trades NVDA and AMZN
+XSS = "<img src=x onerror=alert(1)>"
+
+if not os.path.exists(CHROMIUM):
+    if os.environ.get("TICKSTOCK_BROWSER_REQUIRED"):
+        raise RuntimeError(f"{CHROMIUM} is missing: scripts/test installs Debian's chromium")
+    pytest.skip(f"no Chromium at {CHROMIUM}", allow_module_level=True)
+
+sync_api = pytest.importorskip("playwright.sync_api")
+
+
+class Stack:
+    """Redis, the daemon on it and the simulator feeding it, for one module."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.redis = RedisServer()
+        secret = tmp / "jwt"
+        secret.write_bytes(TEST_SECRET)
+        self.daemon = TwistdDaemon("--redis", self.redis_url, "--mode", "streams",
+                                   "--jwt-secret-file", str(secret), "--node-id", "browser",
+                                   "--flush-interval", "0.2")
+        self.sim: subprocess.Popen[bytes] | None = None
+        self.url = f"http://127.0.0.1:{self.daemon.port}/"
+        self._auth = JWTAuthenticator(TEST_SECRET)
+
+    @property
+    def redis_url(self) -> str:
+        return self.redis.url
+
+    def start(self) -> None:
+        self.redis.start()
+        self.start_daemon()
+        sim = os.path.join(os.path.dirname(sys.executable), "tickstock-sim")
+        self.sim = subprocess.Popen([sim, "--redis", self.redis_url, "--mode", "streams", "--rate", "40",
+                                     "--symbols", "4", "--seed", "7", "--step-interval", "0.5"],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def start_daemon(self) -> None:
+        self.daemon.start()
+        poll(self.ready, 30, "the daemon ready")
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.url + "ready", timeout=2) as answer:
+                return answer.status == 200
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.sim is not None:
+            self.sim.kill()
+            self.sim.wait()
+        self.daemon.kill()
+        self.redis.stop()
+
+    def token(self, user: str) -> str:
+        return self._auth.mint(user, time.time(), 3600)
+
+    def alert(self, symbol: str, pattern: str, confidence: float = 0.9) -> None:
+        """XADD one pattern event as the producer would."""
+        self.redis.command("XADD", "tickstock.events.patterns", "*", "data", json.dumps({
+            "event_type": "pattern_detected", "symbol": symbol, "pattern": pattern,
+            "confidence": confidence, "price": 123.456, "timestamp": time.time(),
+            "event_id": f"browser-{uuid.uuid4()}"}))
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    stack = Stack(tmp_path_factory.mktemp("browser"))
+    try:
+        stack.start()
+        yield stack
+    finally:
+        stack.stop()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+class Page:
+    """A page with every console error, uncaught error and dialog it produced."""
+
+    def __init__(self, browser: Any, width: int = 1280, height: int = 800) -> None:
+        self.context = browser.new_context(viewport={"width": width, "height": height})
+        self.page = self.context.new_page()
+        self.page.set_default_timeout(20_000)
+        self.errors: list[str] = []
+        self.dialogs: list[str] = []
+        self.page.on("console", lambda m: m.type == "error" and self.errors.append(m.text))
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        self.page.on("dialog", self._dialog)
+
+    def _dialog(self, dialog: Any) -> None:
+        self.dialogs.append(dialog.message)
+        dialog.dismiss()
+
+    def sign_in(self, stack: Stack, user: str, watch: tuple[str, ...] = WATCH) -> None:
+        page = self.page
+        page.goto(stack.url)
+        page.wait_for_selector("#credential-label:text('Token')")
+        page.fill("#watch", ",".join(watch))
+        page.click("#watch-form button[type=submit]")
+        page.fill("#credential", stack.token(user))
+        page.click("#connect")
+        page.wait_for_selector("#status[data-state=connected]")
+
+    def pattern_cells(self) -> list[str]:
+        return self.page.eval_on_selector_all("#alerts td.pattern", "tds => tds.map(td => td.textContent)")
+
+    def wait_for_pattern(self, name: str) -> None:
+        self.page.wait_for_function(
+            "name => [...document.querySelectorAll('#alerts td.pattern')].some(td => td.textContent === name)",
+            arg=name)
+
+    def close(self) -> None:
+        self.context.close()
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[Page]:
+    page = Page(browser)
+    try:
+        yield page
+    finally:
+        page.close()
+
+
+def test_the_dashboard_shows_alerts_and_prices_for_the_watchlist_only(stack: Stack, page: Page) -> None:
+    """
+    Signed in with a token and watching AAPL and MSFT: the simulator's alerts
+    and prices for those appear, an alert for NVDA published before a marker
+    for AAPL never does, and the page logged no console error.
+    """
+    page.sign_in(stack, "alice")
+    stack.alert("NVDA", "OffTheList")
+    stack.alert("AAPL", "OnTheList")
+    page.wait_for_pattern("OnTheList")
+    page.page.wait_for_function("() => document.querySelectorAll('#alerts tr').length >= 4")
+    symbols = page.page.eval_on_selector_all("#alerts td.sym", "tds => tds.map(td => td.textContent)")
+    assert set(symbols) <= set(WATCH), symbols
+    assert "OffTheList" not in page.pattern_cells()
+    confidences = page.page.eval_on_selector_all("#alerts td.num:nth-child(4)", "tds => tds.map(td => td.textContent)")
+    assert all(re.fullmatch(r"\d{1,3}%", c) for c in confidences), confidences
+    assert all(re.fullmatch(r"\d\d:\d\d:\d\d", t) for t in page.page.eval_on_selector_all(
+        "#alerts td.time", "tds => tds.map(td => td.textContent)"))
+
+    page.page.wait_for_function(
+        "() => [...document.querySelectorAll('#prices .price')].every(p => /^\\d+\\.\\d\\d$/.test(p.textContent))")
+    tiles = page.page.eval_on_selector_all("#prices .sym", "s => s.map(x => x.textContent)")
+    assert tiles == list(WATCH)
+    assert page.page.text_content("#chart-symbol") == "AAPL"
+    assert re.fullmatch(r"\d+\.\d\d", page.page.text_content("#chart-last"))
+    page.page.wait_for_selector("#health .health[data-status=healthy]")
+    page.page.wait_for_selector("#server .health[data-status=healthy]")
+
+    page.page.select_option("#f-symbol", "MSFT")
+    page.page.wait_for_function(
+        "() => [...document.querySelectorAll('#alerts td.sym')].every(td => td.textContent === 'MSFT')")
+    page.page.select_option("#f-symbol", "")
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.page.screenshot(path=str(ARTIFACTS / "dashboard.png"))
+    assert page.errors == []
+
+
+def test_a_new_page_starts_with_the_watchlists_recent_alerts(stack: Stack, browser: Any) -> None:
+    """
+    Alerts published before the page opened are in its table, from
+    /api/patterns. The watchlist holds symbols the simulator does not trade,
+    so its live alerts cannot push these out of the newest few per symbol.
+    """
+    stack.alert("ORCL", "BeforeThePage")
+    stack.alert("NVDA", "NotWatched")
+    stack.alert("IBM", "AlsoBefore")
+    poll(lambda: b"AlsoBefore" in urllib.request.urlopen(urllib.request.Request(
+        stack.url + "api/patterns?symbol=IBM", headers={"authorization": f"Bearer {stack.token('x')}"}),
+        timeout=5).read(), 10, "the alert stored")
+    late = Page(browser)
+    try:
+        late.sign_in(stack, "heidi", watch=("IBM", "ORCL"))
+        late.wait_for_pattern("AlsoBefore")
+        late.wait_for_pattern("BeforeThePage")
+        cells = late.pattern_cells()
+        assert "NotWatched" not in cells
+        assert cells.index("AlsoBefore") < cells.index("BeforeThePage")  # newest first
+        assert late.errors == []
+    finally:
+        late.close()
+
+
+def test_a_backtest_from_the_form_shows_progress_then_results(stack: Stack, page: Page) -> None:
+    """The form submits a job; its row shows it running with a progress bar, then the results."""
+    page.sign_in(stack, "bob")
+    page.page.fill("#bt-symbols", "AAPL, MSFT")
+    page.page.click("#bt-run")
+    job = page.page.locator("#jobs .job").first
+    running = page.page.wait_for_selector("#jobs .job[data-status=running]")
+    assert 0 < float(running.eval_on_selector("progress", "p => p.value")) < 1
+    assert re.search(r"\d+%", running.eval_on_selector(".job-status", "s => s.textContent"))
+    page.page.wait_for_selector("#jobs .job[data-status=done]")
+    assert job.locator(".job-title").text_content() == "AAPL, MSFT · 2024-01-02 → 2024-06-28"
+    assert job.locator("progress").evaluate("p => p.value") == 1
+    results = dict(zip(job.locator("dt").all_text_contents(), job.locator("dd").all_text_contents()))
+    assert set(results) == {"Win rate", "ROI", "Sharpe", "Max drawdown", "Trades"}
+    assert re.fullmatch(r"-?\d+\.\d%", results["Win rate"]), results
+    assert page.errors == []
+
+
+def test_a_wrong_token_is_refused_and_not_retried(stack: Stack, page: Page) -> None:
+    """
+    A token signed with another secret: the page goes offline saying why,
+    asks to sign in again, forgets the token, and does not retry.
+    """
+    p = page.page
+    p.goto(stack.url)
+    p.wait_for_selector("#credential-label:text('Token')")
+    p.fill("#credential", JWTAuthenticator(b"another-secret-of-at-least-32-bytes!!").mint(
+        "mallory", time.time(), 3600))
+    p.click("#connect")
+    p.wait_for_selector("#status[data-state=offline]:has-text('refused')")
+    assert p.text_content("#notice") == "Sign in again."
+    assert p.evaluate("() => sessionStorage.length") == 0
+    with pytest.raises(sync_api.TimeoutError):
+        p.wait_for_selector("#status[data-state=connecting], #status[data-state=reconnecting]",
+                            timeout=2000)
+    assert page.errors == []
+
+
+def test_a_pattern_name_made_of_html_is_shown_as_text(stack: Stack, page: Page) -> None:
+    """An alert whose pattern is an <img onerror> is a text cell: no element, no script run."""
+    page.sign_in(stack, "carol")
+    stack.alert("MSFT", XSS)
+    page.wait_for_pattern(XSS)
+    assert page.page.locator("#alerts img").count() == 0
+    assert page.page.locator("img").count() == 0
+    assert page.dialogs == []
+    assert page.errors == []
+
+
+def test_after_the_daemon_is_killed_the_page_reconnects_and_recovers_what_it_missed(
+        stack: Stack, page: Page) -> None:
+    """
+    Kill -9 the daemon: the page says it is reconnecting. Alerts published
+    meanwhile (to the Redis stream) are in the table once it is back, and the
+    indicator says how many missed events it recovered. (The count depends
+    on how much of its backlog the restarted daemon had read when the page
+    came back, the rest arriving live; test_resume asserts exact counts.)
+    """
+    page.sign_in(stack, "dave")
+    stack.alert("AAPL", "BeforeTheKill")
+    page.wait_for_pattern("BeforeTheKill")
+    stack.daemon.kill()
+    page.page.wait_for_selector("#status[data-state=reconnecting]")
+    assert "reconnecting" in page.page.text_content("#status-text")
+    missed = [f"Missed{n}" for n in range(3)]
+    for name in missed:
+        stack.alert("AAPL", name)
+    stack.start_daemon()
+    for name in missed:
+        page.wait_for_pattern(name)
+    page.page.wait_for_selector("#status[data-state=connected]")
+    page.page.wait_for_function(
+        "() => /recovered \\d+ missed events?/.test(document.getElementById('status-detail').textContent)")
+    cells = page.pattern_cells()
+    assert [c for c in cells if c.startswith("Missed")] == missed[::-1]  # newest first, once each
+    # Chromium logs the refused reconnects; nothing else.
+    assert [e for e in page.errors if "WebSocket connection" not in e] == []
+
+
+FRAME = ["header h1", "#connect", "#watch-form", "#prices", ".chart-card", "#filters", ".alerts thead",
+         ".scroll", ".side .card:first-child", "#bt-form"]
+
+
+def test_the_page_frame_does_not_move_while_alerts_stream_in(stack: Stack, page: Page) -> None:
+    """
+    50 alerts/s for the watchlist for three seconds (on top of the
+    simulator): the table fills and scrolls inside its card, and no part of
+    the page's frame moves or changes size.
+    """
+    page.sign_in(stack, "grace")
+    page.page.wait_for_selector("#alerts tr")
+    page.page.wait_for_selector("#server .health[data-status=healthy]")
+    page.page.wait_for_selector("#health .health")
+    boxes = "sels => sels.map(s => { const r = document.querySelector(s).getBoundingClientRect(); " \
+            "return [s, r.x, r.y, r.width, r.height]; })"
+    before = page.page.evaluate(boxes, FRAME)
+    started = time.monotonic()
+    for n in range(150):
+        stack.alert(WATCH[n % 2], f"Burst{n}", 0.5 + (n % 50) / 100)
+        time.sleep(max(0.0, started + (n + 1) / 50 - time.monotonic()))
+    page.wait_for_pattern("Burst149")
+    assert page.page.locator("#alerts tr").count() == 100  # capped
+    assert page.page.evaluate(boxes, FRAME) == before
+    assert page.errors == []
+
+
+def test_a_phone_width_window_has_no_sideways_scroll(stack: Stack, browser: Any) -> None:
+    """At 390 px wide every part is stacked: the page is no wider than the window."""
+    phone = Page(browser, 390, 844)
+    try:
+        phone.sign_in(stack, "erin")
+        phone.page.wait_for_selector("#alerts tr")
+        assert phone.page.evaluate("() => document.documentElement.scrollWidth") <= 390
+        assert phone.errors == []
+    finally:
+        phone.close()
+
+
+def test_the_client_library_on_its_own(stack: Stack, page: Page) -> None:
+    """
+    tickstock.js imported by a page: subscribe with a filter, unsubscribe,
+    submitBacktest resolving to the job id with progress and result
+    callbacks, a refused job with its fields, state events, the last event
+    id kept for resume, and the backoff's bounds.
+    """
+    p = page.page
+    p.goto(stack.url)  # the dashboard, not signed in: it stays offline
+    p.evaluate("""async (token) => {
+        const lib = await import('/static/tickstock.js');
+        const t = window.t = { lib, states: [], got: [], other: [], progress: [], result: null };
+        t.ts = new lib.TickStock({ token });
+        t.ts.on('state', (s) => t.states.push(s.state));
+        t.sub = t.ts.subscribe('patterns', { symbols: ['LIBX'] }, (e) => t.got.push(e));
+        t.ts.connect();
+    }""", stack.token("frank"))
+    p.wait_for_function("() => window.t.ts.state === 'connected' && window.t.sub.active")
+    stack.alert("LIBY", "NotMine")
+    stack.alert("LIBX", "Mine")
+    p.wait_for_function("() => window.t.got.length === 1")
+    got = p.evaluate("() => window.t.got[0]")
+    assert (got["topic"], got["type"], got["data"]["pattern"]) == ("patterns", "pattern_detected", "Mine")
+    assert p.evaluate("() => window.t.ts.lastId") == got["id"]
+
+    p.evaluate("""() => {
+        window.t.sub.unsubscribe();
+        window.t.marker = window.t.ts.subscribe('patterns', { symbols: ['LIBZ'] }, (e) => window.t.other.push(e));
+    }""")
+    p.wait_for_function("() => window.t.marker.active")
+    stack.alert("LIBX", "AfterUnsubscribe")
+    stack.alert("LIBZ", "Marker")
+    p.wait_for_function("() => window.t.other.length === 1")
+    assert p.evaluate("() => window.t.got.length") == 1
+
+    job_id = p.evaluate("""() => window.t.ts.submitBacktest(
+        { symbols: ['AAPL'], start_date: '2024-01-02', end_date: '2024-03-28', patterns: ['Doji'] },
+        { onProgress: (d) => window.t.progress.push(d.progress), onResult: (d) => { window.t.result = d; } })""")
+    assert uuid.UUID(job_id)
+    p.wait_for_function("() => window.t.result !== null")
+    result = p.evaluate("() => window.t.result")
+    progress = p.evaluate("() => window.t.progress")
+    assert result["job_id"] == job_id and "win_rate" in result["results"]
+    assert progress and progress == sorted(progress), progress
+
+    refused = p.evaluate("""() => window.t.ts.submitBacktest({ symbols: ['aapl!'], start_date: '2024-05-01',
+        end_date: '2024-01-01' }).then(() => null, (e) => ({ name: e.name, code: e.code, fields: e.fields }))""")
+    assert refused["name"] == "TickStockError" and refused["code"] == "bad_params"
+    assert set(refused["fields"]) == {"symbols", "end_date"}, refused
+
+    bounds = p.evaluate("""() => {
+        const { backoffDelay } = window.t.lib, o = { baseMs: 500, capMs: 15000 };
+        return [0, 1, 5, 40].map((n) => [backoffDelay(n, { ...o, random: () => 0 }),
+                                         backoffDelay(n, { ...o, random: () => 0.999999 })]);
+    }""")
+    assert [low for low, _ in bounds] == [0, 0, 0, 0]
+    assert [round(high) for _, high in bounds] == [500, 1000, 15000, 15000]
+
+    p.evaluate("() => window.t.ts.close()")
+    assert p.evaluate("() => window.t.states") == ["connecting", "connected", "offline"]
+    assert page.errors == []
