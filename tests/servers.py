@@ -35,15 +35,22 @@ def poll(predicate: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 class RedisServer:
-    """A redis-server process of the test's own."""
+    """
+    A redis-server process of the test's own; a replica of the one on
+    port C{replicaof} when given; with C{password}, clients (this one's
+    C{command} too) and replicas must authenticate.
+    """
 
-    def __init__(self, appendonly: bool = False) -> None:
+    def __init__(self, appendonly: bool = False, replicaof: int | None = None,
+                 password: str | None = None) -> None:
         self.binary = shutil.which("redis-server")
         if self.binary is None:
             raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="tickstock-redis-")
         self.appendonly = appendonly
+        self.replicaof = replicaof
+        self.password = password
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -55,10 +62,19 @@ class RedisServer:
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
              "--dir", self.dir, "--save", "", "--appendonly",
              "yes" if self.appendonly else "no", "--appendfsync", "always",
-             "--logfile", "redis.log"],
+             "--logfile", "redis.log", *self._extra_args()],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         poll(self.answers, 10, f"redis-server on port {self.port}")
+
+    def _extra_args(self) -> list[str]:
+        # A replica syncs at once rather than after the default 5 s wait.
+        args = ["--repl-diskless-sync-delay", "0"]
+        if self.replicaof is not None:
+            args += ["--replicaof", "127.0.0.1", str(self.replicaof)]
+        if self.password is not None:
+            args += ["--requirepass", self.password, "--masterauth", self.password]
+        return args
 
     def answers(self) -> bool:
         try:
@@ -68,13 +84,17 @@ class RedisServer:
 
     def command(self, *args: str | bytes) -> bytes:
         """Send one command over a fresh connection; the raw RESP reply."""
-        parts = [b"*%d\r\n" % len(args)]
-        for arg in args:
-            data = arg.encode() if isinstance(arg, str) else arg
-            parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+        request = _resp(*args)
+        if self.password is not None:
+            request = _resp("AUTH", self.password) + request
         with socket.create_connection(("127.0.0.1", self.port), timeout=2) as sock:
-            sock.sendall(b"".join(parts))
-            return sock.recv(1 << 20)
+            sock.sendall(request)
+            reply = sock.recv(1 << 20)
+            if self.password is not None:
+                while reply == b"+OK\r\n":
+                    reply += sock.recv(1 << 20)
+                reply = reply.removeprefix(b"+OK\r\n")
+            return reply
 
     def kill(self) -> None:
         assert self.process is not None
@@ -95,6 +115,68 @@ class RedisServer:
             os.kill(self.process.pid, signal.SIGCONT)
             self.kill()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _resp(*args: str | bytes) -> bytes:
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg.encode() if isinstance(arg, str) else arg
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
+class SentinelServer(RedisServer):
+    """
+    A Redis Sentinel (C{redis-server --sentinel}) of the test's own that
+    watches the master on port C{master_port} as C{name}, alone (quorum 1)
+    and impatient: it names a new master 2-3 s after the old one dies.
+    """
+
+    def __init__(self, master_port: int, name: str, password: str | None = None,
+                 down_after_ms: int = 1000, failover_timeout_ms: int = 3000) -> None:
+        super().__init__()
+        self.name = name
+        self.master_port = master_port
+        self.master_password = password
+        self.down_after_ms = down_after_ms
+        self.failover_timeout_ms = failover_timeout_ms
+
+    def start(self) -> None:
+        # Sentinel rewrites its config file (its id, what it learned), so the
+        # file lives in the server's own folder and is written only once.
+        conf = os.path.join(self.dir, "sentinel.conf")
+        if not os.path.exists(conf):
+            lines = [
+                f"port {self.port}", "bind 127.0.0.1", f"dir {self.dir}",
+                "logfile sentinel.log",
+                f"sentinel monitor {self.name} 127.0.0.1 {self.master_port} 1",
+                f"sentinel down-after-milliseconds {self.name} {self.down_after_ms}",
+                f"sentinel failover-timeout {self.name} {self.failover_timeout_ms}",
+            ]
+            if self.master_password is not None:
+                lines.append(f"sentinel auth-pass {self.name} {self.master_password}")
+            with open(conf, "w") as handle:
+                handle.write("\n".join(lines) + "\n")
+        self.process = subprocess.Popen(
+            [self.binary, conf, "--sentinel"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        poll(self.answers, 10, f"redis sentinel on port {self.port}")
+
+    def master_port_now(self) -> int | None:
+        """The master's port as this sentinel says now (None if it does not know)."""
+        reply = self.command("SENTINEL", "get-master-addr-by-name", self.name)
+        if not reply.startswith(b"*2"):
+            return None
+        return int(reply.split(b"\r\n")[4])
+
+    def knows_replica(self, port: int) -> bool:
+        """Whether this sentinel sees the replica on C{port} up, so could promote it."""
+        reply = self.command("SENTINEL", "replicas", self.name)
+        entries = reply.split(b"*")
+        return any(b"\r\n%d\r\n" % port in entry and b"\r\nslave\r\n" in entry
+                   and b"\r\nmaster-link-status\r\n$2\r\nok\r\n" in entry
+                   for entry in entries)
 
 
 def run_sql(dsn: str, statement: str, params: Any = None) -> list[Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -113,11 +114,15 @@ def test_origins_are_normalized_with_ports():
         normalize_origin("null")
 
 
-def test_shipped_example_config_is_valid():
-    """conf/tickstock.toml loads and names only real options."""
-    path = os.path.join(os.path.dirname(__file__), "..", "conf", "tickstock.toml")
-    settings = load_settings({}, {}, path)
-    assert settings.listen.startswith("tcp:")
+def test_shipped_example_config_documents_every_option_with_its_default():
+    """
+    conf/tickstock.toml loads, names every option (set, or commented out
+    when it has no plain default), and every value it sets is the default.
+    """
+    path = Path(__file__).resolve().parent.parent / "conf" / "tickstock.toml"
+    assert load_settings({}, {}, str(path)) == load_settings({}, {})
+    named = set(re.findall(r"^#? ?([a-z_]+) = ", path.read_text(), re.MULTILINE))
+    assert named >= {option.name for option in OPTIONS}, {o.name for o in OPTIONS} - named
 
 
 def _twistd(*args: str) -> subprocess.CompletedProcess[str]:
@@ -154,3 +159,12 @@ def test_readme_lists_every_option():
     readme = Path(__file__).resolve().parent.parent.joinpath("README.md").read_text()
     for option in OPTIONS:
         assert f"| `{option.cli}` | `{option.env}` |" in readme, option.name
+
+
+def test_the_repr_of_settings_holds_no_password():
+    """A settings object that ends up in a log line or traceback shows no secret."""
+    settings = load_settings({"redis": "redis://:redis-pw-1@h:1/0", "demo": True,
+                              "postgres": "host=db password=pg-pw-2",
+                              "postgres_readonly": "host=replica password=pg-pw-3"}, {})
+    shown = repr(settings) + str(settings.redis)
+    assert not any(secret in shown for secret in ("redis-pw-1", "pg-pw-2", "pg-pw-3"))

@@ -35,21 +35,35 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class RedisAddress:
-    """Where Redis is, parsed from a C{redis://} URL."""
+    """
+    Where Redis is, parsed from a C{redis://} URL. With C{sentinels} the
+    master is whatever they name C{master}, and C{host}/C{port} are unused.
+    """
 
     host: str
     port: int
     db: int
-    password: str | None
+    password: str | None = dataclasses.field(repr=False)
     username: str | None
+    sentinels: tuple[tuple[str, int], ...] = ()
+    master: str | None = None
 
     def endpoint(self) -> str:
         """A Twisted client endpoint string for this address."""
+        if self.sentinels:
+            # Connecting to host/port would silently bypass Sentinel.
+            raise ValueError(f"{self} has no fixed endpoint: ask its sentinels")
         host = self.host.replace(":", "\\:")
         return f"tcp:host={host}:port={self.port}"
 
     def __str__(self) -> str:
         # Never shows the password: this is what logs and /ready print.
+        if self.sentinels:
+            hosts = ",".join(
+                f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+                for host, port in self.sentinels
+            )
+            return f"redis+sentinel://{hosts}/{self.master}/{self.db}"
         return f"redis://{self.host}:{self.port}/{self.db}"
 
 
@@ -179,6 +193,30 @@ def _redis(value: Any) -> RedisAddress:
     return parse_redis_url(_str(value))
 
 
+SENTINEL_PORT = 26379
+
+
+def _sentinels(value: Any) -> tuple[tuple[str, int], ...]:
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not items:
+        raise ValueError("expected a comma-separated list of host:port")
+    result = []
+    for item in items:
+        if not isinstance(item, str) or not item.strip():
+            raise ValueError(f"expected host:port, got {item!r}")
+        parts = urlsplit("//" + item.strip())
+        try:
+            port = SENTINEL_PORT if parts.port is None else parts.port
+        except ValueError:
+            port = 0
+        if not port:
+            raise ValueError(f"bad port in {item.strip()!r}")
+        if not parts.hostname or parts.path or parts.query or parts.username:
+            raise ValueError(f"expected host:port, got {item.strip()!r}")
+        result.append((parts.hostname, port))
+    return tuple(dict.fromkeys(result))
+
+
 def _readable_file(value: Any) -> str:
     path = _str(value)
     if not os.path.isfile(path):
@@ -212,6 +250,12 @@ OPTIONS: tuple[Option, ...] = (
            "Twisted endpoint string for the web server (HTTP, /ws, API)."),
     Option("redis", _redis, None,
            "redis://[:password@]host[:port][/db]; none: the embedded in-process bus."),
+    Option("redis_sentinel", _sentinels, None,
+           "Comma-separated Sentinel host:port list (port default 26379): find the Redis "
+           "master through them and follow failovers; needs --redis-master. --redis then "
+           "gives only the password, user and db (its host and port are not used)."),
+    Option("redis_master", _str, None,
+           "Name of the master the --redis-sentinel sentinels monitor."),
     Option("postgres", _str, None,
            "PostgreSQL DSN; none: the embedded in-memory store."),
     Option("postgres_readonly", _str, None,
@@ -286,6 +330,12 @@ OPTIONS: tuple[Option, ...] = (
            "Seconds a job may go without progress from the producer before it is failed."),
     Option("job_patterns", _names, JOB_PATTERNS,
            "Pattern names a backtest may ask for (comma-separated)."),
+    Option("canary_interval", _number(0, 3600), 5.0,
+           "Seconds between freshness canaries sent through Redis to this daemon's own "
+           "source; /ready fails when none came back for three intervals (0: off)."),
+    Option("log_format", _choice("json", "text"), None,
+           "Log lines as json (one object per line) or text (default: json when twistd "
+           "runs as a daemon, text with -n)."),
 )
 
 _BY_NAME = {option.name: option for option in OPTIONS}
@@ -297,8 +347,10 @@ class Settings:
 
     listen: str
     redis: RedisAddress | None
-    postgres: str | None
-    postgres_readonly: str | None
+    redis_sentinel: tuple[tuple[str, int], ...] | None
+    redis_master: str | None
+    postgres: str | None = dataclasses.field(repr=False)  # a DSN may hold a password
+    postgres_readonly: str | None = dataclasses.field(repr=False)
     mode: str
     jwt_secret_file: str | None
     jwt_audience: str | None
@@ -332,6 +384,8 @@ class Settings:
     jobs_per_user: int
     job_timeout: float
     job_patterns: tuple[str, ...]
+    canary_interval: float
+    log_format: str | None
     jwt_secret: bytes | None = dataclasses.field(default=None, repr=False)
 
     @property
@@ -425,9 +479,29 @@ def load_settings(
                 where = option.env if source == "env" else option.cli
                 raise ConfigError(f"{where}: {error}") from None
         values[option.name] = value
+    values["redis"] = _sentinel_address(
+        values["redis"], values["redis_sentinel"], values["redis_master"])
     settings = Settings(**values, jwt_secret=read_secret(values["jwt_secret_file"], environ))
     _check_combination(settings)
     return settings
+
+
+def _sentinel_address(
+    redis: RedisAddress | None, sentinels: tuple[tuple[str, int], ...] | None,
+    master: str | None,
+) -> RedisAddress | None:
+    """
+    The Redis address with Sentinel applied: sentinel mode is Redis mode for
+    the rest of the daemon; a --redis URL still gives the credentials and db.
+    """
+    if sentinels and not master:
+        raise ConfigError("--redis-sentinel: give --redis-master too (the monitored master's name)")
+    if master and not sentinels:
+        raise ConfigError("--redis-master: give --redis-sentinel too (where the sentinels are)")
+    if not sentinels:
+        return redis
+    base = redis or RedisAddress(host="", port=0, db=0, password=None, username=None)
+    return dataclasses.replace(base, sentinels=sentinels, master=master)
 
 
 def _check_combination(settings: Settings) -> None:

@@ -23,7 +23,8 @@ LAG_INTERVAL = 1.0
 # Delivery is milliseconds; the upper buckets catch a stalled reactor.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 # States in which a dependency is doing its job.
-UP_STATES = frozenset({"ready", "ok", "connected", "subscribed", "reading", "tailing", "embedded"})
+UP_STATES = frozenset({"ready", "ok", "connected", "subscribed", "reading", "tailing", "embedded",
+                       "fresh"})
 
 
 def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
@@ -112,6 +113,16 @@ class _Collector:
             if isinstance(status, dict) and isinstance(status.get("connections"), int):
                 reconnects.add_metric([component], status["connections"])
         yield reconnects
+        canary = r["components"].get("canary")
+        if canary is not None:
+            yield _gauge("tickstock_canary_fresh", "1 while the freshness canary comes back "
+                         "through Redis in time.", 1 if canary["state"] == "fresh" else 0)
+            if canary["age_s"] is not None:
+                yield _gauge("tickstock_canary_age_seconds", "Seconds since a canary last came "
+                             "back.", canary["age_s"])
+            yield _counter("tickstock_canary_sent", "Canaries published.", canary["sent"])
+            yield _counter("tickstock_canary_returned", "Canaries that came back.",
+                           canary["returned"])
 
         persist = h["persist"]
         yield _counter("tickstock_bars_written", "1-minute bars written to the store.",
@@ -167,6 +178,10 @@ class Metrics(Service):
         self.reactor_lag = Histogram("tickstock_reactor_lag_seconds",
                               f"How late a timer set {LAG_INTERVAL:g} s ahead fires: the "
                               "reactor's backlog.", registry=self.registry, buckets=LATENCY_BUCKETS)
+        self._canary = Histogram(
+            "tickstock_canary_round_trip_seconds", "From publishing a canary to the source "
+            "handing it back.", registry=self.registry, buckets=LATENCY_BUCKETS)
+        self.canary_round_trip = self._canary.observe
         self._call: IDelayedCall | None = None
         self._due = 0.0
 

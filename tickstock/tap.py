@@ -23,7 +23,9 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from tickstock.config import OPTIONS, ConfigError, Settings, load_settings
-from tickstock.events import CONTROL_CHANNEL, JOBS_CHANNEL
+from tickstock.canary import canary_channel
+from tickstock.events import CHANNELS, CONTROL_CHANNEL, JOBS_CHANNEL
+from tickstock.logs import JSONLines, LogFormat, log_format, twistd_log_file
 from tickstock.store import STORED_TOPICS
 from tickstock.universes import UPDATED_CHANNEL
 
@@ -130,12 +132,15 @@ class TickStock(MultiService):
             streams = settings.mode == "streams"
             self.link = RedisLink(reactor, settings.redis, settings.deadletter_max,
                                   streams=streams)
+            node = node_id(settings, worker)
+            canary = (canary_channel(node),) if settings.canary_interval else ()
             if streams:
-                self.source = RedisStreamSource(reactor, settings.redis, node_id(settings, worker))
+                self.source = RedisStreamSource(reactor, settings.redis, node,
+                                                extra_streams=canary)
             else:
                 self.source = RedisPubSubSource(
                     reactor, settings.redis, settings.redis_ping_interval,
-                    settings.redis_ping_timeout,
+                    settings.redis_ping_timeout, channels=(*CHANNELS, *canary),
                 )
             self.history = RedisHistory(
                 reactor, settings.redis, self.link, settings.history_max,
@@ -174,7 +179,11 @@ class TickStock(MultiService):
             jobs=self.jobs,
         )
         self.stream.gateway = self.gateway
-        self.source.listen(self.router.receive)
+        self.canary = None
+        if settings.redis is not None and settings.canary_interval:
+            self.canary = self._add_canary(reactor, settings, worker)
+        self.source.listen(self.canary.intercept(self.router.receive) if self.canary
+                           else self.router.receive)
         self.history.listen(self._live)
         if settings.redis is not None:
             self.history.on_gap(self._missed_live)
@@ -186,6 +195,8 @@ class TickStock(MultiService):
                       else RedisCache(self.link, reactor))
         self.metrics = Metrics(reactor, self.health, self.readiness, self._metrics_extra)
         self.metrics.setServiceParent(self)
+        if self.canary is not None:
+            self.canary.round_trip = self.metrics.canary_round_trip
         self.api = build_api(self.store, self.cache, authenticate, settings.api_cache_ttl,
                              clock=reactor, timeout=settings.postgres_timeout, jobs=self.jobs,
                              observe=self.metrics.api_request)
@@ -236,6 +247,23 @@ class TickStock(MultiService):
             os.path.join(spool, re.sub(r"[^A-Za-z0-9_.-]", "_", node)),
         )
         self.persister.setServiceParent(self)
+
+    def _add_canary(self, reactor: IReactorCore, settings: Settings, worker: int | None) -> Any:
+        """The freshness canary, sent the way the producer sends (CONTRACT §1)."""
+        from tickstock.canary import Canary
+
+        if settings.mode == "streams":
+            def send(channel: str, payload: bytes) -> Deferred[Any]:
+                return self.link.execute("XADD", channel, "MAXLEN", "~", CANARY_STREAM_MAX,
+                                         "*", "data", payload)
+        else:
+            def send(channel: str, payload: bytes) -> Deferred[Any]:
+                return self.link.execute("PUBLISH", channel, payload)
+
+        canary = Canary(reactor, send, canary_channel(node_id(settings, worker)),
+                        settings.canary_interval)
+        canary.setServiceParent(self)
+        return canary
 
     def _persist(self, event: Any) -> None:
         """An event this process stored: into bars, the event history, or its job's record."""
@@ -343,10 +371,14 @@ class TickStock(MultiService):
             components["link"] = {"state": "connected" if link_ok else "connecting"}
             components["history"] = self.history.status()
             ok = ok and link_ok and self.history.ready
+        if self.canary is not None:
+            components["canary"] = self.canary.status()
+            ok = ok and self.canary.fresh
         return ok, {"ready": ok, "mode": self.settings.mode, "components": components}
 
 
 SHUTDOWN_GRACE = 3.0
+CANARY_STREAM_MAX = 100
 
 
 def _demo_universe_type(key: str) -> str:
@@ -425,14 +457,21 @@ def makeService(options: Options) -> MultiService:
     from tickstock.workers import WORKER_ENV, WorkerPool
 
     settings = options.settings
+    twistd = getattr(options, "parent", None)  # twistd's own options, when run by twistd
+    json_logs = log_format(settings.log_format, twistd) == "json"
+    service: MultiService
     if WORKER_ENV in os.environ:
         # Ctrl-C reaches the whole process group; the parent relays a stop
         # to its workers, and a second one would stop a stopped reactor.
         reactor.callWhenRunning(signal.signal, signal.SIGINT, signal.SIG_IGN)
-        return TickStock(settings, reactor, worker=int(os.environ[WORKER_ENV]))
-    if settings.workers > 1:
-        pool = MultiService()
-        WorkerPool(reactor, settings.listen, settings.workers,
-                   options.raw_args).setServiceParent(pool)
-        return pool
-    return TickStock(settings, reactor)
+        service = TickStock(settings, reactor, worker=int(os.environ[WORKER_ENV]))
+    elif settings.workers > 1:
+        service = MultiService()
+        # Workers log to the parent, which writes their JSON records as they are.
+        args = [*options.raw_args, "--log-format", "json"] if json_logs else options.raw_args
+        WorkerPool(reactor, settings.listen, settings.workers, args).setServiceParent(service)
+    else:
+        service = TickStock(settings, reactor)
+    if json_logs and twistd is not None and not twistd["syslog"]:
+        return LogFormat(service, JSONLines(twistd_log_file(twistd)))
+    return service

@@ -24,6 +24,7 @@ import socket
 import sys
 from typing import Any
 
+import orjson
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.error import ProcessDone, ProcessExitedAlready
@@ -32,6 +33,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 
 from tickstock.config import ConfigError
+from tickstock.logs import RELAYED
 
 WORKER_ENV = "_TICKSTOCK_WORKER"
 """Set in a worker's environment to its index; not a setting anyone gives."""
@@ -81,8 +83,14 @@ class _Worker(ProcessProtocol):
     def childDataReceived(self, fd: int, data: bytes) -> None:
         *lines, self._partial[fd] = (self._partial.get(fd, b"") + data).split(b"\n")
         for line in lines:
-            self._log.info("worker {i}: {line}", i=self.index,
-                           line=line.decode("utf-8", "replace"))
+            text = line.decode("utf-8", "replace")
+            try:
+                record = orjson.loads(line) if line.startswith(b"{") else None
+            except orjson.JSONDecodeError:
+                record = None
+            # A worker's JSON record is written out as it is (with its index).
+            self._log.info("worker {worker}: {line}", worker=self.index, line=text,
+                           **({RELAYED: record} if isinstance(record, dict) else {}))
 
     def processEnded(self, reason: Any) -> None:
         self.ended.callback(None)

@@ -21,12 +21,12 @@ import orjson
 import txredisapi
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, gatherResults, succeed
-from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import IReactorCore, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from tickstock.bus.sentinel import client_endpoint
 from tickstock.config import RedisAddress
 from tickstock.events import CHANNELS
 from tickstock.interfaces import IEventSource, IProducerLink
@@ -72,7 +72,7 @@ class _Supervised(Service):
 
     def _start_factory(self) -> None:
         self._factory = _tune(self._make_factory())
-        self._factory.startConnecting(clientFromString(self._reactor, self._address.endpoint()))
+        self._factory.startConnecting(client_endpoint(self._reactor, self._address))
 
     def startService(self) -> None:
         super().startService()
@@ -198,7 +198,18 @@ class RedisLink(_Supervised):
             return fail(NotConnected(f"not connected to {self._address}"))
         # Straight to the one connection: the handler's wrapper adds a
         # Deferred and a lookup per command.
-        return factory.pool[0].execute_command(*args)
+        conn = factory.pool[0]
+        return conn.execute_command(*args).addErrback(self._readonly, conn)
+
+    def _readonly(self, failure: Any, conn: Any) -> Any:
+        # Our master was demoted under a live connection: Sentinel is only
+        # asked again on reconnect (PITFALLS.md), so reconnect, once.
+        if (failure.check(txredisapi.ResponseError) and "READONLY" in failure.getErrorMessage()
+                and conn.transport is not None and not conn.transport.disconnecting):
+            self._log.warn("{name}: {address} is read-only now; reconnecting",
+                           name=self.name_for_logs, address=str(self._address))
+            self.drop()
+        return failure
 
     def publish(self, channel: str, payload: bytes) -> Deferred[Any]:
         """

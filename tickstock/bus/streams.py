@@ -49,11 +49,11 @@ class RedisStreamSource(_Supervised):
     name_for_logs = "redis streams"
 
     def __init__(self, reactor: IReactorCore, address: RedisAddress, consumer: str,
-                 read_timeout: float = 5.0) -> None:
+                 read_timeout: float = 5.0, extra_streams: tuple[str, ...] = ()) -> None:
         super().__init__(reactor, address, self._new_factory)
         self._consumer = consumer
         self._read_timeout = read_timeout
-        self._streams = list(CHANNELS)
+        self._streams = [*CHANNELS, *extra_streams]
         self._receiver: Receiver | None = None
         self._next: IDelayedCall | None = None
         self._busy: Deferred[Any] | None = None
