@@ -81,6 +81,9 @@ def secret_file(tmp_path_factory: pytest.TempPathFactory) -> str:
 def make_settings(**overrides: Any) -> Settings:
     """Settings as the daemon would build them from these flags alone."""
     overrides.setdefault("listen", f"tcp:{free_port()}:interface=127.0.0.1")
+    # Tests poll the API every 10 ms; the rate limit has tests of its own.
+    overrides.setdefault("api_rate", 10_000)
+    overrides.setdefault("api_burst", 10_000)
     return load_settings({k: v for k, v in overrides.items()}, environ={})
 
 

@@ -104,7 +104,7 @@ LOOKUP = """
 local generation = redis.call('GET', KEYS[1]) or '0'
 return {generation, redis.call('GET', ARGV[1] .. ':' .. generation .. ':' .. ARGV[2])}
 """
-LOOKUP_SHA = hashlib.sha1(LOOKUP.encode()).hexdigest()
+LOOKUP_SHA = hashlib.sha1(LOOKUP.encode(), usedforsecurity=False).hexdigest()
 
 
 @implementer(ICache)

@@ -336,6 +336,24 @@ OPTIONS: tuple[Option, ...] = (
     Option("log_format", _choice("json", "text"), None,
            "Log lines as json (one object per line) or text (default: json when twistd "
            "runs as a daemon, text with -n)."),
+    Option("client_rate", _number(0.1, 1_000_000), 20.0,
+           "Messages per second one WebSocket client may send on average (close 1008 past "
+           "--client-burst)."),
+    Option("client_burst", _number(1, 1_000_000, int), 200,
+           "Messages one WebSocket client may send at once (a reconnect re-sends every "
+           "subscription)."),
+    Option("max_connections_per_user", _number(0, 1_000_000, int), 20,
+           "WebSocket connections one user may hold on this process (0: no limit)."),
+    Option("max_connections_per_ip", _number(0, 1_000_000, int), 100,
+           "WebSocket connections from one IP address on this process (0: no limit; "
+           "set 0 behind a proxy or load balancer)."),
+    Option("api_rate", _number(0.1, 1_000_000), 20.0,
+           "REST requests per second one user may make on average (429 past --api-burst)."),
+    Option("api_burst", _number(1, 1_000_000, int), 100,
+           "REST requests one user may make at once."),
+    Option("cors_origins", _origins, (),
+           "Comma-separated origins allowed to call /api from another site (CORS); "
+           "default none: CORS off."),
 )
 
 _BY_NAME = {option.name: option for option in OPTIONS}
@@ -386,6 +404,13 @@ class Settings:
     job_patterns: tuple[str, ...]
     canary_interval: float
     log_format: str | None
+    client_rate: float
+    client_burst: int
+    max_connections_per_user: int
+    max_connections_per_ip: int
+    api_rate: float
+    api_burst: int
+    cors_origins: tuple[str, ...]
     jwt_secret: bytes | None = dataclasses.field(default=None, repr=False)
 
     @property

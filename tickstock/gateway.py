@@ -32,6 +32,7 @@ from tickstock.catchup import deepen
 from tickstock.history import Replay
 from tickstock.interfaces import IClient, IHistory, IStore
 from tickstock.jobs import JobRefused, Jobs
+from tickstock.ratelimit import RateLimit
 from tickstock.universes import Universes
 
 CLOSE_GOING_AWAY = 1001
@@ -50,6 +51,7 @@ class _State:
     resume_from: str | None = None
     hello_timer: IDelayedCall | None = None
     expiry_timer: IDelayedCall | None = None
+    counted_user: str | None = None  # counted against the per-user cap
 
 
 class Gateway:
@@ -73,8 +75,13 @@ class Gateway:
         store: IStore | None = None,
         catchup_max: int = 0,
         jobs: Jobs | None = None,
+        rate: RateLimit | None = None,
+        max_per_user: int = 0,
     ) -> None:
         """
+        @param rate: the message budget of each connection; past it the
+            client is closed with 1008. L{None}: no limit.
+        @param max_per_user: connections one user may hold (0: no limit).
         @param universes: resolves universe filters; L{None}: they are refused.
         @param jobs: takes backtest submissions and cancels; L{None}: refused.
         @param store: where a resume older than the history is caught up
@@ -90,6 +97,9 @@ class Gateway:
         self._universes = universes
         self._store = store
         self._catchup_max = catchup_max
+        self._rate = rate
+        self._max_per_user = max_per_user
+        self._per_user: Counter[str] = Counter()
         self.connections: dict[IClient, _State] = {}
         self.errors: Counter[str] = Counter()
         self.slow_consumers_closed = 0
@@ -108,6 +118,12 @@ class Gateway:
         state = self.connections.pop(conn, None)
         if state is None:
             return
+        if self._rate is not None:
+            self._rate.forget(conn)
+        if state.counted_user is not None:
+            self._per_user[state.counted_user] -= 1
+            if self._per_user[state.counted_user] <= 0:
+                del self._per_user[state.counted_user]
         for timer in (state.hello_timer, state.expiry_timer):
             if timer is not None and timer.active():
                 timer.cancel()
@@ -138,6 +154,11 @@ class Gateway:
         """Handle one text message from C{conn}; every failure is answered."""
         state = self.connections.get(conn)
         if state is None:
+            return
+        if self._rate is not None and self._rate.take(conn):
+            self.errors["rate_limited"] += 1
+            conn.close(CLOSE_POLICY, "too many messages")
+            self.closed(conn)  # nothing more from it is read
             return
         request_id = None
         try:
@@ -193,6 +214,15 @@ class Gateway:
             except ValueError:
                 raise BadRequest("bad_request", "resume.last_id must be an event id") from None
         identity = self._authenticate(message)
+        if self._max_per_user and self._per_user[identity.user] >= self._max_per_user:
+            self.errors["too_many_connections"] += 1
+            conn.reply({"op": "error", "id": message.get("id"), "code": "too_many_connections",
+                        "message": f"at most {self._max_per_user} connections per user"})
+            conn.close(CLOSE_POLICY, "too many connections for this user")
+            self.closed(conn)
+            return
+        self._per_user[identity.user] += 1
+        state.counted_user = identity.user
         conn.user = identity.user
         if identity.expires_at is not None:
             state.expiry_timer = self._clock.callLater(

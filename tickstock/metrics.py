@@ -87,6 +87,9 @@ class _Collector:
                        events["delivered"])
         yield _counter("tickstock_targeted_unrouted", "Targeted events with no user.",
                        events["unrouted_targeted"])
+        yield _labelled(CounterMetricFamily(
+            "tickstock_handshakes_refused", "WebSocket handshakes refused, by reason.",
+            labels=["reason"]), h["handshakes_refused"])
         yield _counter("tickstock_slow_consumers_closed",
                        "Clients closed because they stopped reading.", h["slow_consumers_closed"])
         yield _counter("tickstock_live_gaps_closed", "Clients closed to resume after the live "

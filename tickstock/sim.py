@@ -355,7 +355,7 @@ class JobRunner:
 
     def _event_id(self, job_id: str, suffix: str) -> str:
         """A stable id for one of a job's events, kept within the 64-character limit."""
-        key = job_id if len(job_id) <= 48 else hashlib.sha1(job_id.encode()).hexdigest()[:24]
+        key = job_id if len(job_id) <= 48 else hashlib.sha1(job_id.encode(), usedforsecurity=False).hexdigest()[:24]
         return f"bt-{key}-{suffix}"
 
     def _progress(self, job: Event, progress: float, status: str) -> None:

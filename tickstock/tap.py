@@ -107,6 +107,7 @@ class TickStock(MultiService):
         from tickstock.metrics import Metrics, MetricsResource
         from tickstock.cache import MemoryCache, RedisCache
         from tickstock.throttle import TickThrottle
+        from tickstock.ratelimit import RateLimit
         from tickstock.universes import Universes
         from autobahn.twisted.resource import WebSocketResource
 
@@ -161,6 +162,7 @@ class TickStock(MultiService):
             ping_interval=settings.ws_ping_interval,
             ping_timeout=settings.ws_ping_timeout,
             handshake_timeout=settings.handshake_timeout,
+            max_per_ip=settings.max_connections_per_ip,
         )
         self.broadcaster = Broadcaster(self.stream.prepareMessage)
         self.ticks = TickThrottle(reactor, settings.tick_rate, self.broadcaster.deliver)
@@ -176,7 +178,8 @@ class TickStock(MultiService):
             reactor, self.broadcaster, self.history, authenticate,
             settings.max_subscriptions, settings.hello_timeout,
             universes=self.universes, store=self.store, catchup_max=settings.catchup_max,
-            jobs=self.jobs,
+            jobs=self.jobs, rate=RateLimit(reactor, settings.client_rate, settings.client_burst),
+            max_per_user=settings.max_connections_per_user,
         )
         self.stream.gateway = self.gateway
         self.canary = None
@@ -199,7 +202,9 @@ class TickStock(MultiService):
             self.canary.round_trip = self.metrics.canary_round_trip
         self.api = build_api(self.store, self.cache, authenticate, settings.api_cache_ttl,
                              clock=reactor, timeout=settings.postgres_timeout, jobs=self.jobs,
-                             observe=self.metrics.api_request)
+                             observe=self.metrics.api_request,
+                             rate=RateLimit(reactor, settings.api_rate, settings.api_burst),
+                             cors_origins=settings.cors_origins)
         site = build_site(
             WebSocketResource(self.stream),
             JSONStatus(self.health), JSONStatus(self.readiness),
@@ -344,6 +349,8 @@ class TickStock(MultiService):
                 "delivered": self.broadcaster.delivered,
                 "unrouted_targeted": self.broadcaster.unrouted,
             },
+            "handshakes_refused": {"origin": self.stream.refused_origins,
+                                   "per_ip": self.stream.refused_per_ip},
             "slow_consumers_closed": self.gateway.slow_consumers_closed,
             "conflated": self.stream.conflated,
             "live_gaps_closed": self.gateway.live_gaps_closed,

@@ -261,7 +261,7 @@ class Occurrences:
             at, old = order.popleft()
             if seen[old][1] <= at:
                 del seen[old]
-        digest = hashlib.sha1(channel + b"\0" + message).hexdigest()
+        digest = hashlib.sha1(channel + b"\0" + message, usedforsecurity=False).hexdigest()
         n = seen[digest][0] + 1 if digest in seen else 1
         seen[digest] = (n, now)
         order.append((now, digest))

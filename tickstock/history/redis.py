@@ -205,7 +205,7 @@ end
 return out
 """
 
-MARKS_SHA = hashlib.sha1(MARKS.encode()).hexdigest()
+MARKS_SHA = hashlib.sha1(MARKS.encode(), usedforsecurity=False).hexdigest()
 
 ADVANCE = _IDLT + """
 -- KEYS: a user's delivered pointer   ARGV: event id, ttl s. Only moves forward.
@@ -246,7 +246,7 @@ class _Script:
 
     def __init__(self, link: RedisLink, source: str) -> None:
         self._link = link
-        self.sha = hashlib.sha1(source.encode()).hexdigest()
+        self.sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
         link.preload(source)
 
     def run(self, keys: list[str], args: list[Any]) -> Deferred[Any]:

@@ -14,6 +14,7 @@ C{timeout}, the answer is a 503 the client can retry.
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from datetime import datetime, timezone
@@ -29,6 +30,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from tickstock.auth import Identity
+from tickstock.config import normalize_origin
+from tickstock.ratelimit import RateLimit
 from tickstock.broadcast import BadRequest
 from tickstock.events import MAX_STRING, SYMBOL
 from tickstock.interfaces import ICache, IStore
@@ -289,9 +292,12 @@ class ApiResource(Resource):
         self, store: IStore, cache: ICache, authenticate: Callable[[dict[str, Any]], Identity],
         pattern_ttl: float, universe_ttl: float, clock: IReactorTime, timeout: float,
         jobs: Jobs | None = None, observe: Callable[[str, int, float], None] | None = None,
+        rate: RateLimit | None = None, cors_origins: tuple[str, ...] = (),
     ) -> None:
         super().__init__()
         self._observe = observe
+        self._rate = rate
+        self._cors = frozenset(cors_origins)
         self._store = store
         self._jobs = jobs
         self._cache = cache
@@ -324,6 +330,9 @@ class ApiResource(Resource):
         }
 
     def render(self, request: Request) -> Any:
+        if self._cors and self._cors_allowed(request):
+            if request.method == b"OPTIONS" and request.getHeader(b"access-control-request-method"):
+                return self._preflight(request)
         reply = _Reply(request, self)
         timer = self._clock.callLater(self._timeout, self._too_slow, reply)
         d = Deferred.fromCoroutine(self._answer(request, reply))
@@ -338,6 +347,28 @@ class ApiResource(Resource):
         d.addBoth(settle).addErrback(
             lambda f: self._log.failure("answering {path} failed", f, path=request.path))
         return NOT_DONE_YET
+
+    def _cors_allowed(self, request: Request) -> bool:
+        """Mark the answer readable by the request's origin if it is allowed (CORS)."""
+        origin = request.getHeader(b"origin")
+        if not origin:
+            return False
+        try:
+            allowed = "*" in self._cors or normalize_origin(origin.decode("ascii")) in self._cors
+        except (UnicodeDecodeError, ValueError):
+            return False
+        if allowed:
+            request.setHeader(b"access-control-allow-origin", origin.encode("ascii"))
+            request.setHeader(b"access-control-expose-headers", b"retry-after")
+            request.setHeader(b"vary", b"origin")
+        return allowed
+
+    def _preflight(self, request: Request) -> bytes:
+        request.setResponseCode(204)
+        request.setHeader(b"access-control-allow-methods", b"GET, POST, DELETE")
+        request.setHeader(b"access-control-allow-headers", b"authorization, content-type")
+        request.setHeader(b"access-control-max-age", b"600")
+        return b""
 
     def _too_slow(self, reply: _Reply) -> None:
         if not reply.done:
@@ -366,6 +397,10 @@ class ApiResource(Resource):
         route, handlers = self._route(request.postpath or [])
         reply.route = route
         identity = self._identify(request)
+        wait = self._rate.take(identity.user) if self._rate is not None else 0.0
+        if wait:
+            raise ApiError(429, "rate_limited", "too many requests; slow down",
+                           headers={b"retry-after": b"%d" % max(1, math.ceil(wait))})
         if not handlers:
             raise ApiError(404, "not_found", "no such API route")
         handler = handlers.get(request.method.decode("ascii", "replace"))
@@ -577,6 +612,7 @@ def build_api(
     pattern_ttl: float, universe_ttl: float = 3600, *, clock: IReactorTime,
     timeout: float = 5.0, jobs: Jobs | None = None,
     observe: Callable[[str, int, float], None] | None = None,
+    rate: RateLimit | None = None, cors_origins: tuple[str, ...] = (),
 ) -> ApiResource:
     """
     The C{/api} resource.
@@ -592,6 +628,9 @@ def build_api(
         answered gets a 503.
     @param jobs: serves C{/api/jobs}; L{None}: those routes are 404s.
     @param observe: told each answer's route, status and seconds taken.
+    @param rate: each user's request budget; past it, 429 with Retry-After.
+    @param cors_origins: origins (or C{*}) whose pages may call the API
+        from another site; none: no CORS headers at all.
     """
     return ApiResource(IStore(store), ICache(cache), authenticate, pattern_ttl, universe_ttl,
-                       clock, timeout, jobs, observe)
+                       clock, timeout, jobs, observe, rate, cors_origins)

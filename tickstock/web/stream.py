@@ -26,7 +26,7 @@ Twisted's buffer (and so its backpressure).
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from typing import Any
 
 import orjson
@@ -67,11 +67,29 @@ class ClientProtocol(WebSocketServerProtocol):
         self._seq = 0
         self._must = 0  # must-deliver frames in _queue
         self._socket: Any = None  # set when frames can be written to it directly
+        self._address: str | None = None  # counted against the per-IP cap
 
     def onConnect(self, request: Any) -> None:
-        if not self.factory.origin_allowed(request.origin, request.headers.get("host")):
-            self.factory.refused_origins += 1
+        factory = self.factory
+        if not factory.origin_allowed(request.origin, request.headers.get("host")):
+            factory.refused_origins += 1
             raise ConnectionDeny(403, "origin not allowed")
+        address = getattr(self.transport.getPeer(), "host", None)
+        if factory.max_per_ip and address is not None:
+            if factory.per_ip[address] >= factory.max_per_ip:
+                factory.refused_per_ip += 1
+                raise ConnectionDeny(429, "too many connections from this address")
+            factory.per_ip[address] += 1
+            self._address = address
+
+    def connectionLost(self, reason: Any) -> None:
+        address, self._address = self._address, None
+        if address is not None:
+            per_ip = self.factory.per_ip
+            per_ip[address] -= 1
+            if per_ip[address] <= 0:
+                del per_ip[address]
+        super().connectionLost(reason)
 
     def onOpen(self) -> None:
         try:
@@ -215,9 +233,13 @@ class StreamFactory(WebSocketServerFactory):
         ping_interval: float,
         ping_timeout: float,
         handshake_timeout: float,
+        max_per_ip: int = 0,
     ) -> None:
         super().__init__()
         self.queue_limit = queue_limit
+        self.max_per_ip = max_per_ip
+        self.per_ip: Counter[str] = Counter()
+        self.refused_per_ip = 0
         self.conflated = 0  # latest-only frames replaced by a newer one in a client's queue
         self._allowed = frozenset(allowed_origins)
         self.refused_origins = 0
