@@ -83,6 +83,11 @@ class _Collector:
         yield _labelled(CounterMetricFamily(
             "tickstock_events_deadlettered", "Malformed producer messages (kept in the dead "
             "letter list), by kind.", labels=["kind"]), events["malformed"])
+        yield _labelled(CounterMetricFamily(
+            "tickstock_events_shed", "Producer messages shed under overload (too many on "
+            "their way to the history), by channel.", labels=["channel"]), events["shed"])
+        yield _gauge("tickstock_events_in_flight", "Events on their way to the history.",
+                     events["in_flight"])
         yield _counter("tickstock_events_delivered", "Event frames written to client sockets.",
                        events["delivered"])
         yield _counter("tickstock_targeted_unrouted", "Targeted events with no user.",

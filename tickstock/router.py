@@ -9,15 +9,20 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any, Callable
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from tickstock.events import Event, MalformedEvent, parse_event
+from tickstock.events import CHANNELS, Event, MalformedEvent, parse_event
 from tickstock.history import Refused
 from tickstock.interfaces import IHistory, IProducerLink
 
 SAMPLE_BYTES = 200
+MAX_IN_FLIGHT = 20_000
+
+
+class Overloaded(Exception):
+    """An event shed because too many are already on their way to the history."""
 
 
 class Router:
@@ -33,13 +38,22 @@ class Router:
     _log = Logger()
 
     def __init__(self, clock: IReactorTime, history: IHistory, link: IProducerLink,
-                 stored: Callable[[Event], object] | None = None) -> None:
+                 stored: Callable[[Event], object] | None = None,
+                 max_in_flight: int = MAX_IN_FLIGHT) -> None:
         """
         @param stored: called with each event this process stored (not a
             duplicate), once, with its id: on every node together, each
             event is passed on exactly once (to be persisted).
+        @param max_in_flight: events handed to the history and not yet
+            stored, past which new ones are shed (latest-only ones from half
+            of it): a producer flood costs counted events, never unbounded
+            memory. A stream source reads in bounded batches and never gets
+            here; a shed entry of its would stay pending and be read again.
         """
         self._clock = clock
+        self._max_in_flight = max_in_flight
+        self.in_flight = 0
+        self.shed: Counter[str] = Counter()
         self._on_stored = stored
         self._history = IHistory(history)
         self._link = IProducerLink(link)
@@ -51,7 +65,8 @@ class Router:
         self.failed = 0
         self.malformed: Counter[str] = Counter()
 
-    def receive(self, channel: str, raw: bytes, key: object = None) -> Deferred[Any]:
+    def receive(self, channel: str, raw: bytes, key: object = None,
+                sheddable: bool = True) -> Deferred[Any]:
         """
         Route one producer message. The Deferred fires once it is stored or
         set aside (with what L{IHistory.append} gave, or L{None} for a
@@ -66,10 +81,24 @@ class Router:
         except MalformedEvent as error:
             self._reject(channel, raw, error)
             return succeed(None)
+        if sheddable and self.in_flight >= self._max_in_flight // 2 and (
+                self.in_flight >= self._max_in_flight or CHANNELS[channel].latest_only):
+            return self._shed(channel)
+        self.in_flight += 1
         return self._history.append(event, key).addCallbacks(
             self._stored, self._not_stored, callbackArgs=(event,))
 
+    def _shed(self, channel: str) -> Deferred[Any]:
+        first = not self.shed
+        self.shed[channel] += 1
+        if first or str(sum(self.shed.values())).strip("0") == "1":  # 1st, 10th, 100th...
+            self._log.warn("overloaded: {n} events in flight to the history; shedding "
+                           "({total} shed so far, latest-only ones first)",
+                           n=self.in_flight, total=sum(self.shed.values()))
+        return fail(Overloaded(f"{self.in_flight} events in flight; {channel} shed"))
+
     def _stored(self, event_id: str | Refused | None, event: Event) -> str | Refused | None:
+        self.in_flight -= 1
         if event_id is None:
             self.duplicates += 1
         elif isinstance(event_id, Refused):
@@ -83,6 +112,7 @@ class Router:
         return event_id
 
     def _not_stored(self, failure: Any) -> Any:
+        self.in_flight -= 1
         self.failed += 1
         if str(self.failed).strip("0") == "1":  # the 1st, 10th, 100th...
             self._log.warn("could not store an event ({n} so far): {e}",

@@ -171,7 +171,9 @@ class TickStock(MultiService):
             settings.jwt_secret, audience=settings.jwt_audience, issuer=settings.jwt_issuer
         )
         self.router = Router(reactor, self.history, self.link, stored=self._persist)
-        self.jobs = Jobs(reactor, self.store, self.history, self.link, self.router.receive,
+        # TickStock's own job events (a cancel, a timeout) are never shed.
+        self.jobs = Jobs(reactor, self.store, self.history, self.link,
+                         lambda channel, raw: self.router.receive(channel, raw, sheddable=False),
                          settings.jobs_per_user, settings.job_timeout, settings.job_patterns)
         self.jobs.setServiceParent(self)
         self.gateway = Gateway(
@@ -345,6 +347,8 @@ class TickStock(MultiService):
                 "duplicates": self.router.duplicates,
                 "store_failures": self.router.failed,
                 "malformed": dict(self.router.malformed),
+                "shed": dict(self.router.shed),
+                "in_flight": self.router.in_flight,
                 "job_events_dropped": dict(self.router.refused),
                 "delivered": self.broadcaster.delivered,
                 "unrouted_targeted": self.broadcaster.unrouted,
