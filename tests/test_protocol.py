@@ -212,3 +212,43 @@ async def test_a_client_that_stops_answering_pings_is_removed(daemons):
     assert alive.close_code is None
     assert (await alive.request({"op": "ping", "id": "p"}, "pong"))["op"] == "pong"
     dead.transport.resumeProducing()
+
+
+async def _api(port: int, method: bytes, origin: bytes, preflight: bool = False) -> tuple[int, object]:
+    from twisted.internet import reactor
+    from twisted.web.client import Agent, readBody
+    from twisted.web.http_headers import Headers
+
+    headers = Headers({b"origin": [origin]})
+    if preflight:
+        headers.addRawHeader(b"access-control-request-method", b"GET")
+        headers.addRawHeader(b"access-control-request-headers", b"authorization")
+    response = await Agent(reactor).request(
+        method, f"http://127.0.0.1:{port}/api/symbols".encode(), headers)
+    await readBody(response)
+    return response.code, response.headers
+
+
+@pytest_twisted.ensureDeferred
+async def test_cors_is_off_unless_origins_are_listed(daemons):
+    """
+    By default no answer names any other origin, and a preflight is refused
+    (405); with --cors-origins, a listed origin gets its preflight (204) and
+    its answers marked readable, an unlisted one still nothing.
+    """
+    off = daemons(sim_rate=0)
+    code, headers = await _api(off.port, b"GET", b"https://app.example.com")
+    assert code == 200 and not headers.hasHeader(b"access-control-allow-origin")
+    code, headers = await _api(off.port, b"OPTIONS", b"https://app.example.com", preflight=True)
+    assert code == 405 and not headers.hasHeader(b"access-control-allow-origin")
+
+    on = daemons(sim_rate=0, cors_origins="https://app.example.com")
+    code, headers = await _api(on.port, b"OPTIONS", b"https://app.example.com", preflight=True)
+    assert code == 204
+    assert headers.getRawHeaders(b"access-control-allow-origin") == [b"https://app.example.com"]
+    assert b"authorization" in headers.getRawHeaders(b"access-control-allow-headers")[0]
+    code, headers = await _api(on.port, b"GET", b"https://app.example.com")
+    assert code == 200
+    assert headers.getRawHeaders(b"access-control-allow-origin") == [b"https://app.example.com"]
+    code, headers = await _api(on.port, b"GET", b"https://evil.example")
+    assert code == 200 and not headers.hasHeader(b"access-control-allow-origin")

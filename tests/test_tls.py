@@ -119,7 +119,8 @@ async def test_https_health_has_the_security_headers(redis_server: Any, daemons:
                                                      certificate: tuple[Path, Path]) -> None:
     """
     /health over HTTPS answers 200, and the headers the daemon puts on every
-    response are there over TLS too (SecureSite must not depend on the port type).
+    response are there over TLS too (SecureSite must not depend on the port
+    type), with Strict-Transport-Security, which only a TLS answer carries.
     """
     daemon = daemons(redis=redis_server.url, listen=ssl_listen(certificate))
     await ready(daemon)
@@ -128,6 +129,7 @@ async def test_https_health_has_the_security_headers(redis_server: Any, daemons:
     assert orjson.loads(body)["status"] == "ok"
     for name, value in SECURITY_HEADERS.items():
         assert headers.getRawHeaders(name) == [value], name
+    assert headers.getRawHeaders(b"strict-transport-security") == [b"max-age=31536000"]
 
 
 @pytest_twisted.ensureDeferred

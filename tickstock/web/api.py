@@ -358,7 +358,7 @@ class ApiResource(Resource):
         except (UnicodeDecodeError, ValueError):
             return False
         if allowed:
-            request.setHeader(b"access-control-allow-origin", origin.encode("ascii"))
+            request.setHeader(b"access-control-allow-origin", origin)
             request.setHeader(b"access-control-expose-headers", b"retry-after")
             request.setHeader(b"vary", b"origin")
         return allowed

@@ -60,6 +60,8 @@ class SecureSite(Site):
     def getResourceFor(self, request: Request) -> Resource:
         for name, value in SECURITY_HEADERS.items():
             request.setHeader(name, value)
+        if request.isSecure():
+            request.setHeader(b"strict-transport-security", b"max-age=31536000")
         return super().getResourceFor(request)
 
 
