@@ -75,7 +75,11 @@ class JWTAuthenticator:
         user = claims["sub"]
         if not isinstance(user, str) or not _USER.match(user):
             raise BadRequest("unauthorized", "invalid token: sub is not a user id")
-        return Identity(user, float(claims["exp"]))
+        try:
+            expires_at = float(claims["exp"])
+        except (OverflowError, TypeError, ValueError):
+            raise BadRequest("unauthorized", "invalid token: exp is not a time") from None
+        return Identity(user, expires_at)
 
     def mint(self, user: str, now: float, ttl: float) -> str:
         """A token for C{user}, valid for C{ttl} seconds from C{now}."""

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable
 
 from zope.interface import implementer
 
-from tickstock.events import SYMBOL, TOPICS, Event, id_key
+from tickstock.events import SYMBOL, TOPICS, Event, id_key, shown
 from tickstock.interfaces import REPLAYED, IClient, IEventSink
 
 MAX_FILTER_SYMBOLS = 1000
@@ -81,7 +81,7 @@ def parse_filter(topic: str, raw: Any) -> Filter:
         raise BadRequest("bad_filter", "filter must be an object")
     unknown = sorted(set(raw) - _FILTER_FIELDS[topic])
     if unknown:
-        raise BadRequest("bad_filter", f"filter field {unknown[0]!r} does not apply to {topic}")
+        raise BadRequest("bad_filter", f"filter field {shown(unknown[0])} does not apply to {topic}")
 
     symbols = raw.get("symbols")
     if symbols is not None:
@@ -89,7 +89,7 @@ def parse_filter(topic: str, raw: Any) -> Filter:
             raise BadRequest("bad_filter", f"symbols must be a list of 1-{MAX_FILTER_SYMBOLS}")
         for symbol in symbols:
             if not isinstance(symbol, str) or not SYMBOL.match(symbol):
-                raise BadRequest("bad_filter", f"not a symbol: {symbol!r}")
+                raise BadRequest("bad_filter", f"not a symbol: {shown(symbol)}")
         symbols = frozenset(symbols)
     patterns = raw.get("patterns")
     if patterns is not None:
@@ -97,7 +97,7 @@ def parse_filter(topic: str, raw: Any) -> Filter:
             raise BadRequest("bad_filter", f"patterns must be a list of 1-{MAX_FILTER_PATTERNS}")
         for pattern in patterns:
             if not isinstance(pattern, str) or not 0 < len(pattern) <= 64:
-                raise BadRequest("bad_filter", f"not a pattern name: {pattern!r}")
+                raise BadRequest("bad_filter", f"not a pattern name: {shown(pattern)}")
         patterns = frozenset(patterns)
     confidence = raw.get("min_confidence")
     if confidence is not None:

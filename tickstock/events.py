@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+import reprlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -20,6 +21,18 @@ SYMBOL = re.compile(r"^[A-Z0-9.\-]{1,10}\Z")
 MAX_EVENT_BYTES = 64 * 1024
 MAX_EVENT_ID = 64
 MAX_STRING = 256
+MAX_DEPTH = 32
+"""Nesting of JSON objects and arrays an event may have: orjson writes at most
+about 254 levels, and a browser has no use for more than a few."""
+
+_SHOWN = reprlib.Repr()  # Python 3.11's takes no arguments
+_SHOWN.maxlevel, _SHOWN.maxstring, _SHOWN.maxother = 3, 64, 64
+
+
+def shown(value: Any) -> str:
+    """A short repr of a hostile value, for an error message: bounded in
+    length and depth, so a deeply nested one cannot overflow the stack."""
+    return _SHOWN.repr(value)
 
 TOPICS = ("patterns", "market_state", "backtests", "health", "ticks", "universe")
 
@@ -222,7 +235,7 @@ def parse_event(channel_name: str, raw: bytes, event_id: str, now: float) -> Eve
     """
     channel = CHANNELS.get(channel_name)
     if channel is None:
-        raise MalformedEvent("unknown_channel", f"no such channel {channel_name!r}")
+        raise MalformedEvent("unknown_channel", f"no such channel {shown(channel_name)}")
     if len(raw) > MAX_EVENT_BYTES:
         raise MalformedEvent("oversized", f"{len(raw)} bytes, limit {MAX_EVENT_BYTES}")
     try:
@@ -231,19 +244,22 @@ def parse_event(channel_name: str, raw: bytes, event_id: str, now: float) -> Eve
         raise MalformedEvent("not_json", f"not JSON: {error}") from None
     if not isinstance(data, dict):
         raise MalformedEvent("not_object", f"expected a JSON object, got {type(data).__name__}")
+    # Cheap first: fewer brackets than the limit cannot nest deeper than it.
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _depth(data) > MAX_DEPTH:
+        raise MalformedEvent("too_deep", f"nested deeper than {MAX_DEPTH} levels")
 
     event_type = data.get("event_type", channel.event_types[0])
     if not _text(event_type) or (
         channel.topic != "universe" and event_type not in channel.event_types
     ):
         raise MalformedEvent(
-            "bad_event_type", f"event_type {event_type!r} not allowed on {channel.name}"
+            "bad_event_type", f"event_type {shown(event_type)} not allowed on {channel.name}"
         )
     for name, check in channel.required:
         if name not in data:
             raise MalformedEvent("missing_field", f"{name} is required on {channel.name}")
         if not check(data[name]):
-            raise MalformedEvent("bad_field", f"{name}={data[name]!r} is not valid")
+            raise MalformedEvent("bad_field", f"{name}={shown(data[name])} is not valid")
     producer_id = data.get("event_id")
     if producer_id is not None and not (
         isinstance(producer_id, str) and 0 < len(producer_id) <= MAX_EVENT_ID
@@ -260,6 +276,19 @@ def parse_event(channel_name: str, raw: bytes, event_id: str, now: float) -> Eve
         job_id=data.get("job_id") if channel.topic == "backtests" else None,
         received_at=now,
     )
+
+
+def _depth(value: Any) -> int:
+    """How deeply C{value}'s objects and arrays nest (no recursion: it may be deep)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, level)
+            if level <= MAX_DEPTH:
+                stack.extend((child, level + 1)
+                             for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def stored_event(event_id: str, channel_name: str, event_type: str, raw: bytes | str,

@@ -27,7 +27,7 @@ from tickstock.broadcast import (
     Subscription,
     parse_filter,
 )
-from tickstock.events import TOPICS, id_key
+from tickstock.events import TOPICS, id_key, shown
 from tickstock.catchup import deepen
 from tickstock.history import Replay
 from tickstock.interfaces import IClient, IHistory, IStore
@@ -177,7 +177,7 @@ class Gateway:
             op = message.get("op")
             handler = self._ops.get(op) if isinstance(op, str) else None
             if handler is None:
-                raise BadRequest("unknown_op", f"unknown op {op!r}")
+                raise BadRequest("unknown_op", f"unknown op {shown(op)}")
             if conn.user is None and op != "hello":
                 raise BadRequest("hello_required", "say hello first")
             handler(self, conn, state, message)
@@ -243,7 +243,7 @@ class Gateway:
         if topic not in TOPICS:
             raise BadRequest("bad_topic", f"topic must be one of {', '.join(TOPICS)}")
         if sub_id in state.subscriptions or sub_id in state.resolving:
-            raise BadRequest("duplicate_id", f"subscription {sub_id!r} exists")
+            raise BadRequest("duplicate_id", f"subscription {shown(sub_id)} exists")
         if len(state.subscriptions) + len(state.resolving) >= self._max_subscriptions:
             raise BadRequest("too_many_subscriptions",
                              f"at most {self._max_subscriptions} per connection")
@@ -320,7 +320,8 @@ class Gateway:
     def _unsubscribe(self, conn: IClient, state: _State, message: dict[str, Any]) -> None:
         sub = state.subscriptions.pop(message.get("id"), None)
         if sub is None:
-            raise BadRequest("unknown_subscription", f"no subscription {message.get('id')!r}")
+            raise BadRequest("unknown_subscription",
+                             f"no subscription {shown(message.get('id'))}")
         self._drop(sub)
         conn.reply({"op": "unsubscribed", "id": sub.id})
 

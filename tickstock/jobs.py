@@ -34,7 +34,7 @@ from twisted.python.failure import Failure
 
 from tickstock.broadcast import BadRequest
 from tickstock.config import JOB_PATTERNS
-from tickstock.events import CONTROL_CHANNEL, JOBS_CHANNEL, SYMBOL, Event
+from tickstock.events import CONTROL_CHANNEL, JOBS_CHANNEL, SYMBOL, Event, shown
 from tickstock.history import Refused
 from tickstock.interfaces import IHistory, IJobStore, IProducerLink
 
@@ -108,7 +108,7 @@ def parse_params(params: Any, known_patterns: Iterable[str]) -> dict[str, Any]:
         twice = [s for s in symbols if isinstance(s, str) and (s in seen or seen.add(s))]
         if bad:
             errors["symbols"] = (f"not a symbol (1-10 characters of A-Z, 0-9, '.', '-'): "
-                                 f"{bad[0]!r}")
+                                 f"{shown(bad[0])}")
         elif twice:
             errors["symbols"] = f"{twice[0]!r} is given more than once"
     dates: dict[str, date] = {}
@@ -122,7 +122,7 @@ def parse_params(params: Any, known_patterns: Iterable[str]) -> dict[str, Any]:
                 raise ValueError(value)
             dates[name] = date.fromisoformat(value)
         except ValueError:
-            errors[name] = f"must be a date as YYYY-MM-DD, not {str(value)[:32]!r}"
+            errors[name] = f"must be a date as YYYY-MM-DD, not {shown(value)}"
     if len(dates) == 2:
         start, end = dates["start_date"], dates["end_date"]
         if start > end:
@@ -134,9 +134,9 @@ def parse_params(params: Any, known_patterns: Iterable[str]) -> dict[str, Any]:
     if not isinstance(patterns, list) or len(patterns) > len(known):
         errors["patterns"] = f"must be a list of at most {len(known)} pattern names"
     else:
-        unknown = [p for p in patterns if p not in known]
+        unknown = [p for p in patterns if not isinstance(p, str) or p not in known]
         if unknown:
-            errors["patterns"] = (f"unknown pattern {str(unknown[0])[:64]!r}; known: "
+            errors["patterns"] = (f"unknown pattern {shown(unknown[0])}; known: "
                                   + ", ".join(sorted(known)))
         elif len(set(patterns)) != len(patterns):
             errors["patterns"] = "a pattern is given more than once"
