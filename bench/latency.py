@@ -400,7 +400,9 @@ def run(args: argparse.Namespace, procs: Procs, workdir: Path) -> dict[str, Any]
         server_argv = [twistd, "-n", "--pidfile=", "tickstock",
                        "--redis", f"redis://127.0.0.1:{redis_port}/0",
                        "--listen", f"tcp:{ws_port}:interface=127.0.0.1",
-                       "--jwt-secret-file", str(secret_file)]
+                       "--jwt-secret-file", str(secret_file),
+                       # Every client comes from one address (and may share a user).
+                       "--max-connections-per-ip", "0", "--max-connections-per-user", "0"]
     with open(daemon_log, "wb") as log:
         if args.workers > 1:
             # One core is not enough for several workers; none is pinned.
