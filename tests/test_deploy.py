@@ -77,3 +77,19 @@ def test_the_systemd_units_command_runs_a_daemon_that_stops_on_its_kill_signal(
     records = [orjson.loads(line) for line in output.splitlines()]
     assert records[-1]["message"] == "Server Shut Down."
     assert not (tmp_path / "twistd.pid").exists()  # --pidfile= : systemd tracks the process
+
+
+def test_the_daemon_process_runs_with_its_own_garbage_collector_thresholds() -> None:
+    """makeService (twistd's entry point) sets the process's GC thresholds."""
+    import gc
+
+    from tickstock.tap import GC_THRESHOLDS, Options, makeService
+
+    before = gc.get_threshold()
+    options = Options()
+    options.parseOptions(["--listen", "tcp:0:interface=127.0.0.1"])
+    try:
+        makeService(options)
+        assert gc.get_threshold() == GC_THRESHOLDS != before
+    finally:
+        gc.set_threshold(*before)

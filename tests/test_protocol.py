@@ -87,6 +87,39 @@ async def test_no_hello_in_time_closes_with_1008(quiet):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_handshake_that_never_finishes_is_dropped(daemons):
+    """
+    Slowloris: a connection that sends part of its upgrade request and then
+    nothing is closed by the server after --handshake-timeout, while an
+    open WebSocket next to it stays.
+    """
+    from twisted.internet import reactor
+    from twisted.internet.defer import Deferred
+    from twisted.internet.protocol import ClientFactory, Protocol
+
+    daemon = daemons(sim_rate=0, handshake_timeout=0.5, ws_ping_interval=0)
+    client = await connect(daemon.port, hello={"user": "steady"})
+    lost: Deferred[None] = Deferred()
+
+    class Slow(Protocol):
+        def connectionMade(self) -> None:
+            self.transport.write(b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n")
+
+        def connectionLost(self, reason: object) -> None:
+            lost.callback(None)
+
+    factory = ClientFactory()
+    factory.protocol = Slow
+    connector = reactor.connectTCP("127.0.0.1", daemon.port, factory)
+    timer = reactor.callLater(10, connector.disconnect)  # the deadline: then the test fails
+    await lost
+    assert timer.active(), "the server kept the half-sent handshake open for 10 s"
+    timer.cancel()
+    assert client.close_code is None
+    assert (await client.request({"op": "ping", "id": "p"}, "pong"))["op"] == "pong"
+
+
+@pytest_twisted.ensureDeferred
 async def test_idle_websocket_outlives_the_http_timeout(daemons):
     """
     The Site timeout (--handshake-timeout) bounds the HTTP request before the

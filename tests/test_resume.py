@@ -312,6 +312,39 @@ async def test_resume_on_another_daemon(redis_server, daemons, producer):
 
 
 @pytest_twisted.ensureDeferred
+async def test_each_daemon_decodes_only_the_events_another_daemon_stored(
+        redis_server, daemons, producer, monkeypatch):
+    """
+    A daemon's live tail hands on the event objects it stored itself rather
+    than decoding their stream entries again; what another daemon stored is
+    decoded. Two daemons on one Redis both receive every pub/sub message and
+    each event is stored by one of them, so of 60 events delivered on both,
+    60 entries are decoded in all (a tail read is taken once the store calls
+    sent before it answered, whichever reply Redis wrote first), and both
+    deliver the same ids and data.
+    """
+    import tickstock.history.redis as redis_history
+
+    decoded = []
+    decode = redis_history._entry_event
+    monkeypatch.setattr(redis_history, "_entry_event",
+                        lambda entry: decoded.append(entry) or decode(entry))
+    a = daemons(redis=redis_server.url)
+    b = daemons(redis=redis_server.url)
+    await ready(a)
+    await ready(b)
+    on_a, on_b = await watching(a), await watching(b)
+    producer.publish([(PATTERNS, pattern("AAPL", seq=n)) for n in range(60)])
+    await routed([a, b], 60, "60 events stored once")
+    await eventually(lambda: len(on_a.events("w")) == len(on_b.events("w")) == 60, 10,
+                     "every event delivered on both")
+    assert len(decoded) == 60
+    assert on_a.events("w") == on_b.events("w")
+    assert [e["data"]["seq"] for e in on_a.events("w")] == list(range(60))
+    assert a.service.history._stored == b.service.history._stored == {}
+
+
+@pytest_twisted.ensureDeferred
 async def test_replay_then_lagging_live_tail_deliver_each_event_once(
         redis_server, daemons, producer, monkeypatch):
     """

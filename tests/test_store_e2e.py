@@ -66,9 +66,13 @@ def stored_bars(pg: PostgresServer) -> dict[tuple[str, int], tuple[float, ...]]:
 
 
 async def settled(daemon: Any, received: int, timeout: float = 60) -> None:
-    """Wait until the daemon routed C{received} messages and wrote everything it holds."""
+    """
+    Wait until the daemon received C{received} messages, stored them (its
+    persister gets each once stored) and wrote everything it holds.
+    """
     service = daemon.service
-    await eventually(lambda: service.router.received >= received, timeout, "all received")
+    await eventually(lambda: service.router.received >= received and not service.router.in_flight,
+                     timeout, "all received and stored")
     await eventually(
         lambda: service.persister.status()["pending"] == 0
         and service.persister.status()["spool_files"] == 0

@@ -81,8 +81,9 @@ def test_event_ids_order_and_never_go_back():
     seen = [ids.next(t) for t in (1.0, 1.0, 0.5, 2.0, 2.0)]
     assert seen == ["1000-0", "1000-1", "1000-2", "2000-0", "2000-1"]
     assert sorted(seen, key=id_key) == seen
-    with pytest.raises(ValueError):
-        id_key("abc")
+    for bad in ("abc", "1-", "-1", "\u0661-2", "\u00b2-1", "1-\uff11"):
+        with pytest.raises(ValueError):
+            id_key(bad)
 
 
 def test_fan_out_frames_once_per_subscription_id():
@@ -226,6 +227,8 @@ class FakeSubscriber:
         return succeed(["subscribe", channel, 1])
 
     def execute_command(self, *args: Any, **kwargs: Any) -> Deferred[Any]:
+        if args == ("CLIENT", "ID"):
+            return succeed(5)
         assert args == ("PING",)
         d: Deferred[Any] = Deferred()
         self.pings.append(d)
@@ -238,7 +241,8 @@ class FakeSubscriber:
 def test_heartbeat_drops_a_connection_that_stops_answering():
     """
     PINGs answered in time keep the connection; one unanswered for longer
-    than the timeout aborts it (a SIGSTOPped Redis), counted.
+    than the timeout aborts it (a SIGSTOPped Redis), counted; but not while
+    messages still arrive (the PONG is queued behind a backlog).
     """
     clock = Clock()
     source = RedisPubSubSource(clock, ADDRESS, ping_interval=1.0, ping_timeout=3.0)
@@ -252,6 +256,10 @@ def test_heartbeat_drops_a_connection_that_stops_answering():
     protocol.pings[0].callback(["pong", ""])
     clock.advance(1.0)
     assert len(protocol.pings) == 2 and not protocol.aborted
+    for _ in range(6):
+        source._read(100, None)
+        clock.advance(1.0)
+    assert not protocol.aborted and len(protocol.pings) == 2 and source._client_id == 5
     for _ in range(4):
         clock.advance(1.0)
     assert protocol.aborted and source.heartbeat_timeouts == 1

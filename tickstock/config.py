@@ -85,7 +85,7 @@ def parse_redis_url(value: str) -> RedisAddress:
     except ValueError:
         raise ValueError(f"bad port in {value!r}") from None
     path = parts.path.strip("/") or "0"
-    if not path.isdigit():
+    if not (path.isascii() and path.isdigit()):
         raise ValueError(f"database must be a number, got {path!r}")
     return RedisAddress(
         host=parts.hostname,

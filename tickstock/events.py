@@ -187,6 +187,9 @@ class Event:
         user who owns the job, once known.
     @ivar wire_tail: the end of the C{event} frame from C{"id"} on, encoded
         once so that fan-out only prepends each subscription's id.
+    @ivar size: the length of the message it came from, in bytes (0 if not
+        known): what delivery budgets count, without encoding events that
+        may never be sent (most ticks are superseded first).
     """
 
     id: str
@@ -198,6 +201,7 @@ class Event:
     job_id: str | None = None
     received_at: float = 0.0
     user: str | None = None
+    size: int = 0
     _tail: bytes | None = field(default=None, repr=False)
 
     @property
@@ -275,6 +279,7 @@ def parse_event(channel_name: str, raw: bytes, event_id: str, now: float) -> Eve
         symbol=data["symbol"] if channel.keyed_by_symbol else None,
         job_id=data.get("job_id") if channel.topic == "backtests" else None,
         received_at=now,
+        size=len(raw),
     )
 
 
@@ -308,6 +313,7 @@ def stored_event(event_id: str, channel_name: str, event_type: str, raw: bytes |
         symbol=data["symbol"] if channel.keyed_by_symbol else None,
         job_id=data.get("job_id") if channel.topic == "backtests" else None,
         user=user,
+        size=len(raw),
     )
 
 
@@ -338,7 +344,8 @@ def id_key(event_id: str) -> tuple[int, int]:
     @raise ValueError: if C{event_id} is not of the form C{ms-seq}.
     """
     ms, _, seq = event_id.partition("-")
-    if not (ms.isdigit() and seq.isdigit()):
+    # isdigit() alone admits other scripts' digits ("١٢"), which Redis refuses.
+    if not (ms.isascii() and seq.isascii() and ms.isdigit() and seq.isdigit()):
         raise ValueError(f"not an event id: {event_id!r}")
     return int(ms), int(seq)
 

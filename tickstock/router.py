@@ -39,7 +39,8 @@ class Router:
 
     def __init__(self, clock: IReactorTime, history: IHistory, link: IProducerLink,
                  stored: Callable[[Event], object] | None = None,
-                 max_in_flight: int = MAX_IN_FLIGHT) -> None:
+                 max_in_flight: int = MAX_IN_FLIGHT,
+                 behind: Callable[[], bool] = lambda: False) -> None:
         """
         @param stored: called with each event this process stored (not a
             duplicate), once, with its id: on every node together, each
@@ -49,9 +50,14 @@ class Router:
             of it): a producer flood costs counted events, never unbounded
             memory. A stream source reads in bounded batches and never gets
             here; a shed entry of its would stay pending and be read again.
+        @param behind: whether the source is behind its input (pub/sub: Redis
+            holds half its output limit for it): latest-only events are shed
+            before they are parsed, which makes room for the must-deliver
+            ones before Redis drops the subscriber and all it held.
         """
         self._clock = clock
         self._max_in_flight = max_in_flight
+        self._behind = behind
         self.in_flight = 0
         self.shed: Counter[str] = Counter()
         self._on_stored = stored
@@ -75,6 +81,10 @@ class Router:
         """
         self.received += 1
         self.received_by_channel[channel] += 1
+        if sheddable and self._behind():
+            known = CHANNELS.get(channel)
+            if known is not None and known.latest_only:
+                return self._shed(channel, "the source is behind its input")
         now = self._clock.seconds()
         try:
             event = parse_event(channel, raw, "", now)
@@ -83,19 +93,18 @@ class Router:
             return succeed(None)
         if sheddable and self.in_flight >= self._max_in_flight // 2 and (
                 self.in_flight >= self._max_in_flight or CHANNELS[channel].latest_only):
-            return self._shed(channel)
+            return self._shed(channel, f"{self.in_flight} events in flight to the history")
         self.in_flight += 1
         return self._history.append(event, key).addCallbacks(
             self._stored, self._not_stored, callbackArgs=(event,))
 
-    def _shed(self, channel: str) -> Deferred[Any]:
+    def _shed(self, channel: str, why: str) -> Deferred[Any]:
         first = not self.shed
         self.shed[channel] += 1
         if first or str(sum(self.shed.values())).strip("0") == "1":  # 1st, 10th, 100th...
-            self._log.warn("overloaded: {n} events in flight to the history; shedding "
-                           "({total} shed so far, latest-only ones first)",
-                           n=self.in_flight, total=sum(self.shed.values()))
-        return fail(Overloaded(f"{self.in_flight} events in flight; {channel} shed"))
+            self._log.warn("overloaded ({why}): shedding ({total} shed so far, latest-only "
+                           "ones first)", why=why, total=sum(self.shed.values()))
+        return fail(Overloaded(f"{why}; {channel} shed"))
 
     def _stored(self, event_id: str | Refused | None, event: Event) -> str | Refused | None:
         self.in_flight -= 1

