@@ -351,6 +351,7 @@ def run(args: argparse.Namespace, procs: Procs, workdir: Path) -> dict[str, Any]
 
     symbols = symbol_list(args.symbols)
     n_sym = len(symbols)
+    watch = min(args.watch, n_sym)
     warmup_events = round(args.rate * args.warmup)
     measured_events = round(args.rate * args.duration)
     total_events = warmup_events + measured_events
@@ -427,7 +428,8 @@ def run(args: argparse.Namespace, procs: Procs, workdir: Path) -> dict[str, Any]
         loadgen = procs.start("loadgen", pinned(load_core, [
             sys.executable, str(HERE / "loadgen.py"),
             "--port", str(ws_port), "--clients", str(args.clients),
-            "--symbols", ",".join(symbols), "--warmup-events", str(warmup_events),
+            "--symbols", ",".join(symbols), "--watch", str(watch),
+            "--warmup-events", str(warmup_events),
             "--drain", str(args.drain), "--protocol",
             "socketio" if args.server == "peer" else "tickstock",
         ]), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1,
@@ -450,7 +452,8 @@ def run(args: argparse.Namespace, procs: Procs, workdir: Path) -> dict[str, Any]
 
     clients_of = {symbol: 0 for symbol in symbols}
     for k in range(args.clients):
-        clients_of[symbols[k % n_sym]] += 1
+        for j in range(watch):
+            clients_of[symbols[(k + j) % n_sym]] += 1
     warmup_deliveries = sum(clients_of[symbols[s % n_sym]] for s in range(warmup_events))
     settled = True
 
@@ -549,10 +552,12 @@ def run(args: argparse.Namespace, procs: Procs, workdir: Path) -> dict[str, Any]
         "server": args.server,
         "workers": args.workers,
         "scenario": args.scenario or (
-            f"patterns fan-out: {args.clients} clients, {n_sym} symbol(s), "
-            f"{args.rate:g} ev/s for {args.duration:g}s"),
+            f"patterns fan-out: {args.clients} clients, {n_sym} symbol(s)"
+            + (f", {watch} watched per client" if watch > 1 else "")
+            + f", {args.rate:g} ev/s for {args.duration:g}s"),
         "clients": args.clients,
         "symbols": n_sym,
+        "watch": watch,
         "rate": args.rate,
         "duration_s": args.duration,
         "warmup_s": args.warmup,
@@ -663,6 +668,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="measured publishing window in seconds (10)")
     parser.add_argument("--symbols", type=int, default=1,
                         help="symbols; clients spread evenly, events round-robin (1)")
+    parser.add_argument("--watch", type=int, default=1,
+                        help="symbols per client (a watchlist): client k watches symbols "
+                             "k .. k+W-1 (mod --symbols) in one subscription (1)")
     parser.add_argument("--warmup", type=float, default=2.0,
                         help="seconds published at the same rate before measuring (2)")
     parser.add_argument("--drain", type=float, default=3.0,

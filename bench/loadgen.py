@@ -118,16 +118,16 @@ class Stats:
 
 
 class Client:
-    """One WebSocket client subscribed to the patterns of one symbol."""
+    """One WebSocket client subscribed to the patterns of its symbols."""
 
-    __slots__ = ("loop", "stats", "index", "symbol", "sock", "fd", "state", "key", "buf",
+    __slots__ = ("loop", "stats", "index", "symbols", "sock", "fd", "state", "key", "buf",
                  "out", "fragments", "seen", "last_seq", "count", "expected")
 
-    def __init__(self, loop: "Loop", index: int, symbol: str) -> None:
+    def __init__(self, loop: "Loop", index: int, symbols: list[str]) -> None:
         self.loop = loop
         self.stats = loop.stats
         self.index = index
-        self.symbol = symbol
+        self.symbols = symbols
         self.state = CONNECTING
         self.key = base64.b64encode(os.urandom(16))
         self.buf = b""
@@ -292,7 +292,7 @@ class Client:
         if op == "welcome" and self.state == HELLO:
             self.state = SUBSCRIBING
             self.send_json({"op": "subscribe", "id": "s1", "topic": "patterns",
-                            "filter": {"symbols": [self.symbol]}})
+                            "filter": {"symbols": self.symbols}})
         elif op == "subscribed" and message.get("id") == "s1" and self.state == SUBSCRIBING:
             self.went_live()
         elif op == "error":
@@ -319,7 +319,7 @@ class Client:
         elif payload.startswith(b"40") and self.state == HELLO:  # namespace connected
             self.state = SUBSCRIBING
             self.write(client_frame(1, b"42" + orjson.dumps(
-                ["subscribe", {"id": "s1", "symbols": [self.symbol]}])))
+                ["subscribe", {"id": "s1", "symbols": self.symbols}])))
         elif payload.startswith(b'42["subscribed"') and self.state == SUBSCRIBING:
             self.went_live()
         elif payload.startswith(b"44") and self.state != LIVE:
@@ -339,7 +339,7 @@ class Client:
         except (KeyError, TypeError, ValueError):
             stats.bad_frames += 1
             return
-        if message["sub"] != "s1" or data.get("symbol") != self.symbol:
+        if message["sub"] != "s1" or data.get("symbol") not in self.symbols:
             stats.misrouted += 1
         seen = self.seen
         if seq >= len(seen):
@@ -518,8 +518,9 @@ def run(args: argparse.Namespace) -> None:
         while next_index < args.clients and (
             len(loop.all) - loop.live < args.connect_concurrency
         ):
-            symbol = loop.symbols[next_index % len(loop.symbols)]
-            loop.register(Client(loop, next_index, symbol))
+            n = len(loop.symbols)
+            loop.register(Client(loop, next_index, [
+                loop.symbols[(next_index + j) % n] for j in range(min(args.watch, n))]))
             next_index += 1
         loop.poll(0.05, view)
         if time.monotonic() > deadline:
@@ -543,7 +544,7 @@ def run(args: argparse.Namespace) -> None:
         raise Failure(f"expected END, got {command!r}")
     per_symbol = orjson.loads(command[4:])["per_symbol"]
     for client in loop.all:
-        client.expected = int(per_symbol.get(client.symbol, 0))
+        client.expected = sum(int(per_symbol.get(symbol, 0)) for symbol in client.symbols)
     expected = sum(client.expected for client in loop.all)
 
     # 3. drain: every expected delivery, or nothing new for --drain seconds
@@ -608,6 +609,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=100)
     parser.add_argument("--symbols", default="AAPL",
                         help="comma-separated; client k subscribes to symbols[k %% N]")
+    parser.add_argument("--watch", type=int, default=1,
+                        help="symbols per client: client k watches symbols[k .. k+W-1 mod N]")
     parser.add_argument("--warmup-events", type=int, default=0,
                         help="events with a sequence number below this are warm-up")
     parser.add_argument("--connect-concurrency", type=int, default=50,
