@@ -345,6 +345,46 @@ async def test_each_daemon_decodes_only_the_events_another_daemon_stored(
 
 
 @pytest_twisted.ensureDeferred
+async def test_the_events_a_daemon_keeps_for_its_tail_are_bounded(
+        redis_server, daemons, producer, monkeypatch):
+    """
+    Past STORED_KEPT (here 3) the oldest kept event goes and its entry is
+    decoded instead: the store never holds more than the bound, exactly the
+    events it let go are decoded, and every event is delivered once, in
+    order.
+    """
+    from collections import OrderedDict
+
+    import tickstock.history.redis as redis_history
+
+    class Watched(OrderedDict):
+        most = evicted = 0
+
+        def __setitem__(self, key, value):
+            super().__setitem__(key, value)
+            Watched.most = max(Watched.most, len(self))
+
+        def popitem(self, last=True):
+            Watched.evicted += 1
+            return super().popitem(last)
+
+    decoded = []
+    decode = redis_history._entry_event
+    monkeypatch.setattr(redis_history, "_entry_event",
+                        lambda entry: decoded.append(entry) or decode(entry))
+    monkeypatch.setattr(redis_history, "STORED_KEPT", 3)
+    a = daemons(redis=redis_server.url)
+    await ready(a)
+    a.service.history._stored = Watched()
+    on_a = await watching(a)
+    producer.publish([(PATTERNS, pattern("AAPL", seq=n)) for n in range(60)])
+    await eventually(lambda: len(on_a.events("w")) == 60, 10, "every event delivered")
+    assert [e["data"]["seq"] for e in on_a.events("w")] == list(range(60))
+    assert Watched.most <= 3 and len(decoded) == Watched.evicted
+    assert a.service.history._stored == {}
+
+
+@pytest_twisted.ensureDeferred
 async def test_replay_then_lagging_live_tail_deliver_each_event_once(
         redis_server, daemons, producer, monkeypatch):
     """

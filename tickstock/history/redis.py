@@ -21,7 +21,7 @@ Duplicates stop in the script, atomically with the write:
 from __future__ import annotations
 
 import hashlib
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -302,7 +302,9 @@ class RedisHistory(_Supervised):
         self.tail_gaps = 0
         self._held: list[Event] = []
         self._ready: deque[Event] = deque()
-        self._stored: dict[str, Event] = {}
+        # Ordered: dropping the oldest of a dict that many were popped from
+        # scans their leftover slots (O(n) each time it is full).
+        self._stored: OrderedDict[str, Event] = OrderedDict()
         self._stores_sent = 0
         self._stores_open: set[int] = set()
         self._unread: tuple[int, list[Any] | None] | None = None
@@ -379,7 +381,7 @@ class RedisHistory(_Supervised):
                     event.id = value
                     if event.job_id is None:  # a job's event gets its owner in Redis
                         if len(kept) >= STORED_KEPT:
-                            del kept[next(iter(kept))]
+                            kept.popitem(last=False)
                         kept[value] = event
                     d.callback(value)
                 else:
