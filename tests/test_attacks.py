@@ -22,12 +22,14 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock, LoopingCall
+from zope.interface import implementer
 
 from tests.conftest import TEST_SECRET
 from tests.test_end_to_end import pattern, publish, ready
 from tests.test_resume import PATTERNS
 from tests.wsclient import connect, eventually, http_get, http_request
 from tickstock.auth import JWTAuthenticator
+from tickstock.interfaces import IHistory, IProducerLink
 from tickstock.router import Overloaded, Router
 
 
@@ -279,36 +281,36 @@ async def test_a_producer_flood_is_shed_with_counters_and_bounded_memory(
     assert peak[0] - before < 400, (before, peak[0])
 
 
+@implementer(IHistory)
+class FakeHistory:
+    """A fake IHistory for the router's unit tests: stores at once if
+    C{answer}, else holds every append's Deferred in C{pending}."""
+
+    def __init__(self, answer: bool) -> None:
+        self.answer = answer
+        self.pending: list[Deferred[Any]] = []
+
+    def append(self, event: Any, key: object = None) -> Deferred[Any]:
+        if self.answer:
+            return succeed("1-0")
+        d: Deferred[Any] = Deferred()
+        self.pending.append(d)
+        return d
+
+    def __getattr__(self, name: str) -> Any:
+        raise AttributeError(name)
+
+
+@implementer(IProducerLink)
+class SilentLink:
+    def dead_letter(self, *args: Any) -> None:
+        pass
+
+
 def test_the_router_sheds_latest_only_events_first_and_never_its_own() -> None:
-    """With a fake history (an IHistory that never answers): the shedding rule alone."""
-    from zope.interface import implementer
-
-    from tickstock.interfaces import IHistory
-
-    @implementer(IHistory)
-    class Stalled:
-        def __init__(self) -> None:
-            self.pending: list[Deferred[Any]] = []
-
-        def append(self, event: Any, key: object = None) -> Deferred[Any]:
-            d: Deferred[Any] = Deferred()
-            self.pending.append(d)
-            return d
-
-        def __getattr__(self, name: str) -> Any:
-            raise AttributeError(name)
-
-    class Link:
-        def dead_letter(self, *args: Any) -> None:
-            pass
-
-    from tickstock.interfaces import IProducerLink
-    from zope.interface import directlyProvides
-
-    link = Link()
-    directlyProvides(link, IProducerLink)
-    history = Stalled()
-    router = Router(Clock(), history, link, max_in_flight=10)
+    """With a fake history (one that never answers): the shedding rule alone."""
+    history = FakeHistory(answer=False)
+    router = Router(Clock(), history, SilentLink(), max_in_flight=10)
     tick = orjson.dumps({"symbol": "A", "price": 1, "volume": 1, "timestamp": 1.7e9})
     alert = orjson.dumps(pattern("A"))
     results: list[Any] = []
@@ -329,31 +331,11 @@ def test_the_router_sheds_latest_only_events_first_and_never_its_own() -> None:
     assert router.in_flight == 0
 
 
-
 def test_the_router_sheds_latest_only_events_unparsed_while_the_source_is_behind() -> None:
-    """With a fake history (an IHistory that stores at once): the behind rule alone."""
-    from zope.interface import directlyProvides, implementer
-
-    from tickstock.interfaces import IHistory, IProducerLink
-
-    @implementer(IHistory)
-    class Storing:
-        def append(self, event: Any, key: object = None) -> Deferred[Any]:
-            d: Deferred[Any] = Deferred()
-            d.callback("1-0")
-            return d
-
-        def __getattr__(self, name: str) -> Any:
-            raise AttributeError(name)
-
-    class Link:
-        def dead_letter(self, *args: Any) -> None:
-            pass
-
-    link = Link()
-    directlyProvides(link, IProducerLink)
+    """With a fake history (one that stores at once): the behind rule alone."""
     behind = [False]
-    router = Router(Clock(), Storing(), link, behind=lambda: behind[0])
+    router = Router(Clock(), FakeHistory(answer=True), SilentLink(),
+                    behind=lambda: behind[0])
     tick = orjson.dumps({"symbol": "A", "price": 1, "volume": 1, "timestamp": 1.7e9})
     progress = orjson.dumps({"job_id": "j", "progress": 0.5, "status": "running",
                              "timestamp": 1.7e9})
