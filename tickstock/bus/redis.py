@@ -322,9 +322,25 @@ class _SubscriberProtocol(_Encoding, txredisapi.SubscriberProtocol):
         self.whenConnected().addCallback(self.factory.source._connected)
         return result
 
-    def dataReceived(self, data: bytes) -> Any:
-        self.factory.source._read(len(data), getattr(self.transport, "socket", None))
-        return super().dataReceived(data)
+    def dataReceived(self, data: bytes) -> None:
+        """
+        Messages go straight to the source: txredisapi's generic handling
+        of a reply (decoding, transactions, then telling a message from a
+        command's reply) costs more than the rest of receiving one. Other
+        replies take its path.
+        """
+        source = self.factory.source
+        source._read(len(data), getattr(self.transport, "socket", None))
+        reader = self._reader
+        reader.feed(data)
+        message = source._message
+        reply = reader.gets()
+        while reply is not False:
+            if type(reply) is list and len(reply) == 3 and reply[0] == b"message":
+                message(reply[1], reply[2])
+            else:
+                self.replyReceived(reply)
+            reply = reader.gets()
 
     def messageReceived(self, pattern: Any, channel: bytes, message: bytes) -> None:
         self.factory.source._message(channel, message)
