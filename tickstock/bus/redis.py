@@ -517,7 +517,7 @@ class RedisPubSubSource(_Supervised):
     def _connected(self, protocol: _SubscriberProtocol) -> None:
         self._protocol = protocol
         self._waiting_since = self._clock.seconds()
-        self._client_id = None
+        self._client_id = self._behind_bytes = None  # perhaps another Redis (a failover)
 
         def named(client_id: Any) -> None:
             if protocol is self._protocol:
