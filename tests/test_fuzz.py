@@ -1490,7 +1490,7 @@ def reference_param(route: str, name: str, text: str) -> tuple[bool, Any]:
     if name == "cursor" and route == "jobs":
         return re.fullmatch(r"[0-9a-f]{8}-([0-9a-f]{4}-){3}[0-9a-f]{12}", text) is not None, text
     if name == "cursor":
-        return re.fullmatch(r"[0-9]{1,20}-[0-9]{1,10}", text) is not None, text
+        return re.fullmatch(r"[0-9]{1,18}-[0-9]{1,18}", text) is not None, text
     raise AssertionError(name)
 
 

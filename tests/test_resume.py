@@ -312,6 +312,74 @@ async def test_resume_on_another_daemon(redis_server, daemons, producer):
 
 
 @pytest_twisted.ensureDeferred
+async def test_live_ticks_are_counted_once_across_daemons_and_resume_with_the_newest(
+        redis_server, daemons, producer):
+    """
+    Pub/sub ticks skip the history: both daemons deliver every tick they
+    receive to their own clients, and exactly one of them counts each in
+    the bars (the same bytes published twice are two ticks). Tick ids are
+    distinct from each other and from the stored events', and a client
+    resuming after the last id it saw gets the stored events it missed and
+    the newest tick of each symbol that changed since, nothing older.
+    """
+    a = daemons(redis=redis_server.url, tick_rate=1000)
+    b = daemons(redis=redis_server.url, tick_rate=1000)
+    await ready(a)
+    await ready(b)
+    subs = [{"op": "subscribe", "id": "t", "topic": "ticks"},
+            {"op": "subscribe", "id": "p", "topic": "patterns"}]
+    clients = []
+    for daemon in (a, b):
+        client = await connect(daemon.port, hello=daemon.hello("alice"))
+        for sub in subs:
+            await client.request(sub, "subscribed")
+        clients.append(client)
+
+    def tick(symbol: str, n: int) -> tuple[str, dict[str, Any]]:
+        return TICKS, {"symbol": symbol, "price": 100 + n, "volume": 1,
+                       "timestamp": 1_700_000_000.0 + n, "n": n}
+
+    messages = []
+    for n in range(100):
+        messages.append(tick("NVDA" if n % 2 else "AAPL", n))
+        if n % 10 == 0:
+            messages.append((PATTERNS, pattern("AAPL", seq=n)))
+    messages += [tick("MSFT", 0), tick("MSFT", 0)]
+    producer.publish(messages)
+    await eventually(lambda: sum(d.service.router.routed for d in (a, b)) == 112, 20,
+                     "each event stored or counted once")
+    assert sum(d.service.router.duplicates for d in (a, b)) == 112
+    assert sum(d.service.persister.ticks for d in (a, b)) == 102
+    assert redis_int(redis_server, "XLEN", HISTORY + "ticks") == 0
+
+    def newest(client: RecordingClient) -> dict[str, int]:
+        return {e["data"]["symbol"]: e["data"]["n"] for e in client.events("t")}
+
+    for client in clients:
+        await eventually(lambda: newest(client) == {"AAPL": 98, "NVDA": 99, "MSFT": 0}
+                         and len(client.events("p")) == 10, 10, "the newest ticks and patterns")
+        ids = [id_key(e["id"]) for e in client.events()]
+        assert len(set(ids)) == len(ids)
+        for symbol in ("AAPL", "NVDA", "MSFT"):  # the throttle may let one symbol pass another
+            assert ordered([e["id"] for e in client.events("t") if e["data"]["symbol"] == symbol])
+        assert ordered([e["id"] for e in client.events("p")])
+
+    first = clients[0]
+    last_id = max((e["id"] for e in first.events()), key=id_key)
+    await close(first)
+    producer.publish([tick("AAPL", 200), (PATTERNS, pattern("AAPL", seq=200))])
+    await eventually(lambda: sum(d.service.router.routed for d in (a, b)) == 114, 20, "stored")
+    again = await connect(a.port, hello={**a.hello("alice"), "resume": {"last_id": last_id}})
+    replies = [await again.request(sub, "subscribed") for sub in subs]
+    assert replies == [{"op": "subscribed", "id": "t", "recovered": True, "replayed": 1},
+                       {"op": "subscribed", "id": "p", "recovered": True, "replayed": 1}]
+    await eventually(lambda: len(again.events()) == 2, 10, "the replay")
+    assert [e["data"]["n"] for e in again.events("t")] == [200]
+    assert seqs(again, "p") == [200]
+    assert all(id_key(e["id"]) > id_key(last_id) for e in again.events())
+
+
+@pytest_twisted.ensureDeferred
 async def test_each_daemon_decodes_only_the_events_another_daemon_stored(
         redis_server, daemons, producer, monkeypatch):
     """

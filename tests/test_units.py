@@ -20,7 +20,7 @@ from tickstock.broadcast import Broadcaster, Filter, parse_filter
 from tickstock.bus.memory import MemoryBus
 from tickstock.bus.redis import RedisLink, RedisPubSubSource
 from tickstock.config import parse_redis_url
-from tickstock.events import CHANNELS, EventIds, id_key, parse_event
+from tickstock.events import CHANNELS, ID_STRIDE, EventIds, TickIds, id_key, parse_event
 from tickstock.auth import anonymous
 from tickstock.gateway import Gateway
 from tickstock.history.memory import MemoryHistory
@@ -79,11 +79,34 @@ def test_event_ids_order_and_never_go_back():
     """Ids increase even when the clock stands still or steps back."""
     ids = EventIds()
     seen = [ids.next(t) for t in (1.0, 1.0, 0.5, 2.0, 2.0)]
-    assert seen == ["1000-0", "1000-1", "1000-2", "2000-0", "2000-1"]
+    s = ID_STRIDE
+    assert seen == ["1000-0", f"1000-{s}", f"1000-{2 * s}", "2000-0", f"2000-{s}"]
     assert sorted(seen, key=id_key) == seen
     for bad in ("abc", "1-", "-1", "\u0661-2", "\u00b2-1", "1-\uff11"):
         with pytest.raises(ValueError):
             id_key(bad)
+
+
+def test_tick_ids_fall_between_the_stored_ids_around_them():
+    """
+    A live tick's id sorts after the stored event delivered before it and
+    before the next one stored, grows with time (so another daemon, or this
+    one restarted, goes on from about where it was), and never repeats.
+    """
+    stored = EventIds()
+    first = stored.next(1.0)
+    ticks = TickIds()
+    a, b = ticks.next(first, 1.25), ticks.next(first, 1.25)
+    c = TickIds().next(first, 1.5)  # another daemon, a little later
+    assert (a, b, c) == ("1000-250000", "1000-250001", "1000-500000")
+    second = stored.next(1.0)
+    assert id_key(first) < id_key(a) < id_key(b) < id_key(c) < id_key(second)
+    assert id_key(ticks.next(second, 0.5)) > id_key(second)  # the clock stepped back
+    last = ticks.next(second, 2e6)  # weeks with no stored event: the ids stop growing
+    assert id_key(last) == (1000, 2 * ID_STRIDE - 1)
+    assert id_key(last) < id_key(stored.next(1.0))
+    fresh = TickIds()  # nothing stored yet: the steps count from the first tick
+    assert [fresh.next("0-0", t) for t in (5.0, 5.0, 6.0)] == ["0-1", "0-2", "0-1000001"]
 
 
 def test_fan_out_frames_once_per_subscription_id():

@@ -317,6 +317,13 @@ def stored_event(event_id: str, channel_name: str, event_type: str, raw: bytes |
     )
 
 
+ID_STRIDE = 2**40
+"""Sequence numbers of stored events within one millisecond step by this
+much: the ids in between are the live ticks' (L{TickIds}), which are not
+stored but must still order with everything a client sees. Lua (the
+history's scripts) counts exactly to 2**53: 8192 events per millisecond."""
+
+
 class EventIds:
     """
     Ordered event ids of the form C{<milliseconds>-<sequence>}, the shape of
@@ -333,8 +340,39 @@ class EventIds:
         if ms > self._ms:
             self._ms, self._seq = ms, 0
         else:
-            self._seq += 1
+            self._seq += ID_STRIDE
         return f"{self._ms}-{self._seq}"
+
+
+class TickIds:
+    """
+    Ids for ticks delivered live without being stored: each sorts after the
+    newest stored event delivered before it (C{position}) and before any
+    stored later, so a client's last id stays a valid resume point.
+
+    Within one position, ids grow with the microseconds since the
+    position's own time (at least by one each), so a daemon restarted, or
+    another daemon, gives later ticks larger ids too. They stop growing
+    L{ID_STRIDE} microseconds (12 days) after the last stored event. Before
+    any event is stored (position C{0-0}), they count from the first tick.
+    """
+
+    def __init__(self) -> None:
+        self._position = ""
+        self._ms = self._seq = self._step = 0
+        self._origin = 0  # microseconds the steps count from
+
+    def next(self, position: str, now: float) -> str:
+        if position != self._position:
+            self._position = position
+            self._ms, self._seq = id_key(position)
+            self._step = 0
+            self._origin = self._ms * 1000 if self._ms else int(now * 1_000_000) - 1
+        step = int(now * 1_000_000) - self._origin
+        if step <= self._step:
+            step = self._step + 1
+        self._step = step = min(step, ID_STRIDE - 1)
+        return f"{self._ms}-{self._seq + step}"
 
 
 def id_key(event_id: str) -> tuple[int, int]:

@@ -33,6 +33,7 @@ from tickstock.history import Replay
 from tickstock.interfaces import IClient, IHistory, IStore
 from tickstock.jobs import JobRefused, Jobs
 from tickstock.ratelimit import RateLimit
+from tickstock.ticks import LiveTicks
 from tickstock.universes import Universes
 
 CLOSE_GOING_AWAY = 1001
@@ -77,6 +78,7 @@ class Gateway:
         jobs: Jobs | None = None,
         rate: RateLimit | None = None,
         max_per_user: int = 0,
+        ticks: LiveTicks | None = None,
     ) -> None:
         """
         @param rate: the message budget of each connection; past it the
@@ -86,6 +88,8 @@ class Gateway:
         @param jobs: takes backtest submissions and cancels; L{None}: refused.
         @param store: where a resume older than the history is caught up
             from (at most C{catchup_max} events); L{None}: nowhere.
+        @param ticks: where resumed C{ticks} subscriptions are replayed
+            from when ticks do not pass through the history.
         """
         self._clock = clock
         self._broadcaster = broadcaster
@@ -99,6 +103,7 @@ class Gateway:
         self._catchup_max = catchup_max
         self._rate = rate
         self._max_per_user = max_per_user
+        self._ticks = ticks
         self._per_user: Counter[str] = Counter()
         self.connections: dict[IClient, _State] = {}
         self.errors: Counter[str] = Counter()
@@ -285,6 +290,13 @@ class Gateway:
         # offline queue too), holding live events back until it is sent.
         sub = self._broadcaster.subscribe(conn, sub_id, topic, filter, hold=True)
         state.subscriptions[sub_id] = sub
+        if topic == "ticks" and self._ticks is not None:
+            assert after is not None
+            self._replayed(Replay(self._ticks.replay(after, filter.symbols)),
+                           conn, state, sub, after)
+            # Live ticks come from where this replay did: none can be older.
+            sub.floor = None
+            return sub
         d = self._history.replay(topic, after, conn.user)
         d.addErrback(self._replay_failed, after)
         d.addCallback(deepen, self._store, topic, after, filter.symbols, self._catchup_max)

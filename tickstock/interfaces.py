@@ -20,7 +20,8 @@ class IEventSource(Interface):
         C{key} identifies this delivery of the message for L{IHistory.append}
         (L{None} on the embedded bus). The receiver returns a Deferred that
         fires once the message is handled (stored or set aside); a source
-        that acknowledges (streams) acknowledges only then.
+        that acknowledges (streams) acknowledges only then. For a live tick
+        of a pub/sub source, which acknowledges nothing, it returns L{None}.
         """
 
     def status():  # type: ignore[no-untyped-def]
@@ -56,6 +57,11 @@ class IHistory(Interface):
     duplicates stop, what live delivery follows, and what a client that
     reconnects with C{resume} is replayed from.
     """
+
+    position = Attribute(
+        "The id of the newest event handed to the receivers of L{listen} (or, "
+        "before any, of the newest stored when live delivery began): a live "
+        "tick delivered now orders after it.")
 
     def append(event, key):  # type: ignore[no-untyped-def]
         """
@@ -99,6 +105,22 @@ class IHistory(Interface):
         """
         C{user}'s targeted event C{event_id} reached at least one of their
         connections: it leaves their offline queue. Never raises.
+        """
+
+
+class IClaims(Interface):
+    """
+    Which of the daemons that all received a pub/sub message counts it:
+    the first to claim it.
+    """
+
+    def claim(keys):  # type: ignore[no-untyped-def]
+        """
+        Claim the messages named by C{keys} (the source's keys, see
+        L{IEventSource.listen}).
+
+        @return: a Deferred firing with one value per key, true where this
+            call claimed it first.
         """
 
 

@@ -12,10 +12,12 @@ from typing import Any, Callable
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from tickstock.events import CHANNELS, Event, MalformedEvent, parse_event
 from tickstock.history import Refused
 from tickstock.interfaces import IHistory, IProducerLink
+from tickstock.ticks import LiveTicks
 
 SAMPLE_BYTES = 200
 MAX_IN_FLIGHT = 20_000
@@ -40,7 +42,8 @@ class Router:
     def __init__(self, clock: IReactorTime, history: IHistory, link: IProducerLink,
                  stored: Callable[[Event], object] | None = None,
                  max_in_flight: int = MAX_IN_FLIGHT,
-                 behind: Callable[[], bool] = lambda: False) -> None:
+                 behind: Callable[[], bool] = lambda: False,
+                 ticks: LiveTicks | None = None) -> None:
         """
         @param stored: called with each event this process stored (not a
             duplicate), once, with its id: on every node together, each
@@ -54,6 +57,9 @@ class Router:
             holds half its output limit for it): latest-only events are shed
             before they are parsed, which makes room for the must-deliver
             ones before Redis drops the subscriber and all it held.
+        @param ticks: where ticks go instead of the history (a pub/sub
+            source: see L{tickstock.ticks}); each is in flight until it is
+            known whether this process counts it.
         """
         self._clock = clock
         self._max_in_flight = max_in_flight
@@ -61,6 +67,7 @@ class Router:
         self.in_flight = 0
         self.shed: Counter[str] = Counter()
         self._on_stored = stored
+        self._ticks = ticks
         self._history = IHistory(history)
         self._link = IProducerLink(link)
         self.received = 0
@@ -72,12 +79,13 @@ class Router:
         self.malformed: Counter[str] = Counter()
 
     def receive(self, channel: str, raw: bytes, key: object = None,
-                sheddable: bool = True) -> Deferred[Any]:
+                sheddable: bool = True) -> Deferred[Any] | None:
         """
         Route one producer message. The Deferred fires once it is stored or
         set aside (with what L{IHistory.append} gave, or L{None} for a
         malformed message), and fails only if the history could not be
         written (a source that acknowledges must then not acknowledge it).
+        A live tick (see C{ticks}) returns L{None}: it is delivered already.
         """
         self.received += 1
         self.received_by_channel[channel] += 1
@@ -95,8 +103,19 @@ class Router:
                 self.in_flight >= self._max_in_flight or CHANNELS[channel].latest_only):
             return self._shed(channel, f"{self.in_flight} events in flight to the history")
         self.in_flight += 1
+        if self._ticks is not None and event.topic == "ticks":
+            self._ticks(event, key, self._tick_claimed)
+            return None
         return self._history.append(event, key).addCallbacks(
             self._stored, self._not_stored, callbackArgs=(event,))
+
+    def _tick_claimed(self, event: Event, mine: bool | Failure) -> None:
+        if mine is True:
+            self._stored(event.id, event)
+        elif mine is False:
+            self._stored(None, event)
+        else:
+            self._not_stored(mine)
 
     def _shed(self, channel: str, why: str) -> Deferred[Any]:
         first = not self.shed

@@ -174,8 +174,14 @@ class TickStock(MultiService):
         authenticate = anonymous if settings.jwt_secret is None else JWTAuthenticator(
             settings.jwt_secret, audience=settings.jwt_audience, issuer=settings.jwt_issuer
         )
+        self.live_ticks = None
+        if settings.mode != "streams":
+            from tickstock.ticks import LiveTicks
+
+            self.live_ticks = LiveTicks(reactor, self.history, self.ticks,
+                                        None if settings.redis is None else self.history)
         self.router = Router(reactor, self.history, self.link, stored=self._persist,
-                             behind=behind)
+                             behind=behind, ticks=self.live_ticks)
         # TickStock's own job events (a cancel, a timeout) are never shed.
         self.jobs = Jobs(reactor, self.store, self.history, self.link,
                          lambda channel, raw: self.router.receive(channel, raw, sheddable=False),
@@ -186,7 +192,7 @@ class TickStock(MultiService):
             settings.max_subscriptions, settings.hello_timeout,
             universes=self.universes, store=self.store, catchup_max=settings.catchup_max,
             jobs=self.jobs, rate=RateLimit(reactor, settings.client_rate, settings.client_burst),
-            max_per_user=settings.max_connections_per_user,
+            max_per_user=settings.max_connections_per_user, ticks=self.live_ticks,
         )
         self.stream.gateway = self.gateway
         self.canary = None

@@ -75,6 +75,7 @@ class MemoryHistory:
         self._delivered: dict[str, str] = {}
         self._event_ids: dict[tuple[str, str], int] = {}
         self._receivers: list[Callable[[Event], object]] = []
+        self.position = "0-0"
 
     def append(self, event: Event, key: object = None) -> Deferred[str | None]:
         producer_id = event.data.get("event_id")
@@ -92,7 +93,7 @@ class MemoryHistory:
         if seen is not None:
             self._event_ids[seen] = 1
         now = self._clock.seconds()
-        event.id = self._ids.next(now)
+        event.id = self.position = self._ids.next(now)
         self._topics[event.topic].add(event, now)
         if job is not None:
             event.user = job[0]

@@ -35,9 +35,9 @@ from zope.interface import implementer
 
 from tickstock.bus.redis import NotConnected, RedisLink, _LinkProtocol, _Supervised
 from tickstock.config import RedisAddress
-from tickstock.events import TOPICS, Event, id_key, stored_event
+from tickstock.events import ID_STRIDE, TOPICS, Event, id_key, stored_event
 from tickstock.history import BOOKMARK_EVERY, Refused, Replay, missed
-from tickstock.interfaces import IHistory
+from tickstock.interfaces import IClaims, IHistory
 from tickstock.jobs import outcome
 
 PREFIX = "tickstock:history:"
@@ -47,6 +47,7 @@ USER_PREFIX = "tickstock:user:"
 JOB_PREFIX = "tickstock:jobstate:"
 SEEN_PREFIX = "tickstock:seen:"
 EVENT_ID_PREFIX = "tickstock:eid:"
+TICK_PREFIX = "tickstock:tick:"
 SEEN_TTL = 10.0
 """Seconds a pub/sub message's key is remembered: far longer than the time
 between two daemons receiving the same message."""
@@ -95,7 +96,7 @@ local function trim(key, maxlen, minid, late)
   end
   if cut == nil then return end
   local ms, seq = string.match(cut, '^(%%d+)-(%%d+)$')
-  local dropped = redis.call('XTRIM', key, 'MINID', ms .. '-' .. (tonumber(seq) + 1))
+  local dropped = redis.call('XTRIM', key, 'MINID', ms .. '-' .. string.format('%%.0f', tonumber(seq) + 1))
   local total = redis.call('INCRBY', key .. ':dropped', dropped)
   redis.call('XADD', key .. ':drops', 'MAXLEN', '~', %(kept)d, cut, 'n', total)
 end
@@ -111,6 +112,8 @@ INGEST = _TRIM + """
 -- ARGV: maxlen, max age ms, seen ttl ms, event_id ttl ms, user maxlen,
 --       user ttl s, user prefix, then per event: channel, type, data,
 --       group | '', entry id | '', final status it gives its job | ''
+-- Sequence numbers step by STRIDE: live ticks take the ids in between.
+local STRIDE = %(stride)d
 local maxlen, max_age = tonumber(ARGV[1]), tonumber(ARGV[2])
 local user_max, user_ttl, user_prefix = tonumber(ARGV[5]), ARGV[6], ARGV[7]
 local t = redis.call('TIME')
@@ -120,7 +123,7 @@ local last = redis.call('GET', KEYS[1])
 local first = not last
 if last then
   local lms, lseq = string.match(last, '^(%d+)-(%d+)$')
-  if ms <= tonumber(lms) then ms = tonumber(lms); seq = tonumber(lseq) + 1 end
+  if ms <= tonumber(lms) then ms = tonumber(lms); seq = tonumber(lseq) + STRIDE end
 end
 local touched, users, out, stored = {}, {}, {}, false
 for i = 0, (#KEYS - 2) / 5 - 1 do
@@ -145,7 +148,7 @@ for i = 0, (#KEYS - 2) / 5 - 1 do
   end
   if done == nil then
     local id = string.format('%.0f-%.0f', ms, seq)
-    seq = seq + 1
+    seq = seq + STRIDE
     local fields = {'c', ARGV[a+1], 't', ARGV[a+2], 'd', ARGV[a+3]}
     if owner then
       fields[7] = 'u'; fields[8] = owner
@@ -183,7 +186,7 @@ if stored then
   redis.call('SET', KEYS[1], last)
 end
 return out
-"""
+""".replace("%(stride)d", str(ID_STRIDE))
 
 REPLAY = """
 -- KEYS: stream, since key, delivered pointer | ''   ARGV: after | ''
@@ -200,6 +203,15 @@ if #mark > 0 then through = tonumber(mark[1][2][2]) end
 return {after, entries, last_dropped, dropped, through, since}
 """
 
+
+CLAIM = """
+-- KEYS: tick keys   ARGV: ttl ms. Per key, 1 if this call claimed it first, else 0.
+local out = {}
+for i, key in ipairs(KEYS) do
+  out[i] = redis.call('SET', key, 1, 'NX', 'PX', ARGV[1]) and 1 or 0
+end
+return out
+"""
 
 MARKS = """
 -- KEYS: drop-mark streams   ARGV: per key, the id a tail read starts after.
@@ -265,7 +277,7 @@ class _Script:
         return self._link.execute("EVALSHA", self.sha, len(keys), *keys, *args).addErrback(reload)
 
 
-@implementer(IHistory)
+@implementer(IHistory, IClaims)
 class RedisHistory(_Supervised):
     """
     The history in Redis: writes and replays through the daemon's command
@@ -292,6 +304,7 @@ class RedisHistory(_Supervised):
         self._ingest = _Script(link, INGEST)
         self._replay = _Script(link, REPLAY)
         self._advance = _Script(link, ADVANCE)
+        self._claim = _Script(link, CLAIM)
         self._pending: list[tuple[Event, object, Deferred[str | None]]] = []
         self._flushing: IDelayedCall | None = None
         self._receivers: list[Callable[[Event], object]] = []
@@ -311,6 +324,7 @@ class RedisHistory(_Supervised):
         self._reading: IDelayedCall | None = None
         self.tail_reads = 0
         self.tail_errors = 0
+        self.position = "0-0"
 
     def _new_factory(self) -> txredisapi.RedisFactory:
         a = self._address
@@ -398,6 +412,13 @@ class RedisHistory(_Supervised):
 
     def listen(self, receiver: Callable[[Event], object]) -> None:
         self._receivers.append(receiver)
+
+    # IClaims
+
+    def claim(self, keys: list[object]) -> Deferred[list[Any]]:
+        """Live ticks: the first daemon to claim a message's key counts it."""
+        return self._claim.run([TICK_PREFIX + key for key in keys],  # type: ignore[operator]
+                               [int(SEEN_TTL * 1000)])
 
     def replay(self, topic: str, after: str | None, user: str | None) -> Deferred[Replay]:
         """
@@ -559,6 +580,7 @@ class RedisHistory(_Supervised):
     def _start_at(self, last: bytes | None) -> None:
         start = "0-0" if last is None else text(last)
         self._positions = {key: start for key in self._keys}
+        self.position = start
         waiters, self._positioned = self._positioned, []
         for waiter in waiters:
             waiter.callback(None)
@@ -632,6 +654,7 @@ class RedisHistory(_Supervised):
                 break
             event = ready.popleft()
             budget -= event.size
+            self.position = event.id
             for receiver in self._receivers:
                 try:
                     receiver(event)
