@@ -58,6 +58,31 @@ def test_tick_throttle_sends_the_newest_at_most_rate_per_second() -> None:
     assert sent[-1].id == "1-11" and len(sent) == 4
 
 
+def test_ticks_of_symbols_nobody_watches_stop_at_the_throttle() -> None:
+    """What the broadcaster's index says nobody wants is neither paced nor delivered."""
+    clock, sent = Clock(), []
+    broadcaster = Broadcaster(lambda frame: frame)
+    throttle = TickThrottle(clock, 4, sent.append, lambda symbol: broadcaster.watched("ticks", symbol))
+
+    class Client:
+        user = "u"
+
+        def send(self, frame: Any, key: Any = None) -> None:
+            pass
+
+    sub = broadcaster.subscribe(Client(), "t", "ticks", Filter(symbols=frozenset({"AAPL"})))
+    throttle(tick("AAPL", 1))
+    throttle(tick("MSFT", 2))
+    assert [e.id for e in sent] == ["1-1"]
+    broadcaster.unsubscribe(sub)
+    clock.advance(1)
+    throttle(tick("AAPL", 3))
+    assert [e.id for e in sent] == ["1-1"]
+    broadcaster.subscribe(Client(), "all", "ticks", Filter())
+    throttle(tick("MSFT", 4))
+    assert [e.id for e in sent] == ["1-1", "1-4"]
+
+
 def test_universes_resolve_and_retarget_subscriptions() -> None:
     """An update event naming a universe re-reads it and retargets its subscriptions."""
     clock = Clock()

@@ -265,6 +265,10 @@ class Broadcaster:
         self.delivered += sent
         return sent
 
+    def watched(self, topic: str, symbol: str | None) -> bool:
+        """Whether any subscription to C{topic} may want an event of C{symbol}."""
+        return bool(self._any[topic]) or symbol in self._by_symbol[topic]
+
     def clients_of(self, topic: str) -> set[IClient]:
         """Every client with a subscription to C{topic}."""
         subs: set[Subscription] = set(self._any[topic])

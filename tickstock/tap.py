@@ -13,6 +13,7 @@ import signal
 import socket
 import sys
 import tempfile
+from functools import partial
 from typing import Any, Callable
 
 from twisted.application import strports
@@ -169,7 +170,8 @@ class TickStock(MultiService):
             max_per_ip=settings.max_connections_per_ip,
         )
         self.broadcaster = Broadcaster(self.stream.prepareMessage)
-        self.ticks = TickThrottle(reactor, settings.tick_rate, self.broadcaster.deliver)
+        self.ticks = TickThrottle(reactor, settings.tick_rate, self.broadcaster.deliver,
+                                  partial(self.broadcaster.watched, "ticks"))
         self.universes = Universes(self.store, self.broadcaster)
         authenticate = anonymous if settings.jwt_secret is None else JWTAuthenticator(
             settings.jwt_secret, audience=settings.jwt_audience, issuer=settings.jwt_issuer

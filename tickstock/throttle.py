@@ -21,16 +21,24 @@ class TickThrottle:
     """
 
     def __init__(self, clock: IReactorTime, rate: float,
-                 deliver: Callable[[Event], object]) -> None:
+                 deliver: Callable[[Event], object],
+                 watched: Callable[[str | None], bool] = lambda symbol: True) -> None:
+        """
+        @param watched: whether any subscription may want a symbol's ticks:
+            those of symbols nobody watches (most, usually) cost nothing more.
+        """
         self._clock = clock
         self._interval = 1.0 / rate
         self._deliver = deliver
+        self._watched = watched
         self._next: dict[str | None, float] = {}
         self._waiting: dict[str | None, Event] = {}
         self.conflated = 0
 
     def __call__(self, event: Event) -> None:
         symbol = event.symbol
+        if not self._watched(symbol):
+            return
         if symbol in self._waiting:
             self.conflated += 1
             self._waiting[symbol] = event
