@@ -109,6 +109,61 @@ def test_tick_ids_fall_between_the_stored_ids_around_them():
     assert [fresh.next("0-0", t) for t in (5.0, 5.0, 6.0)] == ["0-1", "0-2", "0-1000001"]
 
 
+class _RecordingLink:
+    """A fake command link (the transport side): records script calls and answers them when told."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[tuple[Any, ...], Deferred[Any]]] = []
+
+    def preload(self, source: str) -> None:
+        pass
+
+    def execute(self, *command: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.calls.append((command, d))
+        return d
+
+    def stored(self, call: int) -> int:
+        """How many events the script call C{call} carried (5 keys each after 2)."""
+        command = self.calls[call][0]
+        return (command[2] - 2) // 5
+
+
+def test_stores_go_out_at_once_after_a_quiet_spell_and_once_per_window_under_load():
+    """
+    The first event after a quiet window is stored in the same turn; those
+    arriving within the window after a call share the next one, sent when
+    the window ends; the tail's read follows the stores, so delivery waits
+    at most the window. With no window every turn has its own call.
+    """
+    clock, link = Clock(), _RecordingLink()
+    history = RedisHistory(clock, ADDRESS, link, 10, 60, 10, store_window=0.002)  # type: ignore[arg-type]
+    first = history.append(event())
+    clock.advance(0)
+    assert [link.stored(i) for i in range(len(link.calls))] == [1]
+    clock.advance(0.0005)
+    history.append(event())
+    clock.advance(0)
+    history.append(event())
+    clock.advance(0.001)
+    assert len(link.calls) == 1, "within the window the events wait"
+    clock.advance(0.0005)
+    assert [link.stored(i) for i in range(len(link.calls))] == [1, 2]
+    clock.advance(0.05)
+    history.append(event())
+    clock.advance(0)
+    assert [link.stored(i) for i in range(len(link.calls))] == [1, 2, 1], "quiet again: at once"
+    link.calls[0][1].callback([1, "5-0"])
+    assert first.result == "5-0"
+
+    clock, link = Clock(), _RecordingLink()
+    history = RedisHistory(clock, ADDRESS, link, 10, 60, 10)  # type: ignore[arg-type]
+    for _ in range(3):
+        history.append(event())
+        clock.advance(0)
+    assert [link.stored(i) for i in range(len(link.calls))] == [1, 1, 1]
+
+
 def test_fan_out_frames_once_per_subscription_id():
     """
     Twenty clients with sub id "s1" and five with "x" cost two framings,

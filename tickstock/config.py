@@ -302,6 +302,9 @@ OPTIONS: tuple[Option, ...] = (
            "Seconds an event is kept for resume (also the producer event_id dedupe window)."),
     Option("history_user_max", _number(1, 1_000_000, int), 1000,
            "Targeted events (own backtests) kept per user until delivered or expired."),
+    Option("store_window", _number(0, 1), 0.002,
+           "Seconds an event may wait to be stored in Redis with the ones after it: under load, "
+           "one script call per window (0: one per reactor turn)."),
     Option("workers", _number(1, 256, int), 1,
            "Processes serving the one port (needs --redis and a tcp: --listen)."),
     Option("node_id", _str, None,
@@ -390,6 +393,7 @@ class Settings:
     history_max: int
     history_max_age: float
     history_user_max: int
+    store_window: float
     workers: int
     node_id: str | None
     postgres_timeout: float

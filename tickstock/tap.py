@@ -151,6 +151,7 @@ class TickStock(MultiService):
             self.history = RedisHistory(
                 reactor, settings.redis, self.link, settings.history_max,
                 settings.history_max_age, settings.history_user_max,
+                store_window=settings.store_window,
             )
             self.link.setServiceParent(self)
             self.history.setServiceParent(self)

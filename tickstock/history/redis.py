@@ -293,8 +293,11 @@ class RedisHistory(_Supervised):
     def __init__(
         self, reactor: IReactorCore, address: RedisAddress, link: RedisLink,
         max_events: int, max_age: float, user_max: int, read_timeout: float = 5.0,
+        store_window: float = 0.0,
     ) -> None:
         super().__init__(reactor, address, self._new_factory)
+        self._store_window = store_window
+        self._flushed_at = float("-inf")
         self._execute = link.execute
         self._max_events = max_events
         self._max_age_ms = int(max_age * 1000)
@@ -340,22 +343,26 @@ class RedisHistory(_Supervised):
 
     def append(self, event: Event, key: object = None) -> Deferred[str | None]:
         """
-        Events appended in one reactor turn are stored by one script call
-        (at most L{INGEST_BATCH} per call), in the order they were appended:
-        a round-trip per event would cost more than everything else an event
-        needs.
+        Events are stored by one script call per C{store_window} (at most
+        L{INGEST_BATCH} events per call), in the order they were appended: a
+        round-trip per event would cost more than everything else an event
+        needs. The first event after a quiet window goes out in the same
+        reactor turn; under load, those after it wait at most the window,
+        and so do the tail reads their call wakes.
         """
         d: Deferred[str | None] = Deferred()
         self._pending.append((event, key, d))
         if self._flushing is None:
-            self._flushing = self._reactor.callLater(0, self._flush)
+            wait = self._flushed_at + self._store_window - self._reactor.seconds()
+            self._flushing = self._reactor.callLater(max(wait, 0), self._flush)
         return d
 
     def _flush(self) -> None:
-        # Everything appended this turn goes out now, in calls of at most
-        # INGEST_BATCH: leaving some for the next turn lets a fast producer
-        # outgrow the queue, since each turn also reads more messages.
+        # Everything appended so far goes out now, in calls of at most
+        # INGEST_BATCH: leaving some for later lets a fast producer outgrow
+        # the queue, since each turn also reads more messages.
         self._flushing = None
+        self._flushed_at = self._reactor.seconds()
         pending, self._pending = self._pending, []
         for start in range(0, len(pending), INGEST_BATCH):
             self._store(pending[start:start + INGEST_BATCH])
