@@ -831,6 +831,28 @@ def test_memory_history_drops_by_age_and_resume_reports_it():
     assert again is not None and id_key(again) > id_key(fourth.id)
 
 
+def test_occurrences_remember_a_flood_for_the_window_only():
+    """
+    A flood of distinct messages is remembered for the window (to within
+    one time mark), no longer: what it holds stays bounded by the rate
+    times the window, and old names restart while recent ones count on.
+    """
+    clock = Clock()
+    occurrences = Occurrences(clock, 1.0)
+    for i in range(3000):  # 3 s at 1,000 messages/s, every 10th sent twice
+        clock.advance(0.001)
+        occurrences.key(b"ch", b"%d" % i)
+        if i % 10 == 0:
+            assert occurrences.key(b"ch", b"%d" % i).endswith(":2")
+    # The last second, and at most one 10 ms mark more: messages, sightings.
+    assert 1000 <= len(occurrences._last) <= 1010, len(occurrences._last)
+    assert 1100 <= len(occurrences._digests) <= 1111, len(occurrences._digests)
+    assert 100 <= len(occurrences._counts) <= 101
+    assert occurrences.key(b"ch", b"2990").endswith(":3")
+    assert occurrences.key(b"ch", b"1500").endswith(":1")
+    assert occurrences.key(b"ch", b"0").endswith(":1")
+
+
 def test_occurrences_name_repeated_bytes_and_forget_after_window():
     """
     Occurrences names a pub/sub message by its channel and bytes and how

@@ -291,26 +291,62 @@ class Occurrences:
     gets the same name on each, while a producer that really sends the same
     bytes twice gets two names. A count restarts only once those bytes went
     unseen for C{window} seconds (longer than the history remembers names).
+
+    Every message of the last C{window} seconds is remembered (a flood of
+    ticks: millions), so each costs one 20-byte digest, one serial number
+    and two slots: sightings are numbered, and their times are kept per
+    L{MARK_STEP}, not per message.
     """
+
+    MARK_STEP = 0.01
 
     def __init__(self, clock: IReactorTime, window: float) -> None:
         self._clock = clock
         self._window = window
-        self._seen: dict[str, tuple[int, float]] = {}
-        self._order: deque[tuple[float, str]] = deque()
+        self._last: dict[bytes, int] = {}  # digest -> serial of its newest sighting
+        self._counts: dict[bytes, int] = {}  # digests seen more than once -> how often
+        self._digests: deque[bytes] = deque()  # every sighting, oldest first
+        self._first = 0  # serial of _digests[0]
+        # [serial of the first sighting from then on, time of the newest]
+        self._marks: deque[list[Any]] = deque()
+        self._marked = float("-inf")
 
     def key(self, channel: bytes, message: bytes) -> str:
         now = self._clock.seconds()
-        order, seen = self._order, self._seen
-        while order and order[0][0] < now - self._window:
-            at, old = order.popleft()
-            if seen[old][1] <= at:
-                del seen[old]
-        digest = hashlib.sha1(channel + b"\0" + message, usedforsecurity=False).hexdigest()
-        n = seen[digest][0] + 1 if digest in seen else 1
-        seen[digest] = (n, now)
-        order.append((now, digest))
-        return f"{digest}:{n}"
+        marks = self._marks
+        serial = self._first + len(self._digests)
+        if now - self._marked >= self.MARK_STEP:
+            self._marked = now
+            marks.append([serial, now])
+            if marks[0][1] < now - self._window:
+                self._forget(now - self._window)
+        else:
+            marks[-1][1] = now
+        digest = hashlib.sha1(channel + b"\0" + message, usedforsecurity=False).digest()
+        last = self._last
+        if digest in last:
+            n = self._counts.get(digest, 1) + 1
+            self._counts[digest] = n
+        else:
+            n = 1
+        last[digest] = serial
+        self._digests.append(digest)
+        return f"{digest.hex()}:{n}"
+
+    def _forget(self, before: float) -> None:
+        """Forget the sightings of every mark whose newest is older than C{before}."""
+        marks, digests, last, counts = self._marks, self._digests, self._last, self._counts
+        serial = self._first
+        while marks[0][1] < before:
+            marks.popleft()
+            end = marks[0][0]  # a newer mark always follows: key() just added one
+            while serial < end:
+                digest = digests.popleft()
+                if last[digest] == serial:
+                    del last[digest]
+                    counts.pop(digest, None)
+                serial += 1
+        self._first = serial
 
 
 class _SubscriberProtocol(_Encoding, txredisapi.SubscriberProtocol):
