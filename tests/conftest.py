@@ -67,7 +67,9 @@ def postgres_server() -> Iterator[PostgresServer]:
         server.stop()
 
 
-TEST_SECRET = b"test-secret-of-at-least-32-bytes-for-hs256"
+# 64 bytes or more: tests sign HS512 tokens with it too (refused for their
+# algorithm), and PyJWT warns about a shorter HS512 key.
+TEST_SECRET = b"test-secret-of-at-least-32-bytes-for-hs256-and-64-for-hs512-tokens"
 
 
 @pytest.fixture(scope="session")

@@ -232,13 +232,14 @@ class PostgresServer:
         return " ".join(f"{key}={value}" for key, value in params.items())
 
     def start(self) -> None:
-        self.process = subprocess.Popen(
-            [*self._as, _postgres_bin("postgres"), "-D", self.data, "-p", str(self.port),
-             "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.dir}",
-             "-c", "fsync=off", "-c", "synchronous_commit=off",
-             "-c", "full_page_writes=off", "-c", "max_connections=200"],
-            stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.dir, "log"), "ab"),
-        )
+        with open(os.path.join(self.dir, "log"), "ab") as log:
+            self.process = subprocess.Popen(
+                [*self._as, _postgres_bin("postgres"), "-D", self.data, "-p", str(self.port),
+                 "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.dir}",
+                 "-c", "fsync=off", "-c", "synchronous_commit=off",
+                 "-c", "full_page_writes=off", "-c", "max_connections=200"],
+                stdout=subprocess.DEVNULL, stderr=log,
+            )
         poll(self.answers, 30, f"postgres on port {self.port}")
         # runuser forks: the server's own pid is in postmaster.pid.
         with open(os.path.join(self.data, "postmaster.pid")) as handle:

@@ -2,8 +2,8 @@
 The dashboard and tickstock.js in a real headless Chromium (Debian's
 C{chromium}, driven by Playwright), against a real daemon (C{twistd
 tickstock} in its own process, streams mode), the test's own Redis and
-C{tickstock-sim}. A screenshot of the dashboard is saved to
-C{test-artifacts/} (or C{$TICKSTOCK_ARTIFACTS}).
+C{tickstock-sim}. Screenshots of the dashboard, one per width tried, are
+saved to C{test-artifacts/} (or C{$TICKSTOCK_ARTIFACTS}).
 
 scripts/test installs Chromium and sets C{TICKSTOCK_BROWSER_REQUIRED}, so
 there a missing browser fails the run; elsewhere these tests are skipped.
@@ -93,12 +93,18 @@ class Stack:
     def token(self, user: str) -> str:
         return self._auth.mint(user, time.time(), 3600)
 
-    def alert(self, symbol: str, pattern: str, confidence: float = 0.9) -> None:
+    def alert(self, symbol: str, pattern: str, confidence: float = 0.9, price: float = 123.456) -> None:
         """XADD one pattern event as the producer would."""
         self.redis.command("XADD", "tickstock.events.patterns", "*", "data", json.dumps({
             "event_type": "pattern_detected", "symbol": symbol, "pattern": pattern,
-            "confidence": confidence, "price": 123.456, "timestamp": time.time(),
+            "confidence": confidence, "price": price, "timestamp": time.time(),
             "event_id": f"browser-{uuid.uuid4()}"}))
+
+    def tick(self, symbol: str, price: float) -> None:
+        """XADD one tick as the producer would."""
+        self.redis.command("XADD", "tickstock.data.ticks", "*", "data", json.dumps({
+            "event_type": "tick", "symbol": symbol, "price": price, "volume": 100,
+            "timestamp": time.time()}))
 
 
 @pytest.fixture(scope="module")
@@ -336,16 +342,73 @@ def test_the_page_frame_does_not_move_while_alerts_stream_in(stack: Stack, page:
     assert page.errors == []
 
 
-def test_a_phone_width_window_has_no_sideways_scroll(stack: Stack, browser: Any) -> None:
-    """At 390 px wide every part is stacked: the page is no wider than the window."""
-    phone = Page(browser, 390, 844)
-    try:
-        phone.sign_in(stack, "erin")
-        phone.page.wait_for_selector("#alerts tr")
-        assert phone.page.evaluate("() => document.documentElement.scrollWidth") <= 390
-        assert phone.errors == []
-    finally:
-        phone.close()
+# What must show in full at every width: numbers, symbols, pattern names.
+UNCUT = ["#alerts td", ".alerts th", "#prices .sym", "#prices .price", ".chart-card h2", "#server .health",
+         "#health .health", "#jobs .job-title", "#jobs .job-status", "#jobs .results dt", "#jobs .results dd"]
+# What must not be broken across lines: an alert's every cell, a job's dates.
+ONE_LINE = ["#alerts td", "#jobs .job-title .dates"]
+# Each UNCUT element has a box (an inline one has clientWidth 0: the check
+# could not fail) that holds its content and lies inside its card and the
+# window; each ONE_LINE element's text is one line.
+CUT_OFF = """([uncut, oneLine, width]) => {
+    const lines = (e) => {
+        const range = document.createRange();
+        range.selectNodeContents(e);
+        return new Set([...range.getClientRects()].map(r => Math.round(r.top))).size;
+    };
+    const outside = (e) => {
+        const box = e.getBoundingClientRect(), card = e.closest(".card")?.getBoundingClientRect();
+        return box.left < Math.max(0, card?.left ?? 0) || box.right > Math.min(width, card?.right ?? width);
+    };
+    return [...uncut.map(s => [s, e => e.clientWidth === 0 || e.scrollWidth > e.clientWidth || outside(e)]),
+            ...oneLine.map(s => [s, e => lines(e) !== 1])].flatMap(([s, bad]) => {
+        const all = [...document.querySelectorAll(s)];
+        if (!all.length) return [[s, "nothing matched"]];
+        return all.filter(bad).map(e => [s, e.textContent, e.scrollWidth, e.clientWidth, lines(e)]);
+    });
+}"""
+
+
+def test_nothing_is_cut_off_from_phone_to_desktop_width(stack: Stack, page: Page) -> None:
+    """
+    With the widest values a user meets on the page (confidences of 100 %,
+    the simulator's longest pattern name, six-digit prices, a ten-character
+    symbol), a finished backtest and producer health: at 360, 390, 768 and
+    1280 px no number, symbol or pattern name is shortened, broken across
+    lines or pushed out of its card or the window, and the page does not
+    scroll sideways. A screenshot per width goes to the artifacts.
+    """
+    page.sign_in(stack, "ivan", watch=("BRK.A", "ABCDEFGHIJ", "AAPL"))  # the simulator trades AAPL
+    p = page.page
+    p.click("#bt-run")
+    for symbol, price in (("BRK.A", 712345.678), ("ABCDEFGHIJ", 98765.4321)):
+        stack.tick(symbol, price)
+        stack.alert(symbol, "HeadAndShoulders", 1.0, price)
+    stack.alert("ABCDEFGHIJ", "Doji", 0.999, 0.01)
+    p.wait_for_function(
+        "() => [...document.querySelectorAll('#alerts td.sym')].filter(td => td.textContent !== 'AAPL').length === 3")
+    p.wait_for_function("() => [...document.querySelectorAll('#prices .price')].every(e => e.textContent !== '—')")
+    p.click("#prices .tile:has-text('BRK.A')")
+    p.wait_for_selector("#jobs .job[data-status=done]")
+    p.wait_for_selector("#server .health")
+    p.wait_for_selector("#health .health")
+    assert p.eval_on_selector_all("#alerts td.num", "tds => tds.map(td => td.textContent)").count("100%") >= 3
+    assert p.text_content("#chart-last") == "712345.68"
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    cut: dict[int, list[Any]] = {}
+    for width in (360, 390, 768, 1280):
+        p.set_viewport_size({"width": width, "height": 900})
+        p.evaluate("() => new Promise(requestAnimationFrame)")
+        p.screenshot(path=str(ARTIFACTS / f"dashboard-{width}.png"), full_page=True)
+        found = p.evaluate(CUT_OFF, [UNCUT, ONE_LINE, width])
+        page_width = p.evaluate("() => document.documentElement.scrollWidth")
+        if page_width > width:
+            found.append(["the page", page_width])
+        if found:
+            cut[width] = found
+    assert cut == {}, "\n".join(f"{width} px: {found}" for width, found in cut.items())
+    assert page.errors == []
 
 
 def test_the_client_library_on_its_own(stack: Stack, page: Page) -> None:

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tickstock.config import OPTIONS, ConfigError, load_settings, normalize_origin, parse_redis_url
+from tickstock.config import (
+    OPTIONS, ConfigError, check_settings, describe, load_settings, normalize_origin, parse_redis_url,
+)
 
 
 def test_defaults_are_the_embedded_demo():
@@ -168,3 +170,112 @@ def test_the_repr_of_settings_holds_no_password():
                               "postgres_readonly": "host=replica password=pg-pw-3"}, {})
     shown = repr(settings) + str(settings.redis)
     assert not any(secret in shown for secret in ("redis-pw-1", "pg-pw-2", "pg-pw-3"))
+
+
+def test_every_problem_is_reported_once_at_its_cause(tmp_path):
+    """
+    Every wrong value is reported, in one go; a rule between options is not
+    also reported when an option it reads was wrong (that is the cause).
+    """
+    config = tmp_path / "t.toml"
+    config.write_text('colour = "blue"\nshape = 1\nsim_symbols = "many"\n')
+    with pytest.raises(ConfigError) as raised:
+        load_settings({"redis": "mysql://db", "mode": "streams", "workers": "2",
+                       "jwt_secret_file": str(tmp_path / "missing")},
+                      {"TICKSTOCK_SIM_RATE": "fast"}, str(config))
+    assert raised.value.problems == (
+        f"--config: unknown option 'colour' in {config}",
+        f"--config: unknown option 'shape' in {config}",
+        "--redis: expected redis://[:password@]host[:port][/db], got 'mysql://db'",
+        f"--jwt-secret-file: no such file: {tmp_path / 'missing'}",
+        "TICKSTOCK_SIM_RATE: expected a number, got 'fast'",
+        "--sim-symbols: expected a number, got 'many'",
+    )
+    assert str(raised.value) == raised.value.problems[0]
+
+
+def test_rules_between_right_values_are_all_reported():
+    """With every value right on its own, each broken rule between them is one line."""
+    problems = check_settings({"redis_sentinel": "h:1", "mode": "streams", "workers": "2",
+                               "postgres_readonly": "dbname=x"}, {}).problems
+    assert problems == (
+        "--redis-sentinel: give --redis-master too (the monitored master's name)",
+        "--postgres-readonly: give --postgres too (the writer)",
+    )
+    assert check_settings({"redis": "redis://h", "workers": "2", "listen": "unix:/s"}, {}
+                          ).problems == (
+        "--jwt-secret-file: clients must authenticate when not --demo; give a secret file "
+        "(or TICKSTOCK_JWT_SECRET)",
+        "--workers: needs a tcp: --listen endpoint",
+    )
+
+
+def test_a_dsn_that_does_not_parse_is_refused_without_showing_it():
+    """A PostgreSQL DSN is checked at start-up; the message does not echo it (a password)."""
+    with pytest.raises(ConfigError) as raised:
+        load_settings({"postgres": "host=db password=pg pw-9"}, {})
+    assert str(raised.value) == (
+        "--postgres: not a PostgreSQL DSN (key=value pairs or a postgresql:// URL)")
+    assert "pw-9" not in str(raised.value)
+
+
+def test_described_settings_mask_every_secret_and_say_where_values_came_from(tmp_path):
+    """
+    What --check-config prints: each option, its value and its source; the
+    JWT secret and the passwords in the Redis URL and both DSNs masked.
+    """
+    config = tmp_path / "t.toml"
+    config.write_text('sim_rate = 5\npostgres = "postgresql://writer:pg-pw-2@db/ts"\n')
+    secret = tmp_path / "jwt"
+    secret.write_bytes(b"s" * 40 + b"\n")
+    checked = check_settings(
+        {"redis": "redis://alice:redis-pw-1@h:6380/2", "jwt_secret_file": str(secret),
+         "postgres_readonly": "host=replica user=ui password=pg-pw-3"},
+        {"TICKSTOCK_TICK_RATE": "4"}, str(config))
+    assert checked.problems == ()
+    lines = describe(checked)
+    text = "\n".join(lines)
+    for hidden in ("redis-pw-1", "pg-pw-2", "pg-pw-3", "s" * 32):
+        assert hidden not in text
+    shown = {line.split()[0]: line.split(None, 1)[1] for line in lines}
+    assert shown["--redis"] == "redis://alice:***@h:6380/2  (--redis)"
+    assert shown["--postgres"].endswith(f"  ({config})")
+    assert "password=***" in shown["--postgres"] and "user=writer" in shown["--postgres"]
+    assert "password=***" in shown["--postgres-readonly"]
+    assert shown["--sim-rate"] == f"5.0  ({config})"
+    assert shown["--tick-rate"] == "4.0  (TICKSTOCK_TICK_RATE)"
+    assert shown["--listen"] == "tcp:8080:interface=127.0.0.1  (default)"
+    assert lines[-1].split(None, 2)[2] == "*** (40 bytes)  (--jwt-secret-file)"
+    assert len(lines) == len(OPTIONS) + 1
+
+
+def test_options_take_a_flag_as_twistd_gives_it():
+    """twistd hands a flag over as the integer 1: --demo must mean demo (not an error)."""
+    from tickstock.tap import Options
+
+    options = Options()
+    options.parseOptions(["--demo", "--redis", "redis://h", "--listen", "tcp:0"])
+    assert options.settings.demo is True and options.settings.jwt_secret is None
+
+
+def test_check_config_prints_the_settings_or_every_problem(capsys, tmp_path):
+    """--check-config: the masked settings and exit 0; or every problem and exit 2."""
+    from tickstock.tap import Options
+
+    with pytest.raises(SystemExit) as exited:
+        Options().parseOptions(["--check-config", "--demo", "--redis", "redis://:pw-1@h/0"])
+    assert exited.value.code == 0
+    out, err = capsys.readouterr()
+    assert err == "" and "pw-1" not in out
+    assert out.splitlines()[0] == "tickstock: the configuration is valid; the effective settings:"
+    assert "  --redis                     redis://:***@h:6379/0  (--redis)" in out.splitlines()
+    with pytest.raises(SystemExit) as exited:
+        Options().parseOptions(["--check-config", "--mode", "kafka", "--listen",
+                                f"ssl:0:privateKey={tmp_path / 'key.pem'}"])
+    assert exited.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.splitlines() == [
+        "tickstock: --mode: expected one of pubsub, streams; got 'kafka'",
+        f"tickstock: --listen: cannot read {tmp_path / 'key.pem'}: No such file or directory",
+    ]

@@ -10,7 +10,7 @@ import orjson
 import pytest
 import pytest_twisted
 
-from tests.wsclient import connect, eventually, http_get
+from tests.wsclient import connect, eventually, http_get, read_body
 
 
 @pytest.fixture
@@ -141,8 +141,8 @@ async def test_cross_origin_handshake_is_refused(daemons):
     daemon = daemons(sim_rate=0)
     with pytest.raises(ConnectionError, match="403"):
         await connect(daemon.port, origin="http://evil.example:80")
-    with pytest.raises(ConnectionError, match="origin 'null' not allowed"):
-        await connect(daemon.port, origin="null")  # refused by Autobahn itself (400)
+    with pytest.raises(ConnectionError, match="403"):
+        await connect(daemon.port, origin="null")
     same = await connect(daemon.port, origin=f"http://127.0.0.1:{daemon.port}", hello={"user": "x"})
     assert same.of("welcome")
 
@@ -161,7 +161,7 @@ async def test_allowlisted_origin(daemons):
 async def test_security_headers_on_every_response(daemons):
     """The page, probes and 404s all carry a CSP without unsafe-inline and nosniff."""
     from twisted.internet import reactor
-    from twisted.web.client import Agent, readBody
+    from twisted.web.client import Agent
 
     daemon = daemons(sim_rate=0)
     for path in ("/", "/app.js", "/health", "/no-such-file"):
@@ -170,7 +170,7 @@ async def test_security_headers_on_every_response(daemons):
         assert b"script-src 'self'" in csp and b"unsafe-inline" not in csp
         assert b"frame-ancestors 'none'" in csp
         assert response.headers.getRawHeaders(b"x-content-type-options") == [b"nosniff"]
-        await readBody(response)
+        await read_body(response)
 
 
 @pytest_twisted.ensureDeferred
@@ -249,7 +249,7 @@ async def test_a_client_that_stops_answering_pings_is_removed(daemons):
 
 async def _api(port: int, method: bytes, origin: bytes, preflight: bool = False) -> tuple[int, object]:
     from twisted.internet import reactor
-    from twisted.web.client import Agent, readBody
+    from twisted.web.client import Agent
     from twisted.web.http_headers import Headers
 
     headers = Headers({b"origin": [origin]})
@@ -258,7 +258,7 @@ async def _api(port: int, method: bytes, origin: bytes, preflight: bool = False)
         headers.addRawHeader(b"access-control-request-headers", b"authorization")
     response = await Agent(reactor).request(
         method, f"http://127.0.0.1:{port}/api/symbols".encode(), headers)
-    await readBody(response)
+    await read_body(response)
     return response.code, response.headers
 
 

@@ -134,8 +134,9 @@ async def test_streams_nothing_lost_when_redis_and_the_daemon_are_killed(secret_
         daemon.kill()
         daemon.start()
         await eventually(lambda: len(client.events()) >= total, 60, "every event")
-        assert producer.wait(30) == 0
-        report = json.loads(producer.stdout.read())
+        output, _ = producer.communicate(timeout=30)
+        assert producer.returncode == 0
+        report = json.loads(output)
         await deferLater(reactor, 0.5, lambda: None)  # nothing extra may follow
 
         events = client.events()

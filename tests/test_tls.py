@@ -27,12 +27,12 @@ from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, readBody
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
 
 from tests.servers import free_port
 from tests.test_end_to_end import pattern, publish, ready
 from tests.test_resume import PATTERNS
-from tests.wsclient import RecordingClient, eventually
+from tests.wsclient import RecordingClient, eventually, read_body
 from tickstock.web.site import SECURITY_HEADERS
 
 HOST = "127.0.0.1"
@@ -83,7 +83,7 @@ async def https_get(port: int, path: str, cert_path: Path) -> tuple[int, Any, by
     """GET over HTTPS, verifying the server against the test certificate."""
     agent = Agent(reactor, contextFactory=BrowserLikePolicyForHTTPS(trustRoot=trust(cert_path)))
     response = await agent.request(b"GET", f"https://{HOST}:{port}{path}".encode())
-    return response.code, response.headers, await readBody(response)
+    return response.code, response.headers, await read_body(response)
 
 
 async def connect_wss(port: int, cert_path: Path, hello: dict[str, Any],

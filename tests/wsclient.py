@@ -12,7 +12,11 @@ from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientPr
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import deferLater
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.iweb import IResponse
 
 
 async def eventually(predicate: Callable[[], bool], timeout: float = 5.0, what: str = "") -> None:
@@ -22,6 +26,34 @@ async def eventually(predicate: Callable[[], bool], timeout: float = 5.0, what: 
         if reactor.seconds() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
         await deferLater(reactor, 0.01, lambda: None)
+
+
+class _Body(Protocol):
+    """Collects a response body for L{read_body}."""
+
+    def __init__(self, done: Deferred[bytes]) -> None:
+        self.done = done
+        self.parts: list[bytes] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.parts.append(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if reason.check(ResponseDone):
+            self.done.callback(b"".join(self.parts))
+        else:
+            self.done.errback(reason)
+
+
+def read_body(response: IResponse) -> Deferred[bytes]:
+    """
+    The whole body of an Agent response, or the failure that cut it short.
+    Twisted's readBody does the same but warns (DeprecationWarning) on every
+    Agent response, whose body transport has no abortConnection.
+    """
+    done: Deferred[bytes] = Deferred()
+    response.deliverBody(_Body(done))
+    return done
 
 
 class RecordingClient(WebSocketClientProtocol):
@@ -90,13 +122,13 @@ async def connect(port: int, origin: str | None = None, hello: dict[str, Any] | 
 
 async def http_get(port: int, path: str, headers: dict[bytes, list[bytes]] | None = None) -> tuple[int, Any]:
     """GET from the daemon in this reactor; (status, parsed JSON or raw body)."""
-    from twisted.web.client import Agent, readBody
+    from twisted.web.client import Agent
     from twisted.web.http_headers import Headers
 
     response = await Agent(reactor).request(
         b"GET", f"http://127.0.0.1:{port}{path}".encode(), Headers(headers or {})
     )
-    body = await readBody(response)
+    body = await read_body(response)
     try:
         return response.code, orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -110,7 +142,7 @@ async def http_request(port: int, method: bytes, path: str, token: str | None = 
     Any request to the daemon in this reactor, with a bearer token and a
     JSON (or raw bytes) body; (status, parsed JSON or raw body, headers).
     """
-    from twisted.web.client import Agent, FileBodyProducer, readBody
+    from twisted.web.client import Agent, FileBodyProducer
     from twisted.web.http_headers import Headers
     from io import BytesIO
 
@@ -124,7 +156,7 @@ async def http_request(port: int, method: bytes, path: str, token: str | None = 
         producer = FileBodyProducer(BytesIO(raw))
     response = await Agent(reactor).request(
         method, f"http://127.0.0.1:{port}{path}".encode(), headers, producer)
-    data = await readBody(response)
+    data = await read_body(response)
     try:
         return response.code, orjson.loads(data), response.headers
     except orjson.JSONDecodeError:

@@ -14,10 +14,17 @@ import time
 from tickstock.auth import JWTAuthenticator
 from tickstock.config import SECRET_ENV, ConfigError, read_secret
 
+DESCRIPTION = (
+    "Mint a client token (an HS256 JWT) for a user, for operators and tests. The secret is "
+    f"read as the daemon reads it, from --secret-file or ${SECRET_ENV}, never from the command "
+    "line."
+)
+"""The C{--help} text: plain sentences, since argparse shows it as it is."""
+
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: prints one token."""
-    parser = argparse.ArgumentParser(prog="tickstock-token", description=__doc__.strip().splitlines()[0])
+    parser = argparse.ArgumentParser(prog="tickstock-token", description=DESCRIPTION)
     parser.add_argument("--user", required=True, help="the user id (the token's sub)")
     parser.add_argument("--ttl", type=float, default=3600, help="seconds the token is valid (default 3600)")
     parser.add_argument("--secret-file", help=f"file holding the secret (default: ${SECRET_ENV})")

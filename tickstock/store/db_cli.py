@@ -24,6 +24,16 @@ READER_ROLE = "tickstock_reader"
 
 _LOGIN = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
+DESCRIPTION = (
+    "Bring a TickStock database up to date, show its migration status, and create the "
+    "read-only logins the UI's queries use. The DSN comes from --postgres or "
+    f"${POSTGRES_ENV}; a login's password only from a file, never from the command line."
+)
+"""The C{--help} text: plain sentences, since argparse shows it as it is."""
+
+EPILOG = ("Exit status: 0 done, 1 a migration or command failed, 2 PostgreSQL unreachable or a "
+          "usage error.")
+
 
 class ReaderError(Exception):
     """The login cannot be made a read-only login as asked."""
@@ -101,8 +111,20 @@ def _writable(cursor: psycopg2.extensions.cursor, login: str) -> list[str]:
 
 
 def _run_migrate(args: argparse.Namespace) -> None:
-    applied = migrate(args.postgres, on_notice=lambda notice: print(notice, file=sys.stderr))
-    print("\n".join(f"applied {name}" for name in applied) if applied else "up to date")
+    """
+    The result on stdout, then the server's notices on stderr, each one line
+    after the result is flushed, so that a terminal or C{2>&1} never runs a
+    notice into a result line. If a migration fails, the notices of those
+    applied before it still come out, ahead of the error.
+    """
+    notices: list[str] = []
+    try:
+        applied = migrate(args.postgres, on_notice=notices.append)
+        print("\n".join(f"applied {name}" for name in applied) if applied else "up to date",
+              flush=True)
+    finally:
+        for notice in notices:
+            sys.stderr.write(f"tickstock-db: {' '.join(notice.split())}\n")
 
 
 def _run_status(args: argparse.Namespace) -> None:
@@ -124,17 +146,28 @@ def _run_create_reader(args: argparse.Namespace) -> None:
 
 def parse_args(argv: list[str] | None, environ: Mapping[str, str]) -> argparse.Namespace:
     """The command line, with the DSN from C{environ} when not given."""
-    parser = argparse.ArgumentParser(prog="tickstock-db", description=__doc__.strip().splitlines()[0])
+    parser = argparse.ArgumentParser(prog="tickstock-db", description=DESCRIPTION, epilog=EPILOG)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--postgres", default=environ.get(POSTGRES_ENV),
                         help=f"libpq DSN or postgresql:// URI (default: ${POSTGRES_ENV})")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    commands.add_parser("migrate", parents=[common], help="apply the migrations the database lacks"
-                        ).set_defaults(run=_run_migrate)
-    commands.add_parser("status", parents=[common], help="list applied and pending migrations"
-                        ).set_defaults(run=_run_status)
-    reader = commands.add_parser("create-reader", parents=[common],
-                                 help="create or update a read-only login (member of tickstock_reader)")
+    commands.add_parser(
+        "migrate", parents=[common], epilog=EPILOG, help="apply the migrations the database lacks",
+        description="Apply the migrations the database lacks, each in its own transaction, and "
+                    "print their names (or \"up to date\"). Run it as the role the daemon "
+                    "writes with: it owns what the migrations create.",
+    ).set_defaults(run=_run_migrate)
+    commands.add_parser(
+        "status", parents=[common], epilog=EPILOG, help="list applied and pending migrations",
+        description="List the applied migrations, with when, and the pending ones. It changes "
+                    "nothing, so a read-only login may run it.",
+    ).set_defaults(run=_run_status)
+    reader = commands.add_parser(
+        "create-reader", parents=[common], epilog=EPILOG,
+        help=f"create or update a read-only login (member of {READER_ROLE})",
+        description=f"Create a login that is a member of {READER_ROLE} and read-only by default, "
+                    "or update its password. Run it as a role with CREATEROLE.",
+    )
     reader.add_argument("--login", required=True, help="the login role's name")
     reader.add_argument("--password-file", required=True, help="file holding its password")
     reader.set_defaults(run=_run_create_reader)

@@ -97,7 +97,9 @@ def migrate(
     several processes at once, applies nothing twice.
 
     @param on_notice: called with each NOTICE a migration raised (such as
-        a step it skipped for lack of privileges).
+        a step it skipped for lack of privileges), but not the server's
+        C{IF [NOT] EXISTS} notes (C{... does not exist, skipping}): those
+        say only that a statement written to be safe to repeat did nothing.
     @param migrations: what to apply instead of L{packaged}.
     @return: the names applied now, in order; C{[]} if it was up to date.
     @raise CannotConnect: if PostgreSQL cannot be reached.
@@ -130,7 +132,8 @@ def migrate(
                 raise MigrationError(f"{migration.name} failed and was rolled back: {reason}") from error
             if on_notice is not None:
                 for notice in conn.notices:
-                    on_notice(notice.strip())
+                    if not notice.rstrip().endswith(", skipping"):
+                        on_notice(notice.strip())
             applied.append(migration.name)
     finally:
         conn.close()

@@ -2,15 +2,23 @@
 The web site: the dashboard at C{/}, the JS client library at
 C{/static/tickstock.js}, the WebSocket at C{/ws},
 and C{/health} and C{/ready} for probes. One port for all of them.
+
+A request too large to read is answered, not dropped (docs/security.md):
+414 for a request line over L{REQUEST_LINE_MAX} bytes, 431 for header
+fields over L{HEADERS_MAX} bytes or L{HEADER_FIELDS_MAX} fields, 400 for
+any other malformed request, each counted by reason in L{SecureSite.refused}.
 """
 
 from __future__ import annotations
 
 import importlib.resources
-from typing import Callable
+from collections import Counter
+from typing import Any, Callable
 
 import orjson
 from autobahn.twisted.resource import WebSocketResource
+from twisted.internet import tcp
+from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from twisted.web.static import File
@@ -54,8 +62,109 @@ SECURITY_HEADERS = {
 }
 
 
+REQUEST_LINE_MAX = 8192
+HEADERS_MAX = 16384  # the request line and header fields together, line ends not counted
+HEADER_FIELDS_MAX = 500
+LINGER = 2.0
+
+REFUSALS: dict[str, tuple[int, bytes, str]] = {
+    "uri_too_long": (414, b"URI Too Long",
+                     f"the request line may be at most {REQUEST_LINE_MAX} bytes"),
+    "header_too_large": (431, b"Request Header Fields Too Large",
+                         f"the request line and header fields may be at most {HEADERS_MAX} "
+                         f"bytes and {HEADER_FIELDS_MAX} fields"),
+    "bad_request": (400, b"Bad Request", "malformed HTTP request"),
+}
+"""Refusals made before any resource sees the request: reason to (status, phrase, message)."""
+
+REFUSED_STATUS = {"origin": 403, "per_ip": 429,
+                  **{reason: status for reason, (status, _, _) in REFUSALS.items()}}
+"""The HTTP status of every refusal counted by reason: the handshake's and the channel's."""
+
+
+class BoundedChannel(HTTPChannel):
+    """
+    twisted.web's channel, answering a request it will not read with its
+    status where Twisted drops the connection (a line over C{MAX_LENGTH}) or
+    answers 400 (too many header bytes or fields). What the client still
+    sends is read and discarded, never buffered, for at most L{LINGER}
+    seconds after the answer: closing a socket with unread input resets the
+    connection, which can destroy the answer before the client reads it.
+    """
+
+    MAX_LENGTH = HEADERS_MAX
+    totalHeadersSize = HEADERS_MAX
+    maxHeaders = HEADER_FIELDS_MAX
+    site: SecureSite
+    _refused = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self._refused:
+            super().dataReceived(data)
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._refused:
+            return
+        # No header bytes counted yet: this is the request line.
+        first = self._receivedHeaderSize == 0
+        if first and len(line) > REQUEST_LINE_MAX:
+            self.refuse("uri_too_long")
+        elif self._receivedHeaderSize + len(line) > self.totalHeadersSize:
+            self.refuse("header_too_large")
+        else:
+            super().lineReceived(line)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self.refuse("uri_too_long" if self._receivedHeaderSize == 0 else "header_too_large")
+
+    def headerReceived(self, line: bytes) -> bool:
+        if self._receivedHeaderCount >= self.maxHeaders:
+            self.refuse("header_too_large")
+            return False
+        return bool(super().headerReceived(line))
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        self.refuse("bad_request")
+
+    def refuse(self, reason: str) -> None:
+        """Answer with the status of C{reason}, then close (see the class docstring)."""
+        if self._refused:
+            return
+        self._refused = True
+        self.clearLineBuffer()
+        self.site.refused[reason] += 1
+        status, phrase, message = REFUSALS[reason]
+        body = orjson.dumps({"error": {"code": reason, "message": message}})
+        head = [b"HTTP/1.1 %d %s" % (status, phrase), b"content-type: application/json",
+                b"content-length: %d" % len(body), b"cache-control: no-store",
+                b"connection: close", *(b"%s: %s" % item for item in SECURITY_HEADERS.items())]
+        self.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
+        self._networkProducer.unregisterProducer()
+        self.setTimeout(LINGER)
+        if isinstance(self.transport, tcp.Connection):
+            self.transport.loseWriteConnection()
+        else:  # TLS: no half-close
+            self.transport.loseConnection()
+
+    def timeoutConnection(self) -> None:
+        if self._refused:
+            self.transport.abortConnection()
+        else:
+            super().timeoutConnection()
+
+
 class SecureSite(Site):
-    """A Site that puts the security headers on every response."""
+    """
+    A Site that puts the security headers on every response, and answers
+    requests too large to read (L{BoundedChannel}), counting them by reason
+    in C{refused}.
+    """
+
+    protocol = BoundedChannel
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.refused: Counter[str] = Counter()
 
     def getResourceFor(self, request: Request) -> Resource:
         for name, value in SECURITY_HEADERS.items():

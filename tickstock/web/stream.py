@@ -40,6 +40,7 @@ from zope.interface import implementer
 from tickstock.config import normalize_origin
 from tickstock.gateway import Gateway
 from tickstock.interfaces import REPLAYED, IClient
+from tickstock.web.site import REFUSED_STATUS
 
 CLOSE_HANDSHAKE_TIMEOUT = 1.0
 _OPEN = WebSocketProtocol.STATE_OPEN
@@ -73,12 +74,13 @@ class ClientProtocol(WebSocketServerProtocol):
         factory = self.factory
         if not factory.origin_allowed(request.origin, request.headers.get("host")):
             factory.refused_origins += 1
-            raise ConnectionDeny(403, "origin not allowed")
+            raise ConnectionDeny(REFUSED_STATUS["origin"], "origin not allowed")
         address = getattr(self.transport.getPeer(), "host", None)
         if factory.max_per_ip and address is not None:
             if factory.per_ip[address] >= factory.max_per_ip:
                 factory.refused_per_ip += 1
-                raise ConnectionDeny(429, "too many connections from this address")
+                raise ConnectionDeny(REFUSED_STATUS["per_ip"],
+                                     "too many connections from this address")
             factory.per_ip[address] += 1
             self._address = address
 
@@ -247,6 +249,9 @@ class StreamFactory(WebSocketServerFactory):
             maxMessagePayloadSize=max_message_size,
             maxFramePayloadSize=max_message_size,
             failByDrop=False,
+            # Autobahn would refuse "null" itself, with 400 and uncounted:
+            # origin_allowed refuses it, with 403.
+            allowNullOrigin=True,
             openHandshakeTimeout=handshake_timeout,
             closeHandshakeTimeout=CLOSE_HANDSHAKE_TIMEOUT,
             autoPingInterval=ping_interval,

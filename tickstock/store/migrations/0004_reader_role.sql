@@ -33,11 +33,17 @@ BEGIN
                               validate_etf_universe_symbols(text[])
         TO tickstock_reader;
 
-    BEGIN
-        ALTER ROLE tickstock_reader SET default_transaction_read_only = on;
-    EXCEPTION WHEN insufficient_privilege THEN
-        RAISE NOTICE 'default_transaction_read_only not set on tickstock_reader (% may not alter it)', current_user;
-    END;
+    -- Set already when a superuser made the role (docs/deploy.md): an owner
+    -- without CREATEROLE then has nothing to skip.
+    IF NOT EXISTS (SELECT 1 FROM pg_db_role_setting
+                   WHERE setrole = 'tickstock_reader'::regrole AND setdatabase = 0
+                     AND 'default_transaction_read_only=on' = ANY (setconfig)) THEN
+        BEGIN
+            ALTER ROLE tickstock_reader SET default_transaction_read_only = on;
+        EXCEPTION WHEN insufficient_privilege THEN
+            RAISE NOTICE 'default_transaction_read_only not set on tickstock_reader (% may not alter it)', current_user;
+        END;
+    END IF;
 END
 $$;
 

@@ -376,8 +376,9 @@ function jobStatus(job, status, text) {
 }
 
 function newJob(title, id) {
-  const job = { id, box: el("li", "job"), title: el("span", "job-title", title), status: el("span", "job-status"),
+  const job = { id, box: el("li", "job"), title: el("span", "job-title"), status: el("span", "job-status"),
     cancel: el("button", "job-cancel", "Cancel"), bar: el("progress"), results: el("dl", "results") };
+  job.title.append(...[title].flat());
   job.bar.max = 1; job.bar.value = 0; job.cancel.type = "button"; job.cancel.hidden = true;
   job.cancel.addEventListener("click", () => cancelJob(job));
   job.box.append(job.title, job.status, job.cancel, job.bar, job.results);
@@ -388,7 +389,9 @@ function newJob(title, id) {
   return job;
 }
 
-const jobTitle = (p) => `${(Array.isArray(p.symbols) ? p.symbols : []).join(", ")} · ${str(p.start_date)} → ${str(p.end_date)}`;
+// The title's nodes; its dates are one span that CSS never breaks across lines.
+const jobTitle = (p) => [`${(Array.isArray(p.symbols) ? p.symbols : []).join(", ")} · `,
+  el("span", "dates", `${str(p.start_date)} → ${str(p.end_date)}`)];
 
 function submitBacktest() {
   const { list, bad } = parseSymbols(ui.btSymbols.value);
@@ -401,7 +404,7 @@ function submitBacktest() {
   jobStatus(job, "pending", "submitting…");
   page.client.submitBacktest(params).then((jobId) => {
     const early = page.jobs.get(jobId); // its events beat the acceptance: keep that row
-    if (early) { early.title.textContent = job.title.textContent; job.box.remove(); return; }
+    if (early) { early.title.replaceChildren(...job.title.childNodes); job.box.remove(); return; }
     job.id = jobId;
     page.jobs.set(jobId, job);
     jobStatus(job, "queued", "queued");
@@ -421,7 +424,11 @@ function cancelJob(job) {
 function showResults(job, r) {
   const items = [["Win rate", pct(r.win_rate, 1)], ["ROI", pct(r.roi, 2)], ["Sharpe", fixed(r.sharpe_ratio, 2)],
     ["Max drawdown", pct(r.max_drawdown, 1)], ["Trades", num(r.trades) ? String(r.trades) : "—"]];
-  job.results.replaceChildren(...items.flatMap(([k, v]) => [el("dt", null, k), el("dd", null, v)]));
+  job.results.replaceChildren(...items.map(([k, v]) => {
+    const pair = el("div"); // one label over its value, wrapping as a unit
+    pair.append(el("dt", null, k), el("dd", null, v));
+    return pair;
+  }));
 }
 
 function onJob(type, d) {
@@ -447,7 +454,7 @@ async function loadJobs() {
   for (const j of (Array.isArray(answer.jobs) ? answer.jobs : []).slice().reverse()) {
     if (typeof j.job_id !== "string") continue;
     const seen = page.jobs.get(j.job_id); // its events came first: give it its title
-    if (seen) { if (j.params) seen.title.textContent = jobTitle(j.params); continue; }
+    if (seen) { if (j.params) seen.title.replaceChildren(...jobTitle(j.params)); continue; }
     const job = newJob(jobTitle(j.params || {}), j.job_id);
     job.bar.value = num(j.progress) ? j.progress : 0;
     const status = j.status === "completed" ? "done" : str(j.status);
