@@ -58,8 +58,9 @@ CONFIDENCES = ("0.5", "0.7", "0.8", "0.9", "0.95", "0.99")
 
 LOAD_SQL = """
 INSERT INTO events (id_ms, id_seq, topic, channel, event_type, symbol, pattern, confidence,
-                    event_time, data)
-SELECT ms, seq, 'patterns', 'tickstock.events.patterns', 'pattern_detected', sym, pat, conf, ts,
+                    "timestamp", details)
+SELECT ms, seq, 'patterns', 'tickstock.events.patterns', 'pattern_detected', sym, pat, conf,
+       to_timestamp(ts),
        jsonb_build_object('event_type', 'pattern_detected', 'symbol', sym, 'pattern', pat,
                           'confidence', conf, 'event_id', 'pl-' || g, 'timeframe', tf,
                           'price', price, 'volume', vol, 'direction', dir,
@@ -87,7 +88,7 @@ SPAN_DAYS days, 4 events per millisecond (seq 0-3, as a batch of the
 history script gives them); symbol k of N drawn with probability
 ~ 1/sqrt(k) (the first symbol has ~4.5 % of all events, the last ~0.1 %),
 pattern names skewed the same way more steeply (~37 % to ~1.7 %),
-confidence uniform on 0..1, and C{data} the producer's payload.
+confidence uniform on 0..1, and C{details} the producer's payload.
 """
 
 
@@ -125,7 +126,8 @@ def load_events(cluster: Cluster, count: int, symbols: list[str], patterns: list
         for _, definition in indexes:
             cursor.execute(definition)
         cursor.execute("VACUUM ANALYZE events")
-        cursor.execute("SELECT count(*), min(event_time), max(event_time), "
+        cursor.execute('SELECT count(*), extract(epoch FROM min("timestamp"))::float8, '
+                       'extract(epoch FROM max("timestamp"))::float8, '
                        "pg_relation_size('events'), pg_indexes_size('events') FROM events")
         rows, first, last, table_bytes, index_bytes = cursor.fetchone()
         cursor.execute("SELECT symbol, count(*) FROM events GROUP BY 1 ORDER BY 2 DESC")

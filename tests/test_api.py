@@ -30,18 +30,19 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, readBody
+from twisted.web.client import Agent
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from tests.conftest import TEST_SECRET
-from tests.wsclient import eventually
+from tests.wsclient import eventually, read_body
 from tickstock.auth import JWTAuthenticator, anonymous
 from tickstock.bus.redis import RedisLink
 from tickstock.cache import MemoryCache, RedisCache
 from tickstock.config import parse_redis_url
-from tickstock.events import Event, id_key, parse_event
+from tickstock.events import Event, id_key
+from tickstock.normalize import parse_event
 from tickstock.interfaces import ICache, IStore
 from tickstock.store import Bar, PatternQuery, StoreUnavailable
 from tickstock.store.memory import MemoryStore
@@ -255,7 +256,7 @@ async def call(port: int, path: str, headers: dict[bytes, list[bytes]] | None = 
     """One HTTP request (non-blocking Agent): status, headers, parsed JSON."""
     response = await Agent(reactor).request(
         method, f"http://127.0.0.1:{port}{path}".encode(), Headers(headers or {}))
-    raw = await readBody(response)
+    raw = await read_body(response)
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:

@@ -24,7 +24,8 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
 from tests.wsclient import connect, eventually
-from tickstock.events import CHANNELS, id_key
+from tickstock.events import id_key
+from tickstock.topics import DEFAULT_CHANNELS
 from tickstock.gateway import CLOSE_SLOW_CONSUMER
 from tickstock.web.stream import ClientProtocol, StreamFactory
 
@@ -245,17 +246,18 @@ def test_a_closed_connection_drops_its_queue(stop: str) -> None:
 def test_documented_latest_only_channels_are_the_code() -> None:
     """
     The C{event} message in C{docs/asyncapi.yaml} lists exactly the
-    latest-only channels and their keys of L{tickstock.events.CHANNELS}, and
+    latest-only channels and their keys of L{tickstock.topics.DEFAULT_CHANNELS}, and
     its delivery-classes text names every topic and the 4001 close.
     """
     yaml = pytest.importorskip("yaml")
     path = Path(__file__).resolve().parent.parent / "docs" / "asyncapi.yaml"
     event = yaml.safe_load(path.read_text(encoding="utf-8"))["components"]["messages"]["Event"]
     assert event["x-latest-only"] == {
-        channel.name: channel.conflate_by for channel in CHANNELS.values() if channel.latest_only
+        channel.name: list(channel.latest_by) for channel in DEFAULT_CHANNELS
+        if channel.latest_only
     }
     text = event["description"]
-    for channel in CHANNELS.values():
+    for channel in DEFAULT_CHANNELS:
         assert f"**{channel.topic}**" in text
     assert "`4001`" in text and "resume" in text
 

@@ -188,8 +188,10 @@ async def test_many_clients_get_every_event_in_order(redis_server, daemons):
 @pytest_twisted.ensureDeferred
 async def test_malformed_events_are_dead_lettered_not_fatal(redis_server, daemons):
     """
-    Malformed producer messages are counted by kind, kept in the bounded
-    tickstock:deadletter list, and delivered to nobody; good ones still flow.
+    Messages that cannot be normalized are counted by channel and kind,
+    kept in the bounded tickstock:deadletter list, and delivered to nobody;
+    what can be understood (a lower-case symbol, an event type of the
+    producer's own) is normalized and delivered.
     """
     daemon = daemons(redis=redis_server.url, deadletter_max=3)
     await ready(daemon)
@@ -199,19 +201,26 @@ async def test_malformed_events_are_dead_lettered_not_fatal(redis_server, daemon
         b"not json",
         b'["a list"]',
         orjson.dumps({"symbol": "AAPL", "pattern": "Doji", "timestamp": 1.0}),
-        orjson.dumps(pattern(symbol="aapl")),
         orjson.dumps(pattern(confidence=1.5)),
         b'{"event_type":"pattern_detected","symbol":"AAPL","pattern":"Doji","confidence":NaN,"timestamp":1}',
-        orjson.dumps(pattern(event_type="something_else")),
+        orjson.dumps(pattern(symbol="NOT A SYMBOL")),
+        orjson.dumps(pattern(timestamp="yesterday")),
     ]
     for payload in bad:
         publish(redis_server, "tickstock.events.patterns", payload)
+    publish(redis_server, "tickstock.events.patterns", pattern(symbol="aapl", liberal=1))
+    publish(redis_server, "tickstock.events.patterns", pattern(event_type="mine", liberal=2))
     publish(redis_server, "tickstock.events.patterns", pattern(good=True))
-    await eventually(lambda: client.events(), 5, "the good event")
-    await eventually(lambda: daemon.service.router.received == len(bad) + 1, 5, "all received")
-    assert [e["data"].get("good") for e in client.events()] == [True]
+    await eventually(lambda: len(client.events()) == 3, 5, "the good events")
+    await eventually(lambda: daemon.service.router.received == len(bad) + 3, 5, "all received")
+    events = client.events()
+    assert [e["data"].get("liberal") for e in events] == [1, 2, None]
+    assert events[0]["data"]["symbol"] == "AAPL" and events[1]["type"] == "pattern_detected"
+    assert events[1]["data"]["event_type"] == "mine" and events[2]["data"]["good"] is True
+    channel = "tickstock.events.patterns"
     assert dict(daemon.service.router.malformed) == {
-        "not_json": 2, "not_object": 1, "missing_field": 1, "bad_field": 2, "bad_event_type": 1,
+        (channel, "not_json"): 2, (channel, "not_object"): 1, (channel, "missing_field"): 1,
+        (channel, "bad_field"): 2, (channel, "bad_timestamp"): 1,
     }
 
     def dead_letters() -> list[dict[str, Any]]:
@@ -221,8 +230,8 @@ async def test_malformed_events_are_dead_lettered_not_fatal(redis_server, daemon
     await eventually(lambda: len(dead_letters()) == 3, 5, "dead letters trimmed to 3")
     newest = dead_letters()[0]
     assert newest["channel"] == "tickstock.events.patterns"
-    assert newest["reason"].startswith("bad_event_type")
-    assert "something_else" in newest["raw"]
+    assert newest["reason"] == "bad_timestamp: timestamp 'yesterday' not understood"
+    assert "yesterday" in newest["raw"]
 
 
 @pytest_twisted.ensureDeferred

@@ -23,7 +23,7 @@ from tests.servers import RedisServer
 from tests.wsclient import connect, eventually, http_request
 from tickstock.bus.memory import MemoryBus
 from tickstock.config import JOB_PATTERNS
-from tickstock.events import CONTROL_CHANNEL, JOBS_CHANNEL
+from tickstock.topics import CANCEL_CHANNEL, CONTROL_CHANNEL, JOBS_CHANNEL
 from tickstock.history import Refused
 from tickstock.history.memory import MemoryHistory
 from tickstock.jobs import JobRefused, Jobs, parse_params
@@ -35,6 +35,8 @@ RESULTS = "tickstock.events.backtesting.results"
 PARAMS = {"symbols": ["AAPL", "MSFT"], "start_date": "2024-01-02",
           "end_date": "2024-06-28", "patterns": ["Doji"]}
 RESULT = {"win_rate": 0.5, "roi": 0.1, "sharpe_ratio": 1.2, "max_drawdown": 0.05}
+PARAMETERS = {"initial_capital": 100_000, "commission_rate": 0.001, "slippage_rate": 0.0005,
+              "max_position_size": 0.25, "stop_loss_pct": 0.05, "take_profit_pct": 0.15}
 
 
 def now(value: Any) -> Any:
@@ -78,6 +80,20 @@ def result(job_id: str, **extra: Any) -> bytes:
     ({"patterns": ["NoSuchPattern"]}, "patterns"),
     ({"patterns": "Doji"}, "patterns"),
     ({"extra": 1}, "extra"),
+    ({"parameters": [0.001]}, "parameters"),
+    ({"parameters": "fast"}, "parameters"),
+    ({"parameters": {"leverage": 2}}, "parameters.leverage"),
+    ({"parameters": {"initial_capital": 0}}, "parameters.initial_capital"),
+    ({"parameters": {"initial_capital": 1e12 + 1}}, "parameters.initial_capital"),
+    ({"parameters": {"initial_capital": "100000"}}, "parameters.initial_capital"),
+    ({"parameters": {"commission_rate": -0.001}}, "parameters.commission_rate"),
+    ({"parameters": {"commission_rate": True}}, "parameters.commission_rate"),
+    ({"parameters": {"slippage_rate": 1.5}}, "parameters.slippage_rate"),
+    ({"parameters": {"max_position_size": 0}}, "parameters.max_position_size"),
+    ({"parameters": {"max_position_size": 2}}, "parameters.max_position_size"),
+    ({"parameters": {"stop_loss_pct": 5}}, "parameters.stop_loss_pct"),
+    ({"parameters": {"take_profit_pct": 0}}, "parameters.take_profit_pct"),
+    ({"parameters": {"take_profit_pct": 10.5}}, "parameters.take_profit_pct"),
 ])
 def test_each_invalid_field_is_named(change: dict[str, Any], field: str) -> None:
     """Every kind of bad parameter is refused with a message for its field."""
@@ -104,6 +120,28 @@ def test_every_problem_is_reported_at_once_and_good_params_pass() -> None:
                         JOB_PATTERNS)["patterns"] == []
 
 
+def test_the_producers_parameters_pass_at_their_bounds_and_are_kept() -> None:
+    """
+    Each of upstream's parameters is optional and kept as given; the
+    bounds themselves pass; none given is an empty object; every wrong one
+    is named in the same answer.
+    """
+    assert parse_params(PARAMS, JOB_PATTERNS)["parameters"] == {}
+    assert parse_params({**PARAMS, "parameters": PARAMETERS}, JOB_PATTERNS)["parameters"] == \
+        PARAMETERS
+    bounds = {"initial_capital": 1e12, "commission_rate": 0, "slippage_rate": 1,
+              "max_position_size": 1, "stop_loss_pct": 1, "take_profit_pct": 10}
+    assert parse_params({**PARAMS, "parameters": bounds}, JOB_PATTERNS)["parameters"] == bounds
+    with pytest.raises(JobRefused) as refused:
+        parse_params({**PARAMS, "symbols": [], "parameters": {
+            "initial_capital": -1, "slippage_rate": 2, "stop_loss_pct": 0.05}}, JOB_PATTERNS)
+    assert refused.value.fields == {
+        "symbols": "must be a list of 1-50 symbols",
+        "parameters.initial_capital": "must be a number > 0 and <= 1e+12, not -1",
+        "parameters.slippage_rate": "must be a number >= 0 and <= 1 (a fraction: 0.05 is 5 %), "
+                                    "not 2"}
+
+
 # ---------------------------------------------------------------- one process, a Clock
 
 
@@ -122,7 +160,7 @@ class Rig:
         self.jobs = Jobs(self.clock, self.store, self.history, self.bus, self.router.receive,
                          per_user, timeout)
         self.to_producer: list[tuple[str, dict[str, Any]]] = []
-        for channel in (JOBS_CHANNEL, CONTROL_CHANNEL):
+        for channel in (JOBS_CHANNEL, CANCEL_CHANNEL, CONTROL_CHANNEL):
             self.bus.on(channel, lambda raw, c=channel: self.to_producer.append(
                 (c, orjson.loads(raw))))
         self.delivered: list[Any] = []
@@ -139,14 +177,21 @@ class Rig:
 
 
 def test_a_job_is_recorded_sent_and_followed_to_its_result() -> None:
-    """queued, sent as CONTRACT §2; running with progress; completed with the results."""
+    """
+    queued, sent as CONTRACT §2 with what upstream reads (type, parameters,
+    source); running with progress; completed with the results.
+    """
     rig = Rig()
-    job = rig.submit()
+    job = rig.submit(params={**PARAMS, "parameters": PARAMETERS})
     assert job["status"] == "queued" and rig.record(job["job_id"])["status"] == "queued"
+    assert rig.record(job["job_id"])["params"] == {**PARAMS, "parameters": PARAMETERS}
     ((channel, sent),) = rig.to_producer
     assert channel == JOBS_CHANNEL
-    assert sent == {"job_type": "backtest", "job_id": job["job_id"], "user_id": "alice",
-                    **PARAMS, "timestamp": rig.clock.seconds()}
+    assert sent == {"job_type": "backtest", "type": "backtest_job", "job_id": job["job_id"],
+                    "user_id": "alice", **PARAMS, "parameters": PARAMETERS,
+                    "source": "tickstock", "timestamp": rig.clock.seconds()}
+    rig.submit()
+    assert rig.to_producer[-1][1]["parameters"] == {}
     rig.produce(PROGRESS, progress(job["job_id"], 0.5))
     assert rig.record(job["job_id"])["status"] == "running"
     assert rig.record(job["job_id"])["progress"] == 0.5
@@ -182,8 +227,9 @@ def test_a_producer_failure_ends_the_job_with_its_reason() -> None:
 
 def test_cancel_tells_the_owner_and_the_producer_once() -> None:
     """
-    The owner gets a cancelled progress event, the producer a cancel on
-    tickstock.jobs.control; a second cancel is a 409, another user's a 404.
+    The owner gets a cancelled progress event, the producer the same cancel
+    on tickstock.jobs.cancel and on tickstock.jobs.control; a second cancel
+    is a 409, another user's a 404.
     """
     rig = Rig()
     job = rig.submit()
@@ -196,10 +242,9 @@ def test_cancel_tells_the_owner_and_the_producer_once() -> None:
     assert rig.record(job["job_id"])["status"] == "cancelled"
     last = rig.delivered[-1]
     assert (last.user, last.data["status"], last.data["progress"]) == ("alice", "cancelled", 0.25)
-    channel, control = rig.to_producer[-1]
-    assert channel == CONTROL_CHANNEL
-    assert control == {"action": "cancel", "job_id": job["job_id"], "user_id": "alice",
-                       "reason": "cancelled", "timestamp": rig.clock.seconds()}
+    control = {"action": "cancel", "job_id": job["job_id"], "user_id": "alice",
+               "reason": "cancelled", "timestamp": rig.clock.seconds()}
+    assert rig.to_producer[1:] == [(CANCEL_CHANNEL, control), (CONTROL_CHANNEL, control)]
     assert rig.produce(PROGRESS, progress(job["job_id"], 0.5)) == Refused("finished_job")
     with pytest.raises(JobRefused) as refused:
         now(rig.jobs.cancel("alice", job["job_id"]))
@@ -250,7 +295,8 @@ def test_a_silent_job_fails_with_timeout_and_the_owner_is_told() -> None:
         told = [e for e in rig.delivered if e.data.get("status") == "failed"]
         assert [(e.user, e.job_id, e.data["error"]) for e in told] == [
             ("alice", quiet["job_id"], "timeout: no progress for 60 s")]
-        assert rig.to_producer[-1][1]["action"] == "cancel"
+        assert [(c, m["action"]) for c, m in rig.to_producer[-2:]] == [
+            (CANCEL_CHANNEL, "cancel"), (CONTROL_CHANNEL, "cancel")]
         assert rig.jobs.timed_out == 1
         rig.clock.advance(120)
         assert rig.record(busy["job_id"])["status"] == "failed" and rig.jobs.timed_out == 2
@@ -307,10 +353,12 @@ class Producer:
         self.redis = redis
         self.jobs: list[dict[str, Any]] = []
         self.controls: list[dict[str, Any]] = []
+        self.cancels: list[dict[str, Any]] = []
+        received = {JOBS_CHANNEL: self.jobs, CONTROL_CHANNEL: self.controls,
+                    CANCEL_CHANNEL: self.cancels}
         self.source = RedisPubSubSource(reactor, parse_redis_url(redis.url),
-                                        channels=[JOBS_CHANNEL, CONTROL_CHANNEL])
-        self.source.listen(lambda channel, raw, key: (
-            self.jobs if channel == JOBS_CHANNEL else self.controls).append(orjson.loads(raw)))
+                                        channels=list(received))
+        self.source.listen(lambda channel, raw, key: received[channel].append(orjson.loads(raw)))
 
     async def start(self) -> None:
         self.source.startService()
@@ -361,12 +409,14 @@ async def test_backtest_workflow_reaches_the_owner_only(redis_server, postgres, 
     daemon = await started(daemons, redis_server, postgres, producer)
     tab1, tab2, other = (await watcher(daemon, "alice"), await watcher(daemon, "alice"),
                          await watcher(daemon, "bob"))
-    accepted = await tab1.request({"op": "submit_backtest", "id": "r1", "params": PARAMS},
-                                  "job_accepted")
+    accepted = await tab1.request({"op": "submit_backtest", "id": "r1", "params": {
+        **PARAMS, "parameters": PARAMETERS}}, "job_accepted")
     assert accepted["op"] == "job_accepted" and accepted["status"] == "queued", accepted
     job_id = accepted["job_id"]
     await eventually(lambda: producer.jobs, 5, "the job reached the producer")
     assert producer.jobs[0]["job_id"] == job_id and producer.jobs[0]["user_id"] == "alice"
+    assert (producer.jobs[0]["type"], producer.jobs[0]["source"]) == ("backtest_job", "tickstock")
+    assert producer.jobs[0]["parameters"] == PARAMETERS
 
     for value, status in ((0.25, "processing"), (0.5, "processing"), (1.0, "completed")):
         producer.publish(PROGRESS, progress(job_id, value, status))
@@ -391,7 +441,7 @@ async def test_backtest_workflow_reaches_the_owner_only(redis_server, postgres, 
     while body["status"] != "completed" and reactor.seconds() < deadline:
         body = await record()
     assert (body["status"], body["results"], body["progress"]) == ("completed", RESULT, 1.0)
-    assert body["params"] == PARAMS
+    assert body["params"] == {**PARAMS, "parameters": PARAMETERS}
     assert (await http_request(daemon.port, b"GET", f"/api/jobs/{job_id}", bob))[0] == 404
     listed = (await http_request(daemon.port, b"GET", "/api/jobs", alice))[1]
     assert [j["job_id"] for j in listed["jobs"]] == [job_id]
@@ -424,8 +474,9 @@ async def test_an_owner_back_after_a_disconnect_gets_what_was_missed(
 async def test_cancel_over_rest_and_websocket(redis_server, postgres, daemons, producer):
     """
     DELETE /api/jobs/{id} and cancel_job: the owner is told, the producer
-    gets the cancel on tickstock.jobs.control, the record says cancelled,
-    later progress is dropped, and a second cancel is a 409.
+    gets the cancel on tickstock.jobs.cancel and tickstock.jobs.control, the
+    record says cancelled, later progress is dropped, and a second cancel is
+    a 409.
     """
     daemon = await started(daemons, redis_server, postgres, producer)
     alice = token(daemon, "alice")
@@ -441,9 +492,11 @@ async def test_cancel_over_rest_and_websocket(redis_server, postgres, daemons, p
     status, body, _ = await http_request(daemon.port, b"DELETE", f"/api/jobs/{job['job_id']}",
                                          alice)
     assert status == 200 and body["status"] == "cancelled", body
-    await eventually(lambda: producer.controls, 5, "the cancel reached the producer")
+    await eventually(lambda: producer.controls and producer.cancels, 5,
+                     "the cancel reached the producer")
     assert producer.controls[0]["action"] == "cancel"
     assert producer.controls[0]["job_id"] == job["job_id"]
+    assert producer.cancels == producer.controls
     await eventually(lambda: len(tab.events("bt")) == 2, 5, "the owner told")
     assert tab.events("bt")[-1]["data"]["status"] == "cancelled"
     producer.publish(PROGRESS, progress(job["job_id"], 0.5))
@@ -479,10 +532,12 @@ async def test_invalid_submissions_and_the_per_user_limit(redis_server, postgres
     alice = token(daemon, "alice")
     tab = await connect(daemon.port, hello=daemon.hello("alice"))
     bad = {"symbols": ["AAPL", "AAPL"], "start_date": "2010-01-01", "end_date": "2024-01-01",
-           "patterns": ["Nope"], "speed": "fast"}
+           "patterns": ["Nope"], "speed": "fast",
+           "parameters": {"commission_rate": 1.5, "initial_capital": 1000, "leverage": 3}}
     reply = await tab.request({"op": "submit_backtest", "id": "b", "params": bad}, "job_accepted")
     assert reply["code"] == "bad_params"
-    assert set(reply["fields"]) == {"symbols", "end_date", "patterns", "speed"}
+    assert set(reply["fields"]) == {"symbols", "end_date", "patterns", "speed",
+                                    "parameters.commission_rate", "parameters.leverage"}
     status, body, _ = await http_request(daemon.port, b"POST", "/api/jobs", alice, bad)
     assert status == 400 and body["error"]["fields"] == reply["fields"]
     assert (await http_request(daemon.port, b"POST", "/api/jobs", alice, b"{oops"))[0] == 400

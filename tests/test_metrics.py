@@ -62,7 +62,8 @@ async def test_metrics_parse_and_move_when_events_flow(redis_server: Any, daemon
     assert after[("tickstock_clients", ())] == 1
     assert after[("tickstock_subscriptions", (("topic", "patterns"),))] == 1
     assert after[("tickstock_events_received_total", (("channel", PATTERNS),))] == 6
-    assert after[("tickstock_events_deadlettered_total", (("kind", "not_json"),))] == 1
+    assert after[("tickstock_events_deadlettered_total",
+                  (("channel", PATTERNS), ("reason", "not_json")))] == 1
     assert after[("tickstock_events_routed_total", ())] >= 5
     assert after[("tickstock_events_delivered_total", ())] - before[(
         "tickstock_events_delivered_total", ())] == 5

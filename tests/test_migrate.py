@@ -138,6 +138,20 @@ def test_failed_migration_is_rolled_back_and_stays_pending(empty: str) -> None:
     assert migrate(empty, migrations=[first, fixed]) == ["0002_broken"]
 
 
+def test_migration_notices_but_not_if_exists_notes(empty: str) -> None:
+    """
+    A migration's NOTICEs reach on_notice; the server's notes that an IF
+    [NOT] EXISTS statement did nothing do not.
+    """
+    noisy = Migration(1, "0001_noisy", """
+        DROP TABLE IF EXISTS nothing_here;
+        CREATE TABLE IF NOT EXISTS schema_migrations (version integer);
+        DO $$ BEGIN RAISE NOTICE 'step % skipped', 2; END $$;""")
+    notices: list[str] = []
+    assert migrate(empty, on_notice=notices.append, migrations=[noisy]) == ["0001_noisy"]
+    assert notices == ["NOTICE:  step 2 skipped"]
+
+
 def test_unreachable_server_is_cannot_connect() -> None:
     """Migrating or asking status of a server nobody listens on fails fast with L{CannotConnect}."""
     dsn = f"host=127.0.0.1 port={free_port()} dbname=x user=x connect_timeout=3"
@@ -161,8 +175,13 @@ def test_contract_tables_and_columns_exist(postgres: str) -> None:
     expected = {
         ("symbols", "symbol"): "text",
         ("ohlcv_1min", "symbol"): "text",
-        ("ohlcv_1min", "minute"): "timestamp with time zone",
-        ("events", "data"): "jsonb",
+        ("ohlcv_1min", "timestamp"): "timestamp with time zone",
+        ("events", "symbol"): "text",
+        ("events", "pattern"): "text",
+        ("events", "confidence"): "double precision",
+        ("events", "timestamp"): "timestamp with time zone",
+        ("events", "created_at"): "timestamp with time zone",
+        ("events", "details"): "jsonb",
         ("cache_entries", "type"): "text",
         ("cache_entries", "key"): "text",
         ("cache_entries", "value"): "jsonb",
@@ -427,7 +446,10 @@ def test_migrating_without_createrole(postgres_server: PostgresServer) -> None:
     """
     A database owner without CREATEROLE migrates fine: the reader role is
     skipped with a NOTICE where it does not exist, granted to where it does,
-    and update_etf_universe is owner-only either way.
+    and update_etf_universe is owner-only either way. Applying 0004 again
+    once the role exists (the recovery docs/database.md gives) grants it,
+    with no NOTICE since its read-only default is set. C{tickstock-db
+    migrate} prints a NOTICE on a line of its own, after what it applied.
     """
     postgres_server.sql("CREATE ROLE owner LOGIN")
     postgres_server.sql("CREATE ROLE bystander")
@@ -441,6 +463,15 @@ def test_migrating_without_createrole(postgres_server: PostgresServer) -> None:
 
     postgres_server.sql("CREATE DATABASE second")
     assert migrate(postgres_server.dsn("second")) == ALL
+    first = postgres_server.dsn("first", user="owner")
+    run_sql(first, "DELETE FROM schema_migrations WHERE version = 4")
+    notices.clear()
+    assert migrate(first, on_notice=notices.append) == ["0004_reader_role"]
+    assert notices == []
+    assert postgres_server.sql(
+        "SELECT has_table_privilege('tickstock_reader', 'events', 'SELECT')", "first") == [(True,)]
+
+    postgres_server.sql("ALTER ROLE tickstock_reader RESET default_transaction_read_only")
     postgres_server.sql("CREATE DATABASE third OWNER owner")
     notices.clear()
     assert migrate(postgres_server.dsn("third", user="owner"), on_notice=notices.append) == ALL
@@ -450,6 +481,17 @@ def test_migrating_without_createrole(postgres_server: PostgresServer) -> None:
                has_function_privilege('tickstock_reader', 'get_etf_universe(text)', 'EXECUTE'),
                has_function_privilege('tickstock_reader', %s, 'EXECUTE')""",
                                "third", (UPDATE,)) == [(True, True, False)]
+
+    # The command prints the notices after its result, one line each.
+    postgres_server.sql("CREATE DATABASE fourth OWNER owner")
+    result = subprocess.run(
+        [sys.executable, "-m", "tickstock.store.db_cli", "migrate", "--postgres",
+         postgres_server.dsn("fourth", user="owner")],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout
+    assert result.stdout == "".join(f"applied {name}\n" for name in ALL) + (
+        "tickstock-db: NOTICE: default_transaction_read_only not set on tickstock_reader "
+        "(owner may not alter it)\n")
 
 
 # ---------------------------------------------------------------- the command line

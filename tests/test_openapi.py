@@ -33,7 +33,7 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail
-from twisted.web.client import Agent, FileBodyProducer, readBody
+from twisted.web.client import Agent, FileBodyProducer
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
@@ -42,12 +42,16 @@ from tests.servers import free_port
 from tests.test_api import (  # noqa: F401 - fixtures
     AUTH, Answer, SwitchableStore, bearer, call, seed, serve, store, token,
 )
+from tests.wsclient import read_body
 from tickstock.bus.memory import MemoryBus
 from tickstock.config import JOB_PATTERNS
-from tickstock.events import CHANNELS, SYMBOL
+from tickstock.events import SYMBOL
+from tickstock.normalize import RESULT_FIELDS
 from tickstock.history.memory import MemoryHistory
 from tickstock.interfaces import IJobStore
-from tickstock.jobs import ACTIVE, FINAL, MAX_SYMBOLS, MAX_YEARS, PARAMS, PROGRESS_CHANNEL, Jobs
+from tickstock.jobs import (
+    ACTIVE, FINAL, MAX_SYMBOLS, MAX_YEARS, PARAMETERS, PARAMS, PROGRESS_CHANNEL, Jobs,
+)
 from tickstock.router import Router
 from tickstock.store import StoreUnavailable
 from tickstock.web.api import (
@@ -176,7 +180,7 @@ async def request(port: int, method: str, path: str, body: bytes | None = None,
             headers[b"content-type"] = [content_type.encode()]
     response = await Agent(reactor).request(
         method.encode(), f"http://127.0.0.1:{port}{path}".encode(), Headers(headers), producer)
-    raw = await readBody(response)
+    raw = await read_body(response)
     try:
         parsed = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -365,7 +369,7 @@ def test_documented_limits_are_the_enforced_ones():
     assert f"{JOB_BODY_MAX} bytes" in resolve(
         operations(JOBS)["POST"]["responses"]["413"])[0]["description"]
     assert list(params["properties"]) == list(PARAMS)
-    assert set(params["required"]) == set(PARAMS) - {"patterns"}
+    assert set(params["required"]) == set(PARAMS) - {"patterns", "parameters"}
     assert params["additionalProperties"] is False
     symbols = params["properties"]["symbols"]
     assert (symbols["minItems"], symbols["maxItems"]) == (1, MAX_SYMBOLS)
@@ -377,6 +381,21 @@ def test_documented_limits_are_the_enforced_ones():
     assert job_patterns["uniqueItems"] is True and job_patterns["default"] == []
     assert f"{MAX_YEARS} years" in params["description"]
     assert f"{MAX_YEARS} years" in params["properties"]["end_date"]["description"]
+    parameters = resolve(params["properties"]["parameters"])[0]
+    assert parameters["additionalProperties"] is False and parameters["default"] == {}
+    assert list(parameters["properties"]) == list(PARAMETERS)
+    for name, (low, low_allowed, high) in PARAMETERS.items():
+        bounds = parameters["properties"][name]
+        assert bounds["type"] == "number" and bounds["maximum"] == high
+        assert bounds["minimum" if low_allowed else "exclusiveMinimum"] == low, name
+    messages = yaml.safe_load((ROOT / "docs" / "asyncapi.yaml").read_text("utf-8"))
+    sent = messages["components"]["schemas"]["BacktestParameters"]
+
+    def bounds_of(schema: dict[str, Any]) -> dict[str, Any]:
+        return {name: {k: v for k, v in prop.items() if k != "description"}
+                for name, prop in schema["properties"].items()}
+
+    assert bounds_of(sent) == bounds_of(parameters), "asyncapi.yaml says the same"
 
     assert schema("JobStatus")["enum"] == list(ACTIVE + FINAL)
     record = {"job_id": SOME_JOB_ID, "status": "queued", "params": PARAMS_EXAMPLE,
@@ -386,10 +405,7 @@ def test_documented_limits_are_the_enforced_ones():
     assert set(schema("Job")["required"]) == set(job_view(record))
     Draft202012Validator({"$ref": BASE_URI + "#/components/schemas/Job"},
                          registry=REGISTRY).validate(job_view(record))
-    results = CHANNELS[RESULTS_CHANNEL].required
-    assert "results" in dict(results)
-    assert set(schema("JobResults")["required"]) == {
-        "win_rate", "roi", "sharpe_ratio", "max_drawdown"}
+    assert set(schema("JobResults")["required"]) == set(RESULT_FIELDS)
 
 
 # ---------------------------------------------------------------- real answers
@@ -448,7 +464,7 @@ async def test_documented_parameters_are_accepted_and_their_bounds_enforced(
         answer = await submit(port, value)
         if wrong is None:
             check(JOBS, 202, answer, "POST")
-            assert answer.body["params"] == {"patterns": [], **value}
+            assert answer.body["params"] == {"patterns": [], "parameters": {}, **value}
         else:
             check(JOBS, 400, answer, "POST")
             assert answer.body["error"]["code"] == "bad_params", (value, answer.body)
@@ -470,6 +486,23 @@ async def test_documented_parameters_are_accepted_and_their_bounds_enforced(
     await expect_body({**base, "patterns": catalogue[:1] * 2}, {"patterns"})
     await expect_body({**base, "patterns": ["NoSuchPattern"]}, {"patterns"})
     await expect_body({**base, "patterns": props["patterns"]["default"]}, None)
+    parameters = resolve(props["parameters"])[0]
+    for name, bounds in parameters["properties"].items():
+        wrong = {f"parameters.{name}"}
+        high = bounds["maximum"]
+        await expect_body({**base, "parameters": {name: high}}, None)
+        await expect_body({**base, "parameters": {name: high * 1.5}}, wrong)
+        if "minimum" in bounds:
+            await expect_body({**base, "parameters": {name: bounds["minimum"]}}, None)
+            await expect_body({**base, "parameters": {name: bounds["minimum"] - 1e-6}}, wrong)
+        else:
+            await expect_body({**base, "parameters": {name: bounds["exclusiveMinimum"]}}, wrong)
+            await expect_body({**base, "parameters": {name: bounds["exclusiveMinimum"] + 1e-6}},
+                              None)
+        await expect_body({**base, "parameters": {name: str(high)}}, wrong)
+    await expect_body({**base, "parameters": parameters["default"]}, None)
+    await expect_body({**base, "parameters": {"leverage": 2}}, {"parameters.leverage"})
+    await expect_body({**base, "parameters": [1]}, {"parameters"})
     for name in props:
         without = {k: v for k, v in {**base, "patterns": ["Doji"]}.items() if k != name}
         await expect_body(without, {name} if name in params["required"] else None)
@@ -584,11 +617,12 @@ async def job_route_answers(store: Any, serve_jobs: Any,
     done = add(JOBS, "POST", 202, await submit(port, PARAMS_EXAMPLE))
     assert done.header("location") == f"/api/jobs/{done.body['job_id']}"
     assert done.body["status"] == "queued" and done.body["progress"] == 0
-    assert done.body["params"] == PARAMS_EXAMPLE and done.body["results"] is None
+    assert done.body["params"] == {"parameters": {}, **PARAMS_EXAMPLE}
+    assert done.body["results"] is None
     without = {k: v for k, v in PARAMS_EXAMPLE.items() if k != "patterns"}
     running = add(JOBS, "POST", 202, await submit(
         port, without, content_type="application/json; charset=utf-8"))
-    assert running.body["params"] == {**without, "patterns": []}
+    assert running.body["params"] == {**without, "patterns": [], "parameters": {}}
     cancel = add(JOBS, "POST", 202, await submit(port, PARAMS_EXAMPLE))
     too_many = add(JOBS, "POST", 429, await submit(port, PARAMS_EXAMPLE))
     assert too_many.body["error"]["code"] == "too_many_jobs"

@@ -24,7 +24,8 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from tickstock.bars import BarAggregator
-from tickstock.events import Event, parse_event
+from tickstock.events import Event
+from tickstock.normalize import parse_event
 from tickstock.interfaces import IStore
 from tickstock.persist import STOP_TIMEOUT, Persister
 from tickstock.store import Bar, StoreUnavailable

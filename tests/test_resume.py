@@ -29,7 +29,8 @@ from tests.servers import RedisServer
 from tests.test_end_to_end import pattern, ready
 from tests.wsclient import RecordingClient, connect, eventually
 from tickstock.bus.redis import Occurrences
-from tickstock.events import id_key, parse_event
+from tickstock.events import id_key
+from tickstock.normalize import parse_event
 from tickstock.history import BOOKMARK_EVERY
 from tickstock.history.memory import MemoryHistory
 
@@ -396,7 +397,7 @@ async def test_each_daemon_decodes_only_the_events_another_daemon_stored(
     decoded = []
     decode = redis_history._entry_event
     monkeypatch.setattr(redis_history, "_entry_event",
-                        lambda entry: decoded.append(entry) or decode(entry))
+                        lambda entry, topic: decoded.append(entry) or decode(entry, topic))
     a = daemons(redis=redis_server.url)
     b = daemons(redis=redis_server.url)
     await ready(a)
@@ -439,7 +440,7 @@ async def test_the_events_a_daemon_keeps_for_its_tail_are_bounded(
     decoded = []
     decode = redis_history._entry_event
     monkeypatch.setattr(redis_history, "_entry_event",
-                        lambda entry: decoded.append(entry) or decode(entry))
+                        lambda entry, topic: decoded.append(entry) or decode(entry, topic))
     monkeypatch.setattr(redis_history, "STORED_KEPT", 3)
     a = daemons(redis=redis_server.url)
     await ready(a)

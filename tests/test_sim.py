@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import math
+import os
 import random
 import re
+import subprocess
+import sys
 from collections import Counter
 from datetime import date
 from typing import Any
 
 import orjson
 import pytest
+import pytest_twisted
 from twisted.internet import defer, task
 
 from tickstock import sim
@@ -370,3 +374,280 @@ def test_publish_one_encodes_once() -> None:
     assert rec.sent == [(sim.TICKS, event)] and producer.published == 1
     with pytest.raises(ValueError):
         Producer(clock, rec, make_sim(), 0)
+
+
+# ---------------------------------------------------------------- the upstream dialect
+
+NOW = 1_760_000_000.25
+UPSTREAM_SHAPES = {
+    "tick_data on its symbol and all_ticks", "market_tick",
+    "pattern flat", "pattern under data", "pattern under data.data",
+    "pattern detection on tickstock:patterns:streaming",
+    "pattern detection on tickstock:patterns:detected",
+    "name pattern", "name pattern_name", "name pattern_type",
+    "market_state with symbol", "market_state without symbol", "market_state under data",
+    "market_state of another type", "system_health with source, no service",
+    "health word warning", "tickstock:streaming:health", "tickstock:processing:status payload",
+    "tickstock:streaming:session_started", "tickstock:streaming:session_stopped",
+    "indicator value", "indicator values", "tickstock:alerts:indicators",
+    "tickstock:alerts:critical", "universe theme_updated", "universe universe_synchronized",
+    "tickstock:cache:sync_complete payload", "tickstock:universe:updated payload",
+    "probe test", "probe health_check",
+}
+
+
+def shapes_of(channels: tuple[str, ...], message: dict[str, Any]) -> set[str]:
+    """The shapes of the issue "The real producer" that one message has, read off it."""
+    channel, shapes = channels[0], set()
+    payload = message.get("data") or message.get("detection") or {}
+    if isinstance(payload.get("data"), dict):
+        payload = payload["data"]
+    for name in ("pattern", "pattern_name", "pattern_type"):
+        if name in message or name in payload:
+            shapes.add(f"name {name}")
+    if "test" in message:
+        shapes.add("probe test")
+    elif message.get("event_type") == "health_check":
+        shapes.add("probe health_check")
+    elif channel.startswith("tickstock.ticks."):
+        assert channels == (channel, "tickstock.all_ticks")
+        assert channel == f"tickstock.ticks.{message['ticker']}"
+        shapes.add("tick_data on its symbol and all_ticks")
+    elif channel == "tickstock:market:ticks":
+        assert message["type"] == "market_tick" and "symbol" in message
+        shapes.add("market_tick")
+    elif channel == sim.PATTERNS_CHANNEL:
+        shapes.add("pattern flat" if "data" not in message else
+                   "pattern under data.data" if "data" in message["data"] else
+                   "pattern under data")
+    elif channel.startswith("tickstock:patterns:"):
+        shapes.add(f"pattern detection on {channel}")
+    elif channel == sim.MARKET_STATE:
+        fields = message.get("data", message)
+        shapes.add("market_state with symbol" if "symbol" in fields else
+                   "market_state without symbol")
+        if message["event_type"] not in ("ranking_change", "sector_rotation", "stage_change"):
+            shapes.add("market_state of another type")
+        if "data" in message:
+            shapes.add("market_state under data")
+    elif channel == sim.HEALTH:
+        if "source" in message and "service" not in message:
+            shapes.add("system_health with source, no service")
+        if message["status"] == "warning":
+            shapes.add("health word warning")
+    elif channel == "tickstock:indicators:streaming":
+        shapes.add("indicator values" if "values" in message["calculation"] else
+                   "indicator value")
+    elif channel in ("tickstock.universe.updated", "tickstock.cache.sync_complete"):
+        shapes.add(f"universe {message['event_type']}")
+    elif "payload" in message:
+        shapes.add(f"{channel} payload")
+    else:
+        shapes.add(channel)
+    return shapes
+
+
+def time_forms(message: dict[str, Any]) -> set[str]:
+    """How the timestamps anywhere in C{message} are written (C{none}: it has none)."""
+    found: list[Any] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if "timestamp" in node:
+                found.append(node["timestamp"])
+            for value in node.values():
+                walk(value)
+
+    walk(message)
+    forms = set()
+    for value in found:
+        if isinstance(value, float):
+            forms.add("epoch_s")
+        elif isinstance(value, int):
+            forms.add("epoch_ms" if value > 10**11 else "epoch_s_int")
+        elif value.endswith("Z"):
+            forms.add("iso_z")
+        elif re.search(r"[+-]\d\d:\d\d$", value):
+            forms.add("iso_offset")
+        else:
+            forms.add("iso_naive")
+    return forms or {"none"}
+
+
+def test_every_upstream_message_normalizes_and_every_shape_occurs() -> None:
+    """
+    Over a few thousand draws, every message of the upstream dialect, on
+    each Redis channel it is published on, normalizes to an event (or is a
+    probe): none is refused; its timestamp, in whatever form, is the draw's
+    time; and every shape and every timestamp form of the issue occurs.
+    """
+    from tickstock.normalize import Probe, parse_event
+
+    upstream = sim.UpstreamSimulator(default_symbols(30), random.Random(5))
+    shapes: Counter[str] = Counter()
+    forms: set[str] = set()
+    topics: Counter[str] = Counter()
+    for i in range(4000):
+        now = NOW + i * 0.01
+        channels, raw = upstream.next_message(now)
+        message = orjson.loads(raw)
+        shape = shapes_of(channels, message)
+        shapes.update(shape)
+        forms |= time_forms(message)
+        probe = bool(shape & {"probe test", "probe health_check"})
+        for channel in channels:
+            try:
+                event = parse_event(channel, raw, "1-0", now + 5)
+            except Probe:
+                assert probe, message
+                continue
+            assert not probe, message
+            topics[event.topic] += 1
+            assert "event_id" not in message
+            stamped = "none" not in time_forms(message)
+            assert event.data["timestamp"] == pytest.approx(now if stamped else now + 5, abs=1)
+    assert set(shapes) == UPSTREAM_SHAPES, set(shapes) ^ UPSTREAM_SHAPES
+    assert forms == set(sim.TIME_FORMS)
+    assert set(topics) == {"patterns", "market_state", "health", "ticks", "universe",
+                           "indicators", "alerts"}
+    assert 0.55 < (topics["ticks"] - shapes["tick_data on its symbol and all_ticks"]) / 4000 < 0.65
+
+
+def test_upstream_ticks_are_one_message_each() -> None:
+    """
+    The producer counts a tick once, though a C{tick_data} goes out twice
+    (the same bytes on its symbol's channel and on all_ticks); with
+    per-symbol channels off (streams mode) it goes to all_ticks only.
+    """
+    for per_symbol in (True, False):
+        clock, sent = task.Clock(), []
+        upstream = sim.UpstreamSimulator(default_symbols(5), random.Random(2), per_symbol)
+        producer = Producer(clock, lambda c, p: sent.append((c, p)), upstream, 1000)
+        producer.start()
+        clock.pump([0.01] * 100)
+        producer.stop()
+        assert producer.published == 1000
+        pairs = [(a, b) for a, b in zip(sent, sent[1:]) if a[0].startswith("tickstock.ticks.")]
+        assert all(b == ("tickstock.all_ticks", a[1]) for a, b in pairs)
+        assert len(sent) == 1000 + len(pairs) and (len(pairs) > 200) == per_symbol
+
+
+def test_upstream_jobs_answer_in_upstream_shapes_and_a_cancel_on_both_channels_once() -> None:
+    """
+    The upstream job runner reads TickStock's job message (C{type},
+    C{parameters}, C{source}): progress without timestamp, event id or user,
+    and a result without C{completed_at}, which TickStock normalizes (the
+    result's time is its timestamp); a cancel sent on both channels ends the
+    job with one C{cancelled} progress.
+    """
+    from tickstock.normalize import parse_event
+
+    clock, rec = task.Clock(), Recorder()
+    clock.advance(NOW)
+    runner = JobRunner(clock, rec, Backtester(3), step_interval=0.5, upstream=True)
+    job = {**JOB, "type": "backtest_job", "source": "tickstock",
+           "parameters": {"initial_capital": 50_000, "commission_rate": 0.001}}
+    del job["job_type"]
+    assert runner.handle_job(orjson.dumps(job)) == "job-1"
+    assert runner.handle_job(orjson.dumps({**job, "job_id": "job-2"})) == "job-2"
+    clock.pump([0.5] * 4)
+    progress = [p for p in rec.on(sim.PROGRESS) if p["job_id"] == "job-1"]
+    assert [(p["progress"], p["status"]) for p in progress] == [
+        (0.25, "processing"), (0.5, "processing"), (0.75, "processing"), (1.0, "completed")]
+    assert [p["processed_symbols"] for p in progress] == [1, 1, 2, 2]
+    for p in progress:
+        assert {"timestamp", "event_id", "user_id", "event_type"}.isdisjoint(p)
+        event = parse_event(sim.PROGRESS, orjson.dumps(p), "1-0", 5.0)
+        assert event.data["timestamp"] == 5.0 and event.job_id == "job-1"
+    result = rec.on(sim.RESULTS)[0]
+    assert "completed_at" not in result and result["status"] == "completed"
+    figures = Backtester(3).run(JOB)
+    assert result["results"]["win_rate"] == figures["win_rate"]
+    assert result["results"]["total_trades"] == figures["trades"]
+    assert result["results"]["duration_days"] == 364
+    event = parse_event(sim.RESULTS, orjson.dumps(result), "1-0", 5.0)
+    assert event.data["completed_at"] == event.data["timestamp"] == NOW + 2.0
+
+    rec.sent.clear()
+    runner.handle_job(orjson.dumps({**job, "job_id": "job-3"}))
+    clock.advance(0.5)
+    cancel = orjson.dumps({"action": "cancel", "job_id": "job-3", "user_id": "alice",
+                           "reason": "cancelled", "timestamp": NOW})
+    assert runner.handle_control(cancel) and not runner.handle_control(cancel)
+    clock.advance(10)
+    assert [(p["progress"], p["status"]) for p in rec.on(sim.PROGRESS)] == [
+        (0.25, "processing"), (0.25, "cancelled")]
+    assert runner.rejected == 0
+
+
+def test_an_upstream_backtest_that_fails_says_so_in_its_result() -> None:
+    class Broken(Backtester):
+        def run(self, job: Any) -> dict[str, float | int]:
+            raise RuntimeError("no data")
+
+    clock, rec = task.Clock(), Recorder()
+    JobRunner(clock, rec, Broken(), upstream=True).handle_job(orjson.dumps(JOB))
+    clock.pump([0.5] * 4)
+    (result,) = rec.on(sim.RESULTS)
+    assert (result["status"], result["error"]) == ("failed", "no data")
+    assert "results" not in result
+
+
+def test_the_cli_dialect_option() -> None:
+    from tickstock.sim_cli import parse_args
+
+    assert parse_args(["--redis", "redis://127.0.0.1"]).dialect == "tickstock"
+    assert parse_args(["--redis", "redis://127.0.0.1", "--dialect", "upstream"]).dialect == \
+        "upstream"
+    with pytest.raises(SystemExit):
+        parse_args(["--redis", "redis://127.0.0.1", "--dialect", "flask"])
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_daemon_fed_by_the_upstream_dialect_delivers_and_refuses_nothing(
+        redis_server, daemons):
+    """
+    C{tickstock-sim --dialect upstream}, a process of its own, feeds a real
+    daemon through a real redis-server: a WebSocket client gets patterns,
+    ticks, health and the other topics, and a backtest it submits (with
+    upstream's parameters) runs to its result; probes are counted, and not
+    one message is dead-lettered.
+    """
+    from tests.wsclient import connect, eventually
+
+    daemon = daemons(redis=redis_server.url)
+    await eventually(lambda: daemon.service.readiness()[0], 15, "the daemon ready")
+    client = await connect(daemon.port, hello=daemon.hello("alice"))
+    topics = ("patterns", "ticks", "health", "market_state", "indicators", "alerts", "universe",
+              "backtests")
+    for topic in topics:
+        await client.request({"op": "subscribe", "id": topic, "topic": topic}, "subscribed")
+    program = os.path.join(os.path.dirname(sys.executable), "tickstock-sim")
+    simulator = subprocess.Popen(
+        [program, "--redis", redis_server.url, "--dialect", "upstream", "--rate", "300",
+         "--symbols", "5", "--seed", "11", "--step-interval", "0.2"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        await eventually(lambda: redis_server.command(
+            "PUBSUB", "NUMSUB", "tickstock.jobs.backtest").endswith(b":1\r\n"), 15,
+            "the simulator listening for jobs")
+        accepted = await client.request({"op": "submit_backtest", "id": "r", "params": {
+            "symbols": ["AAPL", "MSFT"], "start_date": "2023-01-02", "end_date": "2023-06-30",
+            "parameters": {"initial_capital": 25_000, "stop_loss_pct": 0.05}}}, "job_accepted")
+        assert accepted["op"] == "job_accepted", accepted
+        await eventually(lambda: all(client.events(t) for t in topics), 30,
+                         "an event of every topic")
+        await eventually(lambda: any(e["type"] == "backtest_result"
+                                     for e in client.events("backtests")), 15, "the result")
+        await eventually(lambda: sum(daemon.service.router.probes.values()) > 0, 15, "a probe")
+    finally:
+        simulator.kill()
+        simulator.wait()
+    (result,) = [e for e in client.events("backtests") if e["type"] == "backtest_result"]
+    assert result["data"]["job_id"] == accepted["job_id"]
+    assert set(result["data"]["results"]) >= {"win_rate", "roi", "sharpe_ratio", "max_drawdown"}
+    tick = client.events("ticks")[-1]["data"]
+    assert tick["symbol"] in default_symbols(5) and tick["price"] > 0
+    assert isinstance(client.events("patterns")[-1]["data"]["timestamp"], float)
+    assert daemon.service.router.malformed == {}
+    assert redis_server.command("LLEN", "tickstock:deadletter") == b":0\r\n"

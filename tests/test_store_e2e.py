@@ -60,8 +60,8 @@ def expected_bars(ticks: list[dict[str, Any]]) -> dict[tuple[str, int], tuple[fl
 
 
 def stored_bars(pg: PostgresServer) -> dict[tuple[str, int], tuple[float, ...]]:
-    rows = pg.sql("SELECT symbol, extract(epoch FROM minute)::bigint, open, high, low, close, "
-                  "volume FROM ohlcv_1min")
+    rows = pg.sql("SELECT symbol, extract(epoch FROM \"timestamp\")::bigint, open, high, low, "
+                  "close, volume FROM ohlcv_1min")
     return {(r[0], r[1]): tuple(r[2:]) for r in rows}
 
 

@@ -14,7 +14,8 @@ from twisted.internet.task import Clock
 
 from tickstock.broadcast import BadRequest, Broadcaster, Filter
 from tickstock.catchup import deepen
-from tickstock.events import Event, id_before, parse_event
+from tickstock.events import Event, id_before
+from tickstock.normalize import parse_event
 from tickstock.history import Replay
 from tickstock.store.memory import MemoryStore
 from tickstock.throttle import TickThrottle
@@ -146,4 +147,4 @@ def test_deep_catch_up_pages_until_the_gap_is_filled() -> None:
         deepen(replay, empty, "patterns", "1000-10", None, 100)).missed == replay.missed
     assert now(
         deepen(replay, store, "ticks", "1000-10", None, 100)) is replay
-    assert id_before("5-0") == f"4-{2**31 - 1}" and id_before("5-3") == "5-2"
+    assert id_before("5-0") == f"4-{2**63 - 1}" and id_before("5-3") == "5-2"

@@ -20,7 +20,9 @@ from tickstock.broadcast import Broadcaster, Filter, parse_filter
 from tickstock.bus.memory import MemoryBus
 from tickstock.bus.redis import RedisLink, RedisPubSubSource
 from tickstock.config import parse_redis_url
-from tickstock.events import CHANNELS, ID_STRIDE, EventIds, TickIds, id_key, parse_event
+from tickstock.events import ID_STRIDE, EventIds, TickIds, id_key
+from tickstock.normalize import parse_event
+from tickstock.topics import DEFAULT_CHANNELS
 from tickstock.auth import anonymous
 from tickstock.gateway import Gateway
 from tickstock.history.memory import MemoryHistory
@@ -225,7 +227,7 @@ def test_router_dead_letters_and_logs_each_kind_once():
         router.receive("tickstock.events.patterns", raw)
     router.receive("tickstock.events.patterns", orjson.dumps(
         {"symbol": "AAPL", "pattern": "Doji", "confidence": 1, "timestamp": 5}))
-    assert dict(router.malformed) == {"not_json": 2, "not_object": 1, "missing_field": 1}
+    assert router.malformed_by_kind() == {"not_json": 2, "not_object": 1, "missing_field": 1}
     assert len(bus.dead_letters) == 2 and bus.dead_letters[0][2].startswith("missing_field")
     assert [e.symbol for e in store.recent("patterns", 10).result] == ["AAPL"]
 
@@ -238,12 +240,16 @@ def test_every_channel_has_a_topic_and_parses_a_minimal_message():
         "health": {"service": "pl", "status": "down", "timestamp": 1},
         "ticks": {"symbol": "AAPL", "price": 1.5, "volume": 0, "timestamp": 1},
         "universe": {"timestamp": 1},
+        "indicators": {"symbol": "AAPL", "indicator": "RSI", "value": 50},
+        "alerts": {"symbol": "AAPL", "alert_type": "rsi_overbought"},
     }
-    for name, channel in CHANNELS.items():
+    for channel in DEFAULT_CHANNELS:
         if channel.topic == "backtests":
             continue
-        parsed = parse_event(name, orjson.dumps(samples[channel.topic]), "1-0", 1.0)
-        assert parsed.topic == channel.topic and parsed.type in channel.event_types
+        for name in channel.redis:
+            name = name.replace("*", "AAPL")
+            parsed = parse_event(name, orjson.dumps(samples[channel.topic]), "1-0", 1.0)
+            assert parsed.topic == channel.topic and parsed.channel == channel.name
 
 
 def make_gateway(clock: Clock, link: Any = None) -> Gateway:

@@ -18,7 +18,8 @@ from typing import Any, Callable, Iterable
 
 from zope.interface import implementer
 
-from tickstock.events import SYMBOL, TOPICS, Event, id_key, shown
+from tickstock.events import SYMBOL, Event, id_key, shown
+from tickstock.topics import TOPIC_NAMES, TOPICS
 from tickstock.interfaces import REPLAYED, IClient, IEventSink
 
 MAX_FILTER_SYMBOLS = 1000
@@ -26,14 +27,6 @@ MAX_FILTER_PATTERNS = 100
 MAX_ID_LENGTH = 64
 UNIVERSE_KEY = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}\Z")
 
-_FILTER_FIELDS = {
-    "patterns": {"symbols", "universe", "patterns", "min_confidence"},
-    "market_state": {"symbols", "universe"},
-    "ticks": {"symbols", "universe"},
-    "backtests": set(),
-    "health": set(),
-    "universe": set(),
-}
 
 
 class BadRequest(ValueError):
@@ -79,7 +72,7 @@ def parse_filter(topic: str, raw: Any) -> Filter:
         return Filter()
     if not isinstance(raw, dict):
         raise BadRequest("bad_filter", "filter must be an object")
-    unknown = sorted(set(raw) - _FILTER_FIELDS[topic])
+    unknown = sorted(set(raw) - TOPICS[topic].filters)
     if unknown:
         raise BadRequest("bad_filter", f"filter field {shown(unknown[0])} does not apply to {topic}")
 
@@ -160,7 +153,7 @@ class Broadcaster:
 
     def __init__(self, prepare: Callable[[bytes], object]) -> None:
         self._prepare = prepare
-        self._by_symbol: dict[str, dict[str, set[Subscription]]] = {t: {} for t in TOPICS}
+        self._by_symbol: dict[str, dict[str, set[Subscription]]] = {t: {} for t in TOPIC_NAMES}
         self._any: dict[str, set[Subscription]] = {t: set() for t in TOPICS}
         self._by_user: dict[str, set[Subscription]] = {}
         self.delivered = 0

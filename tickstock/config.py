@@ -18,8 +18,10 @@ import os
 import re
 import tomllib
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 from urllib.parse import unquote, urlsplit
+
+from tickstock.topics import DEFAULT_REGISTRY, Registry, configure
 
 ENV_PREFIX = "TICKSTOCK_"
 SECRET_ENV = ENV_PREFIX + "JWT_SECRET"
@@ -29,8 +31,14 @@ MIN_SECRET_BYTES = 32
 class ConfigError(ValueError):
     """
     A setting is wrong. The message is one line that names the option
-    (as its command-line flag) and says what was wrong with the value.
+    (as its command-line flag) and says what was wrong with the value;
+    C{problems} holds that line and any others found with it, so that a
+    user fixes them all in one go.
     """
+
+    def __init__(self, *problems: str) -> None:
+        super().__init__(problems[0])
+        self.problems: tuple[str, ...] = problems
 
 
 @dataclass(frozen=True)
@@ -217,6 +225,18 @@ def _sentinels(value: Any) -> tuple[tuple[str, int], ...]:
     return tuple(dict.fromkeys(result))
 
 
+def _dsn(value: Any) -> str:
+    import psycopg2.extensions
+
+    dsn = _str(value)
+    try:
+        psycopg2.extensions.parse_dsn(dsn)
+    except psycopg2.ProgrammingError:
+        # psycopg2's message quotes the DSN, which may hold a password.
+        raise ValueError("not a PostgreSQL DSN (key=value pairs or a postgresql:// URL)") from None
+    return dsn
+
+
 def _readable_file(value: Any) -> str:
     path = _str(value)
     if not os.path.isfile(path):
@@ -256,9 +276,9 @@ OPTIONS: tuple[Option, ...] = (
            "gives only the password, user and db (its host and port are not used)."),
     Option("redis_master", _str, None,
            "Name of the master the --redis-sentinel sentinels monitor."),
-    Option("postgres", _str, None,
+    Option("postgres", _dsn, None,
            "PostgreSQL DSN; none: the embedded in-memory store."),
-    Option("postgres_readonly", _str, None,
+    Option("postgres_readonly", _dsn, None,
            "PostgreSQL DSN for UI reads (default: the --postgres DSN, read-only)."),
     Option("mode", _choice("pubsub", "streams"), "pubsub",
            "How to read the producer: pubsub or streams."),
@@ -274,6 +294,9 @@ OPTIONS: tuple[Option, ...] = (
            "Events per second the built-in simulator publishes (demo)."),
     Option("sim_symbols", _number(1, 10_000, int), 20,
            "How many symbols the built-in simulator trades (demo)."),
+    Option("sim_dialect", _choice("tickstock", "upstream"), "tickstock",
+           "The shapes the built-in simulator publishes (demo): tickstock, or upstream "
+           "(every shape the real producer sends, mixed)."),
     Option("max_message_size", _number(256, 16 * 1024 * 1024, int), 64 * 1024,
            "Largest client WebSocket message or frame, in bytes (close 1009 past it)."),
     Option("max_subscriptions", _number(1, 10_000, int), 100,
@@ -380,6 +403,7 @@ class Settings:
     allowed_origins: tuple[str, ...]
     sim_rate: float
     sim_symbols: int
+    sim_dialect: str
     max_message_size: int
     max_subscriptions: int
     client_queue_limit: int
@@ -416,6 +440,8 @@ class Settings:
     api_burst: int
     cors_origins: tuple[str, ...]
     jwt_secret: bytes | None = dataclasses.field(default=None, repr=False)
+    channels: Registry = dataclasses.field(default=DEFAULT_REGISTRY, repr=False)
+    """The producer channels: the defaults with the TOML file's C{[channels.*]} applied."""
 
     @property
     def embedded(self) -> bool:
@@ -423,7 +449,7 @@ class Settings:
         return self.redis is None
 
 
-assert {f.name for f in dataclasses.fields(Settings)} == set(_BY_NAME) | {"jwt_secret"}
+assert {f.name for f in dataclasses.fields(Settings)} == set(_BY_NAME) | {"jwt_secret", "channels"}
 
 
 def read_secret(path: str | None, environ: Mapping[str, str]) -> bytes | None:
@@ -465,7 +491,10 @@ def read_toml(path: str) -> dict[str, Any]:
     table = document.get("tickstock", document)
     if not isinstance(table, dict):
         raise ConfigError(f"--config: [tickstock] in {path} must be a table")
-    return {key.replace("-", "_"): value for key, value in table.items()}
+    options = {key.replace("-", "_"): value for key, value in table.items()}
+    if table is not document and "channels" in document:
+        options["channels"] = document["channels"]
+    return options
 
 
 def load_settings(
@@ -480,39 +509,108 @@ def load_settings(
     @param environ: the process environment (C{TICKSTOCK_*} are read).
     @param config_file: a TOML file, or L{None}; C{TICKSTOCK_CONFIG} names
         one when this is L{None}.
-    @raise ConfigError: naming the first wrong option.
+    @raise ConfigError: naming every wrong option, the first in its message.
+    """
+    checked = check_settings(flags, environ, config_file)
+    if checked.problems:
+        raise ConfigError(*checked.problems)
+    return checked.settings
+
+
+@dataclass(frozen=True)
+class Checked:
+    """
+    What L{check_settings} found. C{settings} holds the default in place of
+    each value that was wrong, so it is only for use when C{problems} is
+    empty (or to look at options not in C{wrong}).
+    """
+
+    settings: Settings
+    problems: tuple[str, ...]
+    wrong: frozenset[str]
+    """Options whose own value was wrong (a check between options does not count)."""
+    sources: Mapping[str, str]
+    """Where each option's value came from: C{default}, the TOML file, a variable or a flag."""
+
+
+def check_settings(
+    flags: Mapping[str, Any],
+    environ: Mapping[str, str],
+    config_file: str | None = None,
+) -> Checked:
+    """
+    Check every source at once (the parameters are those of L{load_settings})
+    and report every problem, one line each, so a first run is fixed in one
+    edit rather than one per start. A wrong value is not also reported by
+    the checks between options that read it: each problem is said once, at
+    its cause.
     """
     config_file = config_file or environ.get(ENV_PREFIX + "CONFIG")
+    problems: list[str] = []
+    registry = DEFAULT_REGISTRY
     layers: list[tuple[str, Mapping[str, Any]]] = []
     if config_file:
-        document = read_toml(config_file)
-        unknown = sorted(set(document) - set(_BY_NAME))
-        if unknown:
-            raise ConfigError(f"--config: unknown option {unknown[0]!r} in {config_file}")
-        layers.append(("toml", document))
+        try:
+            document = read_toml(config_file)
+        except ConfigError as error:
+            problems.append(str(error))
+        else:
+            tables = document.pop("channels", {})
+            try:
+                if not isinstance(tables, dict):
+                    raise ValueError("[channels] must be a table of channel tables")
+                registry = configure(tables)
+            except ValueError as error:
+                problems.extend(f"--config: {line}" for line in str(error).splitlines())
+            problems.extend(f"--config: unknown option {key!r} in {config_file}"
+                            for key in sorted(set(document) - set(_BY_NAME)))
+            layers.append(("toml", document))
     layers.append(("env", {
         option.name: environ[option.env] for option in OPTIONS if option.env in environ
     }))
     layers.append(("flag", flags))
 
     values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    wrong: set[str] = set()
     for option in OPTIONS:
-        value, source = option.default, None
+        value, source = option.default, "default"
         for name, layer in layers:
             if layer.get(option.name) is not None:
                 value, source = layer[option.name], name
-        if source is not None:
+        sources[option.name] = {"default": "default", "toml": str(config_file),
+                                "env": option.env, "flag": option.cli}[source]
+        if source != "default":
             try:
                 value = option.parse(value)
             except ValueError as error:
-                where = option.env if source == "env" else option.cli
-                raise ConfigError(f"{where}: {error}") from None
+                problems.append(f"{option.env if source == 'env' else option.cli}: {error}")
+                wrong.add(option.name)
+                value = option.default
         values[option.name] = value
-    values["redis"] = _sentinel_address(
-        values["redis"], values["redis_sentinel"], values["redis_master"])
-    settings = Settings(**values, jwt_secret=read_secret(values["jwt_secret_file"], environ))
-    _check_combination(settings)
-    return settings
+
+    secret = None
+    if "jwt_secret_file" in wrong:
+        wrong.add("jwt_secret")  # not the variable's instead: that would hide the mistake
+    else:
+        try:
+            secret = read_secret(values["jwt_secret_file"], environ)
+        except ConfigError as error:
+            problems.append(str(error))
+            wrong.add("jwt_secret")
+        except OSError as error:
+            problems.append(f"--jwt-secret-file: cannot read {error.filename}: {error.strerror}")
+            wrong.add("jwt_secret")
+    if not wrong & {"redis", "redis_sentinel", "redis_master"}:
+        try:
+            values["redis"] = _sentinel_address(
+                values["redis"], values["redis_sentinel"], values["redis_master"])
+        except ConfigError as error:
+            problems.append(str(error))
+            wrong.add("redis_sentinel")
+    settings = Settings(**values, jwt_secret=secret, channels=registry)
+    problems.extend(_combination_problems(settings, wrong))
+    return Checked(settings, tuple(problems), frozenset(wrong), sources)
 
 
 def _sentinel_address(
@@ -533,21 +631,88 @@ def _sentinel_address(
     return dataclasses.replace(base, sentinels=sentinels, master=master)
 
 
-def _check_combination(settings: Settings) -> None:
-    if settings.ws_ping_interval and settings.ws_ping_timeout >= settings.ws_ping_interval * 10:
-        raise ConfigError("--ws-ping-timeout: must be shorter than ten ping intervals")
-    if settings.redis_ping_timeout <= settings.redis_ping_interval:
-        raise ConfigError("--redis-ping-timeout: must be longer than --redis-ping-interval")
-    if settings.postgres_readonly and not settings.postgres:
-        raise ConfigError("--postgres-readonly: give --postgres too (the writer)")
-    if settings.redis is not None and not settings.demo and settings.jwt_secret is None:
-        raise ConfigError(
-            f"--jwt-secret-file: clients must authenticate when not --demo; "
-            f"give a secret file (or {SECRET_ENV})"
-        )
-    if settings.workers > 1 and settings.redis is None:
-        raise ConfigError("--workers: worker processes share events through Redis; give --redis")
-    if settings.workers > 1 and settings.listen.split(":", 1)[0] not in ("tcp", "tcp6"):
-        raise ConfigError("--workers: needs a tcp: --listen endpoint")
-    if settings.mode == "streams" and settings.redis is None:
-        raise ConfigError("--mode: streams mode reads Redis streams; give --redis")
+def _combination_problems(settings: Settings, wrong: set[str]) -> Iterator[str]:
+    """The rules between options; each is skipped when an option it reads was wrong."""
+
+    def given(*names: str) -> bool:
+        return not wrong.intersection(names)
+
+    if given("ws_ping_interval", "ws_ping_timeout") and settings.ws_ping_interval \
+            and settings.ws_ping_timeout >= settings.ws_ping_interval * 10:
+        yield "--ws-ping-timeout: must be shorter than ten ping intervals"
+    if given("redis_ping_interval", "redis_ping_timeout") \
+            and settings.redis_ping_timeout <= settings.redis_ping_interval:
+        yield "--redis-ping-timeout: must be longer than --redis-ping-interval"
+    if given("postgres", "postgres_readonly") and settings.postgres_readonly \
+            and not settings.postgres:
+        yield "--postgres-readonly: give --postgres too (the writer)"
+    if given("redis", "redis_sentinel", "redis_master", "demo", "jwt_secret") \
+            and settings.redis is not None and not settings.demo and settings.jwt_secret is None:
+        yield (f"--jwt-secret-file: clients must authenticate when not --demo; "
+               f"give a secret file (or {SECRET_ENV})")
+    if given("workers", "redis", "redis_sentinel") and settings.workers > 1 \
+            and settings.redis is None:
+        yield "--workers: worker processes share events through Redis; give --redis"
+    if given("workers", "listen") and settings.workers > 1 \
+            and settings.listen.split(":", 1)[0] not in ("tcp", "tcp6"):
+        yield "--workers: needs a tcp: --listen endpoint"
+    if given("mode", "redis", "redis_sentinel") and settings.mode == "streams" \
+            and settings.redis is None:
+        yield "--mode: streams mode reads Redis streams; give --redis"
+
+
+MASK = "***"
+
+
+def describe(checked: Checked) -> list[str]:
+    """
+    The effective settings, one line each with where the value came from:
+    what C{--check-config} prints. The JWT secret and the passwords in the
+    Redis URL and PostgreSQL DSNs are masked.
+    """
+    settings = checked.settings
+    width = max(len(option.cli) for option in OPTIONS)
+    lines = [f"{option.cli:<{width}}  {_shown(option.name, getattr(settings, option.name))}"
+             f"  ({checked.sources[option.name]})" for option in OPTIONS]
+    if settings.jwt_secret is None:
+        secret, source = "none: auth off", "default"
+    else:
+        secret = f"{MASK} ({len(settings.jwt_secret)} bytes)"
+        source = "--jwt-secret-file" if settings.jwt_secret_file else SECRET_ENV
+    lines.append(f"{'JWT secret':<{width}}  {secret}  ({source})")
+    return lines
+
+
+def _shown(name: str, value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, RedisAddress):
+        return masked_redis(value)
+    if name in ("postgres", "postgres_readonly"):
+        return masked_dsn(value)
+    if name == "redis_sentinel":
+        return ",".join(f"{host}:{port}" for host, port in value)
+    if isinstance(value, tuple):
+        return ",".join(value) if value else "none"
+    return str(value)
+
+
+def masked_redis(address: RedisAddress) -> str:
+    """The address as a URL that shows whether it has a user and password, not what they are."""
+    text = str(address)
+    if address.password is None and address.username is None:
+        return text
+    scheme, rest = text.split("://", 1)
+    password = f":{MASK}" if address.password is not None else ""
+    return f"{scheme}://{address.username or ''}{password}@{rest}"
+
+
+def masked_dsn(dsn: str) -> str:
+    """A PostgreSQL DSN (C{key=value} or URL) as C{key=value}, every password masked."""
+    import psycopg2.extensions
+
+    params = psycopg2.extensions.parse_dsn(dsn)
+    return psycopg2.extensions.make_dsn(**{
+        key: MASK if "password" in key else value for key, value in params.items()})

@@ -1,21 +1,22 @@
 """
-The producer's events: which channel feeds which topic, what a valid message
-looks like, and the ordered ids TickStock gives each event on arrival.
+The canonical event, and the ordered ids TickStock gives each event on
+arrival.
 
-Validation happens once, at the boundary, so everything past it (routing,
-storage, the wire) can trust an L{Event}. Unknown extra fields are kept and
-passed on, as the contract requires.
+An L{Event} is made once, at the boundary (L{tickstock.normalize}), so
+everything past it (routing, storage, the wire) can trust it. Unknown extra
+fields are kept and passed on, as the contract requires.
 """
 
 from __future__ import annotations
 
-import math
 import re
 import reprlib
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import orjson
+
+from tickstock.topics import DEFAULT_REGISTRY, TOPICS
 
 SYMBOL = re.compile(r"^[A-Z0-9.\-]{1,10}\Z")
 MAX_EVENT_BYTES = 64 * 1024
@@ -34,9 +35,6 @@ def shown(value: Any) -> str:
     length and depth, so a deeply nested one cannot overflow the stack."""
     return _SHOWN.repr(value)
 
-TOPICS = ("patterns", "market_state", "backtests", "health", "ticks", "universe")
-
-
 class MalformedEvent(ValueError):
     """
     A producer message TickStock cannot accept.
@@ -48,132 +46,6 @@ class MalformedEvent(ValueError):
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
         self.kind = kind
-
-
-Check = Callable[[Any], bool]
-
-
-def _finite(value: Any) -> bool:
-    return (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-    )
-
-
-def _unit(value: Any) -> bool:
-    return _finite(value) and 0 <= value <= 1
-
-
-def _positive(value: Any) -> bool:
-    return _finite(value) and value > 0
-
-
-def _non_negative(value: Any) -> bool:
-    return _finite(value) and value >= 0
-
-
-def _text(value: Any) -> bool:
-    return isinstance(value, str) and 0 < len(value) <= MAX_STRING
-
-
-def _symbol(value: Any) -> bool:
-    return isinstance(value, str) and SYMBOL.match(value) is not None
-
-
-def _one_of(*choices: str) -> Check:
-    return lambda value: value in choices
-
-
-def _results(value: Any) -> bool:
-    return isinstance(value, dict) and all(
-        _finite(value.get(name))
-        for name in ("win_rate", "roi", "sharpe_ratio", "max_drawdown")
-    )
-
-
-def _time(value: Any) -> bool:
-    return _positive(value) or _text(value)
-
-
-@dataclass(frozen=True)
-class Channel:
-    """
-    A producer channel: the topic its events go to and the fields they need.
-
-    @ivar event_types: the C{event_type} values allowed; the first is the
-        default for a message without one. Empty: any short string.
-    @ivar latest_only: the delivery class. Latest-only events (ticks, job
-        progress, health) supersede older ones with the same value of
-        C{conflate_by}, so a client that falls behind gets the newest per
-        key; all others are must-deliver and are never skipped.
-    """
-
-    name: str
-    topic: str
-    event_types: tuple[str, ...]
-    required: tuple[tuple[str, Check], ...]
-    keyed_by_symbol: bool = False
-    conflate_by: str | None = None
-
-    @property
-    def latest_only(self) -> bool:
-        return self.conflate_by is not None
-
-
-_TIMESTAMP = ("timestamp", _positive)
-
-CHANNELS: dict[str, Channel] = {
-    channel.name: channel
-    for channel in (
-        Channel(
-            "tickstock.events.patterns", "patterns", ("pattern_detected",),
-            (("symbol", _symbol), ("pattern", _text), ("confidence", _unit), _TIMESTAMP),
-            keyed_by_symbol=True,
-        ),
-        Channel(
-            "tickstock.events.market_state", "market_state",
-            ("ranking_change", "sector_rotation", "stage_change"),
-            (("symbol", _symbol), _TIMESTAMP),
-            keyed_by_symbol=True,
-        ),
-        Channel(
-            "tickstock.events.backtesting.progress", "backtests", ("backtest_progress",),
-            (("job_id", _text), ("progress", _unit), ("status", _text), _TIMESTAMP),
-            conflate_by="job_id",
-        ),
-        Channel(
-            "tickstock.events.backtesting.results", "backtests", ("backtest_result",),
-            (("job_id", _text), ("results", _results), ("completed_at", _time)),
-        ),
-        Channel(
-            "tickstock.health.status", "health", ("health",),
-            (("service", _text), ("status", _one_of("healthy", "degraded", "down")),
-             _TIMESTAMP),
-            conflate_by="service",
-        ),
-        Channel(
-            "tickstock.data.ticks", "ticks", ("tick",),
-            (("symbol", _symbol), ("price", _positive), ("volume", _non_negative),
-             _TIMESTAMP),
-            keyed_by_symbol=True,
-            conflate_by="symbol",
-        ),
-        *(
-            Channel(name, "universe", (default,), (_TIMESTAMP,))
-            for name, default in (
-                ("tickstock.universe.updated", "universe_updated"),
-                ("tickstock.cache.sync_complete", "cache_sync_complete"),
-                ("tickstock.etf.correlation_update", "etf_correlation_update"),
-                ("tickstock.cache.ipo_assignment", "ipo_assignment"),
-                ("tickstock.cache.delisting_cleanup", "delisting_cleanup"),
-            )
-        ),
-    )
-}
-
-JOBS_CHANNEL = "tickstock.jobs.backtest"
-CONTROL_CHANNEL = "tickstock.jobs.control"
 
 
 @dataclass(slots=True, eq=False)
@@ -190,6 +62,9 @@ class Event:
     @ivar size: the length of the message it came from, in bytes (0 if not
         known): what delivery budgets count, without encoding events that
         may never be sent (most ticks are superseded first).
+    @ivar latest: for a latest-only event, the key a newer event supersedes
+        it by (its topic and the values of its channel's C{latest_by}:
+        symbol, job or service); L{None} for must-deliver.
     """
 
     id: str
@@ -202,16 +77,12 @@ class Event:
     received_at: float = 0.0
     user: str | None = None
     size: int = 0
+    latest: tuple[Any, ...] | None = None
     _tail: bytes | None = field(default=None, repr=False)
 
     @property
-    def conflate_key(self) -> tuple[str, Any] | None:
-        """
-        For a latest-only event, the key a newer event supersedes it by
-        (channel and symbol, job or service); L{None} for must-deliver.
-        """
-        by = CHANNELS[self.channel].conflate_by
-        return None if by is None else (self.channel, self.data.get(by))
+    def conflate_key(self) -> tuple[Any, ...] | None:
+        return self.latest
 
     @property
     def wire_tail(self) -> bytes:
@@ -228,62 +99,7 @@ class Event:
         return b'{"op":"event","sub":' + orjson.dumps(sub_id) + self.wire_tail
 
 
-def parse_event(channel_name: str, raw: bytes, event_id: str, now: float) -> Event:
-    """
-    Validate one producer message.
-
-    @param raw: the message exactly as it came from Redis.
-    @param event_id: the id to give the event (see L{EventIds}).
-    @param now: arrival time, in seconds since the epoch.
-    @raise MalformedEvent: when the message must not reach anyone.
-    """
-    channel = CHANNELS.get(channel_name)
-    if channel is None:
-        raise MalformedEvent("unknown_channel", f"no such channel {shown(channel_name)}")
-    if len(raw) > MAX_EVENT_BYTES:
-        raise MalformedEvent("oversized", f"{len(raw)} bytes, limit {MAX_EVENT_BYTES}")
-    try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError as error:
-        raise MalformedEvent("not_json", f"not JSON: {error}") from None
-    if not isinstance(data, dict):
-        raise MalformedEvent("not_object", f"expected a JSON object, got {type(data).__name__}")
-    # Cheap first: fewer brackets than the limit cannot nest deeper than it.
-    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _depth(data) > MAX_DEPTH:
-        raise MalformedEvent("too_deep", f"nested deeper than {MAX_DEPTH} levels")
-
-    event_type = data.get("event_type", channel.event_types[0])
-    if not _text(event_type) or (
-        channel.topic != "universe" and event_type not in channel.event_types
-    ):
-        raise MalformedEvent(
-            "bad_event_type", f"event_type {shown(event_type)} not allowed on {channel.name}"
-        )
-    for name, check in channel.required:
-        if name not in data:
-            raise MalformedEvent("missing_field", f"{name} is required on {channel.name}")
-        if not check(data[name]):
-            raise MalformedEvent("bad_field", f"{name}={shown(data[name])} is not valid")
-    producer_id = data.get("event_id")
-    if producer_id is not None and not (
-        isinstance(producer_id, str) and 0 < len(producer_id) <= MAX_EVENT_ID
-    ):
-        raise MalformedEvent("bad_field", f"event_id must be a string of 1-{MAX_EVENT_ID} chars")
-
-    return Event(
-        id=event_id,
-        channel=channel.name,
-        topic=channel.topic,
-        type=event_type,
-        data=data,
-        symbol=data["symbol"] if channel.keyed_by_symbol else None,
-        job_id=data.get("job_id") if channel.topic == "backtests" else None,
-        received_at=now,
-        size=len(raw),
-    )
-
-
-def _depth(value: Any) -> int:
+def depth(value: Any) -> int:
     """How deeply C{value}'s objects and arrays nest (no recursion: it may be deep)."""
     deepest, stack = 0, [(value, 1)]
     while stack:
@@ -297,23 +113,33 @@ def _depth(value: Any) -> int:
 
 
 def stored_event(event_id: str, channel_name: str, event_type: str, raw: bytes | str,
-                 user: str | None) -> Event:
+                 user: str | None, topic: str | None = None) -> Event:
     """
-    Rebuild an event kept by the history. It was validated when it was
-    stored, so only its shape is restored here.
+    Rebuild an event kept by the history or a store. It was normalized when
+    it was stored, so only its shape is restored here.
+
+    @param topic: the event's topic where the record keeps it; else the
+        topic of the default channel of that name.
     """
-    channel = CHANNELS[channel_name]
+    channel = DEFAULT_REGISTRY.get(channel_name)
+    if topic is None:
+        if channel is None:
+            raise ValueError(f"no topic known for channel {channel_name!r}")
+        topic = channel.topic
     data = orjson.loads(raw)
+    kind = TOPICS[topic]
+    latest_by = channel.latest_by if channel is not None and channel.topic == topic else ()
     return Event(
         id=event_id,
-        channel=channel.name,
-        topic=channel.topic,
+        channel=channel_name,
+        topic=topic,
         type=event_type,
         data=data,
-        symbol=data["symbol"] if channel.keyed_by_symbol else None,
-        job_id=data.get("job_id") if channel.topic == "backtests" else None,
+        symbol=data.get("symbol") if kind.by_symbol else None,
+        job_id=data.get("job_id") if kind.targeted else None,
         user=user,
         size=len(raw),
+        latest=(topic, *(data.get(f) for f in latest_by)) if latest_by else None,
     )
 
 
@@ -391,4 +217,8 @@ def id_key(event_id: str) -> tuple[int, int]:
 def id_before(event_id: str) -> str:
     """The greatest id that sorts before C{event_id} (for "after" bounds)."""
     ms, seq = id_key(event_id)
-    return f"{ms}-{seq - 1}" if seq else f"{ms - 1}-{2**31 - 1}"
+    return f"{ms}-{seq - 1}" if seq else f"{ms - 1}-{MAX_SEQ}"
+
+
+MAX_SEQ = 2**63 - 1
+"""The greatest sequence number an id may have (C{events.id_seq} is a bigint)."""

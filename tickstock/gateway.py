@@ -27,7 +27,8 @@ from tickstock.broadcast import (
     Subscription,
     parse_filter,
 )
-from tickstock.events import TOPICS, id_key, shown
+from tickstock.events import id_key, shown
+from tickstock.topics import TOPIC_NAMES
 from tickstock.catchup import deepen
 from tickstock.history import Replay
 from tickstock.interfaces import IClient, IHistory, IStore
@@ -245,8 +246,8 @@ class Gateway:
         sub_id, topic = message.get("id"), message.get("topic")
         if sub_id is None:
             raise BadRequest("bad_request", "subscribe needs an id")
-        if topic not in TOPICS:
-            raise BadRequest("bad_topic", f"topic must be one of {', '.join(TOPICS)}")
+        if topic not in TOPIC_NAMES:
+            raise BadRequest("bad_topic", f"topic must be one of {', '.join(TOPIC_NAMES)}")
         if sub_id in state.subscriptions or sub_id in state.resolving:
             raise BadRequest("duplicate_id", f"subscription {shown(sub_id)} exists")
         if len(state.subscriptions) + len(state.resolving) >= self._max_subscriptions:

@@ -34,7 +34,8 @@ from twisted.python.failure import Failure
 
 from tickstock.broadcast import BadRequest
 from tickstock.config import JOB_PATTERNS
-from tickstock.events import CONTROL_CHANNEL, JOBS_CHANNEL, SYMBOL, Event, shown
+from tickstock.events import SYMBOL, Event, shown
+from tickstock.topics import CANCEL_CHANNEL, CONTROL_CHANNEL, JOBS_CHANNEL
 from tickstock.history import Refused
 from tickstock.interfaces import IHistory, IJobStore, IProducerLink
 
@@ -43,7 +44,19 @@ MAX_SYMBOLS = 50
 MAX_YEARS = 10
 FINAL = ("completed", "failed", "cancelled")
 ACTIVE = ("queued", "running")
-PARAMS = ("symbols", "start_date", "end_date", "patterns")
+PARAMS = ("symbols", "start_date", "end_date", "patterns", "parameters")
+PARAMETERS: Mapping[str, tuple[float, bool, float]] = {
+    "initial_capital": (0, False, 1e12),
+    "commission_rate": (0, True, 1),
+    "slippage_rate": (0, True, 1),
+    "max_position_size": (0, False, 1),
+    "stop_loss_pct": (0, False, 1),
+    "take_profit_pct": (0, False, 10),
+}
+"""The producer's backtest parameters (C{params.parameters}), each optional:
+C{(lowest, whether the lowest itself is allowed, highest)}. Rates, the
+position size (of the capital) and the percentages are fractions: 0.05 is
+5 %. One not given is not sent: the producer applies its own default."""
 SWEEP_BATCH = 100
 
 
@@ -140,11 +153,33 @@ def parse_params(params: Any, known_patterns: Iterable[str]) -> dict[str, Any]:
                                   + ", ".join(sorted(known)))
         elif len(set(patterns)) != len(patterns):
             errors["patterns"] = "a pattern is given more than once"
+    parameters = params.get("parameters", {})
+    if not isinstance(parameters, dict):
+        errors["parameters"] = "must be an object"
+    else:
+        errors.update(_parameter_errors(parameters))
     if errors:
         raise JobRefused(400, "bad_params", "; ".join(f"{k}: {v}" for k, v in errors.items()),
                          errors)
     return {"symbols": symbols, "start_date": params["start_date"],
-            "end_date": params["end_date"], "patterns": patterns}
+            "end_date": params["end_date"], "patterns": patterns, "parameters": parameters}
+
+
+def _parameter_errors(parameters: Mapping[str, Any]) -> dict[str, str]:
+    """One message per wrong entry of C{params.parameters}, keyed C{parameters.NAME}."""
+    errors: dict[str, str] = {}
+    for name, value in parameters.items():
+        key = f"parameters.{str(name)[:64]}"
+        if name not in PARAMETERS:
+            errors[key] = "unknown field"
+            continue
+        low, low_allowed, high = PARAMETERS[name]
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not (number and (low <= value if low_allowed else low < value) and value <= high):
+            fraction = "" if name == "initial_capital" else " (a fraction: 0.05 is 5 %)"
+            errors[key] = (f"must be a number {'>=' if low_allowed else '>'} {low:g} and "
+                           f"<= {high:g}{fraction}, not {shown(value)}")
+    return errors
 
 
 def _years_after(day: date, years: int) -> date:
@@ -235,8 +270,8 @@ class Jobs(Service):
             # The history must know the job before the producer can answer.
             await self._history.own(job_id, user)
             await self._link.publish(JOBS_CHANNEL, orjson.dumps(
-                {"job_type": "backtest", "job_id": job_id, "user_id": user, **params,
-                 "timestamp": now}))
+                {"job_type": "backtest", "type": "backtest_job", "job_id": job_id,
+                 "user_id": user, **params, "source": "tickstock", "timestamp": now}))
         except Exception as error:
             try:
                 await self._close(record, "failed", "producer unreachable", tell_producer=False)
@@ -272,7 +307,7 @@ class Jobs(Service):
         """
         Cancel C{user}'s queued or running job: its owner is told with a
         C{cancelled} progress event, and the producer on
-        C{tickstock.jobs.control}.
+        C{tickstock.jobs.cancel} and C{tickstock.jobs.control}.
 
         @raise JobRefused: C{not_found} (404), C{job_finished} (409).
         """
@@ -315,14 +350,17 @@ class Jobs(Service):
         if result is None:
             return "duplicate"
         if tell_producer:
-            control = {"action": "cancel", "job_id": job_id, "user_id": job["user_id"],
-                       "reason": error or status, "timestamp": now}
-            try:
-                await self._link.publish(CONTROL_CHANNEL, orjson.dumps(control))
-            except Exception as failure:
-                self.control_failures += 1
-                self._log.warn("could not tell the producer to stop job {job_id}: {e}",
-                               job_id=job_id, e=failure)
+            # Upstream reads cancels on their own channel; older producers on control.
+            control = orjson.dumps({"action": "cancel", "job_id": job_id,
+                                    "user_id": job["user_id"], "reason": error or status,
+                                    "timestamp": now})
+            for channel in (CANCEL_CHANNEL, CONTROL_CHANNEL):
+                try:
+                    await self._link.publish(channel, control)
+                except Exception as failure:
+                    self.control_failures += 1
+                    self._log.warn("could not tell the producer on {channel} to stop job "
+                                   "{job_id}: {e}", channel=channel, job_id=job_id, e=failure)
         return "closed"
 
     def sweep(self) -> Deferred[None]:

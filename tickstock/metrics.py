@@ -18,6 +18,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from tickstock.events import Event
+from tickstock.web.site import REFUSED_STATUS
 
 LAG_INTERVAL = 1.0
 # Delivery is milliseconds; the upper buckets catch a stalled reactor.
@@ -80,9 +81,15 @@ class _Collector:
                             "store_failure": events["store_failures"],
                             **{f"job_{k}": v for k, v in events["job_events_dropped"].items()}})
         yield dropped
+        deadlettered = CounterMetricFamily(
+            "tickstock_events_deadlettered", "Producer messages that could not be normalized "
+            "(kept in the dead-letter list), by channel and reason.", labels=["channel", "reason"])
+        for (channel, reason), value in sorted(x["deadlettered"].items()):
+            deadlettered.add_metric([channel, reason], value)
+        yield deadlettered
         yield _labelled(CounterMetricFamily(
-            "tickstock_events_deadlettered", "Malformed producer messages (kept in the dead "
-            "letter list), by kind.", labels=["kind"]), events["malformed"])
+            "tickstock_probes", "The producer's liveness probes received (not delivered), by "
+            "channel.", labels=["channel"]), x["probes"])
         yield _labelled(CounterMetricFamily(
             "tickstock_events_shed", "Producer messages shed under overload (too many on "
             "their way to the history), by channel.", labels=["channel"]), events["shed"])
@@ -95,6 +102,14 @@ class _Collector:
         yield _labelled(CounterMetricFamily(
             "tickstock_handshakes_refused", "WebSocket handshakes refused, by reason.",
             labels=["reason"]), h["handshakes_refused"])
+        refused = CounterMetricFamily(
+            "tickstock_http_refused", "HTTP requests refused before any resource answered "
+            "(WebSocket handshakes; requests too large to read or malformed), by reason and "
+            "status.", labels=["reason", "status"])
+        counts = {**h["handshakes_refused"], **h["http_refused"]}
+        for reason, status in sorted(REFUSED_STATUS.items()):
+            refused.add_metric([reason, str(status)], counts.get(reason, 0))
+        yield refused
         yield _counter("tickstock_slow_consumers_closed",
                        "Clients closed because they stopped reading.", h["slow_consumers_closed"])
         yield _counter("tickstock_live_gaps_closed", "Clients closed to resume after the live "

@@ -1,7 +1,8 @@
 """
-The router: the one place producer messages become events. It validates
-each message, sets aside what is malformed, and appends the rest to the
-history, which gives them their ids and feeds live delivery.
+The router: the one place producer messages become events. It finds each
+message's channel in the registry, normalizes it (L{tickstock.normalize}),
+counts probes, sets aside what cannot be understood, and appends the rest
+to the history, which gives them their ids and feeds live delivery.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from tickstock.events import CHANNELS, Event, MalformedEvent, parse_event
+from tickstock.events import Event, MalformedEvent, shown
 from tickstock.history import Refused
 from tickstock.interfaces import IHistory, IProducerLink
+from tickstock.normalize import Probe, normalize
 from tickstock.ticks import LiveTicks
+from tickstock.topics import DEFAULT_REGISTRY, TICKS, Registry
 
 SAMPLE_BYTES = 200
 MAX_IN_FLIGHT = 20_000
@@ -43,7 +46,8 @@ class Router:
                  stored: Callable[[Event], object] | None = None,
                  max_in_flight: int = MAX_IN_FLIGHT,
                  behind: Callable[[], bool] = lambda: False,
-                 ticks: LiveTicks | None = None) -> None:
+                 ticks: LiveTicks | None = None,
+                 registry: Registry = DEFAULT_REGISTRY) -> None:
         """
         @param stored: called with each event this process stored (not a
             duplicate), once, with its id: on every node together, each
@@ -60,7 +64,9 @@ class Router:
         @param ticks: where ticks go instead of the history (a pub/sub
             source: see L{tickstock.ticks}); each is in flight until it is
             known whether this process counts it.
+        @param registry: the channels, by the Redis names they come on.
         """
+        self._registry = registry
         self._clock = clock
         self._max_in_flight = max_in_flight
         self._behind = behind
@@ -76,7 +82,9 @@ class Router:
         self.duplicates = 0
         self.refused: Counter[str] = Counter()
         self.failed = 0
-        self.malformed: Counter[str] = Counter()
+        self.malformed: Counter[tuple[str, str]] = Counter()
+        """Refused messages by channel (its Redis name) and kind."""
+        self.probes: Counter[str] = Counter()
 
     def receive(self, channel: str, raw: bytes, key: object = None,
                 sheddable: bool = True) -> Deferred[Any] | None:
@@ -89,25 +97,39 @@ class Router:
         """
         self.received += 1
         self.received_by_channel[channel] += 1
-        if sheddable and self._behind():
-            known = CHANNELS.get(channel)
-            if known is not None and known.latest_only:
-                return self._shed(channel, "the source is behind its input")
+        # A channel fed from elsewhere (PostgreSQL) comes under its own name.
+        known = self._registry.by_redis_name(channel) or self._registry.get(channel)
+        if known is None:
+            self._reject(channel, raw, MalformedEvent(
+                "unknown_channel", f"no channel is configured for {shown(channel)}"))
+            return succeed(None)
+        if sheddable and known.latest_only and self._behind():
+            return self._shed(channel, "the source is behind its input")
         now = self._clock.seconds()
         try:
-            event = parse_event(channel, raw, "", now)
+            event = normalize(known, raw, "", now)
+        except Probe:
+            self.probes[channel] += 1
+            return succeed(None)
         except MalformedEvent as error:
             self._reject(channel, raw, error)
             return succeed(None)
         if sheddable and self.in_flight >= self._max_in_flight // 2 and (
-                self.in_flight >= self._max_in_flight or CHANNELS[channel].latest_only):
+                self.in_flight >= self._max_in_flight or known.latest_only):
             return self._shed(channel, f"{self.in_flight} events in flight to the history")
         self.in_flight += 1
-        if self._ticks is not None and event.topic == "ticks":
+        if self._ticks is not None and event.topic == TICKS:
             self._ticks(event, key, self._tick_claimed)
             return None
         return self._history.append(event, key).addCallbacks(
             self._stored, self._not_stored, callbackArgs=(event,))
+
+    def malformed_by_kind(self) -> dict[str, int]:
+        """Refused messages by kind, all channels together."""
+        kinds: Counter[str] = Counter()
+        for (_, kind), count in self.malformed.items():
+            kinds[kind] += count
+        return dict(kinds)
 
     def _tick_claimed(self, event: Event, mine: bool | Failure) -> None:
         if mine is True:
@@ -148,8 +170,8 @@ class Router:
         return failure
 
     def _reject(self, channel: str, raw: bytes, error: MalformedEvent) -> None:
-        first = error.kind not in self.malformed
-        self.malformed[error.kind] += 1
+        first = (channel, error.kind) not in self.malformed
+        self.malformed[channel, error.kind] += 1
         if first:
             self._log.warn(
                 "malformed message on {channel} ({kind}: {reason}); sample: {sample!r}; "

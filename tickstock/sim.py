@@ -1,10 +1,12 @@
 """The producer simulator's core: a stand-in for the analytics engine (TickStockPL).
 
 Nothing here does I/O or knows about Redis: events come out as C{(channel, dict)}
-pairs and go in through a C{publish(channel, payload_bytes)} callable, so the
-same code feeds the daemon's embedded demo, C{tickstock-sim}, the tests and the
-benchmarks.  Everything is deterministic given a seeded L{random.Random} and an
-injected L{IReactorTime}, so a test can replay exactly what a run produced.
+pairs (or, in the real producer's dialect, L{UpstreamSimulator}, as encoded
+messages for one or two channels) and go in through a C{publish(channel,
+payload_bytes)} callable, so the same code feeds the daemon's embedded demo,
+C{tickstock-sim}, the tests and the benchmarks.  Everything is deterministic
+given a seeded L{random.Random} and an injected L{IReactorTime}, so a test can
+replay exactly what a run produced.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import math
 import random
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from datetime import date
+from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
 import orjson
@@ -29,6 +31,7 @@ from tickstock.config import JOB_PATTERNS
 from tickstock.events import SYMBOL
 
 Event = dict[str, Any]
+Message = tuple[tuple[str, ...], bytes]  # the channels one message goes to, and its bytes
 Bar = tuple[date, float, float, float, float, int]  # date, open, high, low, close, volume
 Publish = Callable[[str, bytes], object]
 _Day = tuple[int, float, float, float, float]  # ordinal, close, gap, wick, volume draw
@@ -143,13 +146,17 @@ class MarketSimulator:
     def _pick(self, symbol: str | None) -> str:
         return symbol if symbol is not None else self._rng.choice(self.symbols)
 
+    def _walk(self, symbol: str) -> tuple[float, int]:
+        """Advance C{symbol}'s geometric walk one step: its new price and a volume."""
+        price = self.prices[symbol] * math.exp(self._rng.gauss(0.0, self.VOLATILITY))
+        self.prices[symbol] = price
+        return round(price, 4), 100 * (1 + int(self._rng.random() * 50))
+
     def tick(self, now: float, symbol: str | None = None) -> tuple[str, Event]:
         """Advance one symbol's geometric walk one step and report its price."""
         s = self._pick(symbol)
-        price = self.prices[s] * math.exp(self._rng.gauss(0.0, self.VOLATILITY))
-        self.prices[s] = price
-        volume = 100 * (1 + int(self._rng.random() * 50))
-        return TICKS, self._event(now, "tick", symbol=s, price=round(price, 4), volume=volume)
+        price, volume = self._walk(s)
+        return TICKS, self._event(now, "tick", symbol=s, price=price, volume=volume)
 
     def pattern(self, now: float, symbol: str | None = None) -> tuple[str, Event]:
         """A detected candlestick/chart pattern at the symbol's current price."""
@@ -206,6 +213,277 @@ class MarketSimulator:
         """One event of a kind drawn by weight: ticks 70%, patterns 15%, market state 8%, ..."""
         kind = _KINDS[bisect.bisect(_CUM_WEIGHTS, self._rng.random() * _CUM_WEIGHTS[-1])]
         return self._makers[kind](now)
+
+    def next_message(self, now: float) -> Message:
+        """L{next_event}, encoded: what L{Producer} publishes."""
+        channel, event = self.next_event(now)
+        return (channel,), orjson.dumps(event)
+
+
+UPSTREAM_SOURCE = "tickstock_pl"
+ALL_TICKS = "tickstock.all_ticks"
+MARKET_TICKS = "tickstock:market:ticks"
+TIME_FORMS = ("epoch_s", "epoch_s_int", "epoch_ms", "iso_z", "iso_offset", "iso_naive", "none")
+"""How the upstream dialect writes a timestamp: epoch seconds (float, int) or
+milliseconds, ISO 8601 with C{Z}, with an offset or naive (UTC), or not at all."""
+PROBE_CHANNELS = (PATTERNS_CHANNEL, MARKET_STATE, HEALTH, TICKS, ALL_TICKS,
+                  "tickstock:patterns:streaming", "tickstock:indicators:streaming")
+INDICATORS = ("RSI", "SMA", "EMA", "VWAP")
+MULTI_INDICATORS = ("MACD", "BollingerBands", "Stochastic")
+ALERT_TYPES = ("rsi_overbought", "rsi_oversold", "macd_cross", "volume_spike", "price_breakout")
+HEALTH_WORDS = ("healthy", "healthy", "healthy", "ok", "running", "warning", "degraded",
+                "critical")
+MARKET_WIDE = ("breadth_update", "volatility_regime", "market_regime")
+# Kinds drawn by UpstreamSimulator.next_message(), with cumulative weights.
+_UPSTREAM_KINDS = ("tick", "pattern", "market_state", "health", "indicator", "alert",
+                   "universe", "session", "probe")
+_UPSTREAM_CUM_WEIGHTS = (60, 75, 82, 86, 92, 94, 97, 98, 100)
+
+
+def upstream_time(now: float, form: str, hours: int = -4) -> float | int | str | None:
+    """C{now} written in one of L{TIME_FORMS}; C{hours}: the offset of C{iso_offset}."""
+    moment = datetime.fromtimestamp(now, timezone.utc)
+    if form == "epoch_s":
+        return round(now, 6)
+    if form == "epoch_s_int":
+        return int(now)
+    if form == "epoch_ms":
+        return int(now * 1000)
+    if form == "iso_z":
+        return moment.isoformat().replace("+00:00", "Z")
+    if form == "iso_offset":
+        return moment.astimezone(timezone(timedelta(hours=hours))).isoformat()
+    if form == "iso_naive":
+        return moment.replace(tzinfo=None).isoformat(timespec="microseconds")
+    return None
+
+
+class UpstreamSimulator(MarketSimulator):
+    """
+    The same market in the shapes the real producer (TickStockPL) and its
+    streaming service publish (docs/producers.md), so that the demo, the
+    tests and the benchmarks run against what TickStock will really get:
+    each kind in its several shapes drawn at random (flat, under C{data},
+    under C{data.data}, under C{detection} / C{calculation} / C{alert} /
+    C{payload}), timestamps in every form of L{TIME_FORMS}, and now and then
+    the producer's liveness probes. Like upstream's, its messages carry no
+    C{event_id}.
+
+    One tick is one message: C{tick_data} published with the same bytes on
+    C{tickstock.ticks.<SYMBOL>} and on C{tickstock.all_ticks} (TickStock
+    counts the pair once; with C{per_symbol_ticks} off, as streams cannot be
+    read by pattern, on C{tickstock.all_ticks} only), or C{market_tick} on
+    C{tickstock:market:ticks}; so volumes add up exactly.
+    """
+
+    def __init__(self, symbols: Sequence[str], rng: random.Random,
+                 per_symbol_ticks: bool = True) -> None:
+        super().__init__(symbols, rng)
+        self.per_symbol_ticks = per_symbol_ticks
+        self._upstream: dict[str, Callable[[float], tuple[tuple[str, ...], Event]]] = {
+            "tick": self.upstream_tick, "pattern": self.upstream_pattern,
+            "market_state": self.upstream_market_state, "health": self.upstream_health,
+            "indicator": self.upstream_indicator, "alert": self.upstream_alert,
+            "universe": self.upstream_universe, "session": self.upstream_session,
+            "probe": self.upstream_probe,
+        }
+
+    def next_message(self, now: float) -> Message:
+        """One message of a kind drawn by weight: ticks 60%, patterns 15%, ..."""
+        r = self._rng.random() * _UPSTREAM_CUM_WEIGHTS[-1]
+        kind = _UPSTREAM_KINDS[bisect.bisect(_UPSTREAM_CUM_WEIGHTS, r)]
+        channels, message = self._upstream[kind](now)
+        return channels, orjson.dumps(message)
+
+    def _stamp(self, fields: Event, now: float) -> Event:
+        """Give C{fields} a C{timestamp} in a form drawn from L{TIME_FORMS} (or none)."""
+        value = upstream_time(now, self._rng.choice(TIME_FORMS),
+                              self._rng.choice((-5, -4, 1, 2, 9)))
+        if value is not None:
+            fields["timestamp"] = value
+        return fields
+
+    def upstream_tick(self, now: float) -> tuple[tuple[str, ...], Event]:
+        """One step of a symbol's walk, as C{tick_data} (twice) or C{market_tick}."""
+        s = self._rng.choice(self.symbols)
+        price, volume = self._walk(s)
+        if self._rng.random() < 0.5:
+            channels = (f"tickstock.ticks.{s}", ALL_TICKS) if self.per_symbol_ticks \
+                else (ALL_TICKS,)
+            return channels, self._stamp({
+                "event_type": "tick_data", "ticker": s, "price": price, "volume": volume,
+                "source": "polygon", "market_status": "open"}, now)
+        return (MARKET_TICKS,), self._stamp({
+            "type": "market_tick", "symbol": s, "price": price, "volume": volume,
+            "source": "polygon"}, now)
+
+    def upstream_pattern(self, now: float) -> tuple[tuple[str, ...], Event]:
+        """A pattern flat, under C{data}, under C{data.data} or under C{detection}."""
+        rng, s = self._rng, self._rng.choice(self.symbols)
+        name = rng.choice(("pattern", "pattern_name", "pattern_type"))
+        pattern, price = rng.choice(PATTERNS), round(self.prices[s], 4)
+        confidence, timeframe = round(rng.uniform(0.5, 1.0), 3), rng.choice(TIMEFRAMES)
+        indicators = {"relative_strength": round(rng.uniform(0.5, 2.0), 3),
+                      "relative_volume": round(rng.uniform(0.5, 3.0), 3)}
+        shape = rng.choice(("flat", "data", "data.data", "detection"))
+        if shape == "detection":
+            channel = rng.choice(("tickstock:patterns:streaming", "tickstock:patterns:detected"))
+            detection = self._stamp({
+                "symbol": s, "pattern_type": pattern, "confidence": confidence,
+                "timeframe": timeframe,
+                "bar_data": {"open": price, "high": round(price * 1.004, 4),
+                             "low": round(price * 0.996, 4), "close": price,
+                             "volume": 100 * rng.randint(10, 500)}}, now)
+            kind = "streaming_pattern" if channel.endswith("streaming") else "pattern_detected"
+            return (channel,), {"type": kind, "detection": detection}
+        outer: Event = {"event_type": "pattern_detected", "source": UPSTREAM_SOURCE}
+        if shape == "flat":
+            outer.update({name: pattern, "symbol": s, "confidence": confidence,
+                          "details": {"price": price, "timeframe": timeframe}})
+        elif shape == "data":
+            outer["data"] = self._stamp({
+                "symbol": s, name: pattern, "confidence": confidence, "current_price": price,
+                "price_change": round(rng.gauss(0.0, 1.5), 2), "expires_at": round(now + 3600),
+                "indicators": indicators, "source": "intraday",
+                "description": f"{pattern} on {s}", "action": rng.choice(("buy", "sell", "watch")),
+                "stop_loss": round(price * 0.97, 4), "target_price": round(price * 1.05, 4)}, now)
+        else:
+            flow = f"flow-{rng.getrandbits(32):08x}"
+            outer["flow_id"] = flow
+            outer["data"] = {"flow_id": flow, "tier": rng.choice(("intraday", "daily", "combo")),
+                             "data": {name: pattern, "symbol": s, "confidence": confidence,
+                                      "current_price": price, "indicators": indicators,
+                                      "metadata": {"timeframe": timeframe,
+                                                   "bars": rng.randint(20, 200)}}}
+        return (PATTERNS_CHANNEL,), self._stamp(outer, now)
+
+    def upstream_market_state(self, now: float) -> tuple[tuple[str, ...], Event]:
+        """A change of one symbol, or of the whole market (no symbol), flat or under C{data}."""
+        rng = self._rng
+        kind = rng.choice(("ranking_change", "sector_rotation", "stage_change", *MARKET_WIDE))
+        fields: Event
+        if kind in MARKET_WIDE:
+            fields = {"advancers": rng.randint(100, 400), "decliners": rng.randint(100, 400),
+                      "vix": round(rng.uniform(10.0, 35.0), 2),
+                      "regime": rng.choice(("risk_on", "risk_off", "neutral"))}
+        else:
+            fields = {"symbol": rng.choice(self.symbols),
+                      "rank_change": rng.choice((-1, 1)) * rng.randint(1, 15),
+                      "metric": rng.choice(("rs_rating", "momentum", "volume_surge"))}
+        message: Event = {"event_type": kind, "source": UPSTREAM_SOURCE}
+        if rng.random() < 0.5:
+            message.update(fields)
+        else:
+            message["data"] = fields
+        return (MARKET_STATE,), self._stamp(message, now)
+
+    def upstream_health(self, now: float) -> tuple[tuple[str, ...], Event]:
+        """A heartbeat: C{source} for the service, and upstream's own status words."""
+        rng = self._rng
+        shape = rng.choice(("system_health", "streaming_health", "processing_status"))
+        if shape == "system_health":
+            return (HEALTH,), self._stamp({
+                "event_type": "system_health", "source": UPSTREAM_SOURCE,
+                "status": rng.choice(HEALTH_WORDS),
+                "metrics": {"cpu_usage": round(rng.uniform(5.0, 90.0), 1),
+                            "memory_usage": round(rng.uniform(10.0, 80.0), 1),
+                            "active_jobs": rng.randint(0, 5), "queue_depth": rng.randint(0, 50)}},
+                now)
+        if shape == "streaming_health":
+            return ("tickstock:streaming:health",), self._stamp({
+                "type": "streaming_health",
+                "data": {"source": "streaming_service", "status": rng.choice(HEALTH_WORDS),
+                         "active_symbols": len(self.symbols),
+                         "ticks_per_second": round(rng.uniform(10.0, 500.0), 1)}}, now)
+        return ("tickstock:processing:status",), self._stamp({
+            "event": "processing_status", "source": "daily_processing", "version": "1.0",
+            "payload": {"status": rng.choice(("running", "running", "ready", "stopped")),
+                        "phase": rng.choice(("data_import", "indicators", "patterns")),
+                        "symbols_processed": rng.randint(0, len(self.symbols)),
+                        "symbols_total": len(self.symbols)}}, now)
+
+    def upstream_session(self, now: float) -> tuple[tuple[str, ...], Event]:
+        """The streaming service starting or stopping a session."""
+        rng = self._rng
+        data: Event = {"session_id": f"session-{rng.getrandbits(32):08x}"}
+        if rng.random() < 0.5:
+            data["source"] = "streaming_session"
+        if rng.random() < 0.5:
+            data["symbols"] = len(self.symbols)
+            return ("tickstock:streaming:session_started",), self._stamp(
+                {"type": "session_started", "data": data}, now)
+        data["reason"] = rng.choice(("market_close", "shutdown"))
+        return ("tickstock:streaming:session_stopped",), self._stamp(
+            {"type": "session_stopped", "data": data}, now)
+
+    def upstream_indicator(self, now: float) -> tuple[tuple[str, ...], Event]:
+        """An indicator of one symbol under C{calculation}: one C{value}, or C{values}."""
+        rng, s = self._rng, self._rng.choice(self.symbols)
+        price = self.prices[s]
+        if rng.random() < 0.5:
+            indicator = rng.choice(INDICATORS)
+            value = rng.uniform(10.0, 90.0) if indicator == "RSI" else \
+                price * rng.uniform(0.97, 1.03)
+            return ("tickstock:indicators:streaming",), {
+                "type": "streaming_indicator", "calculation": self._stamp({
+                    "symbol": s, "indicator": indicator, "value": round(value, 4),
+                    "timeframe": rng.choice(TIMEFRAMES), "metadata": {"period": 14}}, now)}
+        indicator = rng.choice(MULTI_INDICATORS)
+        if indicator == "MACD":
+            macd, signal = rng.gauss(0.0, 1.0), rng.gauss(0.0, 1.0)
+            values = {"macd": macd, "signal": signal, "histogram": macd - signal}
+        elif indicator == "BollingerBands":
+            values = {"upper": price * 1.02, "middle": price, "lower": price * 0.98}
+        else:
+            values = {"k": rng.uniform(0.0, 100.0), "d": rng.uniform(0.0, 100.0)}
+        return ("tickstock:indicators:streaming",), self._stamp({
+            "event": "indicator_calculated",
+            "calculation": {"indicator_type": indicator, "symbol": s,
+                            "values": {k: round(v, 4) for k, v in values.items()}}}, now)
+
+    def upstream_alert(self, now: float) -> tuple[tuple[str, ...], Event]:
+        """An indicator alert under C{alert}, on the ordinary or the critical channel."""
+        rng, s = self._rng, self._rng.choice(self.symbols)
+        channel = rng.choice(("tickstock:alerts:indicators", "tickstock:alerts:critical"))
+        return (channel,), {"type": "indicator_alert", "alert": self._stamp({
+            "symbol": s, "alert_type": rng.choice(ALERT_TYPES),
+            "data": {"value": round(rng.uniform(0.0, 100.0), 2),
+                     "price": round(self.prices[s], 4)}}, now)}
+
+    def upstream_universe(self, now: float) -> tuple[tuple[str, ...], Event]:
+        """A universe or cache change, in the universe managers' shapes or an envelope."""
+        rng, syms = self._rng, self.symbols
+        universe = rng.choice(UNIVERSES)
+        sample = sorted(rng.sample(syms, min(len(syms), rng.randint(1, 5))))
+        shape = rng.choice(("theme_updated", "universe_synchronized", "cache_envelope",
+                            "universe_envelope"))
+        if shape == "theme_updated":
+            return ("tickstock.universe.updated",), self._stamp({
+                "service": "etf_universe_manager", "event_type": "theme_updated",
+                "theme": universe, "symbol_count": rng.randint(5, 50),
+                "action": rng.choice(("refresh", "add", "remove")), "cache_key": universe}, now)
+        if shape == "universe_synchronized":
+            return ("tickstock.cache.sync_complete",), {
+                "service": "cache_entries_synchronizer", "event_type": "universe_synchronized",
+                "universe": universe, "change_count": len(sample),
+                "actions": [{"action": rng.choice(("add", "remove")), "symbol": s}
+                            for s in sample]}
+        if shape == "cache_envelope":
+            return ("tickstock:cache:sync_complete",), self._stamp({
+                "event": "cache_sync_complete", "source": "cache_entries_synchronizer",
+                "version": "1.0", "payload": {"universes": sorted(rng.sample(UNIVERSES, 2)),
+                                              "entries_updated": rng.randint(1, 5000)}}, now)
+        return ("tickstock:universe:updated",), self._stamp({
+            "event": "universe_updated", "source": UPSTREAM_SOURCE, "version": "1.0",
+            "payload": {"universe": universe, "added": sample[:1], "removed": sample[1:2]}},
+            now)
+
+    def upstream_probe(self, now: float) -> tuple[tuple[str, ...], Event]:
+        """A liveness probe: TickStock counts it and delivers nothing."""
+        if self._rng.random() < 0.5:
+            return (self._rng.choice(PROBE_CHANNELS),), self._stamp({"test": "health_check"}, now)
+        return (MARKET_STATE,), self._stamp(
+            {"event_type": "health_check", "source": UPSTREAM_SOURCE}, now)
 
 
 class Backtester:
@@ -325,24 +603,35 @@ class JobRunner:
     Answers backtest jobs the way the producer does: four progress steps, then
     the result.  Event ids derive from the job id, so a re-delivered job yields
     the same ids and TickStock's de-duplication keeps it to one delivery.
+
+    With C{upstream}, in the real producer's shapes instead: progress as
+    C{{job_id, progress, status: "processing", estimated_completion,
+    current_symbol, processed_symbols}} with no timestamp, and the result with
+    C{status}, upstream's figures and C{processing_time_seconds} but no
+    C{completed_at}; neither carries an C{event_id} or the user.
     """
 
     log = Logger()
     STEPS = (0.25, 0.5, 0.75, 1.0)
 
     def __init__(self, clock: IReactorTime, publish: Publish, backtester: Backtester,
-                 step_interval: float = 0.5) -> None:
+                 step_interval: float = 0.5, upstream: bool = False) -> None:
         self._clock, self._publish, self._backtester = clock, publish, backtester
         self.step_interval = step_interval
+        self.upstream = upstream
         self.rejected = 0
         self._jobs: dict[str, tuple[Event, IDelayedCall, float]] = {}
 
     @staticmethod
     def _parse(payload: bytes) -> Event | None:
-        """The job object if it has every CONTRACT §2 field in a usable form, else None."""
+        """
+        The job object if it has every CONTRACT §2 field in a usable form, else
+        None. It is a backtest by C{job_type} or by upstream's C{type}.
+        """
         try:
             job = orjson.loads(payload)
-            ok = (isinstance(job, dict) and job.get("job_type") == "backtest"
+            ok = (isinstance(job, dict)
+                  and (job.get("job_type") == "backtest" or job.get("type") == "backtest_job")
                   and isinstance(job.get("job_id"), str) and 0 < len(job["job_id"]) <= 128
                   and isinstance(job.get("user_id"), (str, int))
                   and isinstance(job.get("symbols"), list) and job["symbols"]
@@ -359,7 +648,17 @@ class JobRunner:
         return f"bt-{key}-{suffix}"
 
     def _progress(self, job: Event, progress: float, status: str) -> None:
-        """Publish one progress event; C{user_id} rides along to help routing."""
+        """Publish one progress event (with C{user_id}, to help routing, unless upstream)."""
+        if self.upstream:
+            symbols, now = job["symbols"], self._clock.seconds()
+            done = min(len(symbols), math.ceil(progress * len(symbols)))
+            left = sum(1 for step in self.STEPS if step > progress) * self.step_interval
+            _send(self.log, self._publish, PROGRESS, orjson.dumps({
+                "job_id": job["job_id"], "progress": progress,
+                "status": "processing" if status == "running" else status,
+                "estimated_completion": upstream_time(now + left, "iso_naive"),
+                "current_symbol": symbols[max(done - 1, 0)], "processed_symbols": done}))
+            return
         suffix = f"p{int(progress * 100)}" if status == "running" else status
         _send(self.log, self._publish, PROGRESS, orjson.dumps({
             "event_type": "backtest_progress", "job_id": job["job_id"], "user_id": job["user_id"],
@@ -395,24 +694,53 @@ class JobRunner:
         del self._jobs[job["job_id"]]
         try:
             results = self._backtester.run(job)
-        except Exception:
+        except Exception as error:
             self.log.failure("backtest {job_id} failed", job_id=job["job_id"])
-            self._progress(job, progress, "failed")
+            if self.upstream:
+                self._result(job, None, str(error))
+            else:
+                self._progress(job, progress, "failed")
             return
         self._progress(job, progress, "completed")
+        self._result(job, results)
+
+    def _result(self, job: Event, results: Mapping[str, Any] | None,
+                error: str | None = None) -> None:
+        """Publish the job's result: C{results}, or upstream's failure with C{error}."""
         now = self._clock.seconds()
-        _send(self.log, self._publish, RESULTS, orjson.dumps({
-            "event_type": "backtest_result", "job_id": job["job_id"], "user_id": job["user_id"],
-            "results": results, "completed_at": now, "timestamp": now,
-            "event_id": self._event_id(job["job_id"], "result")}))
+        if not self.upstream:
+            _send(self.log, self._publish, RESULTS, orjson.dumps({
+                "event_type": "backtest_result", "job_id": job["job_id"],
+                "user_id": job["user_id"], "results": results, "completed_at": now,
+                "timestamp": now, "event_id": self._event_id(job["job_id"], "result")}))
+            return
+        message: Event = {
+            "event_type": "backtest_result", "source": UPSTREAM_SOURCE, "timestamp": now,
+            "job_id": job["job_id"], "status": "failed" if results is None else "completed",
+            "processing_time_seconds": len(self.STEPS) * self.step_interval}
+        if results is None:
+            message["error"] = (error or "failed")[:200]
+        else:
+            trades = int(results["trades"])
+            message["results"] = {
+                "win_rate": results["win_rate"], "total_trades": trades,
+                "winning_trades": round(float(results["win_rate"]) * trades),
+                "roi": results["roi"], "sharpe_ratio": results["sharpe_ratio"],
+                "max_drawdown": results["max_drawdown"],
+                "duration_days": (date.fromisoformat(job["end_date"])
+                                  - date.fromisoformat(job["start_date"])).days}
+        _send(self.log, self._publish, RESULTS, orjson.dumps(message))
 
     def handle_control(self, payload: bytes) -> bool:
         """
-        Obey C{{"action": "cancel", "job_id": ...}}: drop the job's remaining steps
-        and say so with a final C{cancelled} progress event.
+        Obey C{{"action": "cancel", "job_id": ...}} (on C{tickstock.jobs.cancel}
+        or C{tickstock.jobs.control}: TickStock sends each cancel on both): drop
+        the job's remaining steps and say so with a final C{cancelled} progress
+        event, once.
 
         @return: whether a running job was cancelled.  Malformed messages are
-            counted in C{rejected}; a cancel for an unknown or finished job is not.
+            counted in C{rejected}; a cancel for an unknown or finished job
+            (such as the second copy of a cancel) is not.
         """
         try:
             msg = orjson.loads(payload)
@@ -472,7 +800,13 @@ class Producer:
 
     def publish_one(self, channel: str, event: Event) -> None:
         """Encode C{event} once and publish it, never raising."""
-        if _send(self.log, self._publish, channel, orjson.dumps(event)):
+        self.publish_message(((channel,), orjson.dumps(event)))
+
+    def publish_message(self, message: Message) -> None:
+        """Publish one message, the same bytes on each of its channels; counted once."""
+        channels, payload = message
+        sent = [_send(self.log, self._publish, channel, payload) for channel in channels]
+        if any(sent):
             self.published += 1
 
     def _batch(self) -> None:
@@ -486,7 +820,7 @@ class Producer:
             owed = cap
         self._due += max(owed, 0)
         for _ in range(owed):
-            self.publish_one(*self._sim.next_event(now))
+            self.publish_message(self._sim.next_message(now))
 
 
 class OutageQuietPublish:

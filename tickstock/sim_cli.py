@@ -1,7 +1,9 @@
 """
 C{tickstock-sim}: the producer simulator as a process of its own, talking to
 TickStock through Redis exactly as the real analytics engine does: it
-publishes events of every kind and answers backtest jobs (and cancels).
+publishes events of every kind and answers backtest jobs (and cancels, read
+on C{tickstock.jobs.cancel} and C{tickstock.jobs.control}). With
+C{--dialect upstream} it publishes in the real producer's shapes.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from twisted.internet.task import react
 from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 
 from tickstock.config import parse_redis_url
-from tickstock.events import CONTROL_CHANNEL, JOBS_CHANNEL
+from tickstock.topics import CANCEL_CHANNEL, CONTROL_CHANNEL, JOBS_CHANNEL
 
 _log = Logger(namespace="tickstock-sim")
 
@@ -37,6 +39,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="stop after this many seconds (default: run until stopped)")
     parser.add_argument("--step-interval", type=float, default=0.5,
                         help="seconds between a backtest's progress steps (default 0.5)")
+    parser.add_argument("--dialect", choices=("tickstock", "upstream"), default="tickstock",
+                        help="tickstock: TickStock's canonical flat events (default); upstream: "
+                             "the real producer's shapes, mixed (docs/producers.md)")
     args = parser.parse_args(argv)
     try:
         args.address = parse_redis_url(args.redis)
@@ -52,23 +57,30 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 async def run(reactor: Any, args: argparse.Namespace) -> None:
     from tickstock.bus.redis import RedisLink, RedisPubSubSource
     from tickstock.sim import (
-        Backtester, JobRunner, MarketSimulator, OutageQuietPublish, Producer, default_symbols,
+        Backtester, JobRunner, MarketSimulator, OutageQuietPublish, Producer, UpstreamSimulator,
+        default_symbols,
     )
 
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(8), "big")
+    upstream = args.dialect == "upstream"
     link = RedisLink(reactor, args.address, deadletter_max=0, streams=args.mode == "streams")
     publish = OutageQuietPublish(link.publish)
-    runner = JobRunner(reactor, publish, Backtester(seed), step_interval=args.step_interval)
-    producer = Producer(reactor, publish, MarketSimulator(default_symbols(args.symbols),
-                                                          random.Random(seed)), args.rate)
-    jobs = RedisPubSubSource(reactor, args.address, channels=[JOBS_CHANNEL, CONTROL_CHANNEL])
+    runner = JobRunner(reactor, publish, Backtester(seed), step_interval=args.step_interval,
+                       upstream=upstream)
+    symbols, rng = default_symbols(args.symbols), random.Random(seed)
+    # A stream is read by its exact name: no per-symbol tick channels in streams mode.
+    simulator = UpstreamSimulator(symbols, rng, per_symbol_ticks=args.mode == "pubsub") \
+        if upstream else MarketSimulator(symbols, rng)
+    producer = Producer(reactor, publish, simulator, args.rate)
+    jobs = RedisPubSubSource(reactor, args.address,
+                             channels=[JOBS_CHANNEL, CANCEL_CHANNEL, CONTROL_CHANNEL])
     jobs.listen(lambda channel, payload, key: (
         runner.handle_job(payload) if channel == JOBS_CHANNEL else runner.handle_control(payload)
     ))
     link.startService()
     jobs.startService()
-    _log.info("publishing {rate:g} events/s over {n} symbols to {redis}",
-              rate=args.rate, n=args.symbols, redis=str(args.address))
+    _log.info("publishing {rate:g} events/s over {n} symbols to {redis} ({dialect} dialect)",
+              rate=args.rate, n=args.symbols, redis=str(args.address), dialect=args.dialect)
     producer.start()
     done: Deferred[None] = Deferred()
     reactor.addSystemEventTrigger("before", "shutdown", lambda: done.called or done.callback(None))

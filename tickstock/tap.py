@@ -5,6 +5,7 @@ module that picks concrete classes (embedded bus or Redis, memory store).
 
 from __future__ import annotations
 
+import errno
 import gc
 import os
 import random
@@ -13,23 +14,27 @@ import signal
 import socket
 import sys
 import tempfile
+from contextlib import suppress
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
-from twisted.application import strports
+from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IReactorCore
+from twisted.internet.address import IPv6Address, UNIXAddress
+from twisted.internet.endpoints import SSL4ServerEndpoint, serverFromString
+from twisted.internet.error import CannotListenError, VerifyError
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorCore
 from twisted.logger import Logger
 from twisted.python import usage
 
-from tickstock.config import OPTIONS, ConfigError, Settings, load_settings
+from tickstock.config import OPTIONS, ConfigError, Settings, check_settings, describe
 from tickstock.canary import canary_channel
-from tickstock.events import CHANNELS, CONTROL_CHANNEL, JOBS_CHANNEL
+from tickstock.topics import (
+    BACKTESTS, CONTROL_CHANNEL, JOBS_CHANNEL, STORED_TOPICS, TICKS, UNIVERSE,
+)
 from tickstock.logs import JSONLines, LogFormat, log_format, twistd_log_file
-from tickstock.store import STORED_TOPICS
-from tickstock.universes import UPDATED_CHANNEL
+from tickstock.universes import MEMBERSHIP_CHANNELS, UPDATED_CHANNEL
 
 
 class Options(usage.Options):
@@ -40,7 +45,11 @@ class Options(usage.Options):
         for option in OPTIONS
         if not option.flag
     ]
-    optFlags = [[option.cli[2:], None, option.help] for option in OPTIONS if option.flag]
+    optFlags = [[option.cli[2:], None, option.help] for option in OPTIONS if option.flag] + [
+        ["check-config", None, "Check the config file, environment and flags, print the "
+         "effective settings (secrets masked) and exit: 0 if they are right, else 2 after "
+         "every problem. Binds no port and connects to nothing."],
+    ]
 
     def parseOptions(self, options: list[str] | None = None) -> None:
         # Kept for --workers: each worker is started with the same options.
@@ -48,25 +57,44 @@ class Options(usage.Options):
         super().parseOptions(options)
 
     def postOptions(self) -> None:
-        flags = {option.name: self[option.cli[2:]] or None for option in OPTIONS}
-        try:
-            self.settings = load_settings(flags, os.environ, self["config"])
-            _check_endpoint(self.settings.listen)
-        except ConfigError as error:
-            # One line, no usage dump and no traceback: say what is wrong.
-            sys.stderr.write(f"tickstock: {error}\n")
-            raise SystemExit(2) from None
+        flags: dict[str, Any] = {}
+        for option in OPTIONS:
+            given = self[option.cli[2:]]
+            if given:
+                # usage.Options gives a flag as the integer 1, not True.
+                flags[option.name] = True if option.flag else given
+        checked = check_settings(flags, os.environ, self["config"])
+        problems = list(checked.problems)
+        if "listen" not in checked.wrong:
+            problems.extend(_endpoint_problems(checked.settings.listen))
+        if problems:
+            # One line each, no usage dump and no traceback: say what is wrong.
+            sys.stderr.writelines(f"tickstock: {problem}\n" for problem in problems)
+            raise SystemExit(2)
+        if self["check-config"]:
+            sys.stdout.write("tickstock: the configuration is valid; the effective settings:\n")
+            sys.stdout.writelines(f"  {line}\n" for line in describe(checked))
+            raise SystemExit(0)
+        self.settings = checked.settings
 
 
-def _check_endpoint(description: str) -> None:
+def _endpoint_problems(description: str) -> list[str]:
+    """
+    What is wrong with a C{--listen} endpoint string, found without binding:
+    parsing an C{ssl:} one reads its key and certificate.
+    """
     from twisted.internet import reactor
 
     try:
         serverFromString(reactor, description)
+    except OSError as error:
+        return [f"--listen: cannot read {error.filename}: {error.strerror}"]
     except Exception as error:
-        raise ConfigError(
-            f"--listen: not a Twisted endpoint string ({error}): {description!r}"
-        ) from None
+        # pyOpenSSL's errors, and Twisted's when the key is not the certificate's.
+        if type(error).__module__.startswith("OpenSSL") or isinstance(error, VerifyError):
+            return [f"--listen: bad TLS key or certificate ({error})"]
+        return [f"--listen: not a Twisted endpoint string ({error}): {description!r}"]
+    return []
 
 
 class TickStock(MultiService):
@@ -115,14 +143,16 @@ class TickStock(MultiService):
 
         self.settings = settings
         self.worker = worker
+        self.producer_rows: Any = None
         self._clock = reactor
         self._started_at = reactor.seconds()
         behind: Callable[[], bool] = lambda: False  # noqa: E731
+        registry = self.registry = settings.channels
         if settings.redis is None:
             from tickstock.bus.memory import MemoryBus
             from tickstock.history.memory import MemoryHistory
 
-            bus = MemoryBus(settings.deadletter_max)
+            bus = MemoryBus(settings.deadletter_max, registry)
             self.source, self.link = bus, bus
             self.history = MemoryHistory(
                 reactor, settings.history_max, settings.history_max_age,
@@ -140,12 +170,13 @@ class TickStock(MultiService):
             canary = (canary_channel(node),) if settings.canary_interval else ()
             if streams:
                 self.source = RedisStreamSource(reactor, settings.redis, node,
-                                                extra_streams=canary)
+                                                extra_streams=canary, streams=registry.names)
             else:
                 source = self.source = RedisPubSubSource(
                     reactor, settings.redis, settings.redis_ping_interval,
-                    settings.redis_ping_timeout, channels=(*CHANNELS, *canary),
-                    ask=self.link.execute,
+                    settings.redis_ping_timeout, channels=(*registry.names, *canary),
+                    ask=self.link.execute, patterns=registry.patterns,
+                    same=lambda name: getattr(registry.by_redis_name(name), "name", name),
                 )
                 behind = lambda: source.behind  # noqa: E731
             self.history = RedisHistory(
@@ -184,7 +215,7 @@ class TickStock(MultiService):
             self.live_ticks = LiveTicks(reactor, self.history, self.ticks,
                                         None if settings.redis is None else self.history)
         self.router = Router(reactor, self.history, self.link, stored=self._persist,
-                             behind=behind, ticks=self.live_ticks)
+                             behind=behind, ticks=self.live_ticks, registry=registry)
         # TickStock's own job events (a cancel, a timeout) are never shed.
         self.jobs = Jobs(reactor, self.store, self.history, self.link,
                          lambda channel, raw: self.router.receive(channel, raw, sheddable=False),
@@ -221,7 +252,7 @@ class TickStock(MultiService):
                              observe=self.metrics.api_request,
                              rate=RateLimit(reactor, settings.api_rate, settings.api_burst),
                              cors_origins=settings.cors_origins)
-        site = build_site(
+        self.site = site = build_site(
             WebSocketResource(self.stream),
             JSONStatus(self.health), JSONStatus(self.readiness),
             timeout=settings.handshake_timeout, api=self.api,
@@ -234,8 +265,23 @@ class TickStock(MultiService):
 
             AdoptedPort(reactor, LISTEN_FD, site).setServiceParent(self)
         else:
-            # strports: a port already in use stops twistd with an error at start.
-            strports.service(settings.listen, site, reactor=reactor).setServiceParent(self)
+            Listener(reactor, settings.listen, site, self._listening).setServiceParent(self)
+
+    def _listening(self, url: str) -> None:
+        """Once the port is bound: where to point a browser, and what is behind it."""
+        settings = self.settings
+        if settings.redis is None:
+            mode = "embedded demo"
+        else:
+            mode = f"Redis {settings.mode}"
+            if settings.redis.sentinels:
+                mode += " via Sentinel"
+            if settings.demo:
+                mode += " with the demo simulator"
+        self._log.info(
+            "TickStock ready on {url} - {mode}, {store}, {auth}", url=url, mode=mode,
+            store="PostgreSQL store" if settings.postgres else "embedded store",
+            auth="auth off" if settings.jwt_secret is None else "auth on (HS256)")
 
     def _add_store(self, reactor: Any, settings: Settings, worker: int | None) -> None:
         """The system of record, and the persister that batches writes to it."""
@@ -244,9 +290,17 @@ class TickStock(MultiService):
         if settings.postgres:
             from tickstock.store.postgres import PostgresStore
 
+            from tickstock.store.listen import ProducerRowListener
+
             self.store = PostgresStore(reactor, settings.postgres, settings.postgres_readonly,
                                        settings.postgres_timeout)
             self.store.setServiceParent(self)
+            # Rows a producer inserts into events itself, delivered like its
+            # messages. The writer: a standby neither LISTENs nor notifies.
+            self.producer_rows = ProducerRowListener(
+                reactor, reactor, settings.postgres, settings.postgres_timeout,
+                lambda channel, raw: self.router.receive(channel, raw, sheddable=False))
+            self.producer_rows.setServiceParent(self)
         else:
             from tickstock.sim import UNIVERSES, default_symbols
             from tickstock.store.memory import MemoryStore
@@ -288,40 +342,51 @@ class TickStock(MultiService):
 
     def _persist(self, event: Any) -> None:
         """An event this process stored: into bars, the event history, or its job's record."""
-        if event.topic == "ticks":
+        if event.topic == TICKS:
             self.persister.add_tick(event)
-        elif event.topic in STORED_TOPICS or event.topic == "backtests":
-            self.persister.add_event(event)
+        elif event.topic in STORED_TOPICS or event.topic == BACKTESTS:
+            channel = self.registry.get(event.channel)
+            if channel is None or channel.stored:
+                self.persister.add_event(event)
 
     def _add_simulator(self, reactor: IReactorCore, settings: Settings) -> None:
         from tickstock.sim import (
-            Backtester, JobRunner, MarketSimulator, OutageQuietPublish, Producer, default_symbols,
+            Backtester, JobRunner, MarketSimulator, OutageQuietPublish, Producer,
+            UpstreamSimulator, default_symbols,
         )
+        from tickstock.topics import CANCEL_CHANNEL
 
+        upstream = settings.sim_dialect == "upstream"
         publish = OutageQuietPublish(self.link.publish)
-        runner = JobRunner(reactor, publish, Backtester())
+        runner = JobRunner(reactor, publish, Backtester(), upstream=upstream)
         producer = None
         if settings.sim_rate > 0:
-            simulator = MarketSimulator(default_symbols(settings.sim_symbols), random.Random())
+            symbols, rng = default_symbols(settings.sim_symbols), random.Random()
+            # Each tick on its symbol's channel and on all_ticks is one tick
+            # only where messages are named by their bytes: Redis pub/sub.
+            pair = settings.redis is not None and settings.mode == "pubsub"
+            simulator = UpstreamSimulator(symbols, rng, per_symbol_ticks=pair) if upstream \
+                else MarketSimulator(symbols, rng)
             producer = Producer(reactor, publish, simulator, settings.sim_rate)
         if settings.redis is None:
             self.link.on(JOBS_CHANNEL, runner.handle_job)
+            self.link.on(CANCEL_CHANNEL, runner.handle_control)
             self.link.on(CONTROL_CHANNEL, runner.handle_control)
         else:
             from tickstock.bus.redis import RedisPubSubSource
 
             jobs = RedisPubSubSource(reactor, settings.redis,
-                                     channels=[JOBS_CHANNEL, CONTROL_CHANNEL])
+                                     channels=[JOBS_CHANNEL, CANCEL_CHANNEL, CONTROL_CHANNEL])
             jobs.listen(lambda channel, payload, key: runner.handle_job(payload)
                         if channel == JOBS_CHANNEL else runner.handle_control(payload))
             jobs.setServiceParent(self)
         SimulatorService(producer, runner).setServiceParent(self)
 
     def _live(self, event: Any) -> None:
-        if event.topic == "ticks":
+        if event.topic == TICKS:
             self.ticks(event)
             return
-        if event.topic == "universe":
+        if event.topic == UNIVERSE:
             self._universe_changed(event)
         if self.broadcaster.deliver(event):
             self.metrics.delivered(event)
@@ -329,7 +394,7 @@ class TickStock(MultiService):
                 self.history.delivered(event.user, event.id)
 
     def _universe_changed(self, event: Any) -> None:
-        if event.channel in (UPDATED_CHANNEL, "tickstock.cache.sync_complete"):
+        if event.channel in MEMBERSHIP_CHANNELS:
             self.cache.invalidate()
         if not self.settings.postgres and event.channel == UPDATED_CHANNEL:
             # Embedded store: the event's own symbol list is the universe.
@@ -360,7 +425,8 @@ class TickStock(MultiService):
                 "routed": self.router.routed,
                 "duplicates": self.router.duplicates,
                 "store_failures": self.router.failed,
-                "malformed": dict(self.router.malformed),
+                "malformed": self.router.malformed_by_kind(),
+                "probes": sum(self.router.probes.values()),
                 "shed": dict(self.router.shed),
                 "in_flight": self.router.in_flight,
                 "job_events_dropped": dict(self.router.refused),
@@ -369,6 +435,7 @@ class TickStock(MultiService):
             },
             "handshakes_refused": {"origin": self.stream.refused_origins,
                                    "per_ip": self.stream.refused_per_ip},
+            "http_refused": dict(self.site.refused),
             "slow_consumers_closed": self.gateway.slow_consumers_closed,
             "conflated": self.stream.conflated,
             "live_gaps_closed": self.gateway.live_gaps_closed,
@@ -384,6 +451,8 @@ class TickStock(MultiService):
         """What /metrics shows beyond the /health body."""
         return {"subscriptions_by_topic": +self.broadcaster.by_topic,
                 "received_by_channel": self.router.received_by_channel,
+                "deadlettered": self.router.malformed,
+                "probes": self.router.probes,
                 "client_errors": self.gateway.errors, "catchups": self.gateway.catchups}
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
@@ -391,6 +460,10 @@ class TickStock(MultiService):
         components: dict[str, Any] = {"source": self.source.status(),
                                       "store": self.store.status()}
         ok = bool(self.source.ready) and bool(self.store.ready)
+        if self.producer_rows is not None:
+            # Not a condition of readiness: rows inserted meanwhile are read
+            # once it listens again.
+            components["producer_rows"] = self.producer_rows.status()
         if self.settings.redis is not None:
             link_ok = self.link.connected
             components["link"] = {"state": "connected" if link_ok else "connecting"}
@@ -456,6 +529,106 @@ class ClientDrain(Service):
         return done
 
 
+class CannotStart(Exception):
+    """The daemon cannot start, for a reason its operator can fix; one line says which."""
+
+
+_LISTEN_ERRORS = {
+    errno.EADDRINUSE: ("address in use",
+                       "another process listens there; stop it, or give another --listen"),
+    errno.EACCES: ("permission denied",
+                   "ports below 1024 need root or CAP_NET_BIND_SERVICE; or give another --listen"),
+    errno.EADDRNOTAVAIL: ("address not available",
+                          "the interface= address is not one of this machine's"),
+}
+
+
+class Listener(StreamServerEndpointService):
+    """
+    The web port, bound when twistd binds ports (before it drops privileges).
+    A failure to bind is a L{CannotStart} naming the endpoint and the reason;
+    once bound, C{listening} is called with the dashboard's URL.
+    """
+
+    _raiseSynchronously = True
+
+    def __init__(self, reactor: Any, description: str, factory: IProtocolFactory,
+                 listening: Callable[[str], None]) -> None:
+        super().__init__(serverFromString(reactor, description), factory)
+        self.description = description
+        self._listening = listening
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as error:
+            code = getattr(error.socketError, "errno", None)
+            reason, hint = _LISTEN_ERRORS.get(code, (str(error.socketError), "check --listen"))
+            raise CannotStart(f"cannot listen on {self.description} ({reason}): {hint}") from None
+        except Exception as error:  # a TLS context that cannot be made, say
+            raise CannotStart(f"cannot listen on {self.description}: {error}") from None
+        self._waitingForPort.addCallback(self._bound)
+
+    def _bound(self, port: IListeningPort) -> IListeningPort:
+        self._listening(url_of(port.getHost(), isinstance(self.endpoint, SSL4ServerEndpoint)))
+        return port
+
+
+def url_of(address: Any, tls: bool) -> str:
+    """
+    Where a browser finds a port bound to C{address}: the host name when it
+    is every interface.
+    """
+    if isinstance(address, UNIXAddress):
+        name = address.name.decode() if isinstance(address.name, bytes) else address.name
+        return f"unix:{name}"
+    host = address.host
+    if host in ("0.0.0.0", "::", ""):
+        host = socket.gethostname()
+    elif isinstance(address, IPv6Address):
+        host = f"[{host}]"
+    return f"{'https' if tls else 'http'}://{host}:{address.port}/"
+
+
+class StartOrExit(MultiService):
+    """
+    The root twistd starts: a start-up failure its operator can fix (a port
+    in use, a TLS key it cannot use; see L{CannotStart}) ends the process
+    with one line and exit status 1, where twistd would print a traceback.
+    """
+
+    _log = Logger()
+
+    def __init__(self, service: Any, twistd: Any) -> None:
+        super().__init__()
+        self._twistd = twistd
+        service.setServiceParent(self)
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except (CannotStart, ConfigError) as error:  # ConfigError: --workers binds the port
+            self._exit(str(error))
+
+    def _exit(self, message: str) -> NoReturn:
+        pipe = self._twistd.get("statusPipe")
+        if pipe is None:
+            # twistd sent sys.stderr to the log; the person who ran it reads this one.
+            sys.__stderr__.write(f"tickstock: {message}\n")
+            sys.__stderr__.flush()
+        else:
+            # Daemonized, stderr is /dev/null: twistd's parent, waiting on this
+            # pipe, prints the line and exits 1 ("1 " marks an error).
+            self._log.critical("tickstock: {message}", message=message)
+            os.write(pipe, f"1 {message}".encode()[:100])
+            os.close(pipe)
+            self._twistd["statusPipe"] = None
+        if self._twistd["pidfile"]:
+            with suppress(OSError):
+                os.unlink(self._twistd["pidfile"])
+        raise SystemExit(1)
+
+
 class SimulatorService(Service):
     """Runs the built-in producer simulator (demo) for as long as the daemon."""
 
@@ -508,6 +681,8 @@ def makeService(options: Options) -> MultiService:
         WorkerPool(reactor, settings.listen, settings.workers, args).setServiceParent(service)
     else:
         service = TickStock(settings, reactor)
+    if twistd is not None:
+        service = StartOrExit(service, twistd)
     if json_logs and twistd is not None and not twistd["syslog"]:
         return LogFormat(service, JSONLines(twistd_log_file(twistd)))
     return service

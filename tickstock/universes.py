@@ -20,13 +20,17 @@ from tickstock.interfaces import IStore
 from tickstock.store import StoreUnavailable
 
 UPDATED_CHANNEL = "tickstock.universe.updated"
+MEMBERSHIP_CHANNELS = frozenset({UPDATED_CHANNEL, "tickstock.cache.sync_complete",
+                                 "tickstock.cache.ipo_assignment",
+                                 "tickstock.cache.delisting_cleanup"})
+"""The universe channels whose events may change which symbols a universe has."""
 
 
 def named_universes(event: Event) -> set[str] | None:
     """The universe keys a universe event names, or L{None} if it names none."""
     data = event.data
     keys: set[str] = set()
-    for field in ("universe", "key", "universe_key"):
+    for field in ("universe", "key", "universe_key", "cache_key", "theme"):
         if isinstance(data.get(field), str):
             keys.add(data[field])
     for field in ("universes", "keys"):
@@ -80,7 +84,7 @@ class Universes:
 
     def changed(self, event: Event) -> None:
         """A universe event arrived: re-read the universes it may have changed."""
-        if event.channel != UPDATED_CHANNEL:
+        if event.channel not in MEMBERSHIP_CHANNELS:
             return
         named = named_universes(event)
         for key in list(self._subs if named is None else named & set(self._subs)):

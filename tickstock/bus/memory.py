@@ -12,7 +12,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from tickstock.events import CHANNELS
+from tickstock.topics import DEFAULT_REGISTRY, Registry
 from tickstock.interfaces import IEventSource, IProducerLink
 
 Receiver = Callable[[str, bytes], None]
@@ -31,7 +31,9 @@ class MemoryBus:
     _log = Logger()
     ready = True
 
-    def __init__(self, deadletter_max: int = 1000) -> None:
+    def __init__(self, deadletter_max: int = 1000,
+                 registry: Registry = DEFAULT_REGISTRY) -> None:
+        self._registry = registry
         self._receiver: Receiver | None = None
         self._handlers: dict[str, list[Callable[[bytes], None]]] = {}
         self.dead_letters: deque[tuple[str, bytes, str]] = deque(maxlen=deadletter_max)
@@ -44,7 +46,7 @@ class MemoryBus:
         self._handlers.setdefault(channel, []).append(handler)
 
     def publish(self, channel: str, payload: bytes) -> Deferred[int]:
-        if channel in CHANNELS:
+        if self._registry.by_redis_name(channel) is not None:
             if self._receiver is not None:
                 self._receiver(channel, payload)
             return succeed(1)

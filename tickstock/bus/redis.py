@@ -31,10 +31,12 @@ from zope.interface import implementer
 
 from tickstock.bus.sentinel import client_endpoint
 from tickstock.config import RedisAddress
-from tickstock.events import CHANNELS
+from tickstock.topics import DEFAULT_REGISTRY
 from tickstock.interfaces import IEventSource, IProducerLink
 
 DEADLETTER_KEY = "tickstock:deadletter"
+DEADLETTER_BYTES = 4096
+"""How much of a refused message a dead letter keeps."""
 RECONNECT_MAX_DELAY = 1.0
 RECONNECT_INITIAL_DELAY = 0.1
 
@@ -223,7 +225,7 @@ class RedisLink(_Supervised):
         if not self._streams:
             return self.execute("PUBLISH", channel, payload)
         d = self.execute("XADD", channel, "MAXLEN", "~", self._stream_max, "*", "data", payload)
-        if channel not in CHANNELS:
+        if DEFAULT_REGISTRY.by_redis_name(channel) is None:
             d.addCallback(lambda _: self.execute("PUBLISH", channel, payload))
         return d
 
@@ -232,7 +234,7 @@ class RedisLink(_Supervised):
             return
         record = orjson.dumps({
             "channel": channel, "reason": reason, "at": self._reactor.seconds(),
-            "raw": raw[:4096].decode("utf-8", "replace"),
+            "raw": raw[:DEADLETTER_BYTES].decode("utf-8", "replace"),
         })
         d = self.execute("LPUSH", DEADLETTER_KEY, record)
         d.addCallback(lambda _: self.execute("LTRIM", DEADLETTER_KEY, 0, self._deadletter_max - 1))
@@ -311,7 +313,12 @@ class Occurrences:
         self._marks: deque[list[Any]] = deque()
         self._marked = float("-inf")
 
-    def key(self, channel: bytes, message: bytes) -> str:
+    def key(self, channel: bytes, message: bytes, same: bytes | None = None) -> str:
+        """
+        The name of this sighting of C{message} on C{channel}: its digest
+        under C{same} (default C{channel}) and how many times it was seen on
+        C{channel} within the window.
+        """
         now = self._clock.seconds()
         marks = self._marks
         serial = self._first + len(self._digests)
@@ -323,6 +330,8 @@ class Occurrences:
         else:
             marks[-1][1] = now
         digest = hashlib.sha1(channel + b"\0" + message, usedforsecurity=False).digest()
+        name = digest if same is None or same == channel else hashlib.sha1(
+            same + b"\0" + message, usedforsecurity=False).digest()
         last = self._last
         if digest in last:
             n = self._counts.get(digest, 1) + 1
@@ -331,7 +340,7 @@ class Occurrences:
             n = 1
         last[digest] = serial
         self._digests.append(digest)
-        return f"{digest.hex()}:{n}"
+        return f"{name.hex()}:{n}"
 
     def _forget(self, before: float) -> None:
         """Forget the sightings of every mark whose newest is older than C{before}."""
@@ -374,6 +383,8 @@ class _SubscriberProtocol(_Encoding, txredisapi.SubscriberProtocol):
         while reply is not False:
             if type(reply) is list and len(reply) == 3 and reply[0] == b"message":
                 message(reply[1], reply[2])
+            elif type(reply) is list and len(reply) == 4 and reply[0] == b"pmessage":
+                message(reply[2], reply[3])
             else:
                 self.replyReceived(reply)
             reply = reader.gets()
@@ -404,10 +415,18 @@ class RedisPubSubSource(_Supervised):
     def __init__(
         self, reactor: IReactorCore, address: RedisAddress,
         ping_interval: float = 1.0, ping_timeout: float = 3.0,
-        channels: Iterable[str] = tuple(CHANNELS), dedupe_window: float = 30.0,
-        ask: Callable[..., Deferred[Any]] | None = None,
+        channels: Iterable[str] = DEFAULT_REGISTRY.names, dedupe_window: float = 30.0,
+        ask: Callable[..., Deferred[Any]] | None = None, patterns: Iterable[str] = (),
+        same: Callable[[str], str] = lambda name: name,
     ) -> None:
         """
+        @param patterns: channel-name patterns to subscribe to as well
+            (PSUBSCRIBE); a message matching one is handed on under its own
+            channel name.
+        @param same: the name under which messages of a channel count as the
+            same (its registry channel): a producer that publishes one tick
+            on C{tickstock.ticks.AAPL} and on C{tickstock.all_ticks} gives
+            one event, not two.
         @param ask: runs a command on another connection to the same Redis
             (L{RedisLink.execute}), to learn how much Redis holds for this
             subscriber while it lags; without it, lagging for L{LAGGING_FOR}
@@ -418,6 +437,8 @@ class RedisPubSubSource(_Supervised):
         self._receiver: Callable[[str, bytes, str], Any] | None = None
         self._occurrences = Occurrences(reactor, dedupe_window)
         self._channels = {name.encode(): name for name in channels}
+        self._patterns = tuple(patterns)
+        self._same = same
         self._ping_timeout = ping_timeout
         self._heartbeat = LoopingCall(self._beat)
         self._heartbeat.clock = reactor
@@ -564,7 +585,8 @@ class RedisPubSubSource(_Supervised):
         # One SUBSCRIBE per channel: each gets exactly one confirmation, so
         # later replies (PONGs) match the commands that asked for them.
         d = gatherResults(
-            [protocol.subscribe(name) for name in self._channels.values()], consumeErrors=True
+            [protocol.subscribe(name) for name in self._channels.values()]
+            + [protocol.psubscribe(pattern) for pattern in self._patterns], consumeErrors=True
         )
         d.addCallbacks(lambda _: self._subscribed(protocol), lambda f: self._subscribe_failed(protocol, f))
 
@@ -612,8 +634,11 @@ class RedisPubSubSource(_Supervised):
 
     def _message(self, channel: bytes, message: bytes) -> None:
         name = self._channels.get(channel)
+        if name is None and self._patterns:
+            name = channel.decode("utf-8", "replace")
         if name is not None and self._receiver is not None:
-            d = self._receiver(name, message, self._occurrences.key(channel, message))
+            d = self._receiver(name, message, self._occurrences.key(
+                channel, message, self._same(name).encode()))
             if isinstance(d, Deferred):
                 d.addErrback(lambda _: None)  # counted by the receiver; pub/sub cannot retry
 

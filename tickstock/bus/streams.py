@@ -23,7 +23,8 @@ from zope.interface import implementer
 
 from tickstock.bus.redis import NotConnected, RedisProtocol, _Supervised
 from tickstock.config import RedisAddress
-from tickstock.events import CHANNELS, id_key
+from tickstock.events import id_key
+from tickstock.topics import DEFAULT_REGISTRY
 from tickstock.history.redis import StreamEntry, text
 from tickstock.interfaces import IEventSource
 
@@ -49,11 +50,17 @@ class RedisStreamSource(_Supervised):
     name_for_logs = "redis streams"
 
     def __init__(self, reactor: IReactorCore, address: RedisAddress, consumer: str,
-                 read_timeout: float = 5.0, extra_streams: tuple[str, ...] = ()) -> None:
+                 read_timeout: float = 5.0, extra_streams: tuple[str, ...] = (),
+                 streams: tuple[str, ...] = DEFAULT_REGISTRY.names) -> None:
+        """
+        @param streams: the producer's streams (the registry's exact names:
+            a stream cannot be read by pattern).
+        @param extra_streams: this daemon's own (the canary's).
+        """
         super().__init__(reactor, address, self._new_factory)
         self._consumer = consumer
         self._read_timeout = read_timeout
-        self._streams = [*CHANNELS, *extra_streams]
+        self._streams = [*streams, *extra_streams]
         self._receiver: Receiver | None = None
         self._next: IDelayedCall | None = None
         self._busy: Deferred[Any] | None = None

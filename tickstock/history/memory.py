@@ -10,7 +10,8 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
-from tickstock.events import TOPICS, Event, EventIds, id_key
+from tickstock.events import Event, EventIds, id_key
+from tickstock.topics import TOPIC_NAMES
 from tickstock.history import BOOKMARK_EVERY, Refused, Replay, missed
 from tickstock.interfaces import IHistory
 from tickstock.jobs import outcome
@@ -69,7 +70,7 @@ class MemoryHistory:
         self._ids = EventIds()
         self._max_age = max_age
         self._user_max = user_max
-        self._topics = {t: _Log(max_events, max_age, self._forget) for t in TOPICS}
+        self._topics = {t: _Log(max_events, max_age, self._forget) for t in TOPIC_NAMES}
         self._users: dict[str, _Log] = {}
         self._jobs: dict[str, list[str | None]] = {}  # job id: [owner, final status]
         self._delivered: dict[str, str] = {}

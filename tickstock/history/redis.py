@@ -35,7 +35,8 @@ from zope.interface import implementer
 
 from tickstock.bus.redis import NotConnected, RedisLink, _LinkProtocol, _Supervised
 from tickstock.config import RedisAddress
-from tickstock.events import ID_STRIDE, TOPICS, Event, id_key, stored_event
+from tickstock.events import ID_STRIDE, Event, id_key, stored_event
+from tickstock.topics import BACKTESTS, TOPIC_NAMES
 from tickstock.history import BOOKMARK_EVERY, Refused, Replay, missed
 from tickstock.interfaces import IClaims, IHistory
 from tickstock.jobs import outcome
@@ -247,12 +248,12 @@ def text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _entry_event(entry: list[Any]) -> Event:
+def _entry_event(entry: list[Any], topic: str) -> Event:
     event_id, flat = entry
     fields = {text(flat[i]): flat[i + 1] for i in range(0, len(flat), 2)}
     user = fields.get("u")
     return stored_event(text(event_id), text(fields["c"]), text(fields["t"]), fields["d"],
-                        None if user is None else text(user))
+                        None if user is None else text(user), topic)
 
 
 class _Script:
@@ -311,7 +312,7 @@ class RedisHistory(_Supervised):
         self._pending: list[tuple[Event, object, Deferred[str | None]]] = []
         self._flushing: IDelayedCall | None = None
         self._receivers: list[Callable[[Event], object]] = []
-        self._keys = [PREFIX + topic for topic in TOPICS]
+        self._keys = [PREFIX + topic for topic in TOPIC_NAMES]
         self._positions: dict[str, str] | None = None
         self._positioned: list[Deferred[None]] = []
         self._gap_listeners: list[Callable[[str], object]] = []
@@ -436,7 +437,7 @@ class RedisHistory(_Supervised):
             waiter: Deferred[None] = Deferred()
             self._positioned.append(waiter)
             return waiter.addCallback(lambda _: self.replay(topic, after, user))
-        if topic == "backtests":
+        if topic == BACKTESTS:
             assert user is not None
             stream, pointer = USER_PREFIX + user, f"{USER_PREFIX}{user}:delivered"
         else:
@@ -447,7 +448,7 @@ class RedisHistory(_Supervised):
         def done(reply: list[Any]) -> Replay:
             start, entries, last_dropped, dropped, through, since = reply
             start, last_dropped, since = text(start), text(last_dropped), text(since)
-            events = [_entry_event(entry) for entry in entries]
+            events = [_entry_event(entry, topic) for entry in entries]
             gap = missed(start, None if last_dropped == "0-0" else last_dropped,
                          int(dropped), int(through))
             if gap is None and after is not None and since and id_key(after) < id_key(since):
@@ -634,9 +635,10 @@ class RedisHistory(_Supervised):
             if events:
                 merge = True
             self._positions[key] = text(entries[-1][0])
+            topic = key[len(PREFIX):]
             for entry in entries:
                 event = kept.pop(text(entry[0]), None)
-                events.append(_entry_event(entry) if event is None else event)
+                events.append(_entry_event(entry, topic) if event is None else event)
             if len(entries) >= TAIL_COUNT:
                 last = id_key(self._positions[key])
                 cut = last if cut is None else min(cut, last)

@@ -10,9 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tickstock.events import Event
-
-STORED_TOPICS = ("patterns", "market_state")
-"""The topics whose events are written to the C{events} table."""
+from tickstock.topics import STORED_TOPICS as STORED_TOPICS
 
 UNIVERSE_TYPES = ("etf_universe", "stock_universe")
 """The C{cache_entries.type} values that hold universes."""

@@ -26,7 +26,14 @@ WRITE_WITH_JOBS = WRITE + ", tickstock_update_jobs(%s, %s, %s, %s, %s, %s)"
 _JOB_COLUMNS = ("job_id, user_id, status, params::text, progress, results::text, error, "
                 "extract(epoch FROM created_at)::float8, extract(epoch FROM updated_at)::float8")
 
-_EVENT_COLUMNS = "id_ms, id_seq, channel, event_type, data::text"
+PRODUCER_CHANNEL = "tickstock.db.events"
+"""The C{events.channel} of rows a producer inserted itself (its default,
+migration 0008): TickStock never writes it, and reads such a row's data
+as the producer-style message C{tickstock_producer_message} makes of it."""
+
+_DATA = (f"(CASE WHEN channel = '{PRODUCER_CHANNEL}' THEN tickstock_producer_message(events) "
+         "ELSE details END)::text")
+_EVENT_COLUMNS = f"id_ms, id_seq, channel, event_type, {_DATA}"
 
 
 def _event(row: tuple[Any, ...]) -> Event:
@@ -82,7 +89,9 @@ def write_params(bars: Iterable[Bar], events: Iterable[Event]) -> list[list[Any]
         )):
             column.append(value)
     for event in events:
-        if event.topic not in STORED_TOPICS:
+        # A producer's row is in events already: written again it would be
+        # a second row (another id) and notify again.
+        if event.topic not in STORED_TOPICS or event.channel == PRODUCER_CHANNEL:
             continue
         ms, seq = id_key(event.id)
         data = event.data
@@ -231,14 +240,14 @@ class PostgresStore(Service):
         return self._read(" ".join(sql), params).addCallback(lambda rows: [_event(r) for r in rows])
 
     def patterns(self, query: PatternQuery) -> Deferred[list[dict[str, Any]]]:
-        sql = ["SELECT id_ms, id_seq, symbol, pattern, confidence, data::text FROM events "
+        sql = [f"SELECT id_ms, id_seq, symbol, pattern, confidence, {_DATA} FROM events "
                "WHERE topic = 'patterns'"]
         params: list[Any] = []
         for clause, value in (
             ("AND symbol = %s", query.symbol),
             ("AND pattern = %s", query.pattern),
             ("AND confidence >= %s", query.min_confidence),
-            ("AND event_time >= %s", query.since),
+            ('AND "timestamp" >= to_timestamp(%s)', query.since),
         ):
             if value is not None:
                 sql.append(clause)
@@ -264,15 +273,16 @@ class PostgresStore(Service):
 
     def ohlcv(self, symbol: str, since: float | None, until: float | None,
               limit: int) -> Deferred[list[dict[str, Any]]]:
-        sql = ["SELECT extract(epoch FROM minute)::bigint, open, high, low, close, volume FROM ohlcv_1min WHERE symbol = %s"]
+        sql = ['SELECT extract(epoch FROM "timestamp")::bigint, open, high, low, close, volume '
+               "FROM ohlcv_1min WHERE symbol = %s"]
         params: list[Any] = [symbol]
         if since is not None:
-            sql.append("AND minute >= to_timestamp(%s)")
+            sql.append('AND "timestamp" >= to_timestamp(%s)')
             params.append(since)
         if until is not None:
-            sql.append("AND minute < to_timestamp(%s)")
+            sql.append('AND "timestamp" < to_timestamp(%s)')
             params.append(until)
-        sql.append("ORDER BY minute LIMIT %s")
+        sql.append('ORDER BY "timestamp" LIMIT %s')
         params.append(limit)
 
         def rows(result: list[tuple[Any, ...]]) -> list[dict[str, Any]]:
