@@ -50,6 +50,7 @@ PATTERNS = [
     "Ascending_Triangle",
 ]
 TIMEFRAMES = ["1min", "5min", "15min", "daily"]
+CAUGHT_UP_MS = 100.0
 
 
 class BenchError(RuntimeError):
@@ -165,15 +166,16 @@ def pinned(core: int | None, argv: list[str]) -> list[str]:
 
 class Publisher:
     """
-    PUBLISH over one plain socket, pipelined: every event due at a wake-up
-    is written in one send. Replies (the number of subscribers each message
-    reached) are read as they come and checked.
+    PUBLISH (or XADD) over one plain socket, pipelined: every event due at a
+    wake-up is written in one send. Replies (the number of subscribers each
+    message reached, or the entry's id) are read as they come and checked.
     """
 
     def __init__(self, port: int) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port))
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._pending = b""
+        self._bulk = False  # the next line is the body of a bulk reply
         self.replies = 0
         self.no_subscriber = 0
         self.errors: list[str] = []
@@ -202,8 +204,13 @@ class Publisher:
                 data = self._pending + chunk
                 *lines, self._pending = data.split(b"\r\n")
                 for line in lines:
+                    if self._bulk:
+                        self._bulk = False
+                        continue
                     self.replies += 1
-                    if line.startswith(b":"):
+                    if line.startswith(b"$") and line != b"$-1":
+                        self._bulk = True  # XADD's entry id follows
+                    elif line.startswith(b":"):
                         if int(line[1:]) == 0:
                             self.no_subscriber += 1
                     elif len(self.errors) < 5:
@@ -331,6 +338,61 @@ class LineReader:
 # ------------------------------------------------------------------ bench
 
 
+def profile(args: argparse.Namespace) -> list[tuple[float, float]]:
+    """
+    The measured window as (seconds, events/s) segments: C{--rate} for
+    C{--duration}; with C{--ramp-to}, C{--ramp-steps} equal steps from
+    C{--rate} up to C{--ramp-to} over C{--duration} (geometric), then
+    C{--recover} seconds at C{--rate} again.
+    """
+    if args.ramp_to is None:
+        return [(args.duration, args.rate)]
+    steps = args.ramp_steps
+    step = args.duration / steps
+    growth = (args.ramp_to / args.rate) ** (1 / max(1, steps - 1))
+    return [*((step, args.rate * growth ** j) for j in range(steps)),
+            (args.recover, args.rate)]
+
+
+def due_times(segments: list[tuple[float, float]]) -> list[float]:
+    """When each event is due, in seconds from the start, segment after segment."""
+    due, start = [], 0.0
+    for length, rate in segments:
+        due += [start + i / rate for i in range(round(length * rate))]
+        start += length
+    return due
+
+
+def timeline(result: dict[str, Any], first_measured: float, segments: list[tuple[float, float]],
+             ) -> dict[str, Any]:
+    """
+    Per second of publishing (from the first measured event): the rate
+    published, deliveries, and the worst latency; and, after a ramp, how
+    long after its last step ended every later second's worst latency was
+    under L{CAUGHT_UP_MS} again.
+    """
+    rates, start = {}, 0.0
+    for length, rate in segments:
+        for second in range(int(start), int(start + length)):
+            rates[second] = round(rate)
+        start += length
+    seconds = []
+    for key, (count, worst) in sorted(result["timeline"].items(), key=lambda kv: int(kv[0])):
+        second = int(key) - int(first_measured)
+        if second >= 0:
+            seconds.append({"s": second, "rate": rates.get(second), "deliveries": count,
+                            "worst_ms": worst})
+    out: dict[str, Any] = {"seconds": seconds}
+    if len(segments) > 1:
+        overload_end = sum(length for length, _ in segments[:-1])
+        late = [row["s"] for row in seconds if row["worst_ms"] >= CAUGHT_UP_MS]
+        out["ramp_end_s"] = round(overload_end, 1)
+        out["caught_up_s"] = max(0.0, late[-1] + 1 - overload_end) if late else 0.0
+        if (late and late[-1] >= start - 1) or not seconds or seconds[-1]["s"] < start - 1:
+            out["caught_up_s"] = None  # late, or nothing delivered, to the end
+    return out
+
+
 def symbol_list(n: int) -> list[str]:
     symbols = TICKERS[:n]
     i = 0
@@ -352,9 +414,12 @@ def run(args: argparse.Namespace, procs: Procs, workdir: Path) -> dict[str, Any]
     symbols = symbol_list(args.symbols)
     n_sym = len(symbols)
     watch = min(args.watch, n_sym)
+    segments = profile(args)
+    due_at = due_times([(args.warmup, args.rate), *segments])
     warmup_events = round(args.rate * args.warmup)
-    measured_events = round(args.rate * args.duration)
-    total_events = warmup_events + measured_events
+    total_events = len(due_at)
+    measured_events = total_events - warmup_events
+    measured_s = sum(length for length, _ in segments)
     if measured_events < 1:
         raise BenchError("--rate x --duration gives no events")
 
@@ -403,7 +468,8 @@ def run(args: argparse.Namespace, procs: Procs, workdir: Path) -> dict[str, Any]
                        "--listen", f"tcp:{ws_port}:interface=127.0.0.1",
                        "--jwt-secret-file", str(secret_file),
                        # Every client comes from one address (and may share a user).
-                       "--max-connections-per-ip", "0", "--max-connections-per-user", "0"]
+                       "--max-connections-per-ip", "0", "--max-connections-per-user", "0",
+                       "--mode", args.mode]
     with open(daemon_log, "wb") as log:
         if args.workers > 1:
             # One core is not enough for several workers; none is pinned.
@@ -469,6 +535,7 @@ def run(args: argparse.Namespace, procs: Procs, workdir: Path) -> dict[str, Any]
     first_measured = last_sent = 0.0
     lags: list[float] = []
     interval = 1.0 / args.rate
+    verb = (b"PUBLISH", CHANNEL) if args.mode == "pubsub" else (b"XADD", CHANNEL, b"*", b"data")
     t0 = time.monotonic() + 0.05
     seq = 0
     while seq < total_events:
@@ -477,7 +544,7 @@ def run(args: argparse.Namespace, procs: Procs, workdir: Path) -> dict[str, Any]
             # the daemon finish the warm-up fan-out first (if it can before
             # the first measured event is due), so that the window's CPU and
             # counters belong to the measured events only.
-            due = t0 + seq * interval
+            due = t0 + due_at[seq]
             while True:
                 health0 = http_json(base + "/health")[1]["events"]
                 settled = (health0["received"] >= warmup_events
@@ -495,19 +562,19 @@ def run(args: argparse.Namespace, procs: Procs, workdir: Path) -> dict[str, Any]
         limit = total_events if sampled else warmup_events
         now = time.monotonic()
         batch = []
-        while seq < limit and t0 + seq * interval <= now:
+        while seq < limit and t0 + due_at[seq] <= now:
             if sampled:
-                lags.append(now - (t0 + seq * interval))
+                lags.append(now - (t0 + due_at[seq]))
             sent_at = time.time()
             if seq == warmup_events:
                 first_measured = sent_at
-            batch.append(publish(b"PUBLISH", CHANNEL, encode_event(templates[seq], sent_at)))
+            batch.append(publish(*verb, encode_event(templates[seq], sent_at)))
             last_sent = sent_at
             seq += 1
         if batch:
             publisher.send(batch)
         if seq < limit:
-            delay = t0 + seq * interval - time.monotonic()
+            delay = t0 + due_at[seq] - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
     publisher.wait_replies(total_events)
@@ -547,6 +614,7 @@ def run(args: argparse.Namespace, procs: Procs, workdir: Path) -> dict[str, Any]
             cores1[LOAD_CORE] - cores0[LOAD_CORE] - loadgen_cpu - redis_cpu - bench_cpu)
             / span), 2)
     events1, slow = health1["events"], health1.get("slow_consumers_closed")
+    overload = health1.get("overload", {})
 
     out: dict[str, Any] = {
         "server": args.server,
@@ -554,7 +622,11 @@ def run(args: argparse.Namespace, procs: Procs, workdir: Path) -> dict[str, Any]
         "scenario": args.scenario or (
             f"patterns fan-out: {args.clients} clients, {n_sym} symbol(s)"
             + (f", {watch} watched per client" if watch > 1 else "")
-            + f", {args.rate:g} ev/s for {args.duration:g}s"),
+            + (f", {args.rate:g} ev/s for {args.duration:g}s" if args.ramp_to is None else
+               f", {args.rate:g} up to {args.ramp_to:g} ev/s over {args.duration:g}s, then "
+               f"{args.rate:g} for {args.recover:g}s")
+            + ("" if args.mode == "pubsub" else " (streams)")),
+        "mode": args.mode,
         "clients": args.clients,
         "symbols": n_sym,
         "watch": watch,
@@ -570,7 +642,7 @@ def run(args: argparse.Namespace, procs: Procs, workdir: Path) -> dict[str, Any]
         "cpu_s_per_100k_deliveries": (
             round(server_cpu / received * 100_000, 3) if received else None),
         "server_rss_mb": server_rss,
-        "deliveries_per_s": round(received / (measured_events / args.rate), 1),
+        "deliveries_per_s": round(received / measured_s, 1),
         "checks": {
             "duplicates": result["duplicates"],
             "out_of_order": result["out_of_order"],
@@ -584,6 +656,7 @@ def run(args: argparse.Namespace, procs: Procs, workdir: Path) -> dict[str, Any]
             "server_delivered": events1["delivered"] - health0["delivered"],
             "server_malformed": events1.get("malformed", 0),
             "slow_consumers_closed": slow,
+            "live_gaps_closed": health1.get("live_gaps_closed"),
             "publish_no_subscriber": publisher.no_subscriber,
             "publish_errors": publisher.errors,
         },
@@ -609,8 +682,16 @@ def run(args: argparse.Namespace, procs: Procs, workdir: Path) -> dict[str, Any]
             "redis_cpu_s": round(redis_cpu, 3),
             "connect_s": ready["connect_s"],
             "pinned": pin,
+            # whether the daemon was behind (late events, clients backlogged) and why
+            # it closed clients it did close
+            "overload": overload,
+            "shed": events1.get("shed"),
         },
+        "timeline": timeline(result, first_measured, segments),
     }
+    if args.ramp_to is not None:
+        out["profile"] = [{"seconds": round(length, 2), "rate": round(rate, 1)}
+                          for length, rate in segments]
     publisher.close()
     return out
 
@@ -649,7 +730,7 @@ def faults(out: dict[str, Any]) -> list[str]:
     if out.get("loss"):
         problems.append(f"loss={out['loss']}")
     for name in ("duplicates", "out_of_order", "misrouted", "lost_connections",
-                 "publish_no_subscriber", "slow_consumers_closed"):
+                 "publish_no_subscriber", "slow_consumers_closed", "live_gaps_closed"):
         if checks.get(name):
             problems.append(f"{name}={checks[name]}")
     for name in ("server_closes", "client_errors", "publish_errors", "server_malformed"):
@@ -686,12 +767,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle", action="store_true",
                         help="publish nothing; measure memory per idle connection "
                              "(--duration: seconds to let it settle)")
+    parser.add_argument("--mode", choices=("pubsub", "streams"), default="pubsub",
+                        help="the daemon's --mode; streams: the bench XADDs instead of "
+                             "PUBLISH (pubsub)")
+    parser.add_argument("--ramp-to", type=float, default=None,
+                        help="overload: raise the rate from --rate to this over --duration, "
+                             "in --ramp-steps steps, then --recover seconds at --rate")
+    parser.add_argument("--ramp-steps", type=int, default=5, help="steps of --ramp-to (5)")
+    parser.add_argument("--recover", type=float, default=15.0,
+                        help="seconds at --rate after --ramp-to's last step (15)")
     parser.add_argument("--redis-server", default="/usr/bin/redis-server")
     parser.add_argument("--keep", action="store_true",
                         help="keep the temp dir (logs of redis, daemon, loadgen)")
     args = parser.parse_args(argv)
     if args.clients < 1 or args.rate <= 0 or args.duration <= 0 or args.symbols < 1:
         parser.error("--clients, --rate, --duration and --symbols must be positive")
+    if args.ramp_to is not None and (args.ramp_to <= args.rate or args.ramp_steps < 1
+                                     or args.recover <= 0):
+        parser.error("--ramp-to must exceed --rate, --ramp-steps and --recover be positive")
     if args.symbols > args.clients:
         parser.error("--symbols must not exceed --clients (a symbol nobody receives)")
 

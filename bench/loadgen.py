@@ -115,6 +115,8 @@ class Stats:
         self.errors: list[Any] = []     # first few {"op":"error"} replies / protocol errors
         self.closes: dict[str, int] = {}
         self.lost_connections = 0
+        # By the second of sent_at: [deliveries, max latency in seconds]
+        self.timeline: dict[int, list[float]] = {}
 
 
 class Client:
@@ -355,8 +357,16 @@ class Client:
         if seq < stats.warmup_events:
             stats.warmup_received += 1
             return
-        stats.kernel_lat.append(stamp - sent_at)
+        latency = stamp - sent_at
+        stats.kernel_lat.append(latency)
         stats.app_lat.append(now - sent_at)
+        slot = stats.timeline.get(int(sent_at))
+        if slot is None:
+            stats.timeline[int(sent_at)] = [1, latency]
+        else:
+            slot[0] += 1
+            if latency > slot[1]:
+                slot[1] = latency
         self.count += 1
         stats.received += 1
 
@@ -566,7 +576,7 @@ def run(args: argparse.Namespace) -> None:
         loop.poll(0.02, view)
 
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    short = [(c.index, c.symbol, c.count, c.expected) for c in loop.all if c.count != c.expected]
+    short = [(c.index, c.symbols, c.count, c.expected) for c in loop.all if c.count != c.expected]
     counts = [c.count for c in loop.all]
     result = {
         "clients": len(loop.all),
@@ -592,6 +602,8 @@ def run(args: argparse.Namespace) -> None:
         "latency_ms": percentiles(stats.kernel_lat, (50, 90, 99, 99.9)),
         "app_latency_ms": percentiles(stats.app_lat, (50, 90, 99, 99.9)),
         "samples": len(stats.kernel_lat),
+        "timeline": {str(second): [int(n), round(worst * 1000, 1)]
+                     for second, (n, worst) in sorted(stats.timeline.items())},
         "loadgen_cpu_s_total": round(usage.ru_utime + usage.ru_stime, 3),
     }
     for client in loop.all:

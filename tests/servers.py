@@ -209,9 +209,15 @@ class PostgresServer:
     A PostgreSQL cluster of the test run's own, in a temporary folder, on a
     free loopback port. PostgreSQL refuses to run as root, so when the tests
     run as root the cluster belongs to the C{postgres} user.
+
+    It commits asynchronously unless C{synchronous_commit}: fast, but a
+    server killed with -9 may then lose its last commits, which a test that
+    kills it and counts rows cannot allow (fsync stays off: the processes
+    die, not the machine).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, synchronous_commit: bool = False) -> None:
+        self.synchronous_commit = synchronous_commit
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="tickstock-pg-")
         self.data = os.path.join(self.dir, "data")
@@ -236,7 +242,8 @@ class PostgresServer:
             self.process = subprocess.Popen(
                 [*self._as, _postgres_bin("postgres"), "-D", self.data, "-p", str(self.port),
                  "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.dir}",
-                 "-c", "fsync=off", "-c", "synchronous_commit=off",
+                 "-c", "fsync=off",
+                 "-c", f"synchronous_commit={'on' if self.synchronous_commit else 'off'}",
                  "-c", "full_page_writes=off", "-c", "max_connections=200"],
                 stdout=subprocess.DEVNULL, stderr=log,
             )

@@ -26,6 +26,7 @@ from zope.interface import implementer
 
 from tests.conftest import TEST_SECRET
 from tests.test_end_to_end import pattern, publish, ready
+from tests.test_jobs import job_listener  # noqa: F401 - fixture
 from tests.test_resume import PATTERNS
 from tests.wsclient import connect, eventually, http_get, http_request
 from tickstock.auth import JWTAuthenticator
@@ -70,7 +71,8 @@ async def refused_at_handshake(port: int, **kwargs: Any) -> bool:
 
 @pytest_twisted.ensureDeferred
 async def test_the_attack_suite_leaves_a_normal_client_whole(redis_server: Any,
-                                                             daemons: Any) -> None:
+                                                             daemons: Any,
+                                                             job_listener: Any) -> None:
     """
     One daemon with small limits; a normal client subscribed to ZZZ while
     events for it are published every 20 ms throughout. Every attack is

@@ -17,6 +17,7 @@ import pytest_twisted
 from twisted.internet.task import Clock
 
 from tests.conftest import TEST_SECRET
+from tests.test_jobs import job_listener  # noqa: F401 - fixture
 from tests.test_units import RecordingClient, make_gateway
 from tests.wsclient import connect, eventually
 from tickstock.auth import Identity, JWTAuthenticator
@@ -105,7 +106,7 @@ async def test_bad_tokens_over_the_socket(redis_server, daemons):
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_user_on_two_tabs_gets_their_job_on_both(redis_server, daemons):
+async def test_a_user_on_two_tabs_gets_their_job_on_both(redis_server, daemons, job_listener):
     """Both of a user's connections get their job's progress; another user's do not."""
     daemon = daemons(redis=redis_server.url)
     await eventually(lambda: daemon.service.readiness()[0], 10, "ready")

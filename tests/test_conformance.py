@@ -19,6 +19,7 @@ import orjson
 import pytest
 import pytest_twisted
 
+from tests.test_jobs import job_listener  # noqa: F401 - fixture
 from tests.wsclient import connect, eventually
 
 NOW = time.time()
@@ -252,7 +253,7 @@ async def test_every_known_shape_is_delivered_canonical(redis_server, daemons, m
 
 
 @pytest_twisted.ensureDeferred
-async def test_the_seed_documents_messages_are_delivered(redis_server, daemons):
+async def test_the_seed_documents_messages_are_delivered(redis_server, daemons, job_listener):
     """
     The original system's own test messages: a pattern event, market-state
     changes (with and without a timestamp), backtest progress without a

@@ -2,13 +2,14 @@
 Delivery classes for clients that read slower than events arrive: latest-only
 frames (ticks, backtest progress, health) are conflated per key while a
 client is paused, must-deliver frames are all kept and, past the queue bound,
-the client is closed with 4001 ("reconnect and resume"), never skipped.
+a client that stopped reading (or reads slower than its events come, for
+long) is closed with 4001 ("reconnect and resume"), never skipped.
 
 The unit tests drive L{ClientProtocol}'s queue with a faked socket: no
-transport and no Autobahn framing, the socket write (C{_write}) and
-C{sendCloseFrame} are replaced by recorders, and the socket's buffer is a
-frame count that pauses the protocol when full, as Twisted's transport does
-past its buffer size. The end-to-end test uses a real daemon and a real
+Autobahn framing, the socket write (C{_write}) and C{sendCloseFrame} are
+replaced by recorders, the socket's buffer is a frame count that pauses the
+protocol when full, as Twisted's transport does past its buffer size, and
+time is a L{Clock}. The end-to-end test uses a real daemon and a real
 WebSocket whose client stops reading.
 """
 
@@ -21,15 +22,17 @@ import orjson
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
 
 from tests.wsclient import connect, eventually
 from tickstock.events import id_key
 from tickstock.topics import DEFAULT_CHANNELS
 from tickstock.gateway import CLOSE_SLOW_CONSUMER
-from tickstock.web.stream import ClientProtocol, StreamFactory
+from tickstock.web.stream import SWEEP, ClientProtocol, StreamFactory
 
 TICKS = "tickstock.data.ticks"
+STALL = 5.0
+SLOW = 30.0
 
 
 class RecordingGateway:
@@ -37,14 +40,27 @@ class RecordingGateway:
 
     def __init__(self) -> None:
         self.slow: list[tuple[Any, int]] = []
+        self.why: list[str] = []
         self.gone: list[Any] = []
+        self.connections: dict[Any, None] = {}
 
-    def slow_consumer(self, conn: Any, queued: int) -> None:
+    def slow_consumer(self, conn: Any, queued: int, why: str) -> None:
         self.slow.append((conn, queued))
+        self.why.append(why)
         conn.close(CLOSE_SLOW_CONSUMER, f"too slow: {queued} messages queued; reconnect")
 
     def closed(self, conn: Any) -> None:
         self.gone.append(conn)
+
+
+def make_factory(queue_limit: int, clock: Clock) -> StreamFactory:
+    factory = StreamFactory(
+        allowed_origins=(), max_message_size=65536, queue_limit=queue_limit,
+        ping_interval=0, ping_timeout=1, handshake_timeout=1,
+        stall_timeout=STALL, slow_for=SLOW, clock=clock,
+    )
+    factory.gateway = RecordingGateway()  # type: ignore[assignment]
+    return factory
 
 
 class FakeSocketProtocol(ClientProtocol):
@@ -53,13 +69,13 @@ class FakeSocketProtocol(ClientProtocol):
     (L{None}: unlimited) and pauses the protocol when it is full.
     """
 
-    def __init__(self, queue_limit: int, room: int | None = None) -> None:
+    def __init__(self, queue_limit: int, room: int | None = None,
+                 factory: StreamFactory | None = None) -> None:
         super().__init__()
-        self.factory = StreamFactory(
-            allowed_origins=(), max_message_size=65536, queue_limit=queue_limit,
-            ping_interval=0, ping_timeout=1, handshake_timeout=1,
-        )
-        self.gateway = self.factory.gateway = RecordingGateway()  # type: ignore[assignment]
+        self.clock = Clock() if factory is None else factory.reactor
+        self.factory = factory or make_factory(queue_limit, self.clock)
+        self.gateway = self.factory.gateway
+        self.gateway.connections[self] = None
         self.room = room
         self.sent: list[str] = []
         self.unread = 0
@@ -153,39 +169,161 @@ def test_must_deliver_frames_are_never_dropped_and_keep_their_place() -> None:
     assert proto.close_frames == []
 
 
-def test_past_the_must_deliver_bound_the_client_is_closed_with_4001() -> None:
+def test_past_the_must_deliver_bound_a_client_that_stopped_reading_is_closed() -> None:
     """
-    One must-deliver frame more than C{queue_limit} queued: the gateway is
-    told (and closes with 4001), the queue is dropped, and nothing more is
-    sent or queued, even once the socket drains.
+    Past C{queue_limit} must-deliver frames queued, a client whose socket
+    has taken nothing for the stall timeout is closed: the gateway is told
+    (and closes with 4001), the queue is dropped, and nothing more is sent
+    or queued, even once the socket drains. Before the timeout, every frame
+    is kept.
     """
     proto = FakeSocketProtocol(queue_limit=3)
     proto.pauseProducing()
-    send_all(proto, [must(1), tick("AAPL", 1), must(2), must(3)])
-    assert proto.gateway.slow == []
-    proto.send(*must(4))
-    assert proto.gateway.slow == [(proto, 5)]
-    assert [code for code, _ in proto.close_frames] == [CLOSE_SLOW_CONSUMER]
+    send_all(proto, [must(1), tick("AAPL", 1), must(2), must(3), must(4)])
+    proto.clock.advance(STALL - 0.1)
     proto.send(*must(5))
+    assert proto.gateway.slow == []
+    proto.clock.advance(0.1)
+    proto.send(*must(6))
+    assert proto.gateway.slow == [(proto, 7)]
+    assert proto.gateway.why == ["stopped reading"]
+    assert [code for code, _ in proto.close_frames] == [CLOSE_SLOW_CONSUMER]
+    proto.send(*must(7))
     proto.send(*tick("AAPL", 2))
     proto.read()
     assert proto.sent == []
     assert len(proto.gateway.slow) == 1
 
 
-def test_too_many_latest_only_keys_close_the_client_too() -> None:
+def test_a_stalled_client_past_the_bound_is_closed_without_another_frame() -> None:
+    """
+    No frame needs to arrive after the timeout: the factory checks its
+    paused clients every L{SWEEP} seconds, and stops checking once none is.
+    """
+    proto = FakeSocketProtocol(queue_limit=2)
+    proto.pauseProducing()
+    send_all(proto, [must(n) for n in range(3)])
+    assert proto.gateway.slow == []
+    proto.clock.advance(STALL + SWEEP)
+    assert proto.gateway.slow == [(proto, 3)]
+    proto.onClose(False, 4001, None)
+    assert proto.clock.getDelayedCalls() == []
+
+
+def test_too_many_latest_only_keys_close_a_stalled_client_too() -> None:
     """
     Latest-only frames are bounded by their distinct keys: more than
-    C{queue_limit} symbols waiting closes the client with 4001 as well.
+    C{queue_limit} symbols waiting closes a stalled client with 4001 as well.
     """
     proto = FakeSocketProtocol(queue_limit=3)
     proto.pauseProducing()
     send_all(proto, [tick(symbol, 1) for symbol in ("A", "B", "C")])
     send_all(proto, [tick(symbol, 2) for symbol in ("A", "B", "C")])
-    assert proto.gateway.slow == []
     proto.send(*tick("D", 1))
+    proto.clock.advance(STALL - SWEEP)
+    assert proto.gateway.slow == []
+    proto.clock.advance(SWEEP)
     assert proto.gateway.slow == [(proto, 4)]
     assert [code for code, _ in proto.close_frames] == [CLOSE_SLOW_CONSUMER]
+
+
+def test_a_client_that_reads_is_kept_past_the_bound() -> None:
+    """
+    A burst comes faster than the client reads (the daemon wrote late, or
+    all at once): over twice C{queue_limit} frames wait, but each time it
+    reads (the transport resumes us) it progresses, within the stall
+    timeout. It is not closed, and gets every frame in order as it catches
+    up.
+    """
+    proto = FakeSocketProtocol(queue_limit=10, room=5)
+    sent = 0
+    for _ in range(6):
+        send_all(proto, [must(sent + n) for n in range(10)])
+        sent += 10
+        proto.clock.advance(STALL - 1)
+        proto.read()  # reads 5 frames: the queue grows by 5
+    assert len(proto._queue) > 2 * 10
+    while proto._queue:
+        proto.clock.advance(STALL - 1)
+        proto.read()
+    proto.read()
+    assert proto.sent == [f"pattern {n}" for n in range(sent)]
+    assert proto.gateway.slow == []
+
+
+def test_partial_progress_counts_as_reading() -> None:
+    """
+    A slow reader drains Twisted's buffer a little at a time and is not
+    resumed until it is empty: bytes leaving the buffer are progress. Once
+    they stop leaving it for the stall timeout, it has stopped reading.
+    """
+    proto = FakeSocketProtocol(queue_limit=2)
+    proto.transport = transport = FakeTransport(unsent=100_000)
+    proto.pauseProducing()
+    send_all(proto, [must(n) for n in range(5)])
+    for _ in range(4):
+        proto.clock.advance(STALL - 1)
+        transport.dataBuffer = transport.dataBuffer[10_000:]  # the client read 10 kB
+        proto.clock.advance(SWEEP)
+    assert proto.gateway.slow == []
+    proto.clock.advance(STALL)
+    assert proto.gateway.why == ["stopped reading"]
+
+
+def test_a_client_past_the_bound_for_too_long_is_closed_though_it_reads() -> None:
+    """
+    Reading, but never getting back under the bound for C{slow_for} seconds:
+    it reads slower than its events come, and is closed so that its queue
+    does not grow without end.
+    """
+    proto = FakeSocketProtocol(queue_limit=2, room=1)
+    proto.send(*must(0))  # fills the socket
+    n = 1
+    while not proto.gateway.slow:
+        send_all(proto, [must(n), must(n + 1)])  # two come, one is read
+        n += 2
+        proto.read()
+        proto.clock.advance(1)
+    past_bound_at = 2  # 3 frames waiting after the 2nd read
+    assert past_bound_at + SLOW <= proto.clock.seconds() <= past_bound_at + SLOW + 1
+    assert proto.gateway.why == ["reads slower than its events come"]
+
+
+def test_clients_behind_counts_backlogged_readers_not_stalled_ones() -> None:
+    """
+    The daemon is behind for its clients when most of the connected ones
+    have had frames waiting for a second though they read; a client that
+    stopped reading does not count.
+    """
+    clock = Clock()
+    factory = make_factory(100, clock)
+    clients = [FakeSocketProtocol(100, room=1, factory=factory) for _ in range(5)]
+    for proto in clients[:3]:
+        send_all(proto, [must(1), must(2)])
+    clock.advance(SWEEP)
+    assert factory.backlogged == 0  # waiting for less than a second
+    clock.advance(SWEEP * 2)
+    assert factory.backlogged == 3 and factory.clients_behind()
+    for _ in range(int(STALL / SWEEP) + 1):
+        clients[0].read()  # reads on
+        clients[0].send(*must(3))
+        clients[0].send(*must(4))
+        clock.advance(SWEEP)
+    assert factory.backlogged == 1 and not factory.clients_behind()  # two stalled
+    while clients[0]._queue:
+        clients[0].read()
+    clients[0].read()
+    clock.advance(SWEEP)
+    assert factory.backlogged == 0
+
+
+class FakeTransport:
+    """What L{ClientProtocol} reads of Twisted's transport: the bytes it still holds."""
+
+    def __init__(self, unsent: int) -> None:
+        self.dataBuffer = b"x" * unsent
+        self.offset = 0
+        self._tempDataLen = 0
 
 
 def test_resume_flushes_in_order_until_the_socket_is_full_again() -> None:

@@ -1217,7 +1217,7 @@ def test_every_reply_matches_server_schemas(schema_for: Callable[..., Any]) -> N
     documented = properties_of({"$ref": "#/components/schemas/ServerError"})["code"]["enum"]
     assert set(documented) - codes == {"bad_topic", "bad_filter", "unknown_op",
                                        "unknown_universe", "unauthorized",
-                                       "too_many_connections"}  # tested elsewhere
+                                       "too_many_connections", "no_producer"}  # tested elsewhere
     statuses = [(f["data"]["status"], f["data"].get("error")) for f in frames
                 if f.get("type") == "backtest_progress"]
     assert statuses == [("cancelled", None), ("failed", "timeout: no progress for 300 s"),

@@ -15,6 +15,7 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
+from tests.test_jobs import job_listener  # noqa: F401 - fixture
 from tests.wsclient import connect, eventually, http_get
 
 def publish(redis: Any, channel: str, payload: dict[str, Any] | bytes) -> int:
@@ -34,7 +35,7 @@ async def ready(daemon: Any) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_one_event_per_channel(redis_server, daemons):
+async def test_one_event_per_channel(redis_server, daemons, job_listener):
     """
     A client subscribed to every topic receives one event from each producer
     channel of CONTRACT §1, with the producer's fields (unknown ones kept),
@@ -126,7 +127,7 @@ async def test_submitted_job_reaches_the_producer(redis_server, daemons):
 
 
 @pytest_twisted.ensureDeferred
-async def test_filters_and_targeting(redis_server, daemons):
+async def test_filters_and_targeting(redis_server, daemons, job_listener):
     """
     A client for AAPL does not get MSFT; pattern and confidence filters hold;
     another user never sees a job's progress.
@@ -330,10 +331,11 @@ def _resp(*parts: str | bytes) -> bytes:
 async def test_a_client_that_stops_reading_is_closed_others_unaffected(redis_server, daemons):
     """
     A client that stops reading fills its socket; its queue is bounded and it
-    is closed with 4001 past the bound, while a reading client on the same
-    subscription gets every event.
+    is closed with 4001 past the bound once its socket took nothing for
+    --ws-ping-timeout, while a reading client on the same subscription gets
+    every event.
     """
-    daemon = daemons(redis=redis_server.url, client_queue_limit=50)
+    daemon = daemons(redis=redis_server.url, client_queue_limit=50, ws_ping_timeout=1)
     await ready(daemon)
     reader = await connect(daemon.port, hello=daemon.hello("reader"))
     stuck = await connect(daemon.port, hello=daemon.hello("stuck"))

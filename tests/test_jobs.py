@@ -10,6 +10,7 @@ a real Redis client.
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 import orjson
@@ -20,13 +21,15 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from tests.servers import RedisServer
+from tests.test_openapi import check, request as api_request
 from tests.wsclient import connect, eventually, http_request
 from tickstock.bus.memory import MemoryBus
 from tickstock.config import JOB_PATTERNS
 from tickstock.topics import CANCEL_CHANNEL, CONTROL_CHANNEL, JOBS_CHANNEL
 from tickstock.history import Refused
 from tickstock.history.memory import MemoryHistory
-from tickstock.jobs import JobRefused, Jobs, parse_params
+from tickstock import jobs as jobs_module
+from tickstock.jobs import NO_PRODUCER, RECORD_WAIT, JobRefused, Jobs, parse_params
 from tickstock.router import Router
 from tickstock.store.memory import MemoryStore
 
@@ -148,7 +151,8 @@ def test_the_producers_parameters_pass_at_their_bounds_and_are_kept() -> None:
 class Rig:
     """The real memory parts wired as the daemon wires them, on a Clock."""
 
-    def __init__(self, per_user: int = 3, timeout: float = 60.0) -> None:
+    def __init__(self, per_user: int = 3, timeout: float = 60.0, producer: bool = True,
+                 unheard_is_lost: bool = False) -> None:
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
         self.bus = MemoryBus()
@@ -158,9 +162,9 @@ class Rig:
                              stored=lambda event: self.store.write([], [event]))
         self.bus.listen(self.router.receive)
         self.jobs = Jobs(self.clock, self.store, self.history, self.bus, self.router.receive,
-                         per_user, timeout)
+                         per_user, timeout, unheard_is_lost=unheard_is_lost)
         self.to_producer: list[tuple[str, dict[str, Any]]] = []
-        for channel in (JOBS_CHANNEL, CANCEL_CHANNEL, CONTROL_CHANNEL):
+        for channel in (JOBS_CHANNEL, CANCEL_CHANNEL, CONTROL_CHANNEL) if producer else ():
             self.bus.on(channel, lambda raw, c=channel: self.to_producer.append(
                 (c, orjson.loads(raw))))
         self.delivered: list[Any] = []
@@ -340,6 +344,118 @@ def test_an_unreachable_producer_fails_the_submission_and_the_job() -> None:
     assert (job["status"], job["error"]) == ("failed", "producer unreachable")
 
 
+def test_a_job_nobody_hears_fails_at_once_with_no_producer() -> None:
+    """
+    Where an unheard job is lost (pub/sub), a publish that reached nobody
+    refuses the submission with C{no_producer} (503), and the job is
+    recorded failed with that reason, the owner told, the per-user limit
+    not taken; where the bus keeps it (streams), it stays queued.
+    """
+    rig = Rig(per_user=1, producer=False, unheard_is_lost=True)
+    for _ in range(2):  # a failed job does not count against the limit
+        with pytest.raises(JobRefused) as refused:
+            rig.submit()
+        assert (refused.value.status, refused.value.code) == (503, "no_producer")
+    assert JOBS_CHANNEL in str(refused.value)
+    jobs = now(rig.store.jobs("alice", None, 10))
+    assert [(j["status"], j["error"]) for j in jobs] == [("failed", NO_PRODUCER)] * 2
+    assert str(refused.value).count(jobs[0]["job_id"]) == 1
+    assert [(e.user, e.data["status"], e.data["error"]) for e in rig.delivered] == [
+        ("alice", "failed", NO_PRODUCER)] * 2
+    assert (rig.jobs.no_producer, rig.jobs.submitted) == (2, 0)
+    assert rig.jobs.stats()["no_producer"] == 2
+
+    kept = Rig(producer=False, unheard_is_lost=False)
+    assert kept.record(kept.submit()["job_id"])["status"] == "queued"
+    heard = Rig(unheard_is_lost=True)
+    assert heard.record(heard.submit()["job_id"])["status"] == "queued"
+
+
+class SlowStore(MemoryStore):
+    """The memory store, with writes that land only when the test says (a slow PostgreSQL)."""
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__(clock)
+        self.writes: list[tuple[Deferred[None], list[Any]]] = []
+
+    def write(self, bars: Any, events: Any) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        self.writes.append((d, list(events)))
+        return d
+
+    def land(self) -> None:
+        """Apply the oldest pending write and report it done."""
+        d, events = self.writes.pop(0)
+        super().write([], events)
+        d.callback(None)
+
+
+def test_a_final_event_is_delivered_once_its_record_is_final() -> None:
+    """
+    The result waits for its record; the owner's later events queue behind
+    it, in order; other users' events and progress pass at once; the
+    record is final when the result is handed on.
+    """
+    rig = Rig()
+    store = SlowStore(rig.clock)
+    rig.jobs._store = store
+    rig.router._on_stored = None  # nothing else writes records: only the hold does
+    seen: list[tuple[str, str | None, str]] = []
+
+    def deliver(event: Any) -> None:
+        record = now(store.job(event.job_id))
+        seen.append((event.type, event.data.get("status"), record["status"]))
+
+    hold = rig.jobs.record_first(store, deliver)
+    rig.history.listen(hold)
+    first, second, bobs = rig.submit(), rig.submit(), rig.submit("bob")
+    rig.produce(PROGRESS, progress(first["job_id"], 0.5))
+    rig.produce(RESULTS, result(first["job_id"]))
+    rig.produce(PROGRESS, progress(second["job_id"], 0.5))
+    rig.produce(PROGRESS, progress(bobs["job_id"], 0.5))
+    assert seen == [("backtest_progress", "processing", "queued"),
+                    ("backtest_progress", "processing", "queued")]  # alice's, then bob's
+    assert len(store.writes) == 1
+    store.land()
+    assert seen[2:] == [("backtest_result", "completed", "completed"),
+                        ("backtest_progress", "processing", "queued")]
+    assert hold.late == 0 and hold._queues == {}
+
+
+def test_a_store_that_does_not_answer_delays_a_result_by_at_most_the_wait() -> None:
+    """
+    The write does not land within RECORD_WAIT: the result is delivered
+    then anyway, counted late; the write landing later changes nothing.
+    A store that fails at once holds nothing.
+    """
+    rig = Rig()
+    store = SlowStore(rig.clock)
+    rig.jobs._store = store
+    delivered: list[Any] = []
+    hold = rig.jobs.record_first(store, delivered.append)
+    rig.history.listen(hold)
+    job = rig.submit()
+    rig.produce(RESULTS, result(job["job_id"]))
+    rig.clock.advance(RECORD_WAIT - 0.01)
+    assert delivered == []
+    rig.clock.advance(0.01)
+    assert [e.type for e in delivered] == ["backtest_result"]
+    assert hold.late == 1 and rig.jobs.stats()["records_late"] == 1
+    store.land()
+    assert len(delivered) == 1 and hold._queues == {}
+
+    class DownStore(MemoryStore):
+        def write(self, bars: Any, events: Any) -> Deferred[None]:
+            from twisted.internet.defer import fail
+            return fail(ConnectionError("PostgreSQL is down"))
+
+    down = Rig()
+    told: list[Any] = []
+    down.history.listen(down.jobs.record_first(DownStore(down.clock), told.append))
+    down.produce(RESULTS, result(down.submit()["job_id"]))
+    assert [e.type for e in told] == ["backtest_result"]
+
+
 # ---------------------------------------------------------------- end to end
 
 
@@ -373,6 +489,24 @@ def producer(redis_server: RedisServer) -> Any:
     p = Producer(redis_server)
     yield p
     pytest_twisted.blockon(p.source.stopService())
+
+
+@pytest.fixture
+def job_listener(redis_server: RedisServer) -> Any:
+    """
+    A producer that listens for jobs and does nothing else, for tests that
+    play the producer's events by hand: in pub/sub mode a job nobody hears
+    is refused (C{no_producer}). Subscribed before the test starts.
+    """
+    with socket.create_connection(("127.0.0.1", redis_server.port), timeout=10) as sock:
+        sock.sendall(b"*2\r\n$9\r\nSUBSCRIBE\r\n$%d\r\n%s\r\n"
+                     % (len(JOBS_CHANNEL), JOBS_CHANNEL.encode()))
+        confirmed = b""
+        while not confirmed.endswith(b":1\r\n"):
+            chunk = sock.recv(4096)
+            assert chunk, "redis closed the connection"
+            confirmed += chunk
+        yield sock
 
 
 def token(daemon: Any, user: str) -> str:
@@ -602,9 +736,10 @@ async def test_streams_mode_acknowledges_dropped_job_events(redis_server, daemon
     redis_server.command("XADD", PROGRESS, "*", "data", progress(job_id, 0.7))
     await eventually(lambda: daemon.service.router.refused == {
         "unknown_job": 1, "finished_job": 1}, 10, "both dropped")
+    # Acknowledged once what they became is durable (the job records).
     for channel in (PROGRESS, RESULTS):
-        pending = redis_server.command("XPENDING", channel, "tickstock")
-        assert pending.startswith(b"*4\r\n:0\r\n"), (channel, pending[:40])
+        await eventually(lambda: redis_server.command("XPENDING", channel, "tickstock")
+                         .startswith(b"*4\r\n:0\r\n"), 5, f"{channel} acknowledged")
 
 
 @pytest_twisted.ensureDeferred
@@ -643,3 +778,98 @@ async def test_the_embedded_demo_runs_jobs_on_its_simulator(daemons):
     assert [e["data"]["status"] for e in mine][-1] == "cancelled"
     assert mine[-1]["data"]["source"] == "tickstock"
     assert all(e["data"]["status"] == "running" for e in mine[:-1])
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_job_submitted_while_no_producer_listens_is_refused(
+        redis_server, postgres, daemons, producer, monkeypatch):
+    """
+    Pub/sub, before the producer subscribes: C{submit_backtest} and
+    C{POST /api/jobs} get C{no_producer} at once, and the jobs read back
+    failed with that reason (the owner told too); once the producer
+    listens, a job is accepted and reaches it.
+    """
+    # Batched writes that never come during the test: only the refusal writes the
+    # record, and is given all the time it takes (no timing here).
+    monkeypatch.setattr(jobs_module, "RECORD_WAIT", 30.0)
+    daemon = daemons(redis=redis_server.url, postgres=postgres, flush_interval=30)
+    await eventually(lambda: daemon.service.readiness()[0], 15, "ready")
+    tab = await watcher(daemon, "alice")
+    alice = token(daemon, "alice")
+    reply = await tab.request({"op": "submit_backtest", "id": "r", "params": PARAMS},
+                              "job_accepted")
+    assert (reply["op"], reply["code"]) == ("error", "no_producer"), reply
+    answer = await api_request(daemon.port, "POST", "/api/jobs", orjson.dumps(PARAMS),
+                               {b"authorization": [f"Bearer {alice}".encode()]})
+    check("/api/jobs", 503, answer, "POST")  # as documented, Retry-After included
+    body = answer.body
+    assert body["error"]["code"] == "no_producer", body
+    listed = (await http_request(daemon.port, b"GET", "/api/jobs", alice))[1]["jobs"]
+    assert [(j["status"], j["error"]) for j in listed] == [("failed", NO_PRODUCER)] * 2
+    assert listed[1]["job_id"] in reply["message"] and listed[0]["job_id"] in \
+        body["error"]["message"]
+    await eventually(lambda: len(tab.events("bt")) == 2, 5, "the owner told")
+    assert {e["data"]["error"] for e in tab.events("bt")} == {NO_PRODUCER}
+    assert daemon.service.jobs.stats()["no_producer"] == 2
+
+    await producer.start()
+    accepted = await tab.request({"op": "submit_backtest", "id": "r2", "params": PARAMS},
+                                 "job_accepted")
+    assert accepted["op"] == "job_accepted", accepted
+    await eventually(lambda: [j["job_id"] for j in producer.jobs] == [accepted["job_id"]], 5,
+                     "the job at the producer")
+
+
+@pytest_twisted.ensureDeferred
+async def test_streams_mode_keeps_a_job_nobody_listens_for_yet(redis_server, daemons):
+    """In streams mode the job waits in its stream for the producer: accepted, queued."""
+    daemon = daemons(redis=redis_server.url, mode="streams")
+    await eventually(lambda: daemon.service.readiness()[0], 15, "ready")
+    tab = await watcher(daemon, "alice")
+    accepted = await tab.request({"op": "submit_backtest", "id": "r", "params": PARAMS},
+                                 "job_accepted")
+    assert (accepted["op"], accepted["status"]) == ("job_accepted", "queued"), accepted
+    kept = redis_server.command("XRANGE", JOBS_CHANNEL, "-", "+")
+    assert accepted["job_id"].encode() in kept
+
+
+@pytest.mark.parametrize("kind", ["postgres", "embedded"])
+@pytest_twisted.ensureDeferred
+async def test_the_record_is_final_when_the_owner_hears_the_end(
+        kind, request, redis_server, daemons, producer, monkeypatch):
+    """
+    Read-your-writes: a client that receives C{backtest_result} and at once
+    GETs the job reads it completed, with its results; one that is answered
+    a cancel reads it cancelled. With PostgreSQL and with the embedded
+    store; batched writes are held off for the whole test, so only the
+    writes made before answering can make the records final (given all the
+    time they take: no timing here).
+    """
+    monkeypatch.setattr(jobs_module, "RECORD_WAIT", 30.0)
+    dsn = request.getfixturevalue("postgres") if kind == "postgres" else None
+    daemon = await started(daemons, redis_server, dsn, producer, flush_interval=30)
+    tab = await watcher(daemon, "alice")
+    alice = token(daemon, "alice")
+
+    async def record(job_id: str) -> Any:
+        return (await http_request(daemon.port, b"GET", f"/api/jobs/{job_id}", alice))[1]
+
+    job_id = (await tab.request({"op": "submit_backtest", "id": "r", "params": PARAMS},
+                                "job_accepted"))["job_id"]
+    producer.publish(PROGRESS, progress(job_id, 0.5))
+    producer.publish(RESULTS, result(job_id))
+    await eventually(lambda: steps(tab)[-1:] == ["result"], 5, "the result")
+    body = await record(job_id)
+    assert (body["status"], body["results"], body["progress"]) == ("completed", RESULT, 1.0)
+
+    second = (await tab.request({"op": "submit_backtest", "id": "r2", "params": PARAMS},
+                                "job_accepted"))["job_id"]
+    status, _, _ = await http_request(daemon.port, b"DELETE", f"/api/jobs/{second}", alice)
+    assert status == 200
+    assert (await record(second))["status"] == "cancelled"
+    third = (await tab.request({"op": "submit_backtest", "id": "r3", "params": PARAMS},
+                               "job_accepted"))["job_id"]
+    reply = await tab.request({"op": "cancel_job", "id": "c", "job_id": third}, "job_cancelled")
+    assert reply["op"] == "job_cancelled"
+    assert (await record(third))["status"] == "cancelled"
+    assert daemon.service.jobs.stats()["records_late"] == 0

@@ -201,20 +201,24 @@ def test_flush_writes_one_batch_per_interval(tmp_path):
     stop(clock, persister)
 
 
-def test_failed_writes_are_retried_and_logged_once(tmp_path):
+def test_failed_writes_are_spilled_and_logged_once(tmp_path):
     """
-    While the store fails, everything is kept and retried each interval,
-    failures are counted and logged once for the outage; when it is back,
-    every tick and event arrives and the recovery is logged.
+    A write that fails spills what it held to the spool at once (fsynced:
+    durable, so what it came from may be acknowledged); failures are
+    counted and logged once for the outage; when the store is back, the
+    spool is written back and every tick and event arrives.
     """
     clock, store = Clock(), RecordingStore()
     persister = make(clock, store, tmp_path)
     ticks = [("AAA", 10.0, 1, M + 1), ("AAA", 12.0, 1, M + 5), ("BBB", 3.0, 2, M + 70)]
     store.mode = "fail"
+    durable = []
     with capturedLogs() as logs:
         persister.add_tick(tick(*ticks[0]))
         persister.add_event(pattern(1))
+        persister.when_durable(persister.generation).addCallback(durable.append)
         clock.advance(1.0)
+        assert durable == [None] and persister.pending == 0 and persister.spilled == 2
         persister.add_tick(tick(*ticks[1]))
         clock.advance(1.0)
         persister.add_tick(tick(*ticks[2]))
@@ -223,12 +227,14 @@ def test_failed_writes_are_retried_and_logged_once(tmp_path):
         assert persister.write_failures == 3
         assert persister.status()["state"] == "failing"
         assert "StoreUnavailable" in (persister.last_error or "")
-        assert persister.pending == 4
+        assert persister.pending == 0 and persister.spool_files == 5  # bars, events apart
 
         store.mode = "ok"
-        clock.advance(1.0)
+        for _ in range(6):  # one spool file per interval
+            clock.advance(1.0)
     assert [log["log_format"].split(" (")[0] for log in logs] == [
-        "store writes failing", "store writes work again after {n} failed"]
+        "store writes failing", "spilling unwritten bars and events to {dir}",
+        "store writes work again after {n} failed", "spool written back; {dir} is empty"]
     assert combine(store.parts.values()) == reference(ticks)
     assert sorted(store.events) == ["1-0", "2-0"]
     assert persister.status()["state"] == "ok"
@@ -303,10 +309,10 @@ def read_spool(path: Any) -> tuple[list[tuple[str, int, int]], list[str]]:
 def test_spill_then_write_back_in_order(tmp_path):
     """
     Past pending_max the oldest are spilled (closed minutes' bars, then
-    events, then newer bars) to whole files, and memory stays bounded; once
-    the store is back, the memory batch is written, then one file per
-    interval, oldest first, each deleted after its write. Everything arrives
-    as if nothing had been spilled.
+    events, then newer bars) to whole files, and memory stays bounded; a
+    failed write spills the rest. Once the store is back, one file is
+    written per interval, oldest first, each deleted after its write.
+    Everything arrives as if nothing had been spilled.
     """
     clock, store = Clock(), RecordingStore()
     persister = make(clock, store, tmp_path, pending_max=6)
@@ -337,7 +343,7 @@ def test_spill_then_write_back_in_order(tmp_path):
     for written in range(1, len(names) + 1):
         assert spool_names(tmp_path) == names[written:]
         spooled_bars, spooled_events = contents[written - 1]
-        bars, events = store.calls[calls + written]
+        bars, events = store.calls[calls + written - 1]
         assert [(b.part, b.minute, b.ticks) for b in bars] == spooled_bars
         assert [e.id for e in events] == spooled_events
         if written < len(names):

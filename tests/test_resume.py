@@ -27,6 +27,7 @@ from twisted.internet.task import Clock
 
 from tests.servers import RedisServer
 from tests.test_end_to_end import pattern, ready
+from tests.test_jobs import job_listener  # noqa: F401 - fixture
 from tests.wsclient import RecordingClient, connect, eventually
 from tickstock.bus.redis import Occurrences
 from tickstock.events import id_key
@@ -652,7 +653,7 @@ async def test_live_clients_are_told_when_the_tail_fell_behind_trimming(
 
 @pytest_twisted.ensureDeferred
 async def test_job_events_reach_owner_on_every_node_and_queue_while_offline(
-        redis_server, daemons, producer):
+        redis_server, daemons, producer, job_listener):
     """
     A job's progress and result reach every tab of its owner on every daemon
     (and nobody else's); what is published while the owner has no tab open
@@ -795,11 +796,12 @@ def test_memory_history_drops_by_age_and_resume_reports_it():
     newest dropped id, a count at least the number dropped after from and
     at most BOOKMARK_EVERY more) and replays what is kept; resuming from
     the newest dropped id or later is a full recovery. A producer event_id
-    is forgotten with its event.
+    is forgotten once its dedupe window (here as long as the history's age)
+    has passed.
     """
     clock = Clock()
     clock.advance(1000)
-    history = MemoryHistory(clock, max_events=1000, max_age=60, user_max=100)
+    history = MemoryHistory(clock, max_events=1000, max_age=60, user_max=100, dedupe_window=60)
     first, second = _tick("AAPL", clock.seconds()), _tick("MSFT", clock.seconds(), event_id="x")
     history.append(first)
     history.append(second)
@@ -827,7 +829,7 @@ def test_memory_history_drops_by_age_and_resume_reports_it():
         assert [e.id for e in replay.events] == [
             e.id for e in (third, fourth) if id_key(e.id) > id_key(after)]
 
-    # The retry window closed with the event: the same event_id is new again.
+    # The retry window closed: the same event_id is new again.
     again = history.append(_tick("MSFT", clock.seconds(), event_id="x")).result
     assert again is not None and id_key(again) > id_key(fourth.id)
 

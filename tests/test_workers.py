@@ -1,14 +1,18 @@
 """
 C{--workers N} with real processes: C{twistd tickstock --workers 2} on the
 test's redis-server, clients over real WebSockets landing on both workers,
-one worker killed -9 and restarted by the parent, and a graceful stop.
+one worker killed -9 and restarted by the parent, a graceful stop, and the
+parent killed -9 (its workers follow it).
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
+import struct
 import subprocess
+import termios
 
 import pytest
 import pytest_twisted
@@ -21,7 +25,7 @@ from tests.test_streams import TwistdDaemon
 from tests.wsclient import connect, eventually, http_get
 from tickstock.auth import JWTAuthenticator
 from tickstock.config import ConfigError
-from tickstock.workers import listening_socket
+from tickstock.workers import ORPHAN_EXIT, ParentWatch, listening_socket
 
 
 async def worker_pids(daemon: TwistdDaemon, want: int, timeout: float = 30) -> dict[int, int]:
@@ -110,3 +114,86 @@ def test_workers_need_a_tcp_port_that_is_free() -> None:
             listening_socket(f"tcp:{port}:interface=127.0.0.1")
     with pytest.raises(ConfigError, match="tcp"):
         listening_socket("unix:/tmp/x.sock")
+
+
+def unread(fd: int) -> int:
+    """Bytes waiting in the pipe C{fd}."""
+    return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+
+
+def running(pid: int) -> bool:
+    """Whether C{pid} still runs: a zombie nobody reaped yet has stopped."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest_twisted.ensureDeferred
+async def test_workers_exit_when_the_parent_is_killed(redis_server, secret_file):
+    """
+    kill -9 of the C{--workers 2} parent: both workers stop (a connected
+    client is told 1001, as on a graceful stop) and are gone, and the port
+    is free again.
+    """
+    daemon = TwistdDaemon("--redis", redis_server.url, "--workers", "2",
+                          "--jwt-secret-file", secret_file)
+    daemon.start()
+    pids: dict[int, int] = {}
+    try:
+        await daemon.ready()
+        pids = await worker_pids(daemon, 2)
+        client = await connect(daemon.port, hello=hello("u"))
+        assert daemon.process is not None
+        daemon.process.kill()
+        daemon.process.wait()
+        killed = reactor.seconds()
+        # Deadline generous for a loaded machine; each worker gives itself
+        # ORPHAN_EXIT seconds (checked below without a clock).
+        while any(running(pid) for pid in pids.values()):
+            assert reactor.seconds() < killed + 10, "the workers outlived their parent"
+            await deferLater(reactor, 0.02, lambda: None)
+        await eventually(lambda: client.close_code is not None, 5, "the client closed")
+        assert client.close_code == 1001
+        listening_socket(f"tcp:{daemon.port}:interface=127.0.0.1").close()
+    finally:
+        daemon.kill()
+        for pid in pids.values():
+            if running(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_parent_watch_stops_then_exits_an_orphan() -> None:
+    """
+    The pipe's other end closing is the parent's death: the clean stop
+    starts at once, the exit is due L{ORPHAN_EXIT} seconds later, and both
+    happen once. A pipe already closed when the watch starts counts too.
+    """
+    assert ORPHAN_EXIT < 1
+    await orphaned(closed_before=False)
+    await orphaned(closed_before=True)
+
+
+async def orphaned(closed_before: bool) -> None:
+    read_end, write_end = os.pipe()
+    stops: list[None] = []
+    exits: list[int] = []
+    watch = ParentWatch(reactor, read_end, stop=lambda: stops.append(None), exit=exits.append)
+    if closed_before:
+        os.close(write_end)
+    watch.startService()
+    try:
+        if not closed_before:
+            os.write(write_end, b"x")  # not an end: the parent lives
+            await eventually(lambda: unread(read_end) == 0, 5, "the byte read")
+            assert not watch.orphaned and stops == []
+            os.close(write_end)
+        await eventually(lambda: watch.orphaned, 5, "the parent's death seen")
+        assert stops == [None] and exits == []
+        await eventually(lambda: exits == [1], 5, "the exit")
+        assert stops == [None]
+    finally:
+        reactor.removeReader(watch)
+        os.close(read_end)

@@ -71,10 +71,16 @@ class BarAggregator:
         node and run, and best sorting after earlier runs' prefixes, since
         the store breaks C{open_ts}/C{close_ts} ties between parts by name.
     @ivar newest_minute: the latest minute any tick fell in (0 before any).
+    @ivar sealing: each take seals what it took (L{seal}): a part then
+        holds exactly the ticks of one write, and is named after the id of
+        its first tick, so the same ticks read again after a crash (a stream
+        entry not yet acknowledged) make the same part, which replaces the
+        one the crash left rather than adding to it.
     """
 
-    def __init__(self, part_prefix: str) -> None:
+    def __init__(self, part_prefix: str, sealing: bool = False) -> None:
         self.part_prefix = part_prefix
+        self.sealing = sealing
         self.newest_minute = 0
         self._count = 0
         self._minutes: dict[int, dict[str, _Aggregate]] = {}
@@ -89,17 +95,20 @@ class BarAggregator:
     def __len__(self) -> int:
         return sum(len(symbols) for symbols in self._minutes.values())
 
-    def add(self, symbol: str, price: float, volume: float, timestamp: float) -> bool:
+    def add(self, symbol: str, price: float, volume: float, timestamp: float,
+            tick_id: str = "") -> bool:
         """
         Fold one tick into the aggregate of its symbol and minute.
 
         @param timestamp: the producer's, in epoch seconds; it picks the minute.
+        @param tick_id: the tick's event id: with C{sealing}, a new part is
+            named after it.
         @return: whether an aggregate became dirty (so the caller may check
             its memory bound only then).
         """
         agg = self._current.get(symbol)
         if agg is None or not agg.minute <= timestamp < agg.end:
-            return self._add_slow(symbol, price, volume, timestamp)
+            return self._add_slow(symbol, price, volume, timestamp, tick_id)
         _fold(agg, price, volume, timestamp)
         if agg.dirty:
             return False
@@ -107,7 +116,8 @@ class BarAggregator:
         self._dirty.append(agg)
         return True
 
-    def _add_slow(self, symbol: str, price: float, volume: float, timestamp: float) -> bool:
+    def _add_slow(self, symbol: str, price: float, volume: float, timestamp: float,
+                  tick_id: str) -> bool:
         minute = int(timestamp // 60) * 60
         symbols = self._minutes.get(minute)
         if symbols is None:
@@ -115,8 +125,9 @@ class BarAggregator:
         agg = symbols.get(symbol)
         if agg is None:
             self._count += 1
-            agg = _Aggregate(symbol, minute, f"{self.part_prefix}:{self._count:010d}",
-                             price, volume, timestamp)
+            part = sealed_part(tick_id) if self.sealing \
+                else f"{self.part_prefix}:{self._count:010d}"
+            agg = _Aggregate(symbol, minute, part, price, volume, timestamp)
             symbols[symbol] = agg
             self._dirty.append(agg)
             if minute > self.newest_minute:
@@ -144,6 +155,14 @@ class BarAggregator:
             agg.dirty = False
             items.append((agg, agg.ticks))
         return [agg.snapshot() for agg, _ in items], Taken(items)
+
+    def seal(self, taken: Taken) -> None:
+        """
+        Forget the aggregates just taken: those versions are final, and a
+        later tick of their minute starts a new part.
+        """
+        for agg, _ in taken._items:
+            self._remove(agg)
 
     def written(self, taken: Taken) -> None:
         """The write of C{taken} succeeded: those versions are stored."""
@@ -208,6 +227,12 @@ class BarAggregator:
                 del self._minutes[agg.minute]
         if self._current.get(agg.symbol) is agg:
             del self._current[agg.symbol]
+
+
+def sealed_part(tick_id: str) -> str:
+    """A sealed part's name: its first tick's id, zero-padded so names sort as ids do."""
+    ms, _, seq = tick_id.partition("-")
+    return f"t:{int(ms or 0):013d}-{int(seq or 0):020d}"
 
 
 def _fold(agg: _Aggregate, price: float, volume: float, timestamp: float) -> None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping
 from urllib.parse import unquote, urlsplit
 
+from tickstock.history import DEDUPE_MAX, DEDUPE_WINDOW
 from tickstock.topics import DEFAULT_REGISTRY, Registry, configure
 
 ENV_PREFIX = "TICKSTOCK_"
@@ -322,7 +323,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("history_max", _number(1, 10_000_000, int), 10_000,
            "Events kept per topic for resume and REST history."),
     Option("history_max_age", _number(1, 30 * 86400), 86400.0,
-           "Seconds an event is kept for resume (also the producer event_id dedupe window)."),
+           "Seconds an event is kept for resume."),
+    Option("dedupe_window", _number(1, 86400), DEDUPE_WINDOW,
+           "Seconds a producer event_id is remembered on its channel: a message that repeats "
+           f"one within it (and within the channel's last {DEDUPE_MAX:,}) is delivered once."),
     Option("history_user_max", _number(1, 1_000_000, int), 1000,
            "Targeted events (own backtests) kept per user until delivered or expired."),
     Option("store_window", _number(0, 1), 0.002,
@@ -416,6 +420,7 @@ class Settings:
     deadletter_max: int
     history_max: int
     history_max_age: float
+    dedupe_window: float
     history_user_max: int
     store_window: float
     workers: int

@@ -109,6 +109,8 @@ class Gateway:
         self.connections: dict[IClient, _State] = {}
         self.errors: Counter[str] = Counter()
         self.slow_consumers_closed = 0
+        self.slow_consumers: Counter[str] = Counter()
+        """Slow consumers closed, by why."""
         self.live_gaps_closed = 0
         self.heartbeat_timeouts = 0
         self.catchups = 0
@@ -146,10 +148,14 @@ class Gateway:
         for conn in list(self.connections):
             conn.close(code, reason)
 
-    def slow_consumer(self, conn: IClient, queued: int) -> None:
-        """A client stopped reading and its queue is full: close it."""
+    def slow_consumer(self, conn: IClient, queued: int, why: str = "stopped reading") -> None:
+        """
+        A client is past its queue bound and is itself the reason (C{why}:
+        it stopped reading, or reads slower than its events come): close it.
+        """
         self.slow_consumers_closed += 1
-        conn.close(CLOSE_SLOW_CONSUMER, f"too slow: {queued} messages queued; resume")
+        self.slow_consumers[why] += 1
+        conn.close(CLOSE_SLOW_CONSUMER, f"too slow ({why}): {queued} messages queued; resume")
 
     def missed_live(self, conn: IClient) -> None:
         """Live events this client should have had are gone: make it resume."""

@@ -9,24 +9,28 @@ A job's state has one authority per concern:
    known and not final, and the first final event (a result, or progress
    with status C{failed} or C{cancelled}) closes it, on every node at once;
  - the store keeps the record users list and read, updated from the
-   events the history stored, through the persister (so it lags live
-   delivery by at most the flush interval, and survives a store outage).
+   events the history stored, through the persister (batched, and kept
+   through a store outage). A final event is written at once as well,
+   before live delivery hands it on (L{RecordFirst}): whoever receives a
+   job's result reads a final record.
 
-TickStock's own decisions (a cancel, a timeout, an unreachable producer) are
-progress events it appends itself, so they take the same path as the
-producer's: the owner's connections get them live or on reconnect, the
-record follows, and a race with the producer's result has one winner.
+TickStock's own decisions (a cancel, a timeout, an unreachable producer, no
+producer listening) are progress events it appends itself, so they take the
+same path as the producer's: the owner's connections get them live or on
+reconnect, the record follows, and a race with the producer's result has one
+winner.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections import deque
 from datetime import date
 from typing import Any, Callable, Iterable, Mapping
 
 import orjson
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -37,7 +41,7 @@ from tickstock.config import JOB_PATTERNS
 from tickstock.events import SYMBOL, Event, shown
 from tickstock.topics import CANCEL_CHANNEL, CONTROL_CHANNEL, JOBS_CHANNEL
 from tickstock.history import Refused
-from tickstock.interfaces import IHistory, IJobStore, IProducerLink
+from tickstock.interfaces import IHistory, IJobStore, IProducerLink, IStore
 
 PROGRESS_CHANNEL = "tickstock.events.backtesting.progress"
 MAX_SYMBOLS = 50
@@ -58,6 +62,11 @@ C{(lowest, whether the lowest itself is allowed, highest)}. Rates, the
 position size (of the capital) and the percentages are fractions: 0.05 is
 5 %. One not given is not sent: the producer applies its own default."""
 SWEEP_BATCH = 100
+RECORD_WAIT = 1.0
+"""Seconds a job's final event waits for its record to be written before it
+is delivered anyway (the store is down or slow; the persister writes the
+record later)."""
+NO_PRODUCER = f"no_producer: no producer was listening on {JOBS_CHANNEL}"
 
 
 class JobRefused(BadRequest):
@@ -208,13 +217,18 @@ class Jobs(Service):
     def __init__(
         self, clock: IReactorTime, store: IJobStore, history: IHistory, link: IProducerLink,
         receive: Callable[[str, bytes], Deferred[Any]], per_user: int, timeout: float,
-        patterns: Iterable[str] = JOB_PATTERNS,
+        patterns: Iterable[str] = JOB_PATTERNS, unheard_is_lost: bool = False,
     ) -> None:
         """
         @param receive: how TickStock's own progress events enter, as the
             producer's do (L{tickstock.router.Router.receive}).
         @param per_user: the most jobs one user may have queued or running.
         @param timeout: seconds without progress after which a job fails.
+        @param unheard_is_lost: a job the link hands to no receiver is lost
+            (Redis pub/sub, the embedded bus): it is failed and refused
+            with C{no_producer} rather than left queued until the timeout.
+            Not so where the link also keeps it for a reader to come (a
+            stream, in streams mode).
         """
         self._clock = clock
         self._store = store
@@ -224,15 +238,26 @@ class Jobs(Service):
         self.per_user = per_user
         self.timeout = timeout
         self.patterns = tuple(patterns)
+        self._unheard_is_lost = unheard_is_lost
         self._loop: LoopingCall | None = None
         self._sweeping = False
+        self._records: RecordFirst | None = None
         self.submitted = 0
         self.timed_out = 0
         self.control_failures = 0
+        self.no_producer = 0
 
     def stats(self) -> dict[str, int]:
-        return {"submitted": self.submitted, "timed_out": self.timed_out,
-                "control_failures": self.control_failures}
+        stats = {"submitted": self.submitted, "timed_out": self.timed_out,
+                 "control_failures": self.control_failures, "no_producer": self.no_producer}
+        if self._records is not None:
+            stats["records_late"] = self._records.late
+        return stats
+
+    def record_first(self, store: IStore, deliver: Callable[[Event], None]) -> RecordFirst:
+        """C{deliver}, handed a job's final event only once its record is final (L{RecordFirst})."""
+        self._records = RecordFirst(self._clock, store, deliver)
+        return self._records
 
     def startService(self) -> None:
         super().startService()
@@ -251,7 +276,8 @@ class Jobs(Service):
 
         @return: the job's record.
         @raise JobRefused: C{bad_params} (400), C{too_many_jobs} (429),
-            C{unavailable} (503).
+            C{unavailable} (503), C{no_producer} (503: nobody received the
+            job; it is recorded as failed with that reason).
         """
         params = parse_params(params, self.patterns)
         job_id, now = str(uuid.uuid4()), self._clock.seconds()
@@ -269,17 +295,29 @@ class Jobs(Service):
         try:
             # The history must know the job before the producer can answer.
             await self._history.own(job_id, user)
-            await self._link.publish(JOBS_CHANNEL, orjson.dumps(
+            receivers = await self._link.publish(JOBS_CHANNEL, orjson.dumps(
                 {"job_type": "backtest", "type": "backtest_job", "job_id": job_id,
                  "user_id": user, **params, "source": "tickstock", "timestamp": now}))
         except Exception as error:
-            try:
-                await self._close(record, "failed", "producer unreachable", tell_producer=False)
-            except Exception as failure:
-                self._log.warn("could not mark job {job_id} failed: {e}", job_id=job_id, e=failure)
+            await self._fail_unsent(record, "producer unreachable")
             raise _unavailable("the producer", error) from None
+        if receivers == 0 and self._unheard_is_lost:
+            # PUBLISH reached nobody: the job is gone, and nobody will answer.
+            self.no_producer += 1
+            await self._fail_unsent(record, NO_PRODUCER)
+            raise JobRefused(503, "no_producer",
+                             f"no producer is listening for backtest jobs (on {JOBS_CHANNEL}); "
+                             f"job {job_id} is recorded as failed; try again once it runs")
         self.submitted += 1
         return record
+
+    async def _fail_unsent(self, record: Mapping[str, Any], reason: str) -> None:
+        """Fail a job that never reached the producer, so that it is not left queued."""
+        try:
+            await self._close(record, "failed", reason, tell_producer=False)
+        except Exception as failure:
+            self._log.warn("could not mark job {job_id} failed: {e}", job_id=record["job_id"],
+                           e=failure)
 
     async def get(self, user: str, job_id: str) -> dict[str, Any]:
         """
@@ -349,6 +387,16 @@ class Jobs(Service):
             await self._store.close_job(job_id, status, error, now)
         if result is None:
             return "duplicate"
+        if not isinstance(result, Refused):
+            # Read-your-writes for whoever is answered next (a cancel, a
+            # refused submit): the record is final first. The persister
+            # writes it as well, and does when this does not get through.
+            written = await within(self._clock, maybeDeferred(
+                self._store.close_job, job_id, status, error, now), RECORD_WAIT)
+            if not written:
+                self._log.warn("the record of job {job_id} is not {status} yet (the store "
+                               "did not take it); it follows with the batched writes",
+                               job_id=job_id, status=status)
         if tell_producer:
             # Upstream reads cancels on their own channel; older producers on control.
             control = orjson.dumps({"action": "cancel", "job_id": job_id,
@@ -387,3 +435,92 @@ class Jobs(Service):
 
 def _unavailable(what: str, error: BaseException) -> JobRefused:
     return JobRefused(503, "unavailable", f"{what} cannot be reached ({error}); try again")
+
+
+def within(clock: IReactorTime, d: Deferred[Any], seconds: float) -> Deferred[bool]:
+    """
+    Whether C{d} succeeds within C{seconds}. C{d} is not cancelled when it
+    takes longer (a store write may still land); its failure is consumed.
+    """
+    answer: Deferred[bool] = Deferred()
+
+    def settle(ok: bool) -> None:
+        if not answer.called:
+            if timer.active():
+                timer.cancel()
+            answer.callback(ok)
+
+    timer = clock.callLater(seconds, settle, False)
+    d.addCallbacks(lambda _: settle(True), lambda _: settle(False))
+    return answer
+
+
+class RecordFirst:
+    """
+    Live delivery with read-your-writes for job records: a job's final event
+    (its result, or progress C{failed} or C{cancelled}) is written to the
+    store before it is handed on, so that a client that reads
+    C{GET /api/jobs/{id}} on receiving it finds the record final. The
+    persister writes the same event again with its batch: a final record
+    does not change any more, so that is a no-op.
+
+    Only the owner's events wait: later events of that user queue behind
+    the final one, in order, and every other event passes at once. A store
+    that does not take the write within L{RECORD_WAIT} seconds (down, or
+    slow) holds it no longer: the event is delivered, counted in C{late},
+    and the record follows with the batched writes.
+
+    @ivar late: final events delivered before their record was written.
+    """
+
+    _log = Logger()
+
+    def __init__(self, clock: IReactorTime, store: IStore, deliver: Callable[[Event], None],
+                 wait: float | None = None) -> None:
+        """@param wait: seconds to wait for a write (default L{RECORD_WAIT})."""
+        self._clock = clock
+        self._store = store
+        self._deliver = deliver
+        self._wait = RECORD_WAIT if wait is None else wait
+        self._queues: dict[str, deque[Event]] = {}
+        self.late = 0
+
+    def __call__(self, event: Event) -> None:
+        user = event.user
+        if user is None:
+            self._deliver(event)
+            return
+        queue = self._queues.get(user)
+        if queue is not None:
+            queue.append(event)
+        else:
+            self._queues[user] = queue = deque([event])
+            self._drain(user, queue)
+
+    def _drain(self, user: str, queue: deque[Event]) -> None:
+        """Deliver the user's queued events up to the next final one, which waits."""
+        while queue:
+            event = queue.popleft()
+            if outcome(event) is not None:
+                written = within(self._clock, maybeDeferred(self._store.write, [], [event]),
+                                 self._wait)
+                written.addCallback(self._written, user, queue, event)
+                return
+            self._hand_on(event)
+        del self._queues[user]
+
+    def _written(self, written: bool, user: str, queue: deque[Event], event: Event) -> None:
+        if not written:
+            self.late += 1
+            self._log.warn("delivering the end of job {job_id} before its record is written "
+                           "(the store did not take it within {wait:g}s)",
+                           job_id=event.job_id, wait=self._wait)
+        self._hand_on(event)
+        self._drain(user, queue)
+
+    def _hand_on(self, event: Event) -> None:
+        # A failure here must not leave the user's queue waiting for ever.
+        try:
+            self._deliver(event)
+        except Exception:
+            self._log.failure("delivering {event_id} failed", event_id=event.id)

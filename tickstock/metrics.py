@@ -18,7 +18,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from tickstock.events import Event
+from tickstock.overload import LATE_AFTER
 from tickstock.web.site import REFUSED_STATUS
+from tickstock.web.stream import BACKLOGGED_AFTER
 
 LAG_INTERVAL = 1.0
 # Delivery is milliseconds; the upper buckets catch a stalled reactor.
@@ -110,8 +112,26 @@ class _Collector:
         for reason, status in sorted(REFUSED_STATUS.items()):
             refused.add_metric([reason, str(status)], counts.get(reason, 0))
         yield refused
+        jobs = h["jobs"]
+        yield _counter("tickstock_jobs_no_producer", "Backtests refused because no producer "
+                       "received them (pub/sub).", jobs["no_producer"])
+        yield _counter("tickstock_job_records_late", "Final job events delivered before their "
+                       "record was written (the store did not answer within a second).",
+                       jobs.get("records_late", 0))
+        yield _counter("tickstock_events_redelivered", "Stream entries read again that the "
+                       "history had stored: made again in the store, not delivered again.",
+                       events["redelivered"])
         yield _counter("tickstock_slow_consumers_closed",
-                       "Clients closed because they stopped reading.", h["slow_consumers_closed"])
+                       "Clients closed because they stopped reading (or read slower than "
+                       "their events come, for long).", h["slow_consumers_closed"])
+        overload = h["overload"]
+        yield _gauge("tickstock_overloaded", "1 while the daemon is behind (events reach "
+                     "delivery late, or most clients have frames waiting): ticks are shed "
+                     "first, a streams source reads less.", 1 if overload["behind"] else 0)
+        yield _counter("tickstock_events_late", "Events that reached live delivery more than "
+                       f"{LATE_AFTER:g} s after they arrived.", overload["late_events"])
+        yield _gauge("tickstock_clients_backlogged", "Clients with frames waiting for over "
+                     f"{BACKLOGGED_AFTER:g} s though they read.", overload["clients_backlogged"])
         yield _counter("tickstock_live_gaps_closed", "Clients closed to resume after the live "
                        "feed fell behind the history.", h["live_gaps_closed"])
         yield _counter("tickstock_ticks_conflated", "Ticks replaced by a newer one before "

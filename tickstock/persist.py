@@ -4,13 +4,19 @@ losing any while the store is down.
 
 Ticks are folded into bar parts in memory (L{tickstock.bars}); every flush
 interval, one C{store.write} takes everything changed or received since the
-last successful one. A failed write keeps it all for the next flush. Past
-C{pending_max} unwritten bars and events, the oldest are spilled to files
-in the spool folder, which are written back, one per flush, once the store
-works again, and picked up by the next run if this one stops first. Parts
-make all of this safe to repeat: a part is written whole and replaces its
-earlier version, and a spilled aggregate leaves memory, so a later tick of
-its minute starts a new part rather than a second version of a spooled one.
+last successful one. A write that fails spills all it would have written to
+files in the spool folder (fsynced), so what the store has not taken within
+a flush interval and a statement timeout is on disk; past C{pending_max}
+unwritten bars and events the oldest are spilled too. Spool files are
+written back, one per flush, once the store works again, and picked up by
+the next run if this one stops first. Parts make all of this safe to
+repeat: a part is written whole and replaces its earlier version, and a
+spilled aggregate leaves memory, so a later tick of its minute starts a new
+part rather than a second version of a spooled one.
+
+What is added belongs to a I{generation}, the take that will write it; once
+it is in the store or the spool, L{Persister.when_durable} fires. A stream
+source acknowledges an entry only then (see L{tickstock.bus.streams}).
 """
 
 from __future__ import annotations
@@ -22,14 +28,14 @@ from typing import Any
 
 import orjson
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from tickstock.bars import BarAggregator
-from tickstock.events import Event, stored_event
+from tickstock.events import Event, id_key, stored_event
 from tickstock.interfaces import IStore
 from tickstock.store import Bar
 
@@ -58,7 +64,7 @@ class Persister(Service):
 
     def __init__(self, clock: IReactorTime, store: IStore, bars: BarAggregator | str,
                  flush_interval: float, pending_max: int, spool_dir: str,
-                 stop_timeout: float = STOP_TIMEOUT) -> None:
+                 stop_timeout: float = STOP_TIMEOUT, sealing: bool = False) -> None:
         """
         @param bars: the aggregator to use, or the part prefix for a new one
             (unique to this node and run).
@@ -67,10 +73,13 @@ class Persister(Service):
         @param spool_dir: the folder of spool files, created if missing.
         @param stop_timeout: the longest L{stopService} waits for its last
             write before spilling what it holds.
+        @param sealing: seal bar parts at each take (L{BarAggregator}), for
+            ticks that may be read again after a crash (streams).
         """
         self._clock = clock
         self._store = IStore(store)
-        self._bars = bars if isinstance(bars, BarAggregator) else BarAggregator(bars)
+        self._bars = bars if isinstance(bars, BarAggregator) else BarAggregator(bars, sealing)
+        self._retry: list[Bar] = []  # sealed parts whose write failed
         self._add = self._bars.add
         self._interval = flush_interval
         self._max = pending_max
@@ -95,11 +104,41 @@ class Persister(Service):
         self.write_failures = 0
         self.spilled = 0
         self.last_error: str | None = None
+        self.added = 0
+        """Ticks and events added, ever."""
+        # Per symbol, the newest tick id made durable, and added since.
+        self._durable_ticks: dict[str, tuple[int, int]] = {}
+        self._new_ticks: dict[str, tuple[int, int]] = {}
+        self._generation = 1
+        self._durable = 0
+        self._waiters: list[tuple[int, Deferred[None]]] = []
 
     @property
     def pending(self) -> int:
         """Bars with unwritten ticks and events waiting, not counting a write in flight."""
-        return self._bars.dirty_count + len(self._events)
+        return self._bars.dirty_count + len(self._events) + len(self._retry)
+
+    @property
+    def generation(self) -> int:
+        """The generation of what is added now."""
+        return self._generation
+
+    def when_durable(self, generation: int) -> Deferred[None]:
+        """Fires once everything of C{generation} and before is in the store or the spool."""
+        if generation <= self._durable:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._waiters.append((generation, d))
+        return d
+
+    def _made_durable(self, generation: int) -> None:
+        if generation <= self._durable:
+            return
+        self._durable = generation
+        ready = [d for g, d in self._waiters if g <= generation]
+        self._waiters = [(g, d) for g, d in self._waiters if g > generation]
+        for d in ready:
+            d.callback(None)
 
     @property
     def spool_files(self) -> int:
@@ -107,16 +146,27 @@ class Persister(Service):
         return len(self._spool)
 
     def add_tick(self, event: Event) -> None:
-        """Fold one tick event into its bar. Never raises, never blocks."""
+        """
+        Fold one tick event into its bar. Never raises, never blocks. With
+        sealing (a stream source), a tick read again that this run already
+        made durable is not folded twice: per symbol, ids only grow.
+        """
         data = event.data
+        if self._bars.sealing:
+            key = id_key(event.id)
+            if key <= self._durable_ticks.get(event.symbol, (0, 0)):  # type: ignore[arg-type]
+                return
+            self._new_ticks[event.symbol] = key  # type: ignore[index]
         self.ticks += 1
+        self.added += 1
         if (self._add(event.symbol, data["price"],  # type: ignore[arg-type]
-                      data["volume"], data["timestamp"])
+                      data["volume"], data["timestamp"], event.id)
                 and self._bars.dirty_count + len(self._events) > self._max):
             self._relieve()
 
     def add_event(self, event: Event) -> None:
         """Queue one event of a stored topic (it has its id) for the next write."""
+        self.added += 1
         self._events.append(event)
         if len(self._events) + self._bars.dirty_count > self._max:
             self._relieve()
@@ -186,7 +236,7 @@ class Persister(Service):
                 timer.cancel()
         before = self.spilled
         self._spill_blocked = False
-        self._spill(self.pending)
+        self._spill_all()
         if self.spilled > before:
             self._log.info("stopped; {n} unwritten bars and events spilled to {dir}",
                            n=self.spilled - before, dir=self._dir)
@@ -195,6 +245,21 @@ class Persister(Service):
         self._stop_expired = True
         if self._writing is not None:
             self._writing.cancel()
+
+    def flush_now(self) -> Deferred[None]:
+        """
+        Write what is waiting now rather than at the next interval (after a
+        write in flight, if any): a stream source stopping makes what it
+        read durable, to acknowledge it.
+        """
+        async def flush() -> None:
+            if self._flushing is not None:
+                await _after(self._flushing)
+            self._tick()
+            if self._flushing is not None:
+                await _after(self._flushing)
+
+        return Deferred.fromCoroutine(flush())
 
     def _tick(self) -> None:
         self._spill_blocked = False
@@ -217,25 +282,64 @@ class Persister(Service):
             await self._write_back()
 
     async def _write_memory(self) -> bool:
-        """Write every dirty bar and waiting event; whether that worked."""
+        """
+        Write every dirty bar and waiting event; whether that worked. If it
+        did not, spill them all: what the store did not take is on disk.
+        """
+        generation = self._generation
+        self._generation += 1
+        ticks, self._new_ticks = self._new_ticks, {}
         bars, taken = self._bars.take_dirty()
+        if self._bars.sealing:
+            self._bars.seal(taken)
+            bars, self._retry = self._retry + bars, []
         events, self._events = self._events, []
         if not bars and not events:
+            self._ticks_durable(ticks)
+            self._made_durable(generation)
             return True
         self._in_flight = len(bars) + len(events)
         try:
             await self._write(bars, events)
         except Exception as error:
-            self._bars.failed(taken)
+            if self._bars.sealing:
+                self._retry = bars + self._retry
+            else:
+                self._bars.failed(taken)
             self._events[:0] = events
+            self._new_ticks = _newest(ticks, self._new_ticks)
             self._failed(error)
-            if self.pending > self._max:
-                self._relieve()
+            self._spill_all()
             return False
         finally:
             self._in_flight = 0
         self._bars.written(taken)
+        self._ticks_durable(ticks)
+        self._made_durable(generation)
         return True
+
+    def _ticks_durable(self, ticks: dict[str, tuple[int, int]]) -> None:
+        self._durable_ticks = _newest(self._durable_ticks, ticks)
+
+    def _spill_all(self) -> None:
+        """Spill everything unwritten; once it all is on disk, it is durable."""
+        generation = self._generation
+        if self._retry:
+            try:
+                while self._retry:
+                    chunk = self._retry[:SPOOL_FILE_ITEMS]
+                    self._write_spool([orjson.dumps({"bar": bar}) for bar in chunk])
+                    del self._retry[:len(chunk)]
+            except OSError as error:
+                self._spill_blocked = True
+                self.last_error = f"cannot spill to {self._dir}: {error}"
+        if not self._spill_blocked:
+            self._spill(self.pending)
+        if not self.pending:
+            self._generation += 1
+            ticks, self._new_ticks = self._new_ticks, {}
+            self._ticks_durable(ticks)
+            self._made_durable(generation)
 
     async def _write_back(self) -> None:
         """Write the oldest spool file, and delete it once that worked."""
@@ -355,14 +459,14 @@ class Persister(Service):
         self.spilled += len(lines)
         if not self._spill_logged:
             self._spill_logged = True
-            self._log.warn("more than {max} bars and events unwritten: spilling the oldest "
-                           "to {dir}", max=self._max, dir=self._dir)
+            self._log.warn("spilling unwritten bars and events to {dir} (a write failed, "
+                           "or more than {max} waited)", max=self._max, dir=self._dir)
 
 
 def _event_line(event: Event) -> bytes:
     return orjson.dumps({"event": {"id": event.id, "channel": event.channel,
-                                   "type": event.type, "user": event.user,
-                                   "data": event.data}})
+                                   "topic": event.topic, "type": event.type,
+                                   "user": event.user, "data": event.data}})
 
 
 def _read_spool(path: str) -> tuple[list[Bar], list[Event]]:
@@ -376,8 +480,19 @@ def _read_spool(path: str) -> tuple[list[Bar], list[Event]]:
             else:
                 e = item["event"]
                 events.append(stored_event(e["id"], e["channel"], e["type"],
-                                           orjson.dumps(e["data"]), e["user"]))
+                                           orjson.dumps(e["data"]), e["user"],
+                                           e.get("topic")))
     return bars, events
+
+
+def _newest(a: dict[str, tuple[int, int]], b: dict[str, tuple[int, int]]
+            ) -> dict[str, tuple[int, int]]:
+    """Per symbol, the greater of two tick id keys."""
+    merged = dict(a)
+    for symbol, key in b.items():
+        if key > merged.get(symbol, (0, 0)):
+            merged[symbol] = key
+    return merged
 
 
 def _sync_dir(path: str) -> None:

@@ -16,7 +16,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from tickstock.events import Event, MalformedEvent, shown
-from tickstock.history import Refused
+from tickstock.history import Redelivered, Refused
 from tickstock.interfaces import IHistory, IProducerLink
 from tickstock.normalize import Probe, normalize
 from tickstock.ticks import LiveTicks
@@ -80,6 +80,8 @@ class Router:
         self.received_by_channel: Counter[str] = Counter()
         self.routed = 0
         self.duplicates = 0
+        self.redelivered = 0
+        """Stream entries read again that the history had stored already."""
         self.refused: Counter[str] = Counter()
         self.failed = 0
         self.malformed: Counter[tuple[str, str]] = Counter()
@@ -147,9 +149,16 @@ class Router:
                            "ones first)", why=why, total=sum(self.shed.values()))
         return fail(Overloaded(f"{why}; {channel} shed"))
 
-    def _stored(self, event_id: str | Refused | None, event: Event) -> str | Refused | None:
+    def _stored(self, event_id: str | Refused | Redelivered | None,
+                event: Event) -> str | Refused | Redelivered | None:
         self.in_flight -= 1
-        if event_id is None:
+        if isinstance(event_id, Redelivered):
+            # Stored before, perhaps never written to the store: again.
+            self.redelivered += 1
+            if self._on_stored is not None:
+                event.id = event_id.id
+                self._on_stored(event)
+        elif event_id is None:
             self.duplicates += 1
         elif isinstance(event_id, Refused):
             # Progress or a result of a job that is unknown or already over.

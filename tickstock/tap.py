@@ -133,6 +133,7 @@ class TickStock(MultiService):
         from tickstock.router import Router
         from tickstock.web.site import JSONStatus, build_site
         from tickstock.web.stream import StreamFactory
+        from tickstock.overload import Overload
         from tickstock.web.api import build_api
         from tickstock.metrics import Metrics, MetricsResource
         from tickstock.cache import MemoryCache, RedisCache
@@ -156,7 +157,7 @@ class TickStock(MultiService):
             self.source, self.link = bus, bus
             self.history = MemoryHistory(
                 reactor, settings.history_max, settings.history_max_age,
-                settings.history_user_max,
+                settings.history_user_max, dedupe_window=settings.dedupe_window,
             )
         else:
             from tickstock.bus.redis import RedisLink, RedisPubSubSource
@@ -182,7 +183,7 @@ class TickStock(MultiService):
             self.history = RedisHistory(
                 reactor, settings.redis, self.link, settings.history_max,
                 settings.history_max_age, settings.history_user_max,
-                store_window=settings.store_window,
+                store_window=settings.store_window, dedupe_window=settings.dedupe_window,
             )
             self.link.setServiceParent(self)
             self.history.setServiceParent(self)
@@ -201,9 +202,13 @@ class TickStock(MultiService):
             handshake_timeout=settings.handshake_timeout,
             max_per_ip=settings.max_connections_per_ip,
         )
+        # Whether the daemon is behind: ticks are shed first, a streams source reads less.
+        self.overload = Overload(reactor, self.stream.clients_behind)
+        if settings.mode == "streams":
+            self.source.behind = self.overload
         self.broadcaster = Broadcaster(self.stream.prepareMessage)
         self.ticks = TickThrottle(reactor, settings.tick_rate, self.broadcaster.deliver,
-                                  partial(self.broadcaster.watched, "ticks"))
+                                  partial(self.broadcaster.watched, "ticks"), self.overload)
         self.universes = Universes(self.store, self.broadcaster)
         authenticate = anonymous if settings.jwt_secret is None else JWTAuthenticator(
             settings.jwt_secret, audience=settings.jwt_audience, issuer=settings.jwt_issuer
@@ -219,8 +224,10 @@ class TickStock(MultiService):
         # TickStock's own job events (a cancel, a timeout) are never shed.
         self.jobs = Jobs(reactor, self.store, self.history, self.link,
                          lambda channel, raw: self.router.receive(channel, raw, sheddable=False),
-                         settings.jobs_per_user, settings.job_timeout, settings.job_patterns)
+                         settings.jobs_per_user, settings.job_timeout, settings.job_patterns,
+                         unheard_is_lost=settings.mode != "streams")
         self.jobs.setServiceParent(self)
+        self._job_live = self.jobs.record_first(self.store, self._deliver)
         self.gateway = Gateway(
             reactor, self.broadcaster, self.history, authenticate,
             settings.max_subscriptions, settings.hello_timeout,
@@ -316,11 +323,16 @@ class TickStock(MultiService):
             })
         node = node_id(settings, worker)
         spool = settings.spool_dir or os.path.join(tempfile.gettempdir(), "tickstock-spool")
+        streams = settings.mode == "streams"
         self.persister = Persister(
             reactor, self.store, f"{node}:{int(reactor.seconds() * 1000)}",
             settings.flush_interval, settings.pending_max,
             os.path.join(spool, re.sub(r"[^A-Za-z0-9_.-]", "_", node)),
+            sealing=streams,
         )
+        if streams:
+            # An entry is acknowledged once what it became is durable.
+            self.source.durability = self.persister
         self.persister.setServiceParent(self)
 
     def _add_canary(self, reactor: IReactorCore, settings: Settings, worker: int | None) -> Any:
@@ -383,11 +395,18 @@ class TickStock(MultiService):
         SimulatorService(producer, runner).setServiceParent(self)
 
     def _live(self, event: Any) -> None:
+        self.overload.arrived(event)
         if event.topic == TICKS:
             self.ticks(event)
             return
         if event.topic == UNIVERSE:
             self._universe_changed(event)
+        if event.user is not None:
+            self._job_live(event)  # a job's final event waits for its record
+        else:
+            self._deliver(event)
+
+    def _deliver(self, event: Any) -> None:
         if self.broadcaster.deliver(event):
             self.metrics.delivered(event)
             if event.user is not None:
@@ -424,6 +443,7 @@ class TickStock(MultiService):
                 "received": self.router.received,
                 "routed": self.router.routed,
                 "duplicates": self.router.duplicates,
+                "redelivered": self.router.redelivered,
                 "store_failures": self.router.failed,
                 "malformed": self.router.malformed_by_kind(),
                 "probes": sum(self.router.probes.values()),
@@ -437,6 +457,9 @@ class TickStock(MultiService):
                                    "per_ip": self.stream.refused_per_ip},
             "http_refused": dict(self.site.refused),
             "slow_consumers_closed": self.gateway.slow_consumers_closed,
+            "overload": {"behind": self.overload(), "late_events": self.overload.late,
+                         "clients_backlogged": self.stream.backlogged,
+                         "slow_consumers_closed": dict(self.gateway.slow_consumers)},
             "conflated": self.stream.conflated,
             "live_gaps_closed": self.gateway.live_gaps_closed,
             "heartbeat_timeouts": self.gateway.heartbeat_timeouts,
@@ -663,7 +686,7 @@ def makeService(options: Options) -> MultiService:
 
     gc.set_threshold(*GC_THRESHOLDS)
 
-    from tickstock.workers import WORKER_ENV, WorkerPool
+    from tickstock.workers import WORKER_ENV, ParentWatch, WorkerPool
 
     settings = options.settings
     twistd = getattr(options, "parent", None)  # twistd's own options, when run by twistd
@@ -674,6 +697,7 @@ def makeService(options: Options) -> MultiService:
         # to its workers, and a second one would stop a stopped reactor.
         reactor.callWhenRunning(signal.signal, signal.SIGINT, signal.SIG_IGN)
         service = TickStock(settings, reactor, worker=int(os.environ[WORKER_ENV]))
+        ParentWatch(reactor).setServiceParent(service)  # no worker outlives its parent
     elif settings.workers > 1:
         service = MultiService()
         # Workers log to the parent, which writes their JSON records as they are.

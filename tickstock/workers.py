@@ -15,6 +15,10 @@ The parent serves nothing itself. It relays each worker's log lines into its
 own log, restarts a worker that exits (after L{RESTART_DELAY} seconds), and
 at shutdown sends every worker SIGTERM, so each does its own graceful stop
 (clients told 1001), killing what still runs after L{STOP_TIMEOUT} seconds.
+
+A worker never outlives its parent (L{ParentWatch}): killed with -9, the
+parent cannot tell its workers anything, so each worker watches a pipe only
+the parent holds open, and stops when it closes.
 """
 
 from __future__ import annotations
@@ -22,12 +26,14 @@ from __future__ import annotations
 import os
 import socket
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import orjson
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.error import ProcessDone, ProcessExitedAlready
+from twisted.internet.error import (
+    ConnectionDone, ProcessDone, ProcessExitedAlready, ReactorNotRunning,
+)
 from twisted.internet.interfaces import IReactorCore
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
@@ -38,8 +44,14 @@ from tickstock.logs import RELAYED
 WORKER_ENV = "_TICKSTOCK_WORKER"
 """Set in a worker's environment to its index; not a setting anyone gives."""
 LISTEN_FD = 3
+PARENT_FD = 0
+"""A worker's standard input: a pipe whose other end only the parent holds,
+and never writes to (see L{ParentWatch})."""
 RESTART_DELAY = 1.0
 STOP_TIMEOUT = 15.0
+ORPHAN_EXIT = 0.9
+"""Seconds an orphaned worker gets to stop cleanly before it exits anyway:
+gone within a second of its parent's death, and its port with it."""
 _RUN_TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
 
 
@@ -130,7 +142,7 @@ class WorkerPool(Service):
         argv = [sys.executable, "-c", _RUN_TWISTD, "-n", "--pidfile=", "tickstock", *self._args]
         transport = self._reactor.spawnProcess(
             worker, sys.executable, argv, env=env,
-            childFDs={0: "w", 1: "r", 2: "r", LISTEN_FD: self._socket.fileno()},
+            childFDs={PARENT_FD: "w", 1: "r", 2: "r", LISTEN_FD: self._socket.fileno()},
         )
         self._workers[index] = (worker, transport)
         self._log.info("worker {i} started (pid {pid})", i=index, pid=transport.pid)
@@ -195,3 +207,73 @@ class AdoptedPort(Service):
     def stopService(self) -> Any:
         super().stopService()
         return self._port.stopListening() if self._port is not None else None
+
+
+class ParentWatch(Service):
+    """
+    A worker's side: stop when the parent dies, however it dies.
+
+    The parent holds the write end of the worker's standard input and never
+    writes to it; the kernel closes it when the parent process ends, killed
+    with -9 included, and the worker reads end-of-file. A parent that died
+    before the watch began is seen at once: the end-of-file is already
+    there. This is preferred to Linux's C{PR_SET_PDEATHSIG}, which fires when
+    the parent I{thread} that spawned the worker ends, would have to be set
+    between fork and exec (Twisted spawns with posix_spawn: no such moment),
+    races with a parent that dies before it is set, and is Linux only.
+
+    Once orphaned, the worker stops as on SIGTERM (clients told 1001, what it
+    holds finished), and exits after L{ORPHAN_EXIT} seconds whatever is not
+    done: a stream entry not yet acknowledged is read again later.
+    """
+
+    _log = Logger()
+
+    def __init__(self, reactor: Any, fd: int = PARENT_FD,
+                 stop: Callable[[], None] | None = None,
+                 exit: Callable[[int], None] = os._exit) -> None:
+        """
+        @param stop: starts the clean stop (default: stop the reactor).
+        @param exit: ends the process at once.
+        """
+        self._reactor = reactor
+        self._fd = fd
+        self._stop = stop or reactor.stop
+        self._exit = exit
+        self.orphaned = False
+
+    def startService(self) -> None:
+        super().startService()
+        os.set_blocking(self._fd, False)
+        # Watched until the process ends: a parent that dies while this
+        # worker stops cuts the stop short too.
+        self._reactor.addReader(self)
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def logPrefix(self) -> str:
+        return "parent"
+
+    def doRead(self) -> ConnectionDone | None:
+        try:
+            if os.read(self._fd, 4096):
+                return None  # the parent never writes; nothing to do with it
+        except BlockingIOError:
+            return None
+        except OSError:
+            pass
+        return ConnectionDone("the parent process is gone")
+
+    def connectionLost(self, reason: Any) -> None:
+        """The pipe closed (read end-of-file, or hung up): the parent is gone."""
+        if self.orphaned:
+            return
+        self.orphaned = True
+        self._log.warn("the parent process is gone (pid {ppid} now); stopping, and exiting "
+                       "within {t:g}s", ppid=os.getppid(), t=ORPHAN_EXIT)
+        self._reactor.callLater(ORPHAN_EXIT, self._exit, 1)
+        try:
+            self._stop()
+        except ReactorNotRunning:
+            pass

@@ -46,9 +46,14 @@ class MemoryBus:
         self._handlers.setdefault(channel, []).append(handler)
 
     def publish(self, channel: str, payload: bytes) -> Deferred[int]:
+        """
+        Hand C{payload} to what listens on C{channel} now; fires with how
+        many did (0: nobody heard it, and it is gone, as with Redis PUBLISH).
+        """
         if self._registry.by_redis_name(channel) is not None:
-            if self._receiver is not None:
-                self._receiver(channel, payload)
+            if self._receiver is None:
+                return succeed(0)
+            self._receiver(channel, payload)
             return succeed(1)
         handlers = self._handlers.get(channel, ())
         for handler in handlers:

@@ -221,6 +221,11 @@ class RedisLink(_Supervised):
         PUBLISH; in streams mode XADD to the stream of that name (bounded,
         as a producer must bound its streams), and for TickStock's own
         channels (jobs) PUBLISH as well, as CONTRACT §2 says.
+
+        @return: fires with what PUBLISH answers, the number of subscribers
+            it reached (0: nobody heard it; pub/sub keeps nothing); in
+            streams mode the stream keeps it whatever that number is, and
+            a message XADDed only fires with the entry's id.
         """
         if not self._streams:
             return self.execute("PUBLISH", channel, payload)

@@ -1,8 +1,13 @@
 """
-Streams mode: read the producer's streams (CONTRACT §1, one per channel)
-with a consumer group, one consumer per daemon, and acknowledge an entry only
-once it is in the history (the history's script acknowledges it atomically
-with the write, so an entry handled twice is stored once).
+Streams mode: read the producer's streams (one per channel) with a consumer
+group, one consumer per daemon, and acknowledge an entry only once
+everything it must become is durable: in the Redis history, and in the
+store or the store's spool (L{tickstock.persist}). Until then it stays
+pending, and a daemon killed meanwhile reads it again on start; the history
+knows it as the event it already stored (L{Redelivered}), so it is not
+delivered twice, while what it must become in the store is made again.
+Entries are acknowledged by generation of the persister, all of one
+generation in one script call, so bar parts and acknowledgements line up.
 
 PITFALLS honoured here: the blocking XREADGROUP runs on a connection of its
 own without a reply timeout (a watchdog replaces it); NOGROUP after a Redis
@@ -25,7 +30,7 @@ from tickstock.bus.redis import NotConnected, RedisProtocol, _Supervised
 from tickstock.config import RedisAddress
 from tickstock.events import id_key
 from tickstock.topics import DEFAULT_REGISTRY
-from tickstock.history.redis import StreamEntry, text
+from tickstock.history.redis import ACK, StreamEntry, text
 from tickstock.interfaces import IEventSource
 
 GROUP = "tickstock"
@@ -34,6 +39,9 @@ COUNT = 500
 CLAIM_INTERVAL = 10.0
 CLAIM_MIN_IDLE_MS = 30_000
 STOP_GRACE = 5.0
+MAX_UNACKED = 100_000
+"""Entries read and waiting to become durable past which no more are read:
+the stream holds the rest while the store is slow."""
 
 Receiver = Callable[[str, bytes, object], Deferred[Any]]
 
@@ -51,12 +59,23 @@ class RedisStreamSource(_Supervised):
 
     def __init__(self, reactor: IReactorCore, address: RedisAddress, consumer: str,
                  read_timeout: float = 5.0, extra_streams: tuple[str, ...] = (),
-                 streams: tuple[str, ...] = DEFAULT_REGISTRY.names) -> None:
+                 streams: tuple[str, ...] = DEFAULT_REGISTRY.names,
+                 durability: Any = None) -> None:
         """
         @param streams: the producer's streams (the registry's exact names:
             a stream cannot be read by pattern).
         @param extra_streams: this daemon's own (the canary's).
+        @param durability: the persister (its C{generation} and
+            C{when_durable}), also settable later as C{durability}; L{None}:
+            an entry is acknowledged once handled.
         """
+        self.durability = durability
+        self.behind: Callable[[], bool] = lambda: False
+        """Whether the daemon is behind its clients (L{tickstock.overload}):
+        then it reads no more until it caught up; the stream holds the rest."""
+        self._added = 0
+        self._awaiting: set[tuple[str, str]] = set()
+        self._cursors: dict[str, str] = {}
         super().__init__(reactor, address, self._new_factory)
         self._consumer = consumer
         self._read_timeout = read_timeout
@@ -86,7 +105,8 @@ class RedisStreamSource(_Supervised):
         return {
             "state": self.state, "address": str(self._address), "group": GROUP,
             "consumer": self._consumer, "read": self.read, "acked": self.acked,
-            "claimed": self.claimed, "groups_created": self.groups_created,
+            "claimed": self.claimed, "unacked": len(self._awaiting),
+            "groups_created": self.groups_created,
             "errors": self.errors, "last_error": self.last_error,
         }
 
@@ -105,8 +125,9 @@ class RedisStreamSource(_Supervised):
 
     def stopService(self) -> Deferred[Any]:
         """
-        Stop reading; let the batch in hand finish (routed, stored and
-        acknowledged), at most L{STOP_GRACE} seconds, then disconnect. What
+        Stop reading; let the batch in hand finish (routed, stored), have
+        the persister write what it holds now, and acknowledge what became
+        durable, at most L{STOP_GRACE} seconds in all; then disconnect. What
         was read but not acknowledged stays pending and is read again.
         """
         if self._next is not None and self._next.active():
@@ -114,18 +135,29 @@ class RedisStreamSource(_Supervised):
         self._next = None
         self.state = "stopping"
         busy, self._busy = self._busy, None
-        if busy is None:
-            return super().stopService()
         finished: Deferred[None] = Deferred()
         timer = self._reactor.callLater(STOP_GRACE, finished.callback, None)
 
-        def done(_: Any) -> None:
+        def done(_: Any = None) -> None:
             if timer.active():
                 timer.cancel()
                 finished.callback(None)
 
-        busy.addBoth(done)
+        def drain(_: Any) -> None:
+            if self.durability is None or not self._awaiting:
+                done()
+                return
+            self.durability.flush_now().addBoth(lambda _: self._when_acked(done))
+
+        (succeed(None) if busy is None else busy).addBoth(drain)
         return finished.addCallback(lambda _: super(RedisStreamSource, self).stopService())
+
+    def _when_acked(self, then: Callable[[], None]) -> None:
+        """Call C{then} once no entry waits for its acknowledgement (checked each 10 ms)."""
+        if not self._awaiting:
+            then()
+        else:
+            self._reactor.callLater(0.01, self._when_acked, then)
 
     def _schedule(self, delay: float) -> None:
         if self.running and self.state != "stopping":
@@ -151,6 +183,13 @@ class RedisStreamSource(_Supervised):
             d = self._create_groups(conn)
         elif self._backlog:
             d = self._read_group(conn, "0")
+        elif len(self._awaiting) >= MAX_UNACKED:
+            self.state = "waiting"  # for the store: the stream holds the rest
+            self._schedule(0.05)
+            return
+        elif self.behind():
+            self._schedule(0.05)  # still ready: this passes once delivery catches up
+            return
         elif self._reactor.seconds() - self._last_claim >= CLAIM_INTERVAL:
             d = self._claim(conn)
         else:
@@ -176,6 +215,7 @@ class RedisStreamSource(_Supervised):
         if self.running and self.state != "stopping":
             self._log.warn("redis streams: {e}; retrying", e=self.last_error)
         self._backlog = True  # whatever was not acknowledged is read again
+        self._cursors.clear()
         self._schedule(0.1)
 
     def _create_groups(self, conn: Any) -> Deferred[bool]:
@@ -205,7 +245,11 @@ class RedisStreamSource(_Supervised):
         args: list[Any] = ["XREADGROUP", "GROUP", GROUP, self._consumer, "COUNT", COUNT]
         if block:
             args += ["BLOCK", BLOCK_MS]
-        args += ["STREAMS", *self._streams, *([start] * len(self._streams))]
+        # This consumer's pending entries are read on from where the last
+        # read of them stopped: those still waiting to be durable stay pending.
+        starts = [self._cursors.get(s, "0") for s in self._streams] if start == "0" \
+            else [start] * len(self._streams)
+        args += ["STREAMS", *self._streams, *starts]
         d = conn.execute_command(*args, apply_timeout=False)
         watchdog = self._reactor.callLater(BLOCK_MS / 1000 + self._read_timeout,
                                            self._hung, conn)
@@ -225,6 +269,7 @@ class RedisStreamSource(_Supervised):
             ]
             if start == "0" and not batch:
                 self._backlog = False
+                self._cursors.clear()
             return self._handle(conn, batch)
 
         return d.addCallback(handle)
@@ -258,12 +303,15 @@ class RedisStreamSource(_Supervised):
 
     def _handle(self, conn: Any, batch: list[tuple[str, Any]]) -> Deferred[bool]:
         """
-        Route a batch in entry-id order, then acknowledge what was handled
-        (the history's script already acknowledged what it stored; this
-        covers malformed and duplicate entries). An entry trimmed from its
-        stream while pending comes back without fields: acknowledged, as
-        there is nothing left to handle.
+        Route a batch in entry-id order; each entry is acknowledged once the
+        generation it was handled in is durable (an entry trimmed from its
+        stream while pending comes back without fields: there is nothing
+        left to handle). Entries already waiting for that are skipped.
         """
+        if self._backlog:
+            for stream, (entry_id, _) in batch:
+                self._cursors[stream] = text(entry_id)
+        batch = [item for item in batch if (item[0], text(item[1][0])) not in self._awaiting]
         if not batch:
             return succeed(True)
         assert self._receiver is not None
@@ -272,27 +320,72 @@ class RedisStreamSource(_Supervised):
         handled: list[Deferred[Any]] = []
         for stream, (entry_id, fields) in batch:
             entry_id = text(entry_id)
-            raw = b""
-            if fields:
+            if fields is None:
+                d: Deferred[Any] = succeed(None)
+            else:
                 pairs = dict(zip(fields[::2], fields[1::2]))
                 raw = pairs.get(b"data", pairs.get("data", b""))
-            if fields is None:
-                handled.append(succeed(None))
-            else:
-                handled.append(self._receiver(stream, raw, StreamEntry(stream, GROUP, entry_id)))
+                d = self._receiver(stream, raw, StreamEntry(stream, GROUP, entry_id))
+            # What it became was added to the persister just now, if at all.
+            handled.append(d.addCallback(self._generation))
 
-        def ack(results: list[tuple[bool, Any]]) -> Deferred[bool]:
-            done: dict[str, list[str]] = {}
-            for (ok, _), (stream, (entry_id, _f)) in zip(results, batch):
+        def routed(results: list[tuple[bool, Any]]) -> bool:
+            generations: dict[int, list[tuple[str, str]]] = {}
+            for (ok, generation), (stream, (entry_id, _f)) in zip(results, batch):
                 if ok:
-                    done.setdefault(stream, []).append(text(entry_id))
-            acks = [conn.execute_command("XACK", stream, GROUP, *ids)
-                    for stream, ids in done.items()]
-            handled = sum(len(ids) for ids in done.values())
-            self.acked += handled
-            if handled < len(batch):
-                self._backlog = True  # read the rest again once the history is back
-            return DeferredList(acks, consumeErrors=True).addCallback(
-                lambda _: handled == len(batch))
+                    generations.setdefault(generation, []).append((stream, text(entry_id)))
+            for generation, entries in generations.items():
+                self._ack_when_durable(generation, entries)
+            all_handled = sum(map(len, generations.values())) == len(batch)
+            if not all_handled:
+                # Read the rest again, from the first pending, once the history is back.
+                self._backlog = True
+                self._cursors.clear()
+            return all_handled
 
-        return DeferredList(handled, consumeErrors=True).addCallback(ack)
+        return DeferredList(handled, consumeErrors=True).addCallback(routed)
+
+    def _generation(self, _: Any) -> int:
+        """
+        The persister's generation that what this entry became went into;
+        0 if it added nothing there (a canary, a health event, a duplicate),
+        so it is acknowledged as soon as it is handled.
+        """
+        durability = self.durability
+        if durability is None:
+            return 0
+        added, self._added = self._added, durability.added
+        return int(durability.generation) if durability.added != added else 0
+
+    def _ack_when_durable(self, generation: int, entries: list[tuple[str, str]]) -> None:
+        self._awaiting.update(entries)
+        durable = succeed(None) if self.durability is None \
+            else self.durability.when_durable(generation)
+        durable.addCallback(lambda _: self._ack(entries))
+
+    def _ack(self, entries: list[tuple[str, str]]) -> None:
+        """Acknowledge C{entries} in one script call: all or none of them."""
+        by_stream: dict[str, list[str]] = {}
+        for stream, entry_id in entries:
+            by_stream.setdefault(stream, []).append(entry_id)
+        args: list[Any] = [GROUP]
+        for ids in by_stream.values():
+            args += [len(ids), *ids]
+        try:
+            d = self._connection().execute_command("EVAL", ACK, len(by_stream), *by_stream, *args)
+        except NotConnected as error:
+            self._not_acked(error, entries)
+            return
+        d.addCallbacks(self._acked, self._not_acked, callbackArgs=(entries,),
+                       errbackArgs=(entries,))
+
+    def _acked(self, _: Any, entries: list[tuple[str, str]]) -> None:
+        self._awaiting.difference_update(entries)
+        self.acked += len(entries)
+
+    def _not_acked(self, why: Any, entries: list[tuple[str, str]]) -> None:
+        # Still pending: read again (and known to the history) once back.
+        self._awaiting.difference_update(entries)
+        self.errors += 1
+        self.last_error = f"acknowledging failed: {getattr(why, 'getErrorMessage', lambda: why)()}"
+        self._backlog = True

@@ -15,6 +15,15 @@ from tickstock.events import Event, id_key
 BOOKMARK_EVERY = 100
 """Trimming is recorded about once per this many dropped events (Redis
 trims whole stream nodes of 100 entries): the precision of a gap's count."""
+DEDUPE_WINDOW = 600.0
+"""Seconds a producer event_id is remembered on its channel, at least (the
+default of C{--dedupe-window}): a producer retries within seconds, and
+within minutes after a restart or a Redis failover; ten minutes cover both
+and cost about 60 bytes per event_id for that long."""
+DEDUPE_MAX = 1_000_000
+"""Producer event_ids remembered per channel, at least: with the
+C{--dedupe-window} it bounds what remembering them holds (in Redis, about
+60 bytes each, at most twice this many per channel), whatever the rate."""
 
 
 @dataclass(frozen=True)
@@ -25,6 +34,18 @@ class Refused:
     """
 
     reason: str
+
+
+@dataclass(frozen=True)
+class Redelivered:
+    """
+    A stream entry delivered again (a restart, a claim) that the history
+    had stored already, under C{id}: its event is not delivered again, but
+    what it must become in the store is made again (writes there repeat
+    safely), since the first time may not have reached it.
+    """
+
+    id: str
 
 
 @dataclass(frozen=True)

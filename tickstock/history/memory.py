@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Callable
 
 from twisted.internet.defer import Deferred, succeed
@@ -12,7 +12,7 @@ from zope.interface import implementer
 
 from tickstock.events import Event, EventIds, id_key
 from tickstock.topics import TOPIC_NAMES
-from tickstock.history import BOOKMARK_EVERY, Refused, Replay, missed
+from tickstock.history import BOOKMARK_EVERY, DEDUPE_MAX, DEDUPE_WINDOW, Refused, Replay, missed
 from tickstock.interfaces import IHistory
 from tickstock.jobs import outcome
 
@@ -22,11 +22,10 @@ JOBS_KEPT = 100_000
 class _Log:
     """One bounded, ordered log of events (a topic's, or a user's)."""
 
-    def __init__(self, limit: int, max_age: float, on_drop: Callable[[Event], None]) -> None:
+    def __init__(self, limit: int, max_age: float) -> None:
         self.events: deque[Event] = deque()
         self._limit = limit
         self._max_age = max_age
-        self._on_drop = on_drop
         self.last_dropped: str | None = None
         self.dropped = 0
         self._marks: list[tuple[tuple[int, int], int]] = []
@@ -46,7 +45,6 @@ class _Log:
             self._marks.append((id_key(event.id), self.dropped))
             if len(self._marks) > 2000:
                 del self._marks[:1000]
-        self._on_drop(event)
 
     def replay(self, after: str) -> Replay:
         key = id_key(after)
@@ -61,27 +59,32 @@ class MemoryHistory:
     """
     Per-topic and per-user logs in memory, bounded by count and age, with
     ids from one process-wide L{EventIds}. A producer C{event_id} is a
-    duplicate while an event carrying it is still kept.
+    duplicate for C{dedupe_window} seconds on its channel, while fewer than
+    L{DEDUPE_MAX} others came after it there: exactly the window the Redis
+    history guarantees (which may remember one up to twice as long).
     """
 
     def __init__(self, clock: IReactorTime, max_events: int, max_age: float,
-                 user_max: int) -> None:
+                 user_max: int, dedupe_window: float = DEDUPE_WINDOW) -> None:
         self._clock = clock
         self._ids = EventIds()
         self._max_age = max_age
         self._user_max = user_max
-        self._topics = {t: _Log(max_events, max_age, self._forget) for t in TOPIC_NAMES}
+        self._dedupe_window = dedupe_window
+        self._topics = {t: _Log(max_events, max_age) for t in TOPIC_NAMES}
         self._users: dict[str, _Log] = {}
         self._jobs: dict[str, list[str | None]] = {}  # job id: [owner, final status]
         self._delivered: dict[str, str] = {}
-        self._event_ids: dict[tuple[str, str], int] = {}
+        # Per channel, each event_id remembered to when it was stored, oldest first.
+        self._event_ids: dict[str, OrderedDict[str, float]] = {}
         self._receivers: list[Callable[[Event], object]] = []
         self.position = "0-0"
 
     def append(self, event: Event, key: object = None) -> Deferred[str | None]:
+        now = self._clock.seconds()
         producer_id = event.data.get("event_id")
-        seen = None if producer_id is None else (event.channel, producer_id)
-        if seen is not None and seen in self._event_ids:
+        seen = None if producer_id is None else self._remembered(event.channel, now)
+        if seen is not None and producer_id in seen:
             return succeed(None)
         job = None
         if event.topic == "backtests":
@@ -92,8 +95,9 @@ class MemoryHistory:
                 return succeed(Refused("finished_job"))
             job[1] = outcome(event)
         if seen is not None:
-            self._event_ids[seen] = 1
-        now = self._clock.seconds()
+            if len(seen) >= DEDUPE_MAX:
+                seen.popitem(last=False)
+            seen[producer_id] = now
         event.id = self.position = self._ids.next(now)
         self._topics[event.topic].add(event, now)
         if job is not None:
@@ -103,15 +107,20 @@ class MemoryHistory:
             receiver(event)
         return succeed(event.id)
 
-    def _forget(self, event: Event) -> None:
-        producer_id = event.data.get("event_id")
-        if producer_id is not None:
-            self._event_ids.pop((event.channel, producer_id), None)
+    def _remembered(self, channel: str, now: float) -> OrderedDict[str, float]:
+        """The event_ids of C{channel} stored within the window."""
+        seen = self._event_ids.get(channel)
+        if seen is None:
+            seen = self._event_ids[channel] = OrderedDict()
+        since = now - self._dedupe_window
+        while seen and next(iter(seen.values())) <= since:
+            seen.popitem(last=False)
+        return seen
 
     def _user_log(self, user: str) -> _Log:
         log = self._users.get(user)
         if log is None:
-            log = self._users[user] = _Log(self._user_max, self._max_age, lambda e: None)
+            log = self._users[user] = _Log(self._user_max, self._max_age)
         return log
 
     def listen(self, receiver: Callable[[Event], object]) -> None:

@@ -15,7 +15,8 @@ Duplicates stop in the script, atomically with the write:
  - streams: an entry is appended only while it is still pending in the
    consumer group, and acknowledged in the same script, so an entry handled
    twice (a crash before the ack, a reclaim) is stored once;
- - a producer C{event_id} seen within the history's age is stored once.
+ - a producer C{event_id} seen on its channel within the dedupe window is
+   stored once (L{_WINDOWS}: bounded by time and by count).
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ from tickstock.bus.redis import NotConnected, RedisLink, _LinkProtocol, _Supervi
 from tickstock.config import RedisAddress
 from tickstock.events import ID_STRIDE, Event, id_key, stored_event
 from tickstock.topics import BACKTESTS, TOPIC_NAMES
-from tickstock.history import BOOKMARK_EVERY, Refused, Replay, missed
+from tickstock.history import (
+    BOOKMARK_EVERY, DEDUPE_MAX, DEDUPE_WINDOW, Redelivered, Refused, Replay, missed,
+)
 from tickstock.interfaces import IClaims, IHistory
 from tickstock.jobs import outcome
 
@@ -47,11 +50,21 @@ SINCE_KEY = PREFIX + "since"
 USER_PREFIX = "tickstock:user:"
 JOB_PREFIX = "tickstock:jobstate:"
 SEEN_PREFIX = "tickstock:seen:"
-EVENT_ID_PREFIX = "tickstock:eid:"
-TICK_PREFIX = "tickstock:tick:"
+DEDUPE_KEY = "tickstock:dedupe"
+"""The windows that remember producer event_ids (C{eid:<channel>}) and
+claimed ticks (C{tick}): this hash holds each one's bucket start times, and
+its buckets are sets named C{tickstock:dedupe:<window>:<start ms>}."""
+DIGEST_BYTES = 12
+"""What a window remembers of a member: this many bytes of its SHA-1, so a
+member costs Redis about 60 bytes however long the producer's ids are,
+while a lookup among 2 x L{DEDUPE_MAX} members matches a wrong one with odds
+of about 2^-75."""
 SEEN_TTL = 10.0
 """Seconds a pub/sub message's key is remembered: far longer than the time
 between two daemons receiving the same message."""
+STORED_SUFFIX = ":stored"
+"""A producer stream's hash of entries stored but not yet acknowledged, to
+the ids they were stored under."""
 TAIL_BLOCK_MS = 1000
 TAIL_COUNT = 1000
 TAIL_CHUNK = 64
@@ -103,19 +116,84 @@ local function trim(key, maxlen, minid, late)
 end
 """ % {"batch": BOOKMARK_EVERY, "kept": DROPS_KEPT}
 
-INGEST = _TRIM + """
+_WINDOWS = """
+-- Windows remember members (digests) for a while: in two sets, the current
+-- bucket, which takes members for SPAN ms or until it holds CAP, then
+-- becomes the previous one as the one before it is dropped. So a member is
+-- remembered for at least SPAN ms and while fewer than CAP others came
+-- after it, and for at most twice both. The hash DEDUPE holds, per window,
+-- its buckets' start times 'current previous' (ms; previous 0: none); the
+-- bucket started at START is the set DEDUPE:NAME:START, expiring 2 SPAN
+-- after START (it takes no member later than START + SPAN).
+local DEDUPE, CAP = '%(dedupe)s', %(cap)s
+local windows = {}
+local function bucket(w, start)
+  return DEDUPE .. ':' .. w.name .. ':' .. string.format('%.0f', start)
+end
+local function rotate(w, ms)
+  if w.prev > 0 then redis.call('UNLINK', bucket(w, w.prev)) end
+  if ms - w.cur < 2 * w.span then w.prev = w.cur else w.prev = 0 end
+  w.cur, w.n = math.max(ms, w.cur + 1), 0
+  redis.call('HSET', DEDUPE, w.name, string.format('%.0f %.0f', w.cur, w.prev))
+end
+-- The window NAME at MS, read once per script call.
+local function window(name, span, ms)
+  local w = windows[name]
+  if w == nil then
+    w = {name = name, span = span, cur = 0, prev = 0}
+    local state = redis.call('HGET', DEDUPE, name)
+    if state then
+      local cur, prev = string.match(state, '^(%d+) (%d+)$')
+      w.cur, w.prev = tonumber(cur), tonumber(prev)
+    end
+    windows[name] = w
+  end
+  if ms - w.cur >= span then rotate(w, ms) end
+  return w
+end
+-- Per member, 1 if the window remembers it, else 0.
+local function held(w, members)
+  local found = redis.call('SMISMEMBER', bucket(w, w.cur), unpack(members))
+  if w.prev > 0 then
+    local before = redis.call('SMISMEMBER', bucket(w, w.prev), unpack(members))
+    for i, v in ipairs(before) do
+      if v == 1 then found[i] = 1 end
+    end
+  end
+  return found
+end
+local function remember(w, members, ms)
+  if w.n == nil then w.n = redis.call('SCARD', bucket(w, w.cur)) end
+  if w.n >= CAP then rotate(w, ms) end
+  local key = bucket(w, w.cur)
+  local added = redis.call('SADD', key, unpack(members))
+  if w.n == 0 and added > 0 then
+    redis.call('PEXPIREAT', key, string.format('%.0f', w.cur + 2 * w.span))
+  end
+  w.n = w.n + added
+end
+""".replace("%(dedupe)s", DEDUPE_KEY).replace("%(cap)s", str(DEDUPE_MAX))
+
+INGEST = _TRIM + _WINDOWS + """
 -- Stores a batch of events, in order, atomically; returns {stored, id} per
--- event (stored 0: a duplicate, with the first copy's id, or ''; or an
+-- event (stored 0: a duplicate, with the first copy's id, or '' (a
+-- producer event_id the window 'eid:<channel>' remembers); or an
 -- event of an unknown or closed job: '!unknown_job', '!finished_job').
+-- A stream entry is not acknowledged here: the source does that once what
+-- it became is durable. Until then the entry's id is kept in the stream's
+-- stored hash, so a redelivery of it is known as the event already stored.
 -- A job is a hash {u: owner, f: final status once closed}.
 -- KEYS: last id, since key, then per event: topic stream, seen key | '',
---       event_id key | '', job key | '', producer stream | ''
--- ARGV: maxlen, max age ms, seen ttl ms, event_id ttl ms, user maxlen,
+--       job key | '', producer stream | ''
+-- ARGV: maxlen, max age ms, seen ttl ms, event_id window ms, user maxlen,
 --       user ttl s, user prefix, then per event: channel, type, data,
---       group | '', entry id | '', final status it gives its job | ''
+--       group | '', entry id | '', final status it gives its job | '',
+--       producer event_id digest | ''
 -- Sequence numbers step by STRIDE: live ticks take the ids in between.
 local STRIDE = %(stride)d
+local STORED = '%(stored)s'
 local maxlen, max_age = tonumber(ARGV[1]), tonumber(ARGV[2])
+local eid_span = tonumber(ARGV[4])
 local user_max, user_ttl, user_prefix = tonumber(ARGV[5]), ARGV[6], ARGV[7]
 local t = redis.call('TIME')
 local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -127,18 +205,26 @@ if last then
   if ms <= tonumber(lms) then ms = tonumber(lms); seq = tonumber(lseq) + STRIDE end
 end
 local touched, users, out, stored = {}, {}, {}, false
-for i = 0, (#KEYS - 2) / 5 - 1 do
-  local k, a = 2 + i * 5, 7 + i * 6
-  local stream, seen_key, eid_key, job_key, source = KEYS[k+1], KEYS[k+2], KEYS[k+3], KEYS[k+4], KEYS[k+5]
+for i = 0, (#KEYS - 2) / 4 - 1 do
+  local k, a = 2 + i * 4, 7 + i * 7
+  local stream, seen_key, job_key, source = KEYS[k+1], KEYS[k+2], KEYS[k+3], KEYS[k+4]
   local group, entry = ARGV[a+4], ARGV[a+5]
   local done = nil
-  if source ~= '' and #redis.call('XPENDING', source, group, entry, entry, 1) == 0 then
-    done = ''
+  if source ~= '' then
+    if #redis.call('XPENDING', source, group, entry, entry, 1) == 0 then
+      done = ''
+    else
+      done = redis.call('HGET', source .. STORED, entry) or nil
+    end
   end
   if done == nil and seen_key ~= '' then done = redis.call('GET', seen_key) or nil end
-  if done == nil and eid_key ~= '' then
-    done = redis.call('GET', eid_key) or nil
-    if done and seen_key ~= '' then redis.call('SET', seen_key, done, 'PX', ARGV[3]) end
+  local eid, eids = ARGV[a+7], nil
+  if done == nil and eid ~= '' then
+    eids = window('eid:' .. ARGV[a+1], eid_span, ms)
+    if held(eids, {eid})[1] == 1 then
+      done = ''
+      if seen_key ~= '' then redis.call('SET', seen_key, done, 'PX', ARGV[3]) end
+    end
   end
   local owner = false
   if done == nil and job_key ~= '' then
@@ -163,7 +249,8 @@ for i = 0, (#KEYS - 2) / 5 - 1 do
       users[user_prefix .. owner] = user_max
     end
     if seen_key ~= '' then redis.call('SET', seen_key, id, 'PX', ARGV[3]) end
-    if eid_key ~= '' then redis.call('SET', eid_key, id, 'PX', ARGV[4]) end
+    if source ~= '' then redis.call('HSET', source .. STORED, entry, id) end
+    if eids then remember(eids, {eid}, ms) end
     last, stored = id, true
     out[#out + 1] = 1
     out[#out + 1] = id
@@ -171,7 +258,6 @@ for i = 0, (#KEYS - 2) / 5 - 1 do
     out[#out + 1] = 0
     out[#out + 1] = done
   end
-  if source ~= '' and done ~= '' then redis.call('XACK', source, group, entry) end
 end
 local minid = string.format('%.0f-0', ms - max_age)
 local late = string.format('%.0f-0', ms - max_age - 60000)
@@ -187,7 +273,23 @@ if stored then
   redis.call('SET', KEYS[1], last)
 end
 return out
-""".replace("%(stride)d", str(ID_STRIDE))
+""".replace("%(stride)d", str(ID_STRIDE)).replace("%(stored)s", STORED_SUFFIX)
+
+ACK = """
+-- KEYS: producer streams   ARGV: group, then per stream: how many entry
+-- ids, the ids. Acknowledges them and forgets what they were stored as.
+local group, at = ARGV[1], 2
+for _, stream in ipairs(KEYS) do
+  local n = tonumber(ARGV[at])
+  for i = at + 1, at + n, 500 do  -- unpack has a stack limit
+    local last = math.min(i + 499, at + n)
+    redis.call('XACK', stream, group, unpack(ARGV, i, last))
+    redis.call('HDEL', stream .. '%(stored)s', unpack(ARGV, i, last))
+  end
+  at = at + n + 1
+end
+return 1
+""".replace("%(stored)s", STORED_SUFFIX)
 
 REPLAY = """
 -- KEYS: stream, since key, delivered pointer | ''   ARGV: after | ''
@@ -205,12 +307,24 @@ return {after, entries, last_dropped, dropped, through, since}
 """
 
 
-CLAIM = """
--- KEYS: tick keys   ARGV: ttl ms. Per key, 1 if this call claimed it first, else 0.
-local out = {}
-for i, key in ipairs(KEYS) do
-  out[i] = redis.call('SET', key, 1, 'NX', 'PX', ARGV[1]) and 1 or 0
+CLAIM = _WINDOWS + """
+-- ARGV: the window's span ms, then the ticks' keys (digests). Per key, 1
+-- if this call claimed it first, else 0: the window 'tick' remembers claims.
+local t = redis.call('TIME')
+local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local keys = {unpack(ARGV, 2)}
+if #keys == 0 then return {} end
+local ticks = window('tick', tonumber(ARGV[1]), ms)
+local found, out, new, mine = held(ticks, keys), {}, {}, {}
+for i, key in ipairs(keys) do
+  if found[i] == 1 or mine[key] then
+    out[i] = 0
+  else
+    out[i], mine[key] = 1, true
+    new[#new + 1] = key
+  end
 end
+if #new > 0 then remember(ticks, new, ms) end
 return out
 """
 
@@ -242,6 +356,11 @@ class StreamEntry:
     stream: str
     group: str
     entry_id: str
+
+
+def digest(member: object) -> bytes:
+    """What a dedupe window remembers of C{member} (L{DIGEST_BYTES})."""
+    return hashlib.sha1(str(member).encode(), usedforsecurity=False).digest()[:DIGEST_BYTES]
 
 
 def text(value: bytes | str) -> str:
@@ -294,10 +413,15 @@ class RedisHistory(_Supervised):
     def __init__(
         self, reactor: IReactorCore, address: RedisAddress, link: RedisLink,
         max_events: int, max_age: float, user_max: int, read_timeout: float = 5.0,
-        store_window: float = 0.0,
+        store_window: float = 0.0, dedupe_window: float = DEDUPE_WINDOW,
     ) -> None:
+        """
+        @param dedupe_window: seconds a producer event_id is remembered on
+            its channel, at least (see L{_WINDOWS}).
+        """
         super().__init__(reactor, address, self._new_factory)
         self._store_window = store_window
+        self._dedupe_window_ms = int(dedupe_window * 1000)
         self._flushed_at = float("-inf")
         self._execute = link.execute
         self._max_events = max_events
@@ -371,7 +495,7 @@ class RedisHistory(_Supervised):
     def _store(self, batch: list[tuple[Event, object, Deferred[str | None]]]) -> None:
         keys = [LAST_KEY, SINCE_KEY]
         args: list[Any] = [
-            self._max_events, self._max_age_ms, int(SEEN_TTL * 1000), self._max_age_ms,
+            self._max_events, self._max_age_ms, int(SEEN_TTL * 1000), self._dedupe_window_ms,
             self._user_max, self._user_ttl, USER_PREFIX,
         ]
         for event, key, _ in batch:
@@ -380,7 +504,6 @@ class RedisHistory(_Supervised):
             keys += (
                 PREFIX + event.topic,
                 SEEN_PREFIX + key if isinstance(key, str) else "",
-                f"{EVENT_ID_PREFIX}{event.channel}:{producer_id}" if producer_id else "",
                 JOB_PREFIX + event.job_id if event.job_id else "",
                 entry.stream if entry else "",
             )
@@ -388,6 +511,7 @@ class RedisHistory(_Supervised):
                 event.channel, event.type, orjson.dumps(event.data),
                 entry.group if entry else "", entry.entry_id if entry else "",
                 (outcome(event) or "") if event.job_id else "",
+                digest(producer_id) if producer_id else "",
             )
 
         call = self._stores_sent
@@ -397,7 +521,7 @@ class RedisHistory(_Supervised):
         def stored(reply: list[Any]) -> None:
             self._stores_open.discard(call)
             kept = self._stored
-            for i, (event, _, d) in enumerate(batch):
+            for i, (event, key, d) in enumerate(batch):
                 value = text(reply[2 * i + 1])
                 if int(reply[2 * i]) == 1:
                     event.id = value
@@ -406,8 +530,13 @@ class RedisHistory(_Supervised):
                             kept.popitem(last=False)
                         kept[value] = event
                     d.callback(value)
+                elif value.startswith("!"):
+                    d.callback(Refused(value[1:]))
+                elif value and isinstance(key, StreamEntry):
+                    event.id = value
+                    d.callback(Redelivered(value))
                 else:
-                    d.callback(Refused(value[1:]) if value.startswith("!") else None)
+                    d.callback(None)
             self._take_unread()
 
         def failed(failure: Any) -> None:
@@ -424,9 +553,12 @@ class RedisHistory(_Supervised):
     # IClaims
 
     def claim(self, keys: list[object]) -> Deferred[list[Any]]:
-        """Live ticks: the first daemon to claim a message's key counts it."""
-        return self._claim.run([TICK_PREFIX + key for key in keys],  # type: ignore[operator]
-                               [int(SEEN_TTL * 1000)])
+        """
+        Live ticks: the first daemon to claim a message's key counts it. A
+        claim is remembered for C{SEEN_TTL} seconds at least (see
+        L{_WINDOWS}), as long as L{DEDUPE_MAX} claims at least.
+        """
+        return self._claim.run([], [int(SEEN_TTL * 1000), *map(digest, keys)])
 
     def replay(self, topic: str, after: str | None, user: str | None) -> Deferred[Replay]:
         """

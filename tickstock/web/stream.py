@@ -7,14 +7,25 @@ producer (replacing the HTTP channel Autobahn leaves there), so Twisted tells
 it when the socket's buffer is full. While paused, event frames wait in one
 queue, in event-id order, by delivery class (L{tickstock.events.Channel}):
 
- - must-deliver frames are all kept; past C{queue_limit} of them the client
-   is closed with 4001 ("reconnect and resume"), never silently skipped;
+ - must-deliver frames are all kept, never silently skipped;
  - a latest-only frame (tick, job progress, health) replaces the queued
    frame with the same conflation key, so a slow reader gets the newest per
-   key; more than C{queue_limit} distinct keys also closes with 4001.
+   key.
 
-So one reader that stopped cannot grow the server's memory without bound or
-delay everyone else, and a merely slow one keeps up on latest-only topics.
+Past C{queue_limit} must-deliver frames (or latest-only keys) waiting, a
+client is closed with 4001 ("reconnect and resume") only if it is itself the
+reason: its socket took no byte for C{stall_timeout} seconds (it stopped
+reading), or it stayed past the bound for C{slow_for} seconds (it reads
+slower than its events come). A queue that is long because the daemon is
+busy (its writes go out late, or come in bursts) drains as the client reads,
+and the client stays: an overloaded daemon does not close its clients at
+once, it takes in less (L{tickstock.overload}). So one reader that stopped
+cannot grow the server's memory without bound or delay everyone else, and a
+merely slow one keeps up on latest-only topics.
+
+Progress is the bytes Twisted holds for the socket going down, or the
+transport resuming us (its buffer drained): checked when a frame is queued
+past the bound, and every L{SWEEP} seconds for paused clients.
 
 The hot path (a client that keeps up) writes each event frame straight to
 the socket when nothing is buffered for it: Twisted's C{write} would instead
@@ -34,6 +45,7 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet import tcp
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -43,7 +55,24 @@ from tickstock.interfaces import REPLAYED, IClient
 from tickstock.web.site import REFUSED_STATUS
 
 CLOSE_HANDSHAKE_TIMEOUT = 1.0
+SWEEP = 0.5
+"""Seconds between checks of the paused clients: stalled ones are closed,
+and whether most clients are backlogged is counted again."""
+BACKLOGGED_AFTER = 1.0
+"""Seconds frames must have waited for a reading client for it to count as
+backlogged: a burst of fan-out makes many wait for a few milliseconds."""
+SLOW_FOR = 60.0
+"""Seconds a client that reads may stay past the queue bound: one that does
+not get below it in that time reads slower than its events come."""
 _OPEN = WebSocketProtocol.STATE_OPEN
+
+
+def _unsent(transport: Any) -> int | None:
+    """Bytes Twisted holds for the socket (L{None}: not a transport we can read that of)."""
+    try:
+        return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+    except (AttributeError, TypeError):
+        return None
 
 
 @implementer(IClient)
@@ -69,6 +98,10 @@ class ClientProtocol(WebSocketServerProtocol):
         self._must = 0  # must-deliver frames in _queue
         self._socket: Any = None  # set when frames can be written to it directly
         self._address: str | None = None  # counted against the per-IP cap
+        self._waiting_since: float | None = None  # when _queue last became non-empty
+        self._progress_at = 0.0  # when its socket last took bytes while paused
+        self._unsent: int | None = None  # bytes Twisted held for it then
+        self._over_since: float | None = None  # past the queue bound since
 
     def onConnect(self, request: Any) -> None:
         factory = self.factory
@@ -85,6 +118,7 @@ class ClientProtocol(WebSocketServerProtocol):
             self._address = address
 
     def connectionLost(self, reason: Any) -> None:
+        self.factory.unpaused(self)
         address, self._address = self._address, None
         if address is not None:
             per_ip = self.factory.per_ip
@@ -121,6 +155,7 @@ class ClientProtocol(WebSocketServerProtocol):
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self._closing = True
         self._drop_queue()
+        self.factory.unpaused(self)
         self.factory.gateway.closed(self)
 
     # IClient
@@ -156,12 +191,14 @@ class ClientProtocol(WebSocketServerProtocol):
     def _enqueue(self, prepared: Any, key: Any) -> None:
         queue = self._queue
         limit = self.factory.queue_limit
+        if not queue:
+            self._waiting_since = self.factory.reactor.seconds()
         if key is None:
             self._seq += 1
             queue[self._seq] = prepared
             self._must += 1
             if self._must > limit:
-                self._overflow()
+                self._past_bound()
         elif key is REPLAYED:
             # Bounded by the history, not by queue_limit: negative keys are
             # not counted in _must.
@@ -176,16 +213,52 @@ class ClientProtocol(WebSocketServerProtocol):
         else:
             queue[key] = prepared
             if len(queue) - self._must > limit:
-                self._overflow()
+                self._past_bound()
 
-    def _overflow(self) -> None:
+    def _past_bound(self) -> None:
+        """
+        More is waiting than C{queue_limit}: close the client if it is the
+        reason (see the module's docstring), else keep every frame.
+        """
+        now = self.factory.reactor.seconds()
+        if self._over_since is None:
+            self._over_since = now
+        self.check(now)
+
+    def check(self, now: float) -> None:
+        """Close the client if it is past the bound and stalled, or past it for too long."""
+        factory = self.factory
+        if self._over_since is None or self._closing:
+            return
+        if self._stalled(now):
+            self._overflow("stopped reading")
+        elif now - self._over_since >= factory.slow_for:
+            self._overflow("reads slower than its events come")
+
+    def _stalled(self, now: float) -> bool:
+        """Whether it is paused and its socket took no byte for C{stall_timeout} seconds."""
+        if not self._paused:
+            return False
+        unsent = _unsent(self.transport)
+        if unsent is not None and self._unsent is not None and unsent < self._unsent:
+            self._progress_at = now
+        self._unsent = unsent
+        return now - self._progress_at >= self.factory.stall_timeout
+
+    def backlogged(self, now: float) -> bool:
+        """Whether frames have waited for it for a while though it reads."""
+        since = self._waiting_since
+        return since is not None and now - since >= BACKLOGGED_AFTER and not self._stalled(now)
+
+    def _overflow(self, why: str) -> None:
         queued = len(self._queue)
         self._drop_queue()
-        self.factory.gateway.slow_consumer(self, queued)
+        self.factory.gateway.slow_consumer(self, queued, why)
 
     def _drop_queue(self) -> None:
         self._queue.clear()
         self._must = 0
+        self._over_since = self._waiting_since = None
 
     def reply(self, message: dict[str, Any]) -> None:
         if not self._closing:
@@ -201,7 +274,12 @@ class ClientProtocol(WebSocketServerProtocol):
     # IPushProducer
 
     def pauseProducing(self) -> None:
+        # Twisted pauses a producer that was not paused: until now (or up
+        # to the resume this pause interrupts) its socket took bytes.
         self._paused = True
+        self._progress_at = self.factory.reactor.seconds()
+        self._unsent = _unsent(self.transport)
+        self.factory.paused(self)
 
     def resumeProducing(self) -> None:
         self._paused = False
@@ -211,10 +289,18 @@ class ClientProtocol(WebSocketServerProtocol):
             if key.__class__ is int and key > 0:
                 self._must -= 1
             self._write(prepared.payloadHybi)
+        if not self._paused:
+            self.factory.unpaused(self)
+        limit = self.factory.queue_limit
+        if not queue:
+            self._waiting_since = None
+        if self._must <= limit and len(queue) - self._must <= limit:
+            self._over_since = None
 
     def stopProducing(self) -> None:
         self._closing = True
         self._drop_queue()
+        self.factory.unpaused(self)
 
 
 class StreamFactory(WebSocketServerFactory):
@@ -236,9 +322,27 @@ class StreamFactory(WebSocketServerFactory):
         ping_timeout: float,
         handshake_timeout: float,
         max_per_ip: int = 0,
+        stall_timeout: float | None = None,
+        slow_for: float = SLOW_FOR,
+        clock: IReactorTime | None = None,
     ) -> None:
-        super().__init__()
+        """
+        @param stall_timeout: seconds a client past C{queue_limit} may take
+            no byte before it is closed; default C{ping_timeout}, as long
+            as one that reads nothing has to answer a ping.
+        @param slow_for: seconds a client that reads may stay past
+            C{queue_limit} before it is closed.
+        @param clock: the reactor (default: Twisted's).
+        """
+        super().__init__(reactor=clock)
         self.queue_limit = queue_limit
+        self.stall_timeout = ping_timeout if stall_timeout is None else stall_timeout
+        self.slow_for = slow_for
+        self._paused: set[ClientProtocol] = set()
+        self._sweep: IDelayedCall | None = None
+        self.backlogged = 0
+        """Clients with frames waiting for L{BACKLOGGED_AFTER} s though they
+        read, at the last sweep."""
         self.max_per_ip = max_per_ip
         self.per_ip: Counter[str] = Counter()
         self.refused_per_ip = 0
@@ -258,6 +362,38 @@ class StreamFactory(WebSocketServerFactory):
             autoPingTimeout=ping_timeout,
             perMessageCompressionAccept=lambda offers: None,
         )
+
+    def paused(self, client: ClientProtocol) -> None:
+        """C{client}'s socket is full: watch it until it drains."""
+        self._paused.add(client)
+        if self._sweep is None:
+            self._sweep = self.reactor.callLater(SWEEP, self._check)
+
+    def unpaused(self, client: ClientProtocol) -> None:
+        """C{client}'s socket drained, or it is gone."""
+        self._paused.discard(client)
+        if not self._paused:
+            self.backlogged = 0
+            if self._sweep is not None and self._sweep.active():
+                self._sweep.cancel()
+            self._sweep = None
+
+    def _check(self) -> None:
+        """Close the paused clients that stalled past the bound; count the backlogged."""
+        self._sweep = None
+        now = self.reactor.seconds()
+        for client in list(self._paused):
+            client.check(now)
+        self.backlogged = sum(1 for client in self._paused if client.backlogged(now))
+        if self._paused:
+            self._sweep = self.reactor.callLater(SWEEP, self._check)
+
+    def clients_behind(self) -> bool:
+        """
+        Whether most clients have frames waiting though they read: the
+        daemon's writes go out slower than its events come, for all.
+        """
+        return self.backlogged * 2 > len(self.gateway.connections)
 
     def origin_allowed(self, origin: str | None, host: str | None) -> bool:
         """
