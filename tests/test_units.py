@@ -280,6 +280,31 @@ def test_hello_timer_closes_silent_clients():
     assert clock.getDelayedCalls() == []
 
 
+def test_a_resume_the_history_cannot_replay_now_is_closed_to_resume_again():
+    """
+    The history cannot be read (Redis restarting): a resuming subscription
+    is closed with 4001, so the client resumes from the same point later,
+    rather than told that events were missed; a new one (no resume) goes on.
+    """
+    from twisted.internet.defer import fail
+
+    clock = Clock()
+    gateway = make_gateway(clock)
+    gateway._history.replay = lambda *_: fail(ConnectionError("redis down"))
+    resuming, fresh = RecordingClient(), RecordingClient()
+    for client, hello in ((resuming, b'{"op":"hello","user":"a","resume":{"last_id":"5-0"}}'),
+                          (fresh, b'{"op":"hello","user":"b"}')):
+        gateway.opened(client)
+        gateway.receive(client, hello)
+        gateway.receive(client, b'{"op":"subscribe","id":"s","topic":"patterns"}')
+    assert resuming.closed == (4001, "the history cannot be read now; resume")
+    assert fresh.closed is None
+    assert [m["op"] for m in fresh.replies if m.get("id") == "s"] == ["subscribed"]
+    assert gateway.errors["history_unavailable"] == 1
+    gateway.closed(resuming)
+    gateway.closed(fresh)
+
+
 def test_job_submission_fails_clearly_when_the_producer_is_unreachable():
     """A publish failure is answered with 'unavailable', not silence."""
 

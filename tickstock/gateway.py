@@ -43,6 +43,11 @@ CLOSE_SLOW_CONSUMER = 4001
 """Fell behind on must-deliver events: reconnect with C{resume}."""
 
 
+HISTORY_UNAVAILABLE = "history unavailable"
+"""Why a resuming subscription could not be replayed: then it is closed with
+4001 rather than told that events were missed, since none is known to be."""
+
+
 @dataclass(eq=False)
 class _State:
     """What the gateway keeps per connection."""
@@ -314,12 +319,17 @@ class Gateway:
         self.errors["history_unavailable"] += 1
         self._log.warn("replay failed: {e}", e=failure.getErrorMessage())
         return Replay([], None if after is None else {
-            "from": after, "to": None, "count": None, "reason": "history unavailable"})
+            "from": after, "to": None, "count": None, "reason": HISTORY_UNAVAILABLE})
 
     def _replayed(self, replay: Replay, conn: IClient, state: _State, sub: Subscription,
                   after: str | None) -> None:
         if state.subscriptions.get(sub.id) is not sub:
             return  # unsubscribed or gone meanwhile
+        if replay.missed is not None and replay.missed.get("reason") == HISTORY_UNAVAILABLE:
+            # Nothing is known to be lost: the client resumes from the same
+            # point once the history answers again (Redis restarting).
+            conn.close(CLOSE_SLOW_CONSUMER, "the history cannot be read now; resume")
+            return
         if after is not None:
             self.catchups += 1
 
