@@ -431,6 +431,8 @@ def run(args: argparse.Namespace, procs: Procs, workdir: Path) -> dict[str, Any]
         args.redis_server, "--port", str(redis_port), "--bind", "127.0.0.1",
         "--save", "", "--appendonly", "no", "--dir", str(workdir),
         "--logfile", str(redis_log), "--daemonize", "no",
+        *(() if (mb := args.redis_pubsub_limit) is None else (
+            "--client-output-buffer-limit", f"pubsub {mb}mb {mb}mb 0")),
     ]), stdin=subprocess.DEVNULL, stdout=redis_out, stderr=subprocess.STDOUT)
     redis_out.close()
 
@@ -595,6 +597,7 @@ def run(args: argparse.Namespace, procs: Procs, workdir: Path) -> dict[str, Any]
     drained_at = time.time()
     server_rss = rss_mb(daemon.pid)
     health1 = http_json(base + "/health")[1]
+    source1 = http_json(base + "/ready")[1].get("components", {}).get("source", {})
     result = lines.expect("RESULT", 120)
     daemon_alive()
 
@@ -627,6 +630,7 @@ def run(args: argparse.Namespace, procs: Procs, workdir: Path) -> dict[str, Any]
                f"{args.rate:g} for {args.recover:g}s")
             + ("" if args.mode == "pubsub" else " (streams)")),
         "mode": args.mode,
+        "redis_pubsub_limit_mb": args.redis_pubsub_limit,
         "clients": args.clients,
         "symbols": n_sym,
         "watch": watch,
@@ -686,6 +690,10 @@ def run(args: argparse.Namespace, procs: Procs, workdir: Path) -> dict[str, Any]
             # it closed clients it did close
             "overload": overload,
             "shed": events1.get("shed"),
+            # a pub/sub subscriber: how often it stopped reading, fell behind its
+            # input, and the most Redis held for it (see --redis-pubsub-limit)
+            "source": {k: source1.get(k) for k in (
+                "pauses", "fell_behind", "backlog_bytes", "gaps") if k in source1},
         },
         "timeline": timeline(result, first_measured, segments),
     }
@@ -777,6 +785,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recover", type=float, default=15.0,
                         help="seconds at --rate after --ramp-to's last step (15)")
     parser.add_argument("--redis-server", default="/usr/bin/redis-server")
+    parser.add_argument("--redis-pubsub-limit", type=int, default=None, metavar="MB",
+                        help="Redis's pub/sub output-buffer limit for a subscriber, in MB "
+                             "(default Redis's own: 32, or 8 for a minute); a pub/sub daemon "
+                             "behind its clients lets Redis hold up to half of it")
     parser.add_argument("--keep", action="store_true",
                         help="keep the temp dir (logs of redis, daemon, loadgen)")
     args = parser.parse_args(argv)

@@ -21,21 +21,13 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-KNOWN = ("Open (issue 22): after a Redis kill, entries the daemon could not store are "
-         "delivered after newer ones; after combined faults a bar can hold ticks twice "
-         "(a part made again under another name). Nothing is lost or doubled in delivery, "
-         "and every event row is there once.")
-
-
 @pytest.mark.timeout(600)
 def test_a_minute_of_chaos_loses_nothing(tmp_path: Path) -> None:
     """
-    Every pattern reaches every subscription once, the newest tick of each
-    symbol reaches every client, every pattern event is in PostgreSQL once,
-    and every round of faults is recovered from: asserted. In order per
-    symbol and every 1-minute bar exact: the contract too, but not yet kept
-    under every combination of faults (L{KNOWN}): the test is marked as an
-    expected failure then, and passes when they hold.
+    Every pattern reaches every subscription once and in order per symbol,
+    the newest tick of each symbol reaches every client, every pattern
+    event is in PostgreSQL once, every 1-minute bar is exact, and every
+    round of faults is recovered from.
     """
     process = subprocess.Popen(
         [sys.executable, str(ROOT / "bench" / "chaos.py"), "--duration", "60", "--seed", "1"],
@@ -64,8 +56,6 @@ def test_a_minute_of_chaos_loses_nothing(tmp_path: Path) -> None:
     assert summary["recovery_s"]["unrecovered"] == 0
     assert summary["bars"]["checked"] > 0 and summary["bars"]["unexpected"] == 0
     assert summary["clients"]["resumed_unrecovered"] == 0
-    if events["out_of_order"] or events["ticks_out_of_order"] or summary["bars"]["wrong"]:
-        pytest.xfail(f"{KNOWN} This run: {events['out_of_order']} patterns and "
-                     f"{events['ticks_out_of_order']} ticks out of order, "
-                     f"{summary['bars']['wrong']} bars wrong.")
+    assert events["out_of_order"] == events["ticks_out_of_order"] == 0
+    assert summary["bars"]["wrong"] == 0
     assert process.returncode == 0, errors[-6000:]

@@ -167,8 +167,9 @@ async def test_event_ids_and_tick_claims_leave_no_key_per_event(redis_server, re
     Through a daemon in pub/sub mode: a retry is delivered once, the same
     event_id on another channel is another event, every tick is counted
     once; Redis then holds no key per event, only one window per channel
-    (and one for ticks) whose members are 12-byte digests, and a bucket
-    lives no longer than twice --dedupe-window.
+    (and one for ticks, one for the pub/sub messages stored) whose members
+    are 12-byte digests, and a bucket lives no longer than twice
+    --dedupe-window.
     """
     daemon = daemons(redis=redis_server.url, dedupe_window=30)
     await ready(daemon)
@@ -185,10 +186,12 @@ async def test_event_ids_and_tick_claims_leave_no_key_per_event(redis_server, re
     await eventually(lambda: router.routed == 20 + 1 + 50, 10, "every event routed")
     assert router.duplicates == 1
 
-    assert redis("KEYS", "tickstock:eid:*") == [] and redis("KEYS", "tickstock:tick:*") == []
+    for old in ("tickstock:eid:*", "tickstock:tick:*", "tickstock:seen:*"):
+        assert redis("KEYS", old) == []
     windows = {name.decode() for name in redis("HKEYS", DEDUPE_KEY)}
-    assert windows == {f"eid:{PATTERNS}", f"eid:{MARKET_STATE}", "tick"}
-    for window, members in ((f"eid:{PATTERNS}", 20), (f"eid:{MARKET_STATE}", 1), ("tick", 50)):
+    assert windows == {f"eid:{PATTERNS}", f"eid:{MARKET_STATE}", "tick", "seen"}
+    for window, members in ((f"eid:{PATTERNS}", 20), (f"eid:{MARKET_STATE}", 1), ("tick", 50),
+                            ("seen", 22)):
         [bucket] = redis.buckets(window)
         assert redis("SCARD", bucket) == members
         assert {len(member) for member in redis("SMEMBERS", bucket)} == {DIGEST_BYTES}

@@ -4,7 +4,9 @@ streams mode an entry is acknowledged only once everything it must become
 is in the Redis history and in PostgreSQL, or in the spool, fsynced. Faults
 in combination, against real processes: PostgreSQL down, then the daemon
 killed with SIGKILL during the outage; and a daemon that wrote to
-PostgreSQL but died before acknowledging.
+PostgreSQL but died before acknowledging. Bars stay exact across such
+restarts: persisters over a real PostgreSQL, each started where the last
+was killed, count every tick read again once (tick marks).
 """
 
 from __future__ import annotations
@@ -14,13 +16,18 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import psycopg2
 import pytest_twisted
 from psycopg2.extensions import parse_dsn
+from twisted.internet import reactor
 
 from tests.servers import free_port, poll
 from tests.test_startup import Twistd
 from tests.wsclient import eventually
+from tickstock.normalize import parse_event
+from tickstock.persist import Persister
 from tickstock.store.migrate import migrate
+from tickstock.store.postgres import PostgresStore
 
 TICKS = "tickstock.data.ticks"
 PATTERNS = "tickstock.events.patterns"
@@ -177,3 +184,142 @@ def test_killed_before_anything_was_durable_makes_it_on_restart(
         assert stored(postgres_server) == (30.0, 3)
     finally:
         restarted.kill()
+
+
+@pytest_twisted.ensureDeferred
+async def test_written_in_two_parts_and_read_again_as_one_batch_counts_once(
+        redis_server, postgres, postgres_cluster, daemons, monkeypatch) -> None:
+    """
+    The chaos run's failure: ticks written in two parts (two flushes), none
+    acknowledged (Redis was down, say), then the daemon gone. The next
+    daemon reads all of them again in one batch; it reads its tick marks
+    first and makes no part of them: the bar's volume is every tick's once
+    (before, the batch made one part beside the second: 60 of 40).
+    """
+    from tickstock.bus import streams
+
+    dbname = parse_dsn(postgres)["dbname"]
+
+    def volume() -> float:
+        return float(postgres_cluster.sql(
+            "SELECT coalesce(sum(volume), 0) FROM ohlcv_1min WHERE symbol = 'AAA'", dbname)[0][0])
+
+    first = daemons(redis=redis_server.url, mode="streams", postgres=postgres,
+                    node_id="n2", flush_interval="0.1", canary_interval="0")
+    await eventually(lambda: first.service.readiness()[0], 15, "ready")
+    monkeypatch.setattr(streams.RedisStreamSource, "_ack", lambda self, entries: None)
+    publish(redis_server, 0, 20)
+    await eventually(lambda: volume() == 20.0, 15, "the first part written")
+    publish(redis_server, 20, 20)
+    await eventually(lambda: volume() == 40.0, 15, "the second part written")
+    await first.service.stopService()  # its acknowledgements were lost
+    monkeypatch.undo()
+    assert pending(redis_server, TICKS) == 40
+    assert postgres_cluster.sql("SELECT count(*) FROM ohlcv_1min_parts", dbname)[0][0] >= 2
+
+    second = daemons(redis=redis_server.url, mode="streams", postgres=postgres,
+                     node_id="n2", flush_interval="0.1", canary_interval="0")
+    await eventually(lambda: pending(redis_server, TICKS) == 0, 15, "read again, acknowledged")
+    await eventually(lambda: second.service.persister.pending == 0, 5, "written")
+    assert second.service.persister.ticks == 0
+    assert volume() == 40.0
+
+
+def aaa(n: int) -> Any:
+    """AAA's tick number C{n}, with the id the history gave it: C{1000+n}-0."""
+    return parse_event(TICKS, orjson.dumps({"symbol": "AAA", "price": 10 + n % 7, "volume": n,
+                                            "timestamp": MINUTE + n * 0.5}),
+                       f"{1000 + n}-0", 0.0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_persisters_killed_in_turn_over_postgresql_make_exact_bars(
+        postgres, postgres_cluster, tmp_path: Path) -> None:
+    """
+    A streams-mode persister writes ticks 1-10 and 11-20 to PostgreSQL in
+    two parts, then loses PostgreSQL and spills 21-30 to the spool (with
+    their marks), and is killed with none of them acknowledged. The next run
+    gets 6-30 again, and 31-35: it folds only 31-35, writes the spool back,
+    and the bar is exactly that of ticks 1-35, in four parts, with the marks
+    at tick 35 (the spool's older marks, written after, lower nothing).
+    """
+    dbname = parse_dsn(postgres)["dbname"]
+
+    def sql(statement: str) -> list[Any]:
+        return postgres_cluster.sql(statement, dbname)
+
+    def run(store: PostgresStore, number: int) -> Persister:
+        persister = Persister(reactor, store, f"n1:{number}", 0.05, 1000, str(tmp_path),
+                              sealing=True)
+        persister.startService()
+        return persister
+
+    stores = [PostgresStore(reactor, postgres, None, 2.0) for _ in range(2)]
+    stores[0].startService()
+    try:
+        await eventually(lambda: stores[0].ready, 10, "store ready")
+        first = run(stores[0], 1)
+
+        async def durable(ticks: range) -> None:
+            for n in ticks:
+                first.add_tick(aaa(n))
+            await first.when_durable(first.generation)
+
+        await durable(range(1, 11))
+        await durable(range(11, 21))
+        assert sql("SELECT sum(volume) FROM ohlcv_1min") == [(sum(range(1, 21)),)]
+        stores[0].writer.stop()  # PostgreSQL gone, for this run
+        await durable(range(21, 31))
+        assert len(list(tmp_path.glob("*.jsonl"))) == 1
+        assert first._loop is not None
+        first._loop.stop()  # killed
+
+        stores[1].startService()
+        await eventually(lambda: stores[1].ready, 10, "store ready")
+        second = run(stores[1], 2)
+        for n in range(6, 36):
+            second.add_tick(aaa(n))
+        await eventually(lambda: not list(tmp_path.glob("*.jsonl")) and second.pending == 0,
+                         10, "the spool written back")
+        assert second.ticks == 5
+        prices = [10 + n % 7 for n in range(1, 36)]
+        assert sql('SELECT open, high, low, close, volume FROM ohlcv_1min') == [
+            (prices[0], max(prices), min(prices), prices[-1], sum(range(1, 36)))]
+        assert [part for part, in sql("SELECT part FROM ohlcv_1min_parts ORDER BY part")] == [
+            f"t:{1000 + n:013d}-{0:020d}" for n in (1, 11, 21, 31)]
+        assert sql("SELECT node, symbol, tick_ms, tick_seq FROM ohlcv_1min_tick_marks") == [
+            ("n1", "AAA", 1035, 0)]
+        await second.stopService()
+    finally:
+        for store in stores:
+            store.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_tick_marks_are_read_after_a_bar_write_under_way(postgres, postgres_cluster) -> None:
+    """
+    A write still running from before a crash holds the bar writers' lock:
+    the marks are read once it committed, so they include its own.
+    """
+    dbname = parse_dsn(postgres)["dbname"]
+    store = PostgresStore(reactor, postgres, None, 5.0)
+    store.startService()
+    writer = psycopg2.connect(postgres)
+    try:
+        await eventually(lambda: store.ready, 10, "store ready")
+        with writer.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(hashtext('tickstock_write_bars')), "
+                           "tickstock_mark_ticks('n1', ARRAY['AAA'], ARRAY[1700000000123], "
+                           "ARRAY[7])")
+        read: list[Any] = []
+        store.tick_marks("n1").addBoth(read.append)
+        await eventually(lambda: postgres_cluster.sql(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+            "AND query LIKE '%tickstock_tick_marks%'", dbname) == [(1,)], 5, "waiting")
+        assert read == []
+        writer.commit()
+        await eventually(lambda: bool(read), 5, "read")
+        assert read == [{"AAA": (1700000000123, 7)}]
+    finally:
+        writer.close()
+        store.stopService()

@@ -1,21 +1,23 @@
 """
-Unit tests of L{tickstock.persist.Persister} behind L{IStore}, with Clock for
-time and a real spool folder (pytest's tmp_path).
+Unit tests of L{tickstock.persist.Persister} behind L{ITickMarks} (the store
+interface with tick marks), with Clock for time and a real spool folder
+(pytest's tmp_path).
 
-The store is a fake: L{RecordingStore} keeps bar parts and events as the
-real stores do (a part replaces its earlier version, an event id is stored
-once) and can be told to fail or hang. The PostgreSQL store's own semantics
-are tested against a real server elsewhere; L{combine} here mirrors its rule
-for turning parts into a bar.
+The store is a fake: L{RecordingStore} keeps bar parts, events and tick
+marks as the real stores do (a part replaces an earlier version with no more
+ticks, an event id is stored once, a mark only rises) and can be told to
+fail or hang. The PostgreSQL store's own semantics are tested against a real
+server elsewhere; L{combine} here mirrors its rule for turning parts into a
+bar. L{Stream} is a fake too: it stands in for the stream source.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import orjson
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
@@ -23,53 +25,75 @@ from twisted.logger import capturedLogs
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from tickstock import persist
 from tickstock.bars import BarAggregator
 from tickstock.events import Event
 from tickstock.normalize import parse_event
-from tickstock.interfaces import IStore
+from tickstock.interfaces import ITickMarks
 from tickstock.persist import STOP_TIMEOUT, Persister
 from tickstock.store import Bar, StoreUnavailable
+from tickstock.store.memory import MemoryStore
 
 M = 1_700_000_040
 Key = tuple[str, int]
 Ohlcv = tuple[float, float, float, float, float, int]
+Marks = tuple[str, dict[str, tuple[int, int]]]
 
 
-@implementer(IStore)
+@implementer(ITickMarks)
 class RecordingStore:
     """
-    A fake store: records each write, keeps the latest version of each part
-    and each event id once. C{mode} is C{"ok"}, C{"fail"} (fails at once with
+    A fake store: records each write (and its marks, in C{marked}), keeps
+    the latest version of each part, each event id once and each node's
+    marks, raised only. C{mode} is C{"ok"}, C{"fail"} (fails at once with
     L{StoreUnavailable}) or C{"hang"} (never answers unless the test fires
-    the Deferred kept in C{hanging}).
+    the Deferred kept in C{hanging}; C{commits} apply such a write without
+    answering, as a server does for a client that died meanwhile).
     """
 
     def __init__(self) -> None:
         self.mode = "ok"
         self.ready = True
         self.calls: list[tuple[list[Bar], list[Event]]] = []
+        self.marked: list[Marks | None] = []
         self.parts: dict[str, Bar] = {}
         self.events: dict[str, Event] = {}
+        self.marks: dict[str, dict[str, tuple[int, int]]] = {}
         self.hanging: list[Deferred[None]] = []
+        self.commits: list[Callable[[], None]] = []
 
-    def write(self, bars: Iterable[Bar], events: Iterable[Event]) -> Deferred[None]:
+    def write(self, bars: Iterable[Bar], events: Iterable[Event],
+              marks: Marks | None = None) -> Deferred[None]:
         bars, events = list(bars), list(events)
         self.calls.append((bars, events))
+        self.marked.append(marks)
         if self.mode == "fail":
             return fail(StoreUnavailable("down"))
         if self.mode == "hang":
             d: Deferred[None] = Deferred()
             self.hanging.append(d)
-            d.addCallback(lambda _: self._keep(bars, events))
+            self.commits.append(lambda: self._keep(bars, events, marks))
+            d.addCallback(lambda _: self._keep(bars, events, marks))
             return d
-        self._keep(bars, events)
+        self._keep(bars, events, marks)
         return succeed(None)
 
-    def _keep(self, bars: list[Bar], events: list[Event]) -> None:
+    def tick_marks(self, node: str) -> Deferred[dict[str, tuple[int, int]]]:
+        if self.mode == "fail":
+            return fail(StoreUnavailable("down"))
+        return succeed(dict(self.marks.get(node, {})))
+
+    def _keep(self, bars: list[Bar], events: list[Event], marks: Marks | None) -> None:
         for bar in bars:
-            self.parts[bar.part] = bar
+            known = self.parts.get(bar.part)
+            if known is None or known.ticks <= bar.ticks:
+                self.parts[bar.part] = bar
         for event in events:
             self.events.setdefault(event.id, event)
+        if marks is not None:
+            kept = self.marks.setdefault(marks[0], {})
+            for symbol, key in marks[1].items():
+                kept[symbol] = max(key, kept.get(symbol, (0, 0)))
 
     def status(self) -> dict[str, Any]:
         return {"state": self.mode}
@@ -94,11 +118,12 @@ class RecordingStore:
         return succeed(None)
 
 
-def tick(symbol: str, price: float, volume: float, timestamp: float) -> Event:
+def tick(symbol: str, price: float, volume: float, timestamp: float,
+         event_id: str = "") -> Event:
     """A tick event, parsed as the router parses one."""
     raw = orjson.dumps({"symbol": symbol, "price": price, "volume": volume,
                         "timestamp": timestamp})
-    return parse_event("tickstock.data.ticks", raw, "", 0.0)
+    return parse_event("tickstock.data.ticks", raw, event_id, 0.0)
 
 
 def pattern(n: int) -> Event:
@@ -166,7 +191,7 @@ def stop(clock: Clock, persister: Persister) -> None:
 
 def test_fake_store_provides_istore():
     """The fake store provides every method of the interface it stands in for."""
-    verifyObject(IStore, RecordingStore())
+    verifyObject(ITickMarks, RecordingStore())
 
 
 def test_flush_writes_one_batch_per_interval(tmp_path):
@@ -301,7 +326,7 @@ def read_spool(path: Any) -> tuple[list[tuple[str, int, int]], list[str]]:
         item = orjson.loads(line)
         if "bar" in item:
             bars.append((item["bar"]["part"], item["bar"]["minute"], item["bar"]["ticks"]))
-        else:
+        elif "event" in item:
             events.append(item["event"]["id"])
     return bars, events
 
@@ -516,3 +541,345 @@ def test_given_aggregator_is_used(tmp_path):
     clock.advance(1.0)
     assert [b.part for b in store.calls[0][0]] == ["mine:0000000001"]
     stop(clock, persister)
+
+
+# ---------------------------------------------------------------- sealing (streams)
+
+
+def sealed(clock: Clock, store: RecordingStore, spool: Any, run: int = 1,
+           pending_max: int = 1000) -> Persister:
+    """A started persister of node n1 as a stream source uses it (run: its part prefix's)."""
+    persister = Persister(clock, store, f"n1:{run}", 1.0, pending_max, str(spool), sealing=True)
+    persister.startService()
+    return persister
+
+
+def kill(persister: Persister) -> None:
+    """As kill -9: from now on it does nothing (what it awaits never resumes it)."""
+    assert persister._loop is not None
+    persister._loop.stop()
+
+
+def aaa(n: int) -> Event:
+    """AAA's tick number C{n}: id C{1000+n}-0, timestamps in one minute."""
+    return tick("AAA", 10.0 + n % 7, n, M + n * 0.5, f"{1000 + n}-0")
+
+
+def ohlcv(ns: Iterable[int]) -> dict[Key, Ohlcv]:
+    return reference(("AAA", 10.0 + n % 7, n, M + n * 0.5) for n in ns)
+
+
+def test_sealed_writes_carry_the_marks_of_their_ticks(tmp_path):
+    """
+    Each write carries, per symbol, the newest tick its parts hold; the
+    store keeps the greatest; a write of events alone carries none.
+    """
+    clock, store = Clock(), RecordingStore()
+    persister = sealed(clock, store, tmp_path)
+    for n in (1, 2, 3):
+        persister.add_tick(aaa(n))
+    persister.add_tick(tick("BBB", 5.0, 1, M, "1002-5"))
+    clock.advance(1.0)
+    persister.add_event(pattern(1))
+    clock.advance(1.0)
+    assert store.marked == [("n1", {"AAA": (1003, 0), "BBB": (1002, 5)}), None]
+    assert store.marks == {"n1": {"AAA": (1003, 0), "BBB": (1002, 5)}}
+    stop(clock, persister)
+
+
+def test_ticks_read_again_after_a_kill_are_counted_once(tmp_path):
+    """
+    The issue's failure: two writes made parts of ticks 1-10 and 11-20,
+    durable but not acknowledged (Redis was down), then the daemon was
+    killed. The next run reads them again from tick 6 (1-5 were
+    acknowledged), with 21-25 after them, in one batch: it reads its marks
+    first and folds only 21-25, so every bar is exact; before, 6-25 made a
+    part t:6 beside t:1 and t:11.
+    """
+    clock, store = Clock(), RecordingStore()
+    first = sealed(clock, store, tmp_path)
+    for batch in (range(1, 11), range(11, 21)):
+        for n in batch:
+            first.add_tick(aaa(n))
+        clock.advance(1.0)
+    kill(first)
+
+    second = sealed(clock, store, tmp_path, run=2)
+    for n in range(6, 26):
+        second.add_tick(aaa(n))
+    clock.advance(1.0)
+    assert second.ticks == 5
+    assert sorted(store.parts) == [f"t:{1000 + n:013d}-{0:020d}" for n in (1, 11, 21)]
+    assert combine(store.parts.values()) == ohlcv(range(1, 26))
+    stop(clock, second)
+
+
+def test_ticks_wait_for_the_marks(tmp_path):
+    """
+    Until the store answers with the marks, ticks are held: none is folded
+    or written, and none is durable (so none acknowledged), events neither.
+    Then those at or below the mark are dropped and the rest written.
+    """
+    clock, store = Clock(), RecordingStore()
+    store.marks = {"n1": {"AAA": (1005, 0)}, "n2": {"AAA": (1009, 0)}}
+    store.mode = "fail"
+    persister = sealed(clock, store, tmp_path)
+    durable: list[None] = []
+    for n in range(3, 9):
+        persister.add_tick(aaa(n))
+    persister.add_event(pattern(1))
+    persister.when_durable(persister.generation).addCallback(durable.append)
+    clock.advance(1.0)
+    assert (durable, store.calls, persister.ticks) == ([], [], 0)
+    assert persister.status()["state"] == "backlog"
+    assert "tick marks" in (persister.last_error or "")
+
+    store.mode = "ok"
+    clock.advance(1.0)
+    assert durable == [None] and persister.ticks == 3
+    assert combine(store.parts.values()) == ohlcv(range(6, 9))
+    assert list(store.events) == ["1-0"]
+    assert persister.status()["state"] == "ok"
+    stop(clock, persister)
+
+
+def test_a_stop_before_the_marks_came_makes_nothing_durable(tmp_path):
+    """
+    Stopped while the store never answered: the held ticks are dropped,
+    not spilled (nothing acknowledged them: they are read again), events
+    are spilled, and nothing is durable.
+    """
+    clock, store = Clock(), RecordingStore()
+    store.mode = "fail"
+    persister = sealed(clock, store, tmp_path)
+    durable: list[None] = []
+    persister.add_tick(aaa(1))
+    persister.add_event(pattern(1))
+    persister.when_durable(persister.generation).addCallback(durable.append)
+    stop(clock, persister)
+    assert durable == []
+    spooled = [read_spool(tmp_path / n) for n in spool_names(tmp_path)]
+    assert spooled == [([], ["1-0"])]
+
+
+def test_spilled_ticks_count_as_marked(tmp_path):
+    """
+    The store down: a failed write spills all it had to one file headed by
+    its marks (durable then). Killed, the next run reads the marks of the
+    spool with the store's: ticks read again from 3 are folded from 11
+    only, and the spool written back brings the store's marks up too.
+    """
+    clock, store = Clock(), RecordingStore()
+    first = sealed(clock, store, tmp_path)
+    store.mode = "fail"
+    durable: list[None] = []
+    for n in range(1, 11):
+        first.add_tick(aaa(n))
+    first.add_event(pattern(1))
+    first.when_durable(first.generation).addCallback(durable.append)
+    clock.advance(1.0)
+    assert durable == [None]
+    [name] = spool_names(tmp_path)
+    lines = [orjson.loads(line) for line in (tmp_path / name).read_bytes().splitlines()]
+    assert lines[0] == {"marks": {"node": "n1", "ticks": {"AAA": [1010, 0]}}}
+    assert [next(iter(line)) for line in lines[1:]] == ["bar", "event"]
+    kill(first)
+
+    store.mode = "ok"
+    second = sealed(clock, store, tmp_path, run=2)
+    for n in range(3, 16):
+        second.add_tick(aaa(n))
+    clock.advance(1.0)
+    clock.advance(1.0)
+    assert spool_names(tmp_path) == [] and second.ticks == 5
+    assert combine(store.parts.values()) == ohlcv(range(1, 16))
+    assert store.marks == {"n1": {"AAA": (1015, 0)}}
+    stop(clock, second)
+
+
+def test_a_big_spool_file_is_written_back_in_chunks_marks_last(tmp_path, monkeypatch):
+    """
+    A spool file of more than SPOOL_FILE_ITEMS is written back that many at
+    a time, its marks with the last chunk, and deleted after it; killed
+    midway, the next run writes it back from its start: the same parts.
+    """
+    monkeypatch.setattr(persist, "SPOOL_FILE_ITEMS", 2)
+    clock, store = Clock(), RecordingStore()
+    first = sealed(clock, store, tmp_path)
+    store.mode = "fail"
+    symbols = ["A", "B", "C", "D", "E"]
+    for n, symbol in enumerate(symbols):
+        first.add_tick(tick(symbol, 1.0 + n, 1, M + n, f"2000-{n}"))
+    clock.advance(1.0)
+    assert len(spool_names(tmp_path)) == 1
+    store.mode = "ok"
+    store.calls.clear()
+    store.marked.clear()
+    clock.advance(1.0)
+    assert [len(bars) for bars, _ in store.calls] == [2] and store.marked == [None]
+    kill(first)
+
+    second = sealed(clock, store, tmp_path, run=2)
+    for _ in range(3):
+        clock.advance(1.0)
+    assert [len(bars) for bars, _ in store.calls] == [2, 2, 2, 1]
+    assert store.marked[-1] == ("n1", {s: (2000, n) for n, s in enumerate(symbols)})
+    assert store.marked[:-1] == [None] * 3
+    assert spool_names(tmp_path) == [] and len(store.parts) == 5
+    stop(clock, second)
+
+
+def test_sealed_relief_spills_everything_at_once(tmp_path):
+    """
+    Past pending_max with sealing, everything unwritten is spilled in one
+    file with its marks (partial spills would put parts on disk without
+    marks that hold for all a symbol's ticks below them), except while a
+    write is in flight.
+    """
+    clock, store = Clock(), RecordingStore()
+    persister = sealed(clock, store, tmp_path, pending_max=3)
+    store.mode = "hang"
+    persister.add_tick(tick("A", 1.0, 1, M, "3000-0"))
+    clock.advance(1.0)
+    for n, symbol in enumerate("BCDE"):
+        persister.add_tick(tick(symbol, 1.0, 1, M, f"3001-{n}"))
+    assert spool_names(tmp_path) == [] and persister.pending == 4
+    store.mode = "ok"
+    store.hanging[0].callback(None)
+    persister.add_tick(tick("F", 1.0, 1, M, "3002-0"))
+    [name] = spool_names(tmp_path)
+    assert persister.pending == 0
+    bars, _ = read_spool(tmp_path / name)
+    assert len(bars) == 5
+    first = orjson.loads((tmp_path / name).read_bytes().splitlines()[0])
+    assert sorted(first["marks"]["ticks"]) == list("BCDEF")
+    stop(clock, persister)
+
+
+class Stream:
+    """
+    A fake stream source: it acknowledges each tick once the persister's
+    generation it went in is durable (at once if it added nothing), unless
+    Redis is C{down}: then the acknowledgement fails, and the tick is read
+    again once Redis is back. After a kill it hands the unacknowledged ticks
+    to the next persister again, in order, with the ids they had.
+    """
+
+    def __init__(self) -> None:
+        self.unacked: dict[str, Event] = {}
+        self.run = 0
+        self.down = False
+        self.failed: list[Event] = []
+
+    def deliver(self, persister: Persister, event: Event) -> None:
+        added = persister.added
+        persister.add_tick(event)
+        if persister.added == added:
+            self.unacked.pop(event.id, None)
+            return
+        self.unacked[event.id] = event
+        run = self.run
+
+        def ack(_: Any) -> None:
+            if run != self.run:
+                return
+            if self.down:
+                self.failed.append(event)
+            else:
+                self.unacked.pop(event.id, None)
+
+        persister.when_durable(persister.generation).addCallback(ack)
+
+    def redis(self, persister: Persister, up: bool) -> None:
+        self.down = not up
+        if up:
+            failed, self.failed = self.failed, []
+            for event in failed:
+                self.deliver(persister, event)
+
+    def restarted(self, persister: Persister) -> None:
+        self.run += 1
+        self.failed = []
+        for event in list(self.unacked.values()):
+            self.deliver(persister, event)
+
+
+sealed_operations = st.lists(
+    st.one_of(
+        st.tuples(st.just("tick"), st.sampled_from(["AAA", "BBB"]),
+                  st.sampled_from([1.0, 2.0, 3.0]), st.integers(1, 5),
+                  st.integers(0, 40).map(lambda n: M + n * 7.5)),
+        st.tuples(st.just("flush"), st.sampled_from(["ok", "fail", "hang"])),
+        st.tuples(st.just("redis"), st.booleans()),
+        st.tuples(st.just("kill"), st.booleans()),
+        st.tuples(st.just("restart")),
+    ),
+    max_size=80,
+)
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(sealed_operations, st.integers(2, 8))
+# Before the marks were kept: two parts, neither acknowledged, read again as one.
+@example([("redis", False), ("tick", "AAA", 1.0, 1, M), ("flush", "ok"),
+          ("tick", "AAA", 1.0, 1, M), ("flush", "ok"), ("kill", False)], 8)
+def test_property_sealed_bars_are_exact_across_kills(tmp_path_factory, ops, pending_max):
+    """
+    For any ticks split by working, failing and hanging writes, spills,
+    Redis down (acknowledgements fail: ticks durable but not acknowledged,
+    read again), stops and kills (a hung write then committed or not, as a
+    server may finish the statement of a client that died), each kill
+    followed by a new run that gets every unacknowledged tick again: the
+    parts combine to exactly the bars of all ticks, each counted once.
+    """
+    spool = tmp_path_factory.mktemp("spool")
+    clock, store, stream = Clock(), RecordingStore(), Stream()
+    run = 1
+    persister = sealed(clock, store, spool, run, pending_max)
+    ticks = []
+    for op in ops:
+        if op[0] == "tick":
+            ticks.append(op[1:])
+            stream.deliver(persister, tick(*op[1:], f"{5000 + len(ticks)}-0"))
+        elif op[0] == "flush":
+            store.mode = op[1]
+            clock.advance(1.0)
+        elif op[0] == "redis":
+            stream.redis(persister, op[1])
+        else:
+            if op[0] == "kill":
+                kill(persister)
+                if op[1]:
+                    for commit in store.commits:
+                        commit()
+            else:
+                store.mode = "fail"
+                stop(clock, persister)
+            store.commits.clear()
+            store.hanging.clear()
+            run += 1
+            persister = sealed(clock, store, spool, run, pending_max)
+            stream.restarted(persister)
+    for hung in store.hanging:
+        if not hung.called:
+            hung.callback(None)
+    store.mode = "ok"
+    stream.redis(persister, True)
+    for _ in range(len(ops) + 5):
+        clock.advance(1.0)
+    stop(clock, persister)
+    assert os.listdir(spool) == [] and stream.unacked == {}
+    assert combine(store.parts.values()) == reference(ticks)
+
+
+def test_the_memory_store_keeps_marks_like_postgresql():
+    """The embedded store keeps each node's marks, and only raises them."""
+    store = MemoryStore(Clock())
+    verifyObject(ITickMarks, store)
+    store.write([], [], ("n1", {"AAA": (5, 0), "BBB": (7, 1)}))
+    store.write([], [], ("n1", {"AAA": (4, 9), "BBB": (7, 2)}))
+    store.write([], [], ("n2", {"AAA": (1, 0)}))
+    assert store.tick_marks("n1").result == {"AAA": (5, 0), "BBB": (7, 2)}
+    assert store.tick_marks("n2").result == {"AAA": (1, 0)}
+    assert store.tick_marks("n3").result == {}

@@ -126,23 +126,27 @@ class _RecordingLink:
         return d
 
     def stored(self, call: int) -> int:
-        """How many events the script call C{call} carried (4 keys each after 2)."""
+        """How many events the script call C{call} carried (3 keys each after 2)."""
         command = self.calls[call][0]
-        return (command[2] - 2) // 4
+        return (command[2] - 2) // 3
 
 
 def test_stores_go_out_at_once_after_a_quiet_spell_and_once_per_window_under_load():
     """
     The first event after a quiet window is stored in the same turn; those
     arriving within the window after a call share the next one, sent when
-    the window ends; the tail's read follows the stores, so delivery waits
-    at most the window. With no window every turn has its own call.
+    the window ends and the call before it has answered (one call in flight,
+    so stores land in the order they were appended); the tail's read follows
+    the stores, so delivery waits at most the window. With no window every
+    turn has its own call. The link is a recording fake (L{_RecordingLink}).
     """
     clock, link = Clock(), _RecordingLink()
     history = RedisHistory(clock, ADDRESS, link, 10, 60, 10, store_window=0.002)  # type: ignore[arg-type]
     first = history.append(event())
     clock.advance(0)
     assert [link.stored(i) for i in range(len(link.calls))] == [1]
+    link.calls[0][1].callback([1, "5-0"])
+    assert first.result == "5-0"
     clock.advance(0.0005)
     history.append(event())
     clock.advance(0)
@@ -151,18 +155,18 @@ def test_stores_go_out_at_once_after_a_quiet_spell_and_once_per_window_under_loa
     assert len(link.calls) == 1, "within the window the events wait"
     clock.advance(0.0005)
     assert [link.stored(i) for i in range(len(link.calls))] == [1, 2]
+    link.calls[1][1].callback([1, "5-1", 1, "5-2"])
     clock.advance(0.05)
     history.append(event())
     clock.advance(0)
     assert [link.stored(i) for i in range(len(link.calls))] == [1, 2, 1], "quiet again: at once"
-    link.calls[0][1].callback([1, "5-0"])
-    assert first.result == "5-0"
 
     clock, link = Clock(), _RecordingLink()
     history = RedisHistory(clock, ADDRESS, link, 10, 60, 10)  # type: ignore[arg-type]
-    for _ in range(3):
+    for n in range(3):
         history.append(event())
         clock.advance(0)
+        link.calls[n][1].callback([1, f"5-{n}"])
     assert [link.stored(i) for i in range(len(link.calls))] == [1, 1, 1]
 
 

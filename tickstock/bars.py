@@ -73,9 +73,9 @@ class BarAggregator:
     @ivar newest_minute: the latest minute any tick fell in (0 before any).
     @ivar sealing: each take seals what it took (L{seal}): a part then
         holds exactly the ticks of one write, and is named after the id of
-        its first tick, so the same ticks read again after a crash (a stream
-        entry not yet acknowledged) make the same part, which replaces the
-        one the crash left rather than adding to it.
+        its first tick. Which ticks read again after a crash (stream entries
+        not yet acknowledged) a part holds already, the persister's tick
+        marks tell (L{tickstock.persist}): those are not added again.
     """
 
     def __init__(self, part_prefix: str, sealing: bool = False) -> None:

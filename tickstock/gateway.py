@@ -8,6 +8,7 @@ recording fake connection.
 from __future__ import annotations
 
 import os
+import random
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -41,6 +42,12 @@ CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008
 CLOSE_SLOW_CONSUMER = 4001
 """Fell behind on must-deliver events: reconnect with C{resume}."""
+GAP_CLOSES_PER_SECOND = 200
+GAP_SPREAD = 5.0
+"""Clients whose live events were missed are closed at random moments over
+the next C{clients / GAP_CLOSES_PER_SECOND} seconds, at most this many:
+each comes back to resume, and its replay with it, and all at once they
+would hit a daemon that has just fallen behind."""
 
 
 HISTORY_UNAVAILABLE = "history unavailable"
@@ -163,9 +170,18 @@ class Gateway:
         conn.close(CLOSE_SLOW_CONSUMER, f"too slow ({why}): {queued} messages queued; resume")
 
     def missed_live(self, conn: IClient) -> None:
-        """Live events this client should have had are gone: make it resume."""
+        """
+        Live events this client should have had are gone: make it resume
+        (L{GAP_SPREAD}). Until it is closed it gets nothing more, so the
+        last id it saw stays before the gap and its resume replays the gap.
+        """
+        if conn not in self.connections:
+            return
+        spread = min(GAP_SPREAD, len(self.connections) / GAP_CLOSES_PER_SECOND)
+        self.closed(conn)  # nothing more is delivered to it, or read from it
         self.live_gaps_closed += 1
-        conn.close(CLOSE_SLOW_CONSUMER, "live events were missed; resume")
+        self._clock.callLater(random.uniform(0, spread), conn.close, CLOSE_SLOW_CONSUMER,
+                              "live events were missed; resume")
 
     def receive(self, conn: IClient, payload: bytes) -> None:
         """Handle one text message from C{conn}; every failure is answered."""

@@ -223,6 +223,29 @@ class IStore(Interface):
         """One universe with its symbols, or L{None} if there is no such key."""
 
 
+class ITickMarks(IStore):
+    """
+    A store that also keeps I{tick marks}: per node and symbol, the newest
+    tick id (an id key, C{(ms, seq)}) in the node's stored bar parts. In
+    streams mode a restarted node reads its unacknowledged entries again,
+    and its marks tell which of their ticks its parts already hold
+    (L{tickstock.persist}).
+    """
+
+    def write(bars, events, marks=None):  # type: ignore[no-untyped-def]
+        """
+        L{IStore.write}; with C{marks}, C{(node, {symbol: id key})}, also
+        raise C{node}'s marks to them in the same transaction (a mark is
+        never lowered).
+        """
+
+    def tick_marks(node):  # type: ignore[no-untyped-def]
+        """
+        C{node}'s marks, C{{symbol: id key}}, once any bar write already
+        under way has finished (one from before a crash, say).
+        """
+
+
 class IJobStore(Interface):
     """
     Backtest job records (the C{jobs} table, or memory). Records are dicts:

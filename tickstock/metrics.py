@@ -126,8 +126,8 @@ class _Collector:
                        "their events come, for long).", h["slow_consumers_closed"])
         overload = h["overload"]
         yield _gauge("tickstock_overloaded", "1 while the daemon is behind (events reach "
-                     "delivery late, or most clients have frames waiting): ticks are shed "
-                     "first, a streams source reads less.", 1 if overload["behind"] else 0)
+                     "delivery late, too many stored events wait for it, or most clients have "
+                     "frames waiting): ticks are shed first, a Redis source reads less.", 1 if overload["behind"] else 0)
         yield _counter("tickstock_events_late", "Events that reached live delivery more than "
                        f"{LATE_AFTER:g} s after they arrived.", overload["late_events"])
         yield _gauge("tickstock_clients_backlogged", "Clients with frames waiting for over "

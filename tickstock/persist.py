@@ -17,6 +17,17 @@ part rather than a second version of a spooled one.
 What is added belongs to a I{generation}, the take that will write it; once
 it is in the store or the spool, L{Persister.when_durable} fires. A stream
 source acknowledges an entry only then (see L{tickstock.bus.streams}).
+
+A stream source also reads again, after a crash, entries that were durable
+but not yet acknowledged. So with sealing (streams) each write carries this
+node's I{tick marks} (L{ITickMarks}): per symbol, the newest tick id its
+parts hold, raised in the same transaction; and a spill puts everything
+unwritten in one spool file headed by its marks, whole or not at all. At
+start the persister holds ticks back until it has the marks of the store
+and the spool. A tick at or below its symbol's mark is in a part already
+and is not folded again, and one above it is in none (each symbol's ticks
+come in id order, as the history gives ids), so it is counted once however
+the ticks read again are batched.
 """
 
 from __future__ import annotations
@@ -36,7 +47,7 @@ from twisted.python.failure import Failure
 
 from tickstock.bars import BarAggregator
 from tickstock.events import Event, id_key, stored_event
-from tickstock.interfaces import IStore
+from tickstock.interfaces import IStore, ITickMarks
 from tickstock.store import Bar
 
 GRACE_MINUTES = 2
@@ -74,11 +85,18 @@ class Persister(Service):
         @param stop_timeout: the longest L{stopService} waits for its last
             write before spilling what it holds.
         @param sealing: seal bar parts at each take (L{BarAggregator}), for
-            ticks that may be read again after a crash (streams).
+            ticks that may be read again after a crash (streams). The store
+            must then keep tick marks (L{ITickMarks}); they are kept under
+            the part prefix's node, C{<node>} of C{<node>:<run>}: the stream
+            consumer that reads its own unacknowledged entries again.
         """
         self._clock = clock
-        self._store = IStore(store)
         self._bars = bars if isinstance(bars, BarAggregator) else BarAggregator(bars, sealing)
+        self._store = ITickMarks(store) if self._bars.sealing else IStore(store)
+        self._node = self._bars.part_prefix.rpartition(":")[0] or self._bars.part_prefix
+        # Ticks added before the marks were read (sealing), else None.
+        self._held: list[Event] | None = [] if self._bars.sealing else None
+        self._backed = 0  # items of the oldest spool file already written back
         self._retry: list[Bar] = []  # sealed parts whose write failed
         self._add = self._bars.add
         self._interval = flush_interval
@@ -106,7 +124,7 @@ class Persister(Service):
         self.last_error: str | None = None
         self.added = 0
         """Ticks and events added, ever."""
-        # Per symbol, the newest tick id made durable, and added since.
+        # Per symbol, the newest tick id made durable, and added since (sealing).
         self._durable_ticks: dict[str, tuple[int, int]] = {}
         self._new_ticks: dict[str, tuple[int, int]] = {}
         self._generation = 1
@@ -148,17 +166,24 @@ class Persister(Service):
     def add_tick(self, event: Event) -> None:
         """
         Fold one tick event into its bar. Never raises, never blocks. With
-        sealing (a stream source), a tick read again that this run already
-        made durable is not folded twice: per symbol, ids only grow.
+        sealing (a stream source), a tick at or below its symbol's mark is
+        in a durable part already and is not folded again; until the marks
+        are read, ticks are held.
         """
-        data = event.data
         if self._bars.sealing:
-            key = id_key(event.id)
-            if key <= self._durable_ticks.get(event.symbol, (0, 0)):  # type: ignore[arg-type]
+            if self._held is not None:
+                self._held.append(event)
+                self.added += 1
                 return
-            self._new_ticks[event.symbol] = key  # type: ignore[index]
+            symbol: str = event.symbol  # type: ignore[assignment]
+            key = id_key(event.id)
+            if key <= self._durable_ticks.get(symbol, (0, 0)):
+                return
+            if key > self._new_ticks.get(symbol, (0, 0)):
+                self._new_ticks[symbol] = key
         self.ticks += 1
         self.added += 1
+        data = event.data
         if (self._add(event.symbol, data["price"],  # type: ignore[arg-type]
                       data["volume"], data["timestamp"], event.id)
                 and self._bars.dirty_count + len(self._events) > self._max):
@@ -174,12 +199,12 @@ class Persister(Service):
     def status(self) -> dict[str, Any]:
         """
         For C{/ready} and operators: C{"failing"} while writes fail,
-        C{"backlog"} while spool files wait or memory is past its bound,
-        else C{"ok"}.
+        C{"backlog"} while spool files wait, memory is past its bound or
+        ticks wait for the tick marks, else C{"ok"}.
         """
         if self._failing:
             state = "failing"
-        elif self._spool or self.pending > self._max:
+        elif self._spool or self.pending > self._max or self._held:
             state = "backlog"
         else:
             state = "ok"
@@ -206,13 +231,18 @@ class Persister(Service):
             self._log.error("cannot read the spool folder {dir}: {e}", dir=self._dir, e=error)
             names = []
         self._spool = [os.path.join(self._dir, n) for n in names]
+        self._backed = 0
         if names:
             self._seq = max(self._seq, int(names[-1][:12]))
             self._log.info("{n} spool files in {dir} from an earlier run will be written back",
                            n=len(names), dir=self._dir)
+        if self._bars.sealing:
+            for path in self._spool:
+                self._ticks_durable(_spool_marks(path, self._node))
         self._loop = LoopingCall(self._tick)
         self._loop.clock = self._clock
-        self._loop.start(self._interval, now=False)
+        # Sealing: the marks are read at once, as ticks may come any moment.
+        self._loop.start(self._interval, now=self._bars.sealing)
 
     def stopService(self) -> Deferred[None]:
         """
@@ -229,7 +259,7 @@ class Persister(Service):
         try:
             if self._flushing is not None:
                 await _after(self._flushing)
-            if not self._stop_expired:
+            if not self._stop_expired and await self._load_marks():
                 await self._write_memory()
         finally:
             if timer.active():
@@ -278,8 +308,34 @@ class Persister(Service):
             self._log.failure("flush failed unexpectedly", result)
 
     async def _flush(self) -> None:
-        if await self._write_memory() and self._spool and self.running:
+        if await self._load_marks() and await self._write_memory() and self._spool \
+                and self.running:
             await self._write_back()
+
+    async def _load_marks(self) -> bool:
+        """
+        Sealing: read this node's marks from the store (once), then fold the
+        ticks held meanwhile; whether the marks are known.
+        """
+        if self._held is None:
+            return True
+        self._writing = self._store.tick_marks(self._node)
+        try:
+            marks = await self._writing
+        except Exception as error:
+            # As at start-up, before the store is connected: tried again
+            # each interval, and the store reports its own outage.
+            self.last_error = f"cannot read the tick marks: {type(error).__name__}: {error}"
+            return False
+        finally:
+            self._writing = None
+        self._ticks_durable(marks)
+        held, self._held = self._held, None
+        added = self.added
+        for event in held:
+            self.add_tick(event)
+        self.added = added  # counted when held
+        return True
 
     async def _write_memory(self) -> bool:
         """
@@ -300,7 +356,7 @@ class Persister(Service):
             return True
         self._in_flight = len(bars) + len(events)
         try:
-            await self._write(bars, events)
+            await self._write(bars, events, (self._node, ticks) if ticks else None)
         except Exception as error:
             if self._bars.sealing:
                 self._retry = bars + self._retry
@@ -323,34 +379,61 @@ class Persister(Service):
 
     def _spill_all(self) -> None:
         """Spill everything unwritten; once it all is on disk, it is durable."""
+        if self._bars.sealing:
+            self._spill_sealed()
+            return
         generation = self._generation
-        if self._retry:
-            try:
-                while self._retry:
-                    chunk = self._retry[:SPOOL_FILE_ITEMS]
-                    self._write_spool([orjson.dumps({"bar": bar}) for bar in chunk])
-                    del self._retry[:len(chunk)]
-            except OSError as error:
-                self._spill_blocked = True
-                self.last_error = f"cannot spill to {self._dir}: {error}"
         if not self._spill_blocked:
             self._spill(self.pending)
         if not self.pending:
+            self._generation += 1
+            self._made_durable(generation)
+
+    def _spill_sealed(self) -> None:
+        """
+        Sealing: everything unwritten into one spool file headed by the marks
+        of its ticks, so that no part is on disk without them, nor they
+        without their parts. Durable then, once the marks are known.
+        """
+        generation = self._generation
+        bars, taken = self._bars.take_dirty()
+        self._bars.seal(taken)
+        bars, self._retry = self._retry + bars, []
+        events, self._events = self._events, []
+        if bars or events:
+            try:
+                self._write_spool([orjson.dumps({"bar": bar}) for bar in bars]
+                                  + [_event_line(event) for event in events],
+                                  (self._node, self._new_ticks) if self._new_ticks else None)
+            except OSError as error:
+                self._retry = bars
+                self._events[:0] = events
+                self._spill_blocked = True
+                self.last_error = f"cannot spill to {self._dir}: {error}"
+                self._log.error("cannot spill to {dir} ({e}); keeping it all in memory",
+                                dir=self._dir, e=error)
+                return
+        if self._held is None:
             self._generation += 1
             ticks, self._new_ticks = self._new_ticks, {}
             self._ticks_durable(ticks)
             self._made_durable(generation)
 
     async def _write_back(self) -> None:
-        """Write the oldest spool file, and delete it once that worked."""
+        """
+        Write the oldest spool file, L{SPOOL_FILE_ITEMS} at a time (its
+        marks with the last), and delete it once all of it is written.
+        """
         path = self._spool[0]
         try:
-            bars, events = _read_spool(path)
+            bars, events, marks = _read_spool(path)
         except FileNotFoundError:
             self._spool.pop(0)
+            self._backed = 0
             return
         except (OSError, ValueError, TypeError, KeyError) as error:
             self._spool.pop(0)
+            self._backed = 0
             self.last_error = f"unreadable spool file {path}: {error}"
             self._log.error("cannot read spool file {path} ({e}); moved aside as .bad",
                             path=path, e=error)
@@ -359,11 +442,20 @@ class Persister(Service):
             except OSError:
                 pass
             return
+        start = self._backed
+        end = min(start + SPOOL_FILE_ITEMS, len(bars) + len(events))
+        last = end == len(bars) + len(events)
         try:
-            await self._write(bars, events)
+            await self._write(bars[start:end],
+                              events[max(0, start - len(bars)):max(0, end - len(bars))],
+                              marks if last else None)
         except Exception as error:
             self._failed(error)
             return
+        if not last:
+            self._backed = end
+            return
+        self._backed = 0
         self._spool.pop(0)
         try:
             os.unlink(path)
@@ -373,8 +465,10 @@ class Persister(Service):
             self._spill_logged = False
             self._log.info("spool written back; {dir} is empty", dir=self._dir)
 
-    async def _write(self, bars: list[Bar], events: list[Event]) -> None:
-        self._writing = self._store.write(bars, events)
+    async def _write(self, bars: list[Bar], events: list[Event],
+                     marks: tuple[str, dict[str, tuple[int, int]]] | None = None) -> None:
+        self._writing = self._store.write(bars, events) if marks is None \
+            else self._store.write(bars, events, marks)
         try:
             await self._writing
         finally:
@@ -397,9 +491,17 @@ class Persister(Service):
                            e=self.last_error)
 
     def _relieve(self) -> None:
-        """Past the bound: spill the oldest down to half of it."""
-        if not self._spill_blocked:
+        """
+        Past the bound: spill the oldest down to half of it; with sealing,
+        all of it, unless a write is in flight (its ticks are not durable
+        yet, so the marks of what is spilled could not be written).
+        """
+        if self._spill_blocked:
+            return
+        if not self._bars.sealing:
             self._spill(self.pending - self._max // 2)
+        elif not self._in_flight and self._held is None:
+            self._spill_sealed()
 
     def _spill(self, count: int) -> None:
         """
@@ -436,13 +538,18 @@ class Persister(Service):
             count -= len(events)
         return count
 
-    def _write_spool(self, lines: list[bytes]) -> None:
-        """One spool file, whole or not at all: a temp file, fsynced, renamed."""
+    def _write_spool(self, lines: list[bytes],
+                     marks: tuple[str, dict[str, tuple[int, int]]] | None = None) -> None:
+        """
+        One spool file, whole or not at all: a temp file, fsynced, renamed.
+        C{marks}, if any, head it.
+        """
         os.makedirs(self._dir, exist_ok=True)
         fd, temp = tempfile.mkstemp(dir=self._dir, prefix=".", suffix=".tmp")
+        head = [] if marks is None else [_marks_line(*marks)]
         try:
             with os.fdopen(fd, "wb") as out:
-                out.write(b"\n".join(lines) + b"\n")
+                out.write(b"\n".join(head + lines) + b"\n")
                 out.flush()
                 os.fsync(out.fileno())
             self._seq += 1
@@ -469,20 +576,47 @@ def _event_line(event: Event) -> bytes:
                                    "user": event.user, "data": event.data}})
 
 
-def _read_spool(path: str) -> tuple[list[Bar], list[Event]]:
+def _marks_line(node: str, ticks: dict[str, tuple[int, int]]) -> bytes:
+    return orjson.dumps({"marks": {"node": node, "ticks": ticks}})
+
+
+def _marks(item: dict[str, Any]) -> tuple[str, dict[str, tuple[int, int]]]:
+    marks = item["marks"]
+    return marks["node"], {symbol: (ms, seq) for symbol, (ms, seq) in marks["ticks"].items()}
+
+
+def _spool_marks(path: str, node: str) -> dict[str, tuple[int, int]]:
+    """The marks heading a spool file, if it has C{node}'s (its first line)."""
+    try:
+        with open(path, "rb") as spool:
+            first = spool.readline()
+        if first.startswith(b'{"marks"'):
+            owner, ticks = _marks(orjson.loads(first))
+            if owner == node:
+                return ticks
+    except (OSError, ValueError, TypeError, KeyError):
+        pass  # set aside when written back
+    return {}
+
+
+def _read_spool(path: str) -> tuple[list[Bar], list[Event],
+                                    tuple[str, dict[str, tuple[int, int]]] | None]:
     bars: list[Bar] = []
     events: list[Event] = []
+    marks = None
     with open(path, "rb") as spool:
         for line in spool:
             item = orjson.loads(line)
             if "bar" in item:
                 bars.append(Bar(**item["bar"]))
+            elif "marks" in item:
+                marks = _marks(item)
             else:
                 e = item["event"]
                 events.append(stored_event(e["id"], e["channel"], e["type"],
                                            orjson.dumps(e["data"]), e["user"],
                                            e.get("topic")))
-    return bars, events
+    return bars, events, marks
 
 
 def _newest(a: dict[str, tuple[int, int]], b: dict[str, tuple[int, int]]

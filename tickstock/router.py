@@ -55,8 +55,9 @@ class Router:
         @param max_in_flight: events handed to the history and not yet
             stored, past which new ones are shed (latest-only ones from half
             of it): a producer flood costs counted events, never unbounded
-            memory. A stream source reads in bounded batches and never gets
-            here; a shed entry of its would stay pending and be read again.
+            memory. A stream source's entries are never shed: it reads in
+            bounded batches, and a shed entry would be read again after
+            later ones.
         @param behind: whether the source is behind its input (pub/sub: Redis
             holds half its output limit for it): latest-only events are shed
             before they are parsed, which makes room for the must-deliver
@@ -96,7 +97,10 @@ class Router:
         malformed message), and fails only if the history could not be
         written (a source that acknowledges must then not acknowledge it).
         A live tick (see C{ticks}) returns L{None}: it is delivered already.
+        A key that must not be shed (C{key.sheddable} false: a stream entry)
+        never is.
         """
+        sheddable = sheddable and getattr(key, "sheddable", True)
         self.received += 1
         self.received_by_channel[channel] += 1
         # A channel fed from elsewhere (PostgreSQL) comes under its own name.

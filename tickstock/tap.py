@@ -202,10 +202,12 @@ class TickStock(MultiService):
             handshake_timeout=settings.handshake_timeout,
             max_per_ip=settings.max_connections_per_ip,
         )
-        # Whether the daemon is behind: ticks are shed first, a streams source reads less.
-        self.overload = Overload(reactor, self.stream.clients_behind)
+        # Whether the daemon is behind: ticks are shed first, a Redis source reads less.
+        self.overload = Overload(reactor, self.stream.clients_behind, settings.history_max // 2)
         if settings.mode == "streams":
             self.source.behind = self.overload
+        elif settings.redis is not None:
+            self.source.daemon_behind = self.overload
         self.broadcaster = Broadcaster(self.stream.prepareMessage)
         self.ticks = TickThrottle(reactor, settings.tick_rate, self.broadcaster.deliver,
                                   partial(self.broadcaster.watched, "ticks"), self.overload)
@@ -354,6 +356,7 @@ class TickStock(MultiService):
 
     def _persist(self, event: Any) -> None:
         """An event this process stored: into bars, the event history, or its job's record."""
+        self.overload.stored(event)
         if event.topic == TICKS:
             self.persister.add_tick(event)
         elif event.topic in STORED_TOPICS or event.topic == BACKTESTS:

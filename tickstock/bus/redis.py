@@ -24,9 +24,10 @@ import orjson
 import txredisapi
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, gatherResults, succeed
-from twisted.internet.interfaces import IReactorCore, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorCore, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tickstock.bus.sentinel import client_endpoint
@@ -267,6 +268,11 @@ half the default soft limit (8 MB for a minute)."""
 BIG_READ = 16 * 1024
 """Only a read at least this large asks the kernel what is left (one ioctl):
 a smaller one means the socket was drained."""
+STEER_INTERVAL = 0.05
+"""Seconds between two questions to Redis about what it holds for the
+subscriber while the daemon is behind (see L{RedisPubSubSource._steer}):
+at 5 MB/s of messages, 250 kB between two answers; and at most this long
+idle once the daemon has caught up."""
 
 
 def pubsub_limit(config: list[str]) -> int | None:
@@ -413,6 +419,10 @@ class RedisPubSubSource(_Supervised):
     and the logs. A PING every C{ping_interval} seconds, unanswered for
     C{ping_timeout}, drops the connection so a hung Redis (SIGSTOP, a
     half-open TCP connection) is noticed and reconnected.
+
+    @ivar daemon_behind: whether the daemon is behind its clients
+        (L{tickstock.overload}): then the subscriber reads only what Redis
+        should not hold (L{_steer}).
     """
 
     name_for_logs = "redis subscriber"
@@ -468,8 +478,15 @@ class RedisPubSubSource(_Supervised):
         self._client_id: int | None = None
         self._behind_bytes: int | None = None
         self.backlog: int | None = None
-        """Bytes Redis held for this subscriber when last asked."""
+        """The most bytes Redis held for this subscriber when asked since its
+        socket last drained."""
+        self._drained = True
         self.fell_behind = 0
+        self.daemon_behind: Callable[[], bool] = lambda: False
+        self.paused = False
+        self.pauses = 0
+        self._steering = False
+        self._next_steer: IDelayedCall | None = None
 
     def listen(self, receiver: Callable[[str, bytes, str], Any]) -> None:
         self._receiver = receiver
@@ -485,6 +502,8 @@ class RedisPubSubSource(_Supervised):
         latest-only events unparsed (see L{tickstock.router.Router}).
         """
         self._reads += 1
+        if not self._steering and self._ask is not None and self.daemon_behind():
+            self._steer()
         unread = 0
         if size >= BIG_READ:  # a smaller read drained the socket
             try:
@@ -494,6 +513,7 @@ class RedisPubSubSource(_Supervised):
         if size + unread < BEHIND_BYTES:
             self._lagging_since = None
             self.behind = False
+            self._drained = True
             return
         now = self._clock.seconds()
         if self._lagging_since is None:
@@ -507,20 +527,8 @@ class RedisPubSubSource(_Supervised):
         if self._ask is None or self._client_id is None:
             self._fall_behind(f"lagging for {LAGGING_FOR:g}s")
             return
-        if self._behind_bytes is None:
-            d = self._ask("CONFIG", "GET", "client-output-buffer-limit").addCallback(pubsub_limit)
-            d.addErrback(lambda _: None)  # CONFIG is often refused on managed Redis
-
-            def limit(found: int | None) -> None:
-                self._behind_bytes = int(found * BEHIND_SHARE) if found else BEHIND_OMEM
-            d.addCallback(limit)
-        else:
-            d = succeed(None)
-        d.addCallback(lambda _: self._ask("CLIENT", "LIST", "ID", self._client_id))
-        d.addCallback(output_memory)
 
         def backlog(held: int) -> None:
-            self.backlog = held
             assert self._behind_bytes is not None
             if held >= self._behind_bytes and self._lagging_since is not None:
                 self._fall_behind(f"Redis holds {held:,} bytes for it")
@@ -528,7 +536,82 @@ class RedisPubSubSource(_Supervised):
         def unknown(failure: Any) -> None:
             if self._lagging_since is not None:
                 self._fall_behind(f"lagging; its backlog unknown: {failure.getErrorMessage()}")
-        d.addCallbacks(backlog, unknown)
+        self._held().addCallbacks(backlog, unknown)
+
+    def _held(self) -> Deferred[int]:
+        """How many bytes Redis holds for this subscriber; its limit is learnt first."""
+        assert self._ask is not None
+        ask = self._ask
+        if self._behind_bytes is None:
+            d = ask("CONFIG", "GET", "client-output-buffer-limit").addCallback(pubsub_limit)
+            d.addErrback(lambda _: None)  # CONFIG is often refused on managed Redis
+
+            def limit(found: int | None) -> None:
+                self._behind_bytes = int(found * BEHIND_SHARE) if found else BEHIND_OMEM
+            d.addCallback(limit)
+        else:
+            d = succeed(None)
+        d.addCallback(lambda _: ask("CLIENT", "LIST", "ID", self._client_id))
+        d.addCallback(output_memory)
+
+        def noted(held: int) -> int:
+            self.backlog = held if self._drained or self.backlog is None else max(self.backlog, held)
+            self._drained = False
+            return held
+        return d.addCallback(noted)
+
+    def _steer(self) -> None:
+        """
+        While the daemon is behind, read only what Redis should not hold.
+        The subscriber stops reading, so that events wait in Redis instead
+        of being stored in the history faster than the live tail delivers
+        them (once the history trims what the tail has not read, every
+        client of that topic must resume). Once Redis holds L{BEHIND_SHARE}
+        of its limit it reads again, shedding latest-only events unparsed:
+        at its limit Redis drops the subscriber and all it held. Asked
+        again every L{STEER_INTERVAL} until the daemon has caught up; a
+        backlog Redis does not tell is never held.
+        """
+        self._next_steer = None
+        protocol = self._protocol
+        if protocol is None or self._client_id is None or not self.daemon_behind():
+            self._steering = False
+            self._hold(False)
+            return
+        self._steering = True
+
+        def steer(held: int) -> None:
+            assert self._behind_bytes is not None
+            if protocol is not self._protocol:
+                return
+            if held >= self._behind_bytes:
+                self._fall_behind(f"Redis holds {held:,} bytes for it while the daemon is behind")
+            self._hold(held < self._behind_bytes)
+
+        def again(result: Any) -> None:
+            if protocol is self._protocol and self._steering:
+                if isinstance(result, Failure):
+                    self._hold(False)
+                self._next_steer = self._clock.callLater(STEER_INTERVAL, self._steer)
+        self._held().addCallback(steer).addBoth(again)
+
+    def _hold(self, pause: bool) -> None:
+        """Stop or start reading the subscriber's socket."""
+        transport = getattr(self._protocol, "transport", None)
+        if pause == self.paused or transport is None:
+            return
+        self.paused = pause
+        if pause:
+            self.pauses += 1
+            transport.pauseProducing()
+        else:
+            transport.resumeProducing()
+
+    def _stop_steering(self) -> None:
+        self._steering = self.paused = False
+        if self._next_steer is not None and self._next_steer.active():
+            self._next_steer.cancel()
+        self._next_steer = None
 
     def _fall_behind(self, why: str) -> None:
         if self.behind:
@@ -557,6 +640,7 @@ class RedisPubSubSource(_Supervised):
     def stopService(self) -> Deferred[Any]:
         if self._heartbeat.running:
             self._heartbeat.stop()
+        self._stop_steering()
         return super().stopService()
 
     def status(self) -> dict[str, object]:
@@ -568,6 +652,8 @@ class RedisPubSubSource(_Supervised):
             "behind": self.behind,
             "fell_behind": self.fell_behind,
             "backlog_bytes": self.backlog,
+            "paused": self.paused,
+            "pauses": self.pauses,
             "gap_seconds_total": round(self.gap_seconds, 3),
             "last_gap_seconds": self.last_gap_seconds,
             "heartbeat_timeouts": self.heartbeat_timeouts,
@@ -627,6 +713,7 @@ class RedisPubSubSource(_Supervised):
             return
         self._protocol = None
         self._waiting_since = None
+        self._stop_steering()  # a new connection reads from the start
         if not self.running:
             self.state, self.ready = "stopped", False
             return
@@ -653,8 +740,9 @@ class RedisPubSubSource(_Supervised):
             return
         now = self._clock.seconds()
         if self._waiting_since is not None:
-            if self._reads != self._reads_seen:
-                # Still receiving: a reply stuck behind a backlog, not a hung Redis.
+            if self._reads != self._reads_seen or self.paused:
+                # Still receiving, or not reading (Redis answers our steering):
+                # a reply stuck behind a backlog, not a hung Redis.
                 self._reads_seen = self._reads
                 self._waiting_since = now
             elif now - self._waiting_since > self._ping_timeout:

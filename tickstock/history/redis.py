@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict, deque
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import orjson
 import txredisapi
@@ -49,10 +49,9 @@ LAST_KEY = PREFIX + "last"
 SINCE_KEY = PREFIX + "since"
 USER_PREFIX = "tickstock:user:"
 JOB_PREFIX = "tickstock:jobstate:"
-SEEN_PREFIX = "tickstock:seen:"
 DEDUPE_KEY = "tickstock:dedupe"
-"""The windows that remember producer event_ids (C{eid:<channel>}) and
-claimed ticks (C{tick}): this hash holds each one's bucket start times, and
+"""The windows that remember producer event_ids (C{eid:<channel>}), pub/sub
+messages stored (C{seen}) and claimed ticks (C{tick}): this hash holds each one's bucket start times, and
 its buckets are sets named C{tickstock:dedupe:<window>:<start ms>}."""
 DIGEST_BYTES = 12
 """What a window remembers of a member: this many bytes of its SHA-1, so a
@@ -60,8 +59,10 @@ member costs Redis about 60 bytes however long the producer's ids are,
 while a lookup among 2 x L{DEDUPE_MAX} members matches a wrong one with odds
 of about 2^-75."""
 SEEN_TTL = 10.0
-"""Seconds a pub/sub message's key is remembered: far longer than the time
-between two daemons receiving the same message."""
+"""Seconds a pub/sub message's key is remembered (by the window C{seen}, see
+L{_WINDOWS}), at least: far longer than the time between two daemons
+receiving the same message. A live tick's claim is remembered as long (the
+window C{tick})."""
 STORED_SUFFIX = ":stored"
 """A producer stream's hash of entries stored but not yet acknowledged, to
 the ids they were stored under."""
@@ -183,17 +184,19 @@ INGEST = _TRIM + _WINDOWS + """
 -- it became is durable. Until then the entry's id is kept in the stream's
 -- stored hash, so a redelivery of it is known as the event already stored.
 -- A job is a hash {u: owner, f: final status once closed}.
--- KEYS: last id, since key, then per event: topic stream, seen key | '',
---       job key | '', producer stream | ''
--- ARGV: maxlen, max age ms, seen ttl ms, event_id window ms, user maxlen,
+-- KEYS: last id, since key, then per event: topic stream, job key | '',
+--       producer stream | ''
+-- ARGV: maxlen, max age ms, seen window ms, event_id window ms, user maxlen,
 --       user ttl s, user prefix, then per event: channel, type, data,
 --       group | '', entry id | '', final status it gives its job | '',
---       producer event_id digest | ''
+--       producer event_id digest | '', pub/sub message key digest | ''
+-- A pub/sub message's key is remembered by the window 'seen', so of the
+-- daemons that all receive it, the first one stores it.
 -- Sequence numbers step by STRIDE: live ticks take the ids in between.
 local STRIDE = %(stride)d
 local STORED = '%(stored)s'
 local maxlen, max_age = tonumber(ARGV[1]), tonumber(ARGV[2])
-local eid_span = tonumber(ARGV[4])
+local seen_span, eid_span = tonumber(ARGV[3]), tonumber(ARGV[4])
 local user_max, user_ttl, user_prefix = tonumber(ARGV[5]), ARGV[6], ARGV[7]
 local t = redis.call('TIME')
 local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -205,10 +208,10 @@ if last then
   if ms <= tonumber(lms) then ms = tonumber(lms); seq = tonumber(lseq) + STRIDE end
 end
 local touched, users, out, stored = {}, {}, {}, false
-for i = 0, (#KEYS - 2) / 4 - 1 do
-  local k, a = 2 + i * 4, 7 + i * 7
-  local stream, seen_key, job_key, source = KEYS[k+1], KEYS[k+2], KEYS[k+3], KEYS[k+4]
-  local group, entry = ARGV[a+4], ARGV[a+5]
+for i = 0, (#KEYS - 2) / 3 - 1 do
+  local k, a = 2 + i * 3, 7 + i * 8
+  local stream, job_key, source = KEYS[k+1], KEYS[k+2], KEYS[k+3]
+  local group, entry, mark = ARGV[a+4], ARGV[a+5], ARGV[a+8]
   local done = nil
   if source ~= '' then
     if #redis.call('XPENDING', source, group, entry, entry, 1) == 0 then
@@ -217,13 +220,17 @@ for i = 0, (#KEYS - 2) / 4 - 1 do
       done = redis.call('HGET', source .. STORED, entry) or nil
     end
   end
-  if done == nil and seen_key ~= '' then done = redis.call('GET', seen_key) or nil end
+  local seen = nil
+  if done == nil and mark ~= '' then
+    seen = window('seen', seen_span, ms)
+    if held(seen, {mark})[1] == 1 then done = '' end
+  end
   local eid, eids = ARGV[a+7], nil
   if done == nil and eid ~= '' then
     eids = window('eid:' .. ARGV[a+1], eid_span, ms)
     if held(eids, {eid})[1] == 1 then
       done = ''
-      if seen_key ~= '' then redis.call('SET', seen_key, done, 'PX', ARGV[3]) end
+      if seen then remember(seen, {mark}, ms) end
     end
   end
   local owner = false
@@ -248,7 +255,7 @@ for i = 0, (#KEYS - 2) / 4 - 1 do
       redis.call('XADD', user_prefix .. owner, id, unpack(fields))
       users[user_prefix .. owner] = user_max
     end
-    if seen_key ~= '' then redis.call('SET', seen_key, id, 'PX', ARGV[3]) end
+    if seen then remember(seen, {mark}, ms) end
     if source ~= '' then redis.call('HSET', source .. STORED, entry, id) end
     if eids then remember(eids, {eid}, ms) end
     last, stored = id, true
@@ -356,6 +363,9 @@ class StreamEntry:
     stream: str
     group: str
     entry_id: str
+    sheddable: ClassVar[bool] = False
+    """Never shed (L{tickstock.router.Router}): an entry not stored is read
+    again, after the entries behind it were stored."""
 
 
 def digest(member: object) -> bytes:
@@ -474,23 +484,30 @@ class RedisHistory(_Supervised):
         needs. The first event after a quiet window goes out in the same
         reactor turn; under load, those after it wait at most the window,
         and so do the tail reads their call wakes.
+
+        One call at a time: a call sent while an earlier one may still fail
+        (an error reply, such as BUSY or OOM, spares the calls behind it)
+        would store its stream entries before the earlier ones, which are
+        read again and stored after them. So under load a call also waits
+        for the one before it to answer, and goes at once if it is full.
         """
         d: Deferred[str | None] = Deferred()
         self._pending.append((event, key, d))
-        if self._flushing is None:
-            wait = self._flushed_at + self._store_window - self._reactor.seconds()
-            self._flushing = self._reactor.callLater(max(wait, 0), self._flush)
+        self._schedule_store()
         return d
 
+    def _schedule_store(self) -> None:
+        if self._flushing is not None or self._stores_open or not self._pending:
+            return
+        wait = 0.0 if len(self._pending) >= INGEST_BATCH else \
+            self._flushed_at + self._store_window - self._reactor.seconds()
+        self._flushing = self._reactor.callLater(max(wait, 0), self._flush)
+
     def _flush(self) -> None:
-        # Everything appended so far goes out now, in calls of at most
-        # INGEST_BATCH: leaving some for later lets a fast producer outgrow
-        # the queue, since each turn also reads more messages.
         self._flushing = None
         self._flushed_at = self._reactor.seconds()
-        pending, self._pending = self._pending, []
-        for start in range(0, len(pending), INGEST_BATCH):
-            self._store(pending[start:start + INGEST_BATCH])
+        batch, self._pending = self._pending[:INGEST_BATCH], self._pending[INGEST_BATCH:]
+        self._store(batch)
 
     def _store(self, batch: list[tuple[Event, object, Deferred[str | None]]]) -> None:
         keys = [LAST_KEY, SINCE_KEY]
@@ -503,7 +520,6 @@ class RedisHistory(_Supervised):
             entry = key if isinstance(key, StreamEntry) else None
             keys += (
                 PREFIX + event.topic,
-                SEEN_PREFIX + key if isinstance(key, str) else "",
                 JOB_PREFIX + event.job_id if event.job_id else "",
                 entry.stream if entry else "",
             )
@@ -512,6 +528,7 @@ class RedisHistory(_Supervised):
                 entry.group if entry else "", entry.entry_id if entry else "",
                 (outcome(event) or "") if event.job_id else "",
                 digest(producer_id) if producer_id else "",
+                digest(key) if isinstance(key, str) else "",
             )
 
         call = self._stores_sent
@@ -520,6 +537,8 @@ class RedisHistory(_Supervised):
 
         def stored(reply: list[Any]) -> None:
             self._stores_open.discard(call)
+            if len(self._pending) >= INGEST_BATCH:
+                self._flush()  # Redis runs the next call while these are handed on
             kept = self._stored
             for i, (event, key, d) in enumerate(batch):
                 value = text(reply[2 * i + 1])
@@ -538,12 +557,20 @@ class RedisHistory(_Supervised):
                 else:
                     d.callback(None)
             self._take_unread()
+            self._schedule_store()
 
         def failed(failure: Any) -> None:
             self._stores_open.discard(call)
-            for _, _, d in batch:
+            # Stream entries waiting behind it fail too: they are read again
+            # after this call's own, and stored now they would come first.
+            behind = [item for item in self._pending if isinstance(item[1], StreamEntry)]
+            if behind:
+                self._pending = [item for item in self._pending
+                                 if not isinstance(item[1], StreamEntry)]
+            for _, _, d in batch + behind:
                 d.errback(failure)
             self._take_unread()
+            self._schedule_store()
 
         self._ingest.run(keys, args).addCallbacks(stored, failed)
 

@@ -19,7 +19,7 @@ from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
 from tickstock.events import SYMBOL, Event, id_key
-from tickstock.interfaces import IJobStore, IStore
+from tickstock.interfaces import IJobStore, ITickMarks
 from tickstock.jobs import ACTIVE, update_of
 from tickstock.store import STORED_TOPICS, UNIVERSE_TYPES, Bar, PatternQuery, pattern_row
 
@@ -96,7 +96,7 @@ class _Minute:
 JOBS_KEPT = 100_000
 
 
-@implementer(IStore, IJobStore)
+@implementer(ITickMarks, IJobStore)
 class MemoryStore:
     """
     Events of L{STORED_TOPICS} (at most C{max_events}, the oldest ids
@@ -108,7 +108,7 @@ class MemoryStore:
     (an aggregate only grows, so that is a stale retry arriving late), and
     the bar is the combination of all its parts (open of the earliest
     C{open_ts}, close of the latest C{close_ts}, ties broken by part name);
-    an event id already stored is not stored again.
+    an event id already stored is not stored again; tick marks only rise.
     """
 
     ready = True
@@ -133,6 +133,7 @@ class MemoryStore:
         self._symbols: dict[str, list[float]] = {}
         self._universes: dict[str, _Universe] = {}
         self._jobs: dict[str, dict[str, Any]] = {}  # in creation order
+        self._marks: dict[str, dict[str, Key]] = {}
         for key, spec in (universes or {}).items():
             self.set_universe(key, spec["type"], spec["symbols"], spec.get("category"),
                               spec.get("metadata"), spec.get("updated"))
@@ -141,8 +142,15 @@ class MemoryStore:
         return {"state": "ready", "kind": "memory", "events": self._event_count,
                 "bars": len(self._oldest), "symbols": len(self._symbols)}
 
-    def write(self, bars: Iterable[Bar], events: Iterable[Event]) -> Deferred[None]:
+    def write(self, bars: Iterable[Bar], events: Iterable[Event],
+              marks: tuple[str, Mapping[str, Key]] | None = None) -> Deferred[None]:
         now = self._clock.seconds()
+        if marks is not None:
+            node, newest = marks
+            kept = self._marks.setdefault(node, {})
+            for symbol, key in newest.items():
+                if key > kept.get(symbol, (0, 0)):
+                    kept[symbol] = key
         cutoff = now - self._bar_seconds
         for part in bars:
             self._seen(part.symbol, now)
@@ -161,6 +169,9 @@ class MemoryStore:
                 self._event_count += 1
         self._trim(cutoff)
         return succeed(None)
+
+    def tick_marks(self, node: str) -> Deferred[dict[str, Key]]:
+        return succeed(dict(self._marks.get(node, {})))
 
     def _update_job(self, job_id: str, status: str, progress: float | None, results: Any,
                     error: str | None, at: float) -> None:

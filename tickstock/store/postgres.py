@@ -7,7 +7,7 @@ themselves and fail fast while PostgreSQL is away.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import orjson
 from twisted.application.service import Service
@@ -16,13 +16,14 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from tickstock.events import Event, id_key, stored_event
-from tickstock.interfaces import IJobStore, IStore
+from tickstock.interfaces import IJobStore, IStore, ITickMarks
 from tickstock.jobs import update_of
 from tickstock.store import STORED_TOPICS, UNIVERSE_TYPES, Bar, PatternQuery, StoreUnavailable
 from tickstock.store.pool import Pool, session_dsn
 
 WRITE = "SELECT tickstock_write(" + ", ".join(["%s"] * 21) + ")"
-WRITE_WITH_JOBS = WRITE + ", tickstock_update_jobs(%s, %s, %s, %s, %s, %s)"
+JOBS = ", tickstock_update_jobs(%s, %s, %s, %s, %s, %s)"
+MARKS = ", tickstock_mark_ticks(%s, %s, %s, %s)"
 _JOB_COLUMNS = ("job_id, user_id, status, params::text, progress, results::text, error, "
                 "extract(epoch FROM created_at)::float8, extract(epoch FROM updated_at)::float8")
 
@@ -105,12 +106,12 @@ def write_params(bars: Iterable[Bar], events: Iterable[Event]) -> list[list[Any]
     return columns
 
 
-@implementer(IStore, IJobStore)
+@implementer(ITickMarks, IJobStore)
 class PostgresStore(Service):
     """
-    L{IStore} on PostgreSQL. The schema must be migrated
-    (C{tickstock-db migrate}); until it is, the store says so in C{/ready}
-    and is not ready.
+    L{IStore} on PostgreSQL, with tick marks (L{ITickMarks}). The schema
+    must be migrated (C{tickstock-db migrate}); until it is, the store says
+    so in C{/ready} and is not ready.
     """
 
     _log = Logger()
@@ -177,12 +178,25 @@ class PostgresStore(Service):
             status["schema"] = self.schema
         return status
 
-    def write(self, bars: list[Bar], events: list[Event]) -> Deferred[None]:
-        params = write_params(bars, events)
+    def write(self, bars: list[Bar], events: list[Event],
+              marks: tuple[str, Mapping[str, tuple[int, int]]] | None = None) -> Deferred[None]:
+        """One statement, so one transaction: the parts, events, job updates and marks."""
+        sql, params = WRITE, write_params(bars, events)
         jobs = job_params(events, self._clock.seconds())
         if jobs[0]:
-            return self.writer.run(lambda c: c.runOperation(WRITE_WITH_JOBS, params + jobs))
-        return self.writer.run(lambda c: c.runOperation(WRITE, params))
+            sql += JOBS
+            params += jobs
+        if marks is not None and marks[1]:
+            node, newest = marks
+            keys = list(newest.values())
+            sql += MARKS
+            params += [node, list(newest), [ms for ms, _ in keys], [seq for _, seq in keys]]
+        return self.writer.run(lambda c: c.runOperation(sql, params))
+
+    def tick_marks(self, node: str) -> Deferred[dict[str, tuple[int, int]]]:
+        return self.writer.run(lambda c: c.runQuery(
+            "SELECT symbol, tick_ms, tick_seq FROM tickstock_tick_marks(%s)", (node,),
+        )).addCallback(lambda rows: {symbol: (ms, seq) for symbol, ms, seq in rows})
 
     # IJobStore
 
