@@ -21,8 +21,9 @@ import random
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -30,10 +31,10 @@ from twisted.internet.defer import Deferred, succeed  # noqa: E402
 from twisted.internet.task import Clock  # noqa: E402
 from zope.interface import implementer  # noqa: E402
 
-from tickstock.bars import BarAggregator  # noqa: E402
-from tickstock.events import Event  # noqa: E402
-from tickstock.interfaces import IStore  # noqa: E402
-from tickstock.persist import Persister  # noqa: E402
+from tickstock.domain.events import Event  # noqa: E402
+from tickstock.domain.interfaces import IStore  # noqa: E402
+from tickstock.store.bars import BarAggregator  # noqa: E402
+from tickstock.store.persist import Persister  # noqa: E402
 
 START = 1_700_000_040
 

@@ -51,9 +51,10 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import hiredis
 import orjson
@@ -70,11 +71,12 @@ sys.path.insert(0, str(HERE.parent))  # tests.*, tickstock
 
 from ingest import twistd_path  # noqa: E402
 from latency import BenchError, http_json, rss_mb, symbol_list, tail  # noqa: E402
+
 from tests.servers import PostgresServer, RedisServer, free_port, poll  # noqa: E402
 from tests.stream_producer import command  # noqa: E402
 from tests.wsclient import RecordingClient, eventually  # noqa: E402
-from tickstock.auth import JWTAuthenticator  # noqa: E402
-from tickstock.events import id_key  # noqa: E402
+from tickstock.deliver.auth import JWTAuthenticator  # noqa: E402
+from tickstock.domain.events import id_key  # noqa: E402
 from tickstock.store.migrate import migrate  # noqa: E402
 
 TICKS_STREAM = b"tickstock.data.ticks"

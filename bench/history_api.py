@@ -37,11 +37,24 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # tests.servers, tickstock
 
-from latency import (  # noqa: E402
-    LOAD_CORE, PATTERNS, SERVER_CORE, TIMEFRAMES, BenchError, Procs, cpu_seconds, free_port,
-    http_json, pinned, rss_mb, self_cpu, symbol_list, tail, wait_until,
-)
 from ingest import Cluster, postgres_cpu, twistd_path  # noqa: E402
+from latency import (  # noqa: E402
+    LOAD_CORE,
+    PATTERNS,
+    SERVER_CORE,
+    TIMEFRAMES,
+    BenchError,
+    Procs,
+    cpu_seconds,
+    free_port,
+    http_json,
+    pinned,
+    rss_mb,
+    self_cpu,
+    symbol_list,
+    tail,
+    wait_until,
+)
 
 PATTERN_NAMES = PATTERNS + [
     "Triple_Top", "Triple_Bottom", "Shooting_Star", "Inverted_Hammer", "Piercing_Line",
@@ -333,7 +346,7 @@ class Bench:
                              f"{tail(self.workdir / 'redis.out')}")
 
     def token(self) -> str:
-        from tickstock.auth import JWTAuthenticator
+        from tickstock.deliver.auth import JWTAuthenticator
 
         return JWTAuthenticator(self.secret.encode()).mint("bench", time.time(), 3600)
 

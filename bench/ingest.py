@@ -35,8 +35,22 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # tests.servers, tickstock
 
 from latency import (  # noqa: E402
-    CLK_TCK, LOAD_CORE, SERVER_CORE, BenchError, Procs, Publisher, core_busy, cpu_seconds,
-    free_port, http_json, pinned, rss_mb, self_cpu, symbol_list, tail, wait_until,
+    CLK_TCK,
+    LOAD_CORE,
+    SERVER_CORE,
+    BenchError,
+    Procs,
+    Publisher,
+    core_busy,
+    cpu_seconds,
+    free_port,
+    http_json,
+    pinned,
+    rss_mb,
+    self_cpu,
+    symbol_list,
+    tail,
+    wait_until,
 )
 
 TICKS_CHANNEL = b"tickstock.data.ticks"

@@ -29,8 +29,9 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 CHANNEL = b"tickstock.events.patterns"
@@ -247,7 +248,7 @@ class Publisher:
 
 def make_event(rng: random.Random, run_id: str, seq: int, symbol: str) -> dict[str, Any]:
     """
-    A realistic pattern_detected event (CONTRACT section 1), made ahead of
+    A realistic pattern_detected event (docs/contract.md §1), made ahead of
     time; L{encode_event} adds C{timestamp} and C{sent_at} when it is sent.
     """
     return {

@@ -4,7 +4,7 @@ TickStock delivery-latency load generator: many WebSocket clients in one
 process, one epoll loop, no framework.
 
 It is independent of the server's code (it does not import tickstock): it
-speaks the public WebSocket protocol of CONTRACT.md section 3 with a minimal
+speaks the public WebSocket protocol of docs/contract.md §3 with a minimal
 RFC 6455 client written for speed. Server-to-client frames are unmasked, so
 reading one is a few byte operations; only event frames are decoded (orjson).
 
@@ -125,7 +125,7 @@ class Client:
     __slots__ = ("loop", "stats", "index", "symbols", "sock", "fd", "state", "key", "buf",
                  "out", "fragments", "seen", "last_seq", "count", "expected")
 
-    def __init__(self, loop: "Loop", index: int, symbols: list[str]) -> None:
+    def __init__(self, loop: Loop, index: int, symbols: list[str]) -> None:
         self.loop = loop
         self.stats = loop.stats
         self.index = index

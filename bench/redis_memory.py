@@ -41,8 +41,19 @@ sys.path.insert(0, str(HERE.parent))
 
 from ingest import twistd_path  # noqa: E402
 from latency import (  # noqa: E402
-    LOAD_CORE, PATTERNS, SERVER_CORE, BenchError, Procs, cpu_seconds, free_port, http_json,
-    pinned, rss_mb, symbol_list, tail, wait_until,
+    LOAD_CORE,
+    PATTERNS,
+    SERVER_CORE,
+    BenchError,
+    Procs,
+    cpu_seconds,
+    free_port,
+    http_json,
+    pinned,
+    rss_mb,
+    symbol_list,
+    tail,
+    wait_until,
 )
 
 PATTERNS_CHANNEL = b"tickstock.events.patterns"

@@ -6,15 +6,16 @@ real service tree in the test reactor listening on a free port.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
 from tests.servers import PostgresServer, RedisServer, free_port
-from tickstock.auth import JWTAuthenticator
 from tickstock.config import Settings, load_settings
+from tickstock.deliver.auth import JWTAuthenticator
 from tickstock.tap import TickStock
 
 

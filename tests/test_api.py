@@ -3,7 +3,7 @@ The REST API (L{tickstock.web.api}) served by a real twisted.web site on a
 loopback port in the test reactor, over a store seeded with known events,
 bars and universes (the C{store} fixture: the memory store here; its
 assertions are store-agnostic so it can be parametrized with others), and
-the caches (L{tickstock.cache}), the Redis one against a real redis-server.
+the caches (L{tickstock.store.cache}), the Redis one against a real redis-server.
 
 Fakes, said where used: L{SwitchableStore} wraps the real store to make it
 fail, refuse or hang on demand (no real store can be made to do so on cue),
@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 from urllib.parse import quote, urlencode
 
 import orjson
@@ -37,14 +38,14 @@ from zope.interface.verify import verifyObject
 
 from tests.conftest import TEST_SECRET
 from tests.wsclient import eventually, read_body
-from tickstock.auth import JWTAuthenticator, anonymous
-from tickstock.bus.redis import RedisLink
-from tickstock.cache import MemoryCache, RedisCache
 from tickstock.config import parse_redis_url
-from tickstock.events import Event, id_key
-from tickstock.normalize import parse_event
-from tickstock.interfaces import ICache, IStore
+from tickstock.connections.redis import RedisLink
+from tickstock.deliver.auth import JWTAuthenticator, anonymous
+from tickstock.domain.events import Event, id_key
+from tickstock.domain.interfaces import ICache, IStore
+from tickstock.ingest.normalize import parse_event
 from tickstock.store import Bar, PatternQuery, StoreUnavailable
+from tickstock.store.cache import MemoryCache, RedisCache
 from tickstock.store.memory import MemoryStore
 from tickstock.web.api import ApiResource, build_api
 from tickstock.web.site import JSONStatus, build_site

@@ -29,9 +29,9 @@ from tests.test_end_to_end import pattern, publish, ready
 from tests.test_jobs import job_listener  # noqa: F401 - fixture
 from tests.test_resume import PATTERNS
 from tests.wsclient import connect, eventually, http_get, http_request
-from tickstock.auth import JWTAuthenticator
-from tickstock.interfaces import IHistory, IProducerLink
-from tickstock.router import Overloaded, Router
+from tickstock.deliver.auth import JWTAuthenticator
+from tickstock.domain.interfaces import IHistory, IProducerLink
+from tickstock.ingest.router import Overloaded, Router
 
 
 def b64(data: dict[str, Any]) -> str:
@@ -363,8 +363,8 @@ def test_the_pubsub_source_is_behind_only_while_its_socket_stays_full() -> None:
     """
     import socket
 
-    from tickstock.bus.redis import BEHIND_BYTES, LAGGING_FOR, RedisPubSubSource
     from tickstock.config import parse_redis_url
+    from tickstock.ingest.pubsub import BEHIND_BYTES, LAGGING_FOR, RedisPubSubSource
 
     clock = Clock()
     source = RedisPubSubSource(clock, parse_redis_url("redis://127.0.0.1:1/0"))
@@ -396,8 +396,13 @@ def test_the_pubsub_source_is_behind_only_once_redis_holds_half_its_limit() -> N
     at most every half second while the lag lasts; CONFIG refused means
     the 4 MB default.
     """
-    from tickstock.bus.redis import BEHIND_BYTES, BEHIND_OMEM, LAGGING_FOR, RedisPubSubSource
     from tickstock.config import parse_redis_url
+    from tickstock.ingest.pubsub import (
+        BEHIND_BYTES,
+        BEHIND_OMEM,
+        LAGGING_FOR,
+        RedisPubSubSource,
+    )
 
     asked, omem, config = [], [0], ["client-output-buffer-limit",
                                     "normal 0 0 0 slave 268435456 67108864 60 "
@@ -441,7 +446,7 @@ def test_the_pubsub_source_is_behind_only_once_redis_holds_half_its_limit() -> N
 
 
 def test_the_pubsub_limit_is_read_from_config_get() -> None:
-    from tickstock.bus.redis import output_memory, pubsub_limit
+    from tickstock.ingest.pubsub import output_memory, pubsub_limit
 
     def limit(value: str) -> int | None:
         return pubsub_limit(["client-output-buffer-limit", value])

@@ -20,8 +20,8 @@ from tests.conftest import TEST_SECRET
 from tests.test_jobs import job_listener  # noqa: F401 - fixture
 from tests.test_units import RecordingClient, make_gateway
 from tests.wsclient import connect, eventually
-from tickstock.auth import Identity, JWTAuthenticator
-from tickstock.broadcast import BadRequest
+from tickstock.deliver.auth import Identity, JWTAuthenticator
+from tickstock.domain.errors import BadRequest
 
 NOW = time.time()
 

@@ -1,12 +1,12 @@
 """
-Unit tests of L{tickstock.bars.BarAggregator} alone: no store, no clock, no
+Unit tests of L{tickstock.store.bars.BarAggregator} alone: no store, no clock, no
 fakes; expected bars are computed by hand.
 """
 
 from __future__ import annotations
 
-from tickstock.bars import BarAggregator
 from tickstock.store import Bar
+from tickstock.store.bars import BarAggregator
 
 M = 1_700_000_040
 """A minute start (a multiple of 60)."""

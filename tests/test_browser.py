@@ -19,15 +19,16 @@ import sys
 import time
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
 from tests.conftest import TEST_SECRET
 from tests.servers import RedisServer, poll
 from tests.test_streams import TwistdDaemon
-from tickstock.auth import JWTAuthenticator
+from tickstock.deliver.auth import JWTAuthenticator
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = os.environ.get("TICKSTOCK_CHROMIUM", "/usr/bin/chromium")

@@ -16,7 +16,7 @@ from twisted.internet.task import Clock
 from tests.test_end_to_end import ready
 from tests.test_metrics import scrape
 from tests.wsclient import eventually, http_get
-from tickstock.canary import RETRY, Canary, canary_channel
+from tickstock.ops.canary import RETRY, Canary, canary_channel
 
 
 class Loopback:

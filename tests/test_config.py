@@ -11,8 +11,14 @@ from pathlib import Path
 import pytest
 
 from tickstock.config import (
-    OPTIONS, ConfigError, check_settings, describe, load_settings, normalize_origin, parse_redis_url,
+    OPTIONS,
+    ConfigError,
+    check_settings,
+    describe,
+    load_settings,
+    parse_redis_url,
 )
+from tickstock.web.origins import normalize_origin
 
 
 def test_defaults_are_the_embedded_demo():

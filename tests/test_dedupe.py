@@ -29,7 +29,7 @@ from tickstock.config import ConfigError, load_settings
 from tickstock.history import DEDUPE_MAX
 from tickstock.history.memory import MemoryHistory
 from tickstock.history.redis import CLAIM, DEDUPE_KEY, DIGEST_BYTES
-from tickstock.normalize import parse_event
+from tickstock.ingest.normalize import parse_event
 
 ROOT = Path(__file__).resolve().parent.parent
 PATTERNS = "tickstock.events.patterns"

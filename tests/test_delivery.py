@@ -25,10 +25,10 @@ from twisted.internet import reactor
 from twisted.internet.task import Clock, deferLater
 
 from tests.wsclient import connect, eventually
-from tickstock.events import id_key
-from tickstock.topics import DEFAULT_CHANNELS
-from tickstock.gateway import CLOSE_SLOW_CONSUMER
-from tickstock.web.stream import SWEEP, ClientProtocol, StreamFactory
+from tickstock.deliver.gateway import CLOSE_SLOW_CONSUMER
+from tickstock.domain.events import id_key
+from tickstock.domain.topics import DEFAULT_CHANNELS
+from tickstock.web.websocket import SWEEP, ClientProtocol, StreamFactory
 
 TICKS = "tickstock.data.ticks"
 STALL = 5.0
@@ -384,7 +384,7 @@ def test_a_closed_connection_drops_its_queue(stop: str) -> None:
 def test_documented_latest_only_channels_are_the_code() -> None:
     """
     The C{event} message in C{docs/asyncapi.yaml} lists exactly the
-    latest-only channels and their keys of L{tickstock.topics.DEFAULT_CHANNELS}, and
+    latest-only channels and their keys of L{tickstock.domain.topics.DEFAULT_CHANNELS}, and
     its delivery-classes text names every topic and the 4001 close.
     """
     yaml = pytest.importorskip("yaml")

@@ -17,17 +17,24 @@ import subprocess
 import sys
 import tomllib
 import urllib.request
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Mapping
 
 import orjson
 import psycopg2.errors
 import pytest
 
-from tests.servers import PostgresServer, RedisServer, _postgres_bin, free_port, poll, run_sql
+from tests.servers import (
+    PostgresServer,
+    RedisServer,
+    _postgres_bin,
+    free_port,
+    poll,
+    run_sql,
+)
 from tests.test_migrate import ALL, TABLES, write_errors
-from tickstock.store.db_cli import create_reader
+from tickstock.cli.db import create_reader
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

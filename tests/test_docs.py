@@ -1,43 +1,50 @@
 """
 Tests for C{docs/asyncapi.yaml}: the message document must stay true to the
 code. The producer channels (by Redis name, against the registry of
-L{tickstock.topics}), the WebSocket ops, the error codes and the limits are
+L{tickstock.domain.topics}), the WebSocket ops, the error codes and the limits are
 compared with the modules that implement them, and concrete messages (the
 documented examples, accepted and refused, and edge values) are run both
 through the documented JSON Schemas and through the real code
-(L{tickstock.normalize.parse_event}, L{tickstock.gateway.Gateway} with a real
-L{tickstock.jobs.Jobs}), which must agree.
+(L{tickstock.ingest.normalize.parse_event}, L{tickstock.deliver.gateway.Gateway} with a real
+L{tickstock.jobs.backtests.Jobs}), which must agree.
 """
 
 from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import orjson
 import pytest
 from twisted.internet import defer, task
 from zope.interface import implementer
 
-from tickstock import broadcast, events, gateway
-from tickstock import jobs as jobs_module
-from tickstock.broadcast import Broadcaster
-from tickstock.config import JOB_PATTERNS
-from tickstock.history.memory import MemoryHistory
-from tickstock.events import MalformedEvent
-from tickstock.normalize import Probe, parse_event
-from tickstock.topics import (
-    CONTROL_CHANNEL, DEFAULT_CHANNELS, DEFAULT_REGISTRY, JOBS_CHANNEL, TOPICS, Channel,
+from tickstock.deliver import broadcast, gateway
+from tickstock.deliver.auth import anonymous
+from tickstock.deliver.broadcast import Broadcaster
+from tickstock.deliver.gateway import Gateway
+from tickstock.domain import events
+from tickstock.domain.events import MalformedEvent
+from tickstock.domain.interfaces import IClient, IProducerLink
+from tickstock.domain.jobs import JOB_PATTERNS
+from tickstock.domain.topics import (
+    CONTROL_CHANNEL,
+    DEFAULT_CHANNELS,
+    DEFAULT_REGISTRY,
+    JOBS_CHANNEL,
+    TOPICS,
+    Channel,
 )
-from tickstock.auth import anonymous
-from tickstock.gateway import Gateway
-from tickstock.interfaces import IClient, IProducerLink
-from tickstock.jobs import PROGRESS_CHANNEL, Jobs
-from tickstock.router import Router
+from tickstock.history.memory import MemoryHistory
+from tickstock.ingest.normalize import Probe, parse_event
+from tickstock.ingest.router import Router
+from tickstock.jobs import backtests as jobs_module
+from tickstock.jobs.backtests import PROGRESS_CHANNEL, Jobs
 from tickstock.store.memory import MemoryStore
-from tickstock.web import stream
+from tickstock.web import websocket as stream
 
 yaml = pytest.importorskip("yaml")
 
@@ -271,7 +278,7 @@ def test_every_reference_resolves() -> None:
     walk(DOC)
 
 
-# ---------------------------------------------------------------- CONTRACT §1 and §2: Redis
+# ---------------------------------------------------------------- docs/contract.md §1 and §2: Redis
 
 
 NAMED_CHANNELS = [channel for channel in DEFAULT_CHANNELS if channel.redis]
@@ -341,7 +348,7 @@ def schema_verdict(schema_for: Callable[..., Any], name: str) -> Callable[[Any],
 def test_producer_channels_are_exactly_the_registrys() -> None:
     """
     The producer channels in the document are exactly the Redis names of
-    L{tickstock.topics.DEFAULT_CHANNELS} (a pattern as a parameterized
+    L{tickstock.domain.topics.DEFAULT_CHANNELS} (a pattern as a parameterized
     channel): none missing, none stale. Each says which channel of the
     registry and which topic it feeds; a channel's own entry names its other
     Redis names, and theirs name it. The channel fed from PostgreSQL, which
@@ -696,7 +703,7 @@ def test_producer_schema_agrees_with_parse_event(
 def test_jobs_channel_is_documented() -> None:
     """
     C{tickstock.jobs.backtest} is documented as sent by TickStock, with every
-    field of CONTRACT §2 required.
+    field of docs/contract.md §2 required.
     """
     channel = DOC["channels"][JOBS_CHANNEL]
     assert "publish" not in channel
@@ -724,7 +731,7 @@ def test_control_channel_is_documented() -> None:
 
 def test_deadletter_list_is_documented() -> None:
     """The dead-letter list is documented under its Redis key with its record's fields."""
-    from tickstock.bus.redis import DEADLETTER_KEY
+    from tickstock.connections.redis import DEADLETTER_KEY
 
     channel = DOC["channels"][DEADLETTER_KEY]
     assert channel["x-redis-type"] == "list"
@@ -749,8 +756,8 @@ def test_deadletter_record_matches_schema(schema_for: Callable[..., Any]) -> Non
     What the Redis link pushes to C{tickstock:deadletter} for a refused message
     (here: confidence 1.5) is a record as documented.
     """
-    from tickstock.bus.redis import DEADLETTER_KEY, RedisLink
-    from tickstock.router import Router
+    from tickstock.connections.redis import DEADLETTER_KEY, RedisLink
+    from tickstock.ingest.router import Router
 
     link = RedisLink.__new__(RedisLink)  # no connection: only the record is wanted
     link._deadletter_max = 10
@@ -883,7 +890,7 @@ def test_job_lifecycle_is_as_documented() -> None:
     assert (reply["op"], reply["code"]) == ("error", "job_finished")
 
 
-# ---------------------------------------------------------------- CONTRACT §3: WebSocket
+# ---------------------------------------------------------------- docs/contract.md §3: WebSocket
 
 
 def test_every_gateway_op_is_a_documented_client_message() -> None:
@@ -893,7 +900,7 @@ def test_every_gateway_op_is_a_documented_client_message() -> None:
 
 
 def test_every_server_message_is_documented() -> None:
-    """Each server→client message of CONTRACT §3 (and C{pong}) is documented."""
+    """Each server→client message of docs/contract.md §3 (and C{pong}) is documented."""
     assert {op_of(m) for m in messages("/ws", "subscribe")} == set(SERVER_OPS)
 
 
@@ -945,8 +952,8 @@ def test_topics_filters_and_limits_match_the_code() -> None:
 
 def test_backtest_params_match_the_code() -> None:
     """
-    C{submit_backtest} params: exactly L{tickstock.jobs.PARAMS}, no others
-    (C{additionalProperties: false}), at most L{tickstock.jobs.MAX_SYMBOLS}
+    C{submit_backtest} params: exactly L{tickstock.jobs.backtests.PARAMS}, no others
+    (C{additionalProperties: false}), at most L{tickstock.jobs.backtests.MAX_SYMBOLS}
     symbols, none twice; patterns none twice and, as the enum, exactly the
     default known names L{tickstock.config.JOB_PATTERNS}; the year limit,
     which a schema cannot say, in the descriptions.

@@ -24,9 +24,9 @@ from twisted.internet import reactor
 from tests.servers import free_port, poll
 from tests.test_startup import Twistd
 from tests.wsclient import eventually
-from tickstock.normalize import parse_event
-from tickstock.persist import Persister
+from tickstock.ingest.normalize import parse_event
 from tickstock.store.migrate import migrate
+from tickstock.store.persist import Persister
 from tickstock.store.postgres import PostgresStore
 
 TICKS = "tickstock.data.ticks"
@@ -115,7 +115,7 @@ async def test_written_but_not_acknowledged_is_made_again_not_twice(
     PostgreSQL is made again into the same rows and bar parts: the volume
     is every tick's once, and each event is there once.
     """
-    from tickstock.bus import streams
+    from tickstock.ingest import streams
 
     first = daemons(redis=redis_server.url, mode="streams", postgres=postgres,
                     node_id="n1", flush_interval="0.1", canary_interval="0")
@@ -196,7 +196,7 @@ async def test_written_in_two_parts_and_read_again_as_one_batch_counts_once(
     first and makes no part of them: the bar's volume is every tick's once
     (before, the batch made one part beside the second: 60 of 40).
     """
-    from tickstock.bus import streams
+    from tickstock.ingest import streams
 
     dbname = parse_dsn(postgres)["dbname"]
 

@@ -7,7 +7,6 @@ real WebSocket connections.
 from __future__ import annotations
 
 import socket
-
 from typing import Any
 
 import orjson
@@ -17,6 +16,7 @@ from twisted.internet.task import deferLater
 
 from tests.test_jobs import job_listener  # noqa: F401 - fixture
 from tests.wsclient import connect, eventually, http_get
+
 
 def publish(redis: Any, channel: str, payload: dict[str, Any] | bytes) -> int:
     """PUBLISH with a real Redis client; the number of Redis subscribers."""
@@ -38,7 +38,7 @@ async def ready(daemon: Any) -> None:
 async def test_one_event_per_channel(redis_server, daemons, job_listener):
     """
     A client subscribed to every topic receives one event from each producer
-    channel of CONTRACT §1, with the producer's fields (unknown ones kept),
+    channel of docs/contract.md §1, with the producer's fields (unknown ones kept),
     and its own backtest's progress and result.
     """
     daemon = daemons(redis=redis_server.url)
@@ -96,13 +96,13 @@ async def test_one_event_per_channel(redis_server, daemons, job_listener):
 @pytest_twisted.ensureDeferred
 async def test_submitted_job_reaches_the_producer(redis_server, daemons):
     """
-    submit_backtest publishes the CONTRACT §2 job on tickstock.jobs.backtest,
+    submit_backtest publishes the docs/contract.md §2 job on tickstock.jobs.backtest,
     with a job id assigned by TickStock and the submitting user.
     """
     daemon = daemons(redis=redis_server.url)
     await ready(daemon)
-    from tickstock.bus.redis import RedisPubSubSource
     from tickstock.config import parse_redis_url
+    from tickstock.ingest.pubsub import RedisPubSubSource
 
     received: list[bytes] = []
     listener = RedisPubSubSource(reactor, parse_redis_url(redis_server.url),
@@ -294,7 +294,7 @@ async def test_redis_paused_is_detected_by_heartbeat(redis_server, daemons):
 async def test_supervisor_rebuilds_a_factory_that_gave_up(redis_server, daemons):
     """
     txredisapi stops reconnecting for good after a failed AUTH on reconnect
-    (PITFALLS.md): with Redis refusing new clients (maxclients) and the
+    (docs/internals.md §1): with Redis refusing new clients (maxclients) and the
     subscriber killed, the library gives up; once Redis accepts clients again
     the supervisor has rebuilt it and events flow.
     """

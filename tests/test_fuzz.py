@@ -6,10 +6,10 @@ property below; C{--hypothesis-show-statistics} prints them). Code under
 test runs with the recursion headroom it has in the daemon, not the extra
 stack hypothesis grants a test (see L{production_stack}).
 
-1. The producer message normalizer, L{tickstock.normalize.parse_event},
+1. The producer message normalizer, L{tickstock.ingest.normalize.parse_event},
    held to an independent reference of docs/producers.md (the rule book:
    the reference reads only the channel registry's data from
-   L{tickstock.topics}, never the normalizer's code):
+   L{tickstock.domain.topics}, never the normalizer's code):
    - L{test_parse_event_accepts_or_refuses_only_as_the_document_says}
      (C{EVENT_HOSTILE_CASES} = 600, plus C{NEAR_MISSES}: one message per
      rule): arbitrary bytes, arbitrary JSON documents, probes and near
@@ -39,7 +39,7 @@ stack hypothesis grants a test (see L{production_stack}).
    payload's; which state a health word not in its lists maps to; the text
    a numeric C{job_id} becomes), the reference accepts each reading.
 
-2. The WebSocket request handler, L{tickstock.gateway.Gateway.receive}, over
+2. The WebSocket request handler, L{tickstock.deliver.gateway.Gateway.receive}, over
    a real L{Broadcaster}, L{MemoryHistory}, L{Router}, L{Jobs},
    L{Universes} and L{MemoryStore}, driven by a L{Clock}, with auth off
    (L{anonymous}) or a L{JWTAuthenticator}. The connections are fakes
@@ -107,11 +107,12 @@ import sys
 import time
 import unicodedata
 import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal, InvalidOperation
-from typing import Any, Callable, Iterator
+from typing import Any
 from urllib.parse import quote_from_bytes
 
 import jwt
@@ -128,24 +129,30 @@ from twisted.web.test.requesthelper import DummyChannel
 
 from tests.conftest import TEST_SECRET
 from tests.test_units import RecordingClient
-from tickstock.auth import JWTAuthenticator, anonymous
-from tickstock.broadcast import Broadcaster
-from tickstock.bus.memory import MemoryBus
-from tickstock.cache import MemoryCache
-from tickstock.config import normalize_origin
-from tickstock.events import Event, MalformedEvent, shown
-from tickstock.gateway import CLOSE_POLICY, Gateway
-from tickstock.history.memory import MemoryHistory
-from tickstock.jobs import Jobs
-from tickstock.ratelimit import RateLimit
-from tickstock.router import Router
-from tickstock.normalize import Probe, parse_event
-from tickstock.store.memory import MemoryStore
-from tickstock.topics import (
-    CANCEL_CHANNEL, CONTROL_CHANNEL, DEFAULT_CHANNELS, JOBS_CHANNEL, TOPIC_NAMES, TOPICS, Channel,
+from tickstock.deliver.auth import JWTAuthenticator, anonymous
+from tickstock.deliver.broadcast import Broadcaster
+from tickstock.deliver.gateway import CLOSE_POLICY, Gateway
+from tickstock.deliver.ratelimit import RateLimit
+from tickstock.deliver.universes import Universes
+from tickstock.domain.events import Event, MalformedEvent, shown
+from tickstock.domain.topics import (
+    CANCEL_CHANNEL,
+    CONTROL_CHANNEL,
+    DEFAULT_CHANNELS,
+    JOBS_CHANNEL,
+    TOPIC_NAMES,
+    TOPICS,
+    Channel,
 )
-from tickstock.universes import Universes
+from tickstock.history.memory import MemoryHistory
+from tickstock.ingest.memory import MemoryBus
+from tickstock.ingest.normalize import Probe, parse_event
+from tickstock.ingest.router import Router
+from tickstock.jobs.backtests import Jobs
+from tickstock.store.cache import MemoryCache
+from tickstock.store.memory import MemoryStore
 from tickstock.web.api import build_api
+from tickstock.web.origins import normalize_origin
 from tickstock.web.site import JSONStatus, build_site
 
 EVENT_HOSTILE_CASES = 600
@@ -2087,7 +2094,7 @@ def _ref_time(text: str) -> float | None:
         except ValueError:
             return None
         if parsed.tzinfo is None:
-            parsed = parsed.replace(tzinfo=timezone.utc)
+            parsed = parsed.replace(tzinfo=UTC)
         value = parsed.timestamp()
     else:
         return None

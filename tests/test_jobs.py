@@ -1,5 +1,5 @@
 """
-Backtest jobs (L{tickstock.jobs}): validation, the job gate in the history,
+Backtest jobs (L{tickstock.jobs.backtests}): validation, the job gate in the history,
 the records, cancel, the per-user limit and the timeout.
 
 The unit tests run the real memory parts (bus, history, store, router) on a
@@ -21,16 +21,23 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from tests.servers import RedisServer
-from tests.test_openapi import check, request as api_request
+from tests.test_openapi import check
+from tests.test_openapi import request as api_request
 from tests.wsclient import connect, eventually, http_request
-from tickstock.bus.memory import MemoryBus
-from tickstock.config import JOB_PATTERNS
-from tickstock.topics import CANCEL_CHANNEL, CONTROL_CHANNEL, JOBS_CHANNEL
-from tickstock.history import Refused
+from tickstock.domain.jobs import JOB_PATTERNS
+from tickstock.domain.stored import Refused
+from tickstock.domain.topics import CANCEL_CHANNEL, CONTROL_CHANNEL, JOBS_CHANNEL
 from tickstock.history.memory import MemoryHistory
-from tickstock import jobs as jobs_module
-from tickstock.jobs import NO_PRODUCER, RECORD_WAIT, JobRefused, Jobs, parse_params
-from tickstock.router import Router
+from tickstock.ingest.memory import MemoryBus
+from tickstock.ingest.router import Router
+from tickstock.jobs import backtests as jobs_module
+from tickstock.jobs.backtests import (
+    NO_PRODUCER,
+    RECORD_WAIT,
+    JobRefused,
+    Jobs,
+    parse_params,
+)
 from tickstock.store.memory import MemoryStore
 
 PROGRESS = "tickstock.events.backtesting.progress"
@@ -182,7 +189,7 @@ class Rig:
 
 def test_a_job_is_recorded_sent_and_followed_to_its_result() -> None:
     """
-    queued, sent as CONTRACT §2 with what upstream reads (type, parameters,
+    queued, sent as docs/contract.md §2 with what upstream reads (type, parameters,
     source); running with progress; completed with the results.
     """
     rig = Rig()
@@ -463,8 +470,8 @@ class Producer:
     """The producer's side, over the test's Redis: receives jobs and cancels, publishes events."""
 
     def __init__(self, redis: RedisServer) -> None:
-        from tickstock.bus.redis import RedisPubSubSource
         from tickstock.config import parse_redis_url
+        from tickstock.ingest.pubsub import RedisPubSubSource
 
         self.redis = redis
         self.jobs: list[dict[str, Any]] = []
@@ -749,7 +756,7 @@ async def test_the_embedded_demo_runs_jobs_on_its_simulator(daemons):
     over REST with its progress steps and a real backtest of its synthetic
     bars, and honours a cancel.
     """
-    from tickstock.sim import Backtester
+    from tickstock.sim.producer import Backtester
 
     daemon = daemons()
     tab = await watcher(daemon, "alice")

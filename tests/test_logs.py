@@ -28,8 +28,8 @@ from tests.servers import RedisServer, free_port
 from tests.test_end_to_end import pattern
 from tests.test_resume import PATTERNS
 from tests.wsclient import connect, eventually, http_get, http_request
-from tickstock.auth import JWTAuthenticator
-from tickstock.logs import RELAYED, JSONLines, log_format
+from tickstock.deliver.auth import JWTAuthenticator
+from tickstock.ops.logs import RELAYED, JSONLines, log_format
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -170,7 +170,7 @@ def test_a_workers_json_lines_are_relayed_as_records_and_its_text_lines_as_text(
     """The --workers parent re-logs each worker line; a JSON one keeps its record."""
     from twisted.logger import globalLogPublisher
 
-    from tickstock.workers import _Worker
+    from tickstock.ops.workers import _Worker
 
     out = Lines()
     observer = JSONLines(out)  # type: ignore[arg-type]

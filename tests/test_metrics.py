@@ -15,7 +15,7 @@ from twisted.internet.task import Clock
 from tests.test_end_to_end import pattern, publish, ready
 from tests.test_resume import PATTERNS
 from tests.wsclient import connect, eventually, http_get, http_request
-from tickstock.metrics import Metrics
+from tickstock.ops.metrics import Metrics
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -1,7 +1,7 @@
 """
 Tests for L{tickstock.store.migrate}, the packaged migrations and
 C{tickstock-db}, against a real PostgreSQL: migrations apply once (also when
-two processes race), the CONTRACT §6 tables and functions exist and behave,
+two processes race), the docs/contract.md §6 tables and functions exist and behave,
 and a login made with C{create-reader} can read but not write.
 """
 
@@ -11,9 +11,10 @@ import itertools
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import psycopg2
 import psycopg2.errors
@@ -21,7 +22,7 @@ import pytest
 from psycopg2.extensions import parse_dsn
 
 from tests.servers import PostgresServer, free_port, poll, run_sql
-from tickstock.store.db_cli import ReaderError, create_reader, main
+from tickstock.cli.db import ReaderError, create_reader, main
 from tickstock.store.migrate import (
     LOCK_KEY,
     CannotConnect,
@@ -165,7 +166,7 @@ def test_unreachable_server_is_cannot_connect() -> None:
 
 
 def test_contract_tables_and_columns_exist(postgres: str) -> None:
-    """The CONTRACT §6 tables exist with the columns and types the original system used."""
+    """The docs/contract.md §6 tables exist with the columns and types the original system used."""
     columns = {
         (table, column): kind
         for table, column, kind in run_sql(postgres, """
@@ -485,7 +486,7 @@ def test_migrating_without_createrole(postgres_server: PostgresServer) -> None:
     # The command prints the notices after its result, one line each.
     postgres_server.sql("CREATE DATABASE fourth OWNER owner")
     result = subprocess.run(
-        [sys.executable, "-m", "tickstock.store.db_cli", "migrate", "--postgres",
+        [sys.executable, "-m", "tickstock.cli.db", "migrate", "--postgres",
          postgres_server.dsn("fourth", user="owner")],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60)
     assert result.returncode == 0, result.stdout
@@ -516,7 +517,7 @@ def test_cli_migrate_and_status(empty: str, capsys: pytest.CaptureFixture[str],
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     """C{tickstock-db} as its own process, without TICKSTOCK_POSTGRES."""
     environ = {k: v for k, v in os.environ.items() if k != "TICKSTOCK_POSTGRES"}
-    return subprocess.run([sys.executable, "-m", "tickstock.store.db_cli", *args], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "tickstock.cli.db", *args], cwd=ROOT,
                           env=environ, capture_output=True, text=True, timeout=60)
 
 

@@ -1,6 +1,6 @@
 """
-The channel registry (L{tickstock.topics}) and the normalizer
-(L{tickstock.normalize}) as units: each rule of docs/producers.md on its own.
+The channel registry (L{tickstock.domain.topics}) and the normalizer
+(L{tickstock.ingest.normalize}) as units: each rule of docs/producers.md on its own.
 The end-to-end versions through Redis and a WebSocket are in
 C{tests/test_conformance.py}; the fuzzed ones in C{tests/test_fuzz.py}.
 """
@@ -13,9 +13,9 @@ import orjson
 import pytest
 
 from tickstock.config import ConfigError, load_settings
-from tickstock.events import MalformedEvent
-from tickstock.normalize import Probe, epoch_seconds, parse_event
-from tickstock.topics import DEFAULT_REGISTRY, configure
+from tickstock.domain.events import MalformedEvent
+from tickstock.domain.topics import DEFAULT_REGISTRY, configure
+from tickstock.ingest.normalize import Probe, epoch_seconds, parse_event
 
 NOW = 1_700_000_000.0
 

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import uuid
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 from urllib.parse import urlencode
 
 import orjson
@@ -40,23 +41,45 @@ from zope.interface.verify import verifyObject
 
 from tests.servers import free_port
 from tests.test_api import (  # noqa: F401 - fixtures
-    AUTH, Answer, SwitchableStore, bearer, call, seed, serve, store, token,
+    AUTH,
+    Answer,
+    SwitchableStore,
+    bearer,
+    call,
+    seed,
+    serve,
+    store,
+    token,
 )
 from tests.wsclient import read_body
-from tickstock.bus.memory import MemoryBus
-from tickstock.config import JOB_PATTERNS
-from tickstock.events import SYMBOL
-from tickstock.normalize import RESULT_FIELDS
+from tickstock.domain.events import SYMBOL
+from tickstock.domain.interfaces import IJobStore
+from tickstock.domain.jobs import ACTIVE, FINAL, JOB_PATTERNS
 from tickstock.history.memory import MemoryHistory
-from tickstock.interfaces import IJobStore
-from tickstock.jobs import (
-    ACTIVE, FINAL, MAX_SYMBOLS, MAX_YEARS, PARAMETERS, PARAMS, PROGRESS_CHANNEL, Jobs,
+from tickstock.ingest.memory import MemoryBus
+from tickstock.ingest.normalize import RESULT_FIELDS
+from tickstock.ingest.router import Router
+from tickstock.jobs.backtests import (
+    MAX_SYMBOLS,
+    MAX_YEARS,
+    PARAMETERS,
+    PARAMS,
+    PROGRESS_CHANNEL,
+    Jobs,
 )
-from tickstock.router import Router
 from tickstock.store import StoreUnavailable
 from tickstock.web.api import (
-    BARS_MAX, JOB_BODY_MAX, JOB_ID, JOBS_DEFAULT, JOBS_MAX, PATTERNS_DEFAULT, PATTERNS_MAX,
-    ROUTES, ApiResource, build_api, job_view,
+    BARS_MAX,
+    JOB_BODY_MAX,
+    JOB_ID,
+    JOBS_DEFAULT,
+    JOBS_MAX,
+    PATTERNS_DEFAULT,
+    PATTERNS_MAX,
+    ROUTES,
+    ApiResource,
+    build_api,
+    job_view,
 )
 
 yaml = pytest.importorskip("yaml")
@@ -259,9 +282,10 @@ def serve_jobs() -> Iterator[Callable[..., JobsServer]]:
     the producer's events go through a real router and memory history, and
     what the history stored is written to C{store} (the persister's job).
     """
-    from tickstock.cache import MemoryCache
     from autobahn.twisted.resource import WebSocketResource
     from autobahn.twisted.websocket import WebSocketServerFactory
+
+    from tickstock.store.cache import MemoryCache
     from tickstock.web.site import JSONStatus, build_site
 
     ports: list[Any] = []
@@ -314,10 +338,10 @@ def test_every_route_served_is_documented_and_every_documented_route_served():
     from autobahn.twisted.websocket import WebSocketServerFactory
     from twisted.internet.task import Clock
 
-    from tickstock.cache import MemoryCache
+    from tickstock.deliver.auth import anonymous
+    from tickstock.ops.metrics import Metrics, MetricsResource
+    from tickstock.store.cache import MemoryCache
     from tickstock.store.memory import MemoryStore
-    from tickstock.auth import anonymous
-    from tickstock.metrics import Metrics, MetricsResource
     from tickstock.web.site import JSONStatus, build_site
 
     assert set(DOC["paths"]) == set(ROUTES) | set(PROBES) | {"/metrics"}

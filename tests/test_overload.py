@@ -1,7 +1,7 @@
 """
 An overloaded daemon does not close its clients at once: it sheds ticks
-first and takes in less (L{tickstock.overload}), and closes only a client
-that stopped reading (L{tickstock.web.stream}).
+first and takes in less (L{tickstock.deliver.overload}), and closes only a client
+that stopped reading (L{tickstock.web.websocket}).
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from twisted.python.failure import Failure
 from tests.test_end_to_end import pattern, publish, ready
 from tests.test_units import ADDRESS, RecordingClient, make_gateway
 from tests.wsclient import connect, eventually
-from tickstock.bus.redis import STEER_INTERVAL, RedisPubSubSource, output_memory
-from tickstock.events import Event
-from tickstock.gateway import GAP_CLOSES_PER_SECOND, GAP_SPREAD
-from tickstock.overload import LATE_AFTER, LATE_HOLD, Overload
-from tickstock.throttle import BEHIND_INTERVAL, TickThrottle
+from tickstock.deliver.gateway import GAP_CLOSES_PER_SECOND, GAP_SPREAD
+from tickstock.deliver.overload import LATE_AFTER, LATE_HOLD, Overload
+from tickstock.deliver.throttle import BEHIND_INTERVAL, TickThrottle
+from tickstock.domain.events import Event
+from tickstock.ingest.pubsub import STEER_INTERVAL, RedisPubSubSource, output_memory
 
 PATTERNS = "tickstock.events.patterns"
 

@@ -1,5 +1,5 @@
 """
-Unit tests of L{tickstock.persist.Persister} behind L{ITickMarks} (the store
+Unit tests of L{tickstock.store.persist.Persister} behind L{ITickMarks} (the store
 interface with tick marks), with Clock for time and a real spool folder
 (pytest's tmp_path).
 
@@ -14,7 +14,8 @@ bar. L{Stream} is a fake too: it stands in for the stream source.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import orjson
 from hypothesis import HealthCheck, example, given, settings
@@ -25,14 +26,13 @@ from twisted.logger import capturedLogs
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from tickstock import persist
-from tickstock.bars import BarAggregator
-from tickstock.events import Event
-from tickstock.normalize import parse_event
-from tickstock.interfaces import ITickMarks
-from tickstock.persist import STOP_TIMEOUT, Persister
-from tickstock.store import Bar, StoreUnavailable
+from tickstock.domain.events import Event
+from tickstock.domain.interfaces import ITickMarks
+from tickstock.ingest.normalize import parse_event
+from tickstock.store import Bar, StoreUnavailable, persist
+from tickstock.store.bars import BarAggregator
 from tickstock.store.memory import MemoryStore
+from tickstock.store.persist import STOP_TIMEOUT, Persister
 
 M = 1_700_000_040
 Key = tuple[str, int]

@@ -18,8 +18,8 @@ from twisted.internet import reactor, task
 
 from tests.servers import PostgresServer
 from tests.wsclient import eventually
-from tickstock.events import Event
-from tickstock.normalize import parse_event
+from tickstock.domain.events import Event
+from tickstock.ingest.normalize import parse_event
 from tickstock.store import Bar, PatternQuery, StoreUnavailable
 from tickstock.store.migrate import migrate
 from tickstock.store.postgres import PostgresStore

@@ -10,7 +10,8 @@ live, also after a restart or a lost connection.
 from __future__ import annotations
 
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import orjson
 import psycopg2
@@ -22,7 +23,7 @@ from twisted.internet import reactor, task
 
 from tests.servers import PostgresServer
 from tests.wsclient import eventually
-from tickstock.events import ID_STRIDE, Event, EventIds
+from tickstock.domain.events import ID_STRIDE, Event, EventIds
 from tickstock.store import PatternQuery
 from tickstock.store.listen import CHANNEL, ProducerRowListener
 from tickstock.store.migrate import migrate

@@ -1,5 +1,5 @@
 """
-Resume (CONTRACT §3): a reconnecting client says C{hello} with
+Resume (docs/contract.md §3): a reconnecting client says C{hello} with
 C{resume.last_id}, re-sends its subscriptions and gets every matching event
 it missed, in order, once, then live events with no gap and no duplicate;
 or C{recovered:false} with what was lost when the history no longer reaches
@@ -29,11 +29,11 @@ from tests.servers import RedisServer
 from tests.test_end_to_end import pattern, ready
 from tests.test_jobs import job_listener  # noqa: F401 - fixture
 from tests.wsclient import RecordingClient, connect, eventually
-from tickstock.bus.redis import Occurrences
-from tickstock.events import id_key
-from tickstock.normalize import parse_event
+from tickstock.domain.events import id_key
 from tickstock.history import BOOKMARK_EVERY
 from tickstock.history.memory import MemoryHistory
+from tickstock.ingest.normalize import parse_event
+from tickstock.ingest.pubsub import Occurrences
 
 PATTERNS = "tickstock.events.patterns"
 TICKS = "tickstock.data.ticks"
@@ -618,8 +618,8 @@ async def test_live_clients_are_told_when_the_tail_fell_behind_trimming(
     event or are closed with 4001 (resume), and resuming then reports the
     gap.
     """
-    from tickstock.bus.redis import NotConnected
-    from tickstock.gateway import CLOSE_SLOW_CONSUMER
+    from tickstock.connections.redis import NotConnected
+    from tickstock.deliver.gateway import CLOSE_SLOW_CONSUMER
 
     daemon = daemons(redis=redis_server.url, history_max=10)
     await ready(daemon)

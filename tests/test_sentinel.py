@@ -6,7 +6,8 @@ real redis-server processes; the master is killed -9).
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import orjson
 import pytest
@@ -20,8 +21,12 @@ from twisted.logger import globalLogPublisher
 from tests.servers import RedisServer, SentinelServer, free_port, poll
 from tests.test_end_to_end import pattern, publish, ready
 from tests.wsclient import connect, eventually, http_get
-from tickstock.bus.sentinel import SentinelEndpoint, SentinelError, client_endpoint
 from tickstock.config import ConfigError, load_settings
+from tickstock.connections.sentinel import (
+    SentinelEndpoint,
+    SentinelError,
+    client_endpoint,
+)
 
 PASSWORD = "s3nt1nel-pw"
 NAME = "tsmaster"
@@ -221,9 +226,10 @@ async def test_link_reconnects_when_its_redis_turns_read_only(redis_server):
     answers writes with READONLY: the link drops that connection, so the
     next one asks Sentinel again.
     """
-    from tickstock.bus.redis import RedisLink
-    from tickstock.config import parse_redis_url
     from txredisapi import ResponseError
+
+    from tickstock.config import parse_redis_url
+    from tickstock.connections.redis import RedisLink
 
     link = RedisLink(reactor, parse_redis_url(redis_server.url), deadletter_max=0)
     link.startService()

@@ -1,4 +1,4 @@
-"""Tests for L{tickstock.sim}: the producer simulator's events, backtests, jobs and pacing."""
+"""Tests for L{tickstock.sim.producer}: the producer simulator's events, backtests, jobs and pacing."""
 
 from __future__ import annotations
 
@@ -17,8 +17,14 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, task
 
-from tickstock import sim
-from tickstock.sim import Backtester, JobRunner, MarketSimulator, Producer, default_symbols
+from tickstock.sim import producer as sim
+from tickstock.sim.producer import (
+    Backtester,
+    JobRunner,
+    MarketSimulator,
+    Producer,
+    default_symbols,
+)
 
 SYMBOL = re.compile(r"^[A-Z0-9.-]{1,10}$")
 JOB = {"job_type": "backtest", "job_id": "job-1", "user_id": "alice", "symbols": ["AAPL", "MSFT"],
@@ -61,7 +67,7 @@ def all_finite(value: Any) -> bool:
 
 
 def assert_contract(channel: str, event: dict[str, Any]) -> None:
-    """Check one producer message against CONTRACT section 1."""
+    """Check one producer message against docs/contract.md §1."""
     assert all_finite(event) and orjson.loads(orjson.dumps(event)) == event
     assert number(event["timestamp"])
     assert isinstance(event["event_id"], str) and 0 < len(event["event_id"]) <= 64
@@ -481,7 +487,7 @@ def test_every_upstream_message_normalizes_and_every_shape_occurs() -> None:
     probe): none is refused; its timestamp, in whatever form, is the draw's
     time; and every shape and every timestamp form of the issue occurs.
     """
-    from tickstock.normalize import Probe, parse_event
+    from tickstock.ingest.normalize import Probe, parse_event
 
     upstream = sim.UpstreamSimulator(default_symbols(30), random.Random(5))
     shapes: Counter[str] = Counter()
@@ -540,7 +546,7 @@ def test_upstream_jobs_answer_in_upstream_shapes_and_a_cancel_on_both_channels_o
     result's time is its timestamp); a cancel sent on both channels ends the
     job with one C{cancelled} progress.
     """
-    from tickstock.normalize import parse_event
+    from tickstock.ingest.normalize import parse_event
 
     clock, rec = task.Clock(), Recorder()
     clock.advance(NOW)
@@ -594,7 +600,7 @@ def test_an_upstream_backtest_that_fails_says_so_in_its_result() -> None:
 
 
 def test_the_cli_dialect_option() -> None:
-    from tickstock.sim_cli import parse_args
+    from tickstock.cli.sim import parse_args
 
     assert parse_args(["--redis", "redis://127.0.0.1"]).dialect == "tickstock"
     assert parse_args(["--redis", "redis://127.0.0.1", "--dialect", "upstream"]).dialect == \

@@ -12,14 +12,15 @@ from typing import Any
 import orjson
 from twisted.internet.task import Clock
 
-from tickstock.broadcast import BadRequest, Broadcaster, Filter
-from tickstock.catchup import deepen
-from tickstock.events import Event, id_before
-from tickstock.normalize import parse_event
+from tickstock.deliver.broadcast import Broadcaster, Filter
+from tickstock.deliver.catchup import deepen
+from tickstock.deliver.throttle import TickThrottle
+from tickstock.deliver.universes import Universes
+from tickstock.domain.errors import BadRequest
+from tickstock.domain.events import Event, id_before
 from tickstock.history import Replay
+from tickstock.ingest.normalize import parse_event
 from tickstock.store.memory import MemoryStore
-from tickstock.throttle import TickThrottle
-from tickstock.universes import Universes
 
 
 def now(d: Any) -> Any:

@@ -13,8 +13,9 @@ uses a real redis-server.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any
 
 import orjson
 import pytest_twisted
@@ -25,16 +26,17 @@ from twisted.internet.task import Clock, deferLater
 from zope.interface import implementer
 
 from tests.wsclient import eventually
-from tickstock.bus.memory import MemoryBus
-from tickstock.bus.redis import RedisLink
-from tickstock.bus.streams import GROUP, RedisStreamSource
 from tickstock.config import parse_redis_url
-from tickstock.events import Event, id_key
-from tickstock.history.redis import INGEST, RedisHistory, StreamEntry
-from tickstock.interfaces import IHistory
-from tickstock.normalize import normalize
-from tickstock.router import Overloaded, Router
-from tickstock.topics import DEFAULT_REGISTRY
+from tickstock.connections.redis import RedisLink
+from tickstock.domain.events import Event, id_key
+from tickstock.domain.interfaces import IHistory
+from tickstock.domain.stored import StreamEntry
+from tickstock.domain.topics import DEFAULT_REGISTRY
+from tickstock.history.redis import INGEST, RedisHistory
+from tickstock.ingest.memory import MemoryBus
+from tickstock.ingest.normalize import normalize
+from tickstock.ingest.router import Overloaded, Router
+from tickstock.ingest.streams import GROUP, RedisStreamSource
 
 ADDRESS = parse_redis_url("redis://127.0.0.1:1/0")
 STREAM = "tickstock.events.patterns"

@@ -21,7 +21,7 @@ from twisted.internet.task import deferLater
 from tests.conftest import TEST_SECRET
 from tests.servers import RedisServer, free_port
 from tests.wsclient import connect, eventually, http_get
-from tickstock.auth import JWTAuthenticator
+from tickstock.deliver.auth import JWTAuthenticator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -177,8 +177,9 @@ async def test_graceful_stop_acknowledges_what_it_read(redis_server, daemons):
     nothing it read is left pending, and a daemon started afterwards stores
     the rest, so the history holds every entry exactly once.
     """
-    from tests.test_end_to_end import pattern
     import orjson
+
+    from tests.test_end_to_end import pattern
 
     total = 3000
     first = daemons(redis=redis_server.url, mode="streams", node_id="n1")
@@ -215,6 +216,7 @@ async def test_groups_are_recreated_after_redis_lost_its_data(redis_server, daem
     delivered.
     """
     import orjson
+
     from tests.test_end_to_end import pattern
 
     daemon = daemons(redis=redis_server.url, mode="streams")
@@ -253,8 +255,9 @@ async def test_entries_a_dead_consumer_left_pending_are_claimed(redis_server, da
     claimed with XAUTOCLAIM and delivered, once.
     """
     import orjson
+
     from tests.test_end_to_end import pattern
-    from tickstock.bus import streams
+    from tickstock.ingest import streams
 
     monkeypatch.setattr(streams, "CLAIM_MIN_IDLE_MS", 0)
     channel = "tickstock.events.patterns"

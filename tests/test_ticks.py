@@ -1,5 +1,5 @@
 """
-Live ticks (L{tickstock.ticks}) behind their interfaces: the router hands a
+Live ticks (L{tickstock.deliver.ticks}) behind their interfaces: the router hands a
 pub/sub tick to L{LiveTicks}, which delivers it at once and claims it in one
 batch per reactor turn. The claims here are a fake L{IClaims} (the real
 one, Redis, is tested in test_resume with two daemons); time is a Clock.
@@ -14,12 +14,12 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from zope.interface import implementer
 
-from tickstock.bus.memory import MemoryBus
-from tickstock.events import Event, id_key
+from tickstock.deliver.ticks import CLAIM_BATCH, LiveTicks
+from tickstock.domain.events import Event, id_key
+from tickstock.domain.interfaces import IClaims
 from tickstock.history.memory import MemoryHistory
-from tickstock.interfaces import IClaims
-from tickstock.router import Router
-from tickstock.ticks import CLAIM_BATCH, LiveTicks
+from tickstock.ingest.memory import MemoryBus
+from tickstock.ingest.router import Router
 
 TICKS = "tickstock.data.ticks"
 PATTERNS = "tickstock.events.patterns"

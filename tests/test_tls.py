@@ -3,7 +3,7 @@ TLS: C{--listen ssl:...} serves HTTPS and WSS on the one port. A self-signed
 certificate made here for 127.0.0.1, the daemon in the test reactor on the
 test's Redis, and real TLS clients that trust only that certificate. Events
 over WSS take the transport's path, not the plain-TCP socket fast path of
-tickstock/web/stream.py, so their arrival is what proves TLS delivery.
+tickstock/web/websocket.py, so their arrival is what proves TLS delivery.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tickstock test")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(name).issuer_name(name)

@@ -16,20 +16,27 @@ from twisted.internet.task import Clock
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from tickstock.broadcast import Broadcaster, Filter, parse_filter
-from tickstock.bus.memory import MemoryBus
-from tickstock.bus.redis import RedisLink, RedisPubSubSource
 from tickstock.config import parse_redis_url
-from tickstock.events import ID_STRIDE, EventIds, TickIds, id_key
-from tickstock.normalize import parse_event
-from tickstock.topics import DEFAULT_CHANNELS
-from tickstock.auth import anonymous
-from tickstock.gateway import Gateway
+from tickstock.connections.redis import RedisLink
+from tickstock.deliver.auth import anonymous
+from tickstock.deliver.broadcast import Broadcaster, Filter, parse_filter
+from tickstock.deliver.gateway import Gateway
+from tickstock.domain.events import ID_STRIDE, EventIds, TickIds, id_key
+from tickstock.domain.interfaces import (
+    IClient,
+    IEventSink,
+    IEventSource,
+    IHistory,
+    IProducerLink,
+)
+from tickstock.domain.topics import DEFAULT_CHANNELS
 from tickstock.history.memory import MemoryHistory
 from tickstock.history.redis import RedisHistory
-from tickstock.interfaces import IClient, IEventSink, IEventSource, IHistory, IProducerLink
-from tickstock.router import Router
-from tickstock.web.stream import ClientProtocol
+from tickstock.ingest.memory import MemoryBus
+from tickstock.ingest.normalize import parse_event
+from tickstock.ingest.pubsub import RedisPubSubSource
+from tickstock.ingest.router import Router
+from tickstock.web.websocket import ClientProtocol
 
 ADDRESS = parse_redis_url("redis://127.0.0.1:1/0")
 
@@ -237,7 +244,7 @@ def test_router_dead_letters_and_logs_each_kind_once():
 
 
 def test_every_channel_has_a_topic_and_parses_a_minimal_message():
-    """Each CONTRACT §1 channel accepts a message with just its required fields."""
+    """Each docs/contract.md §1 channel accepts a message with just its required fields."""
     samples = {
         "patterns": {"symbol": "AAPL", "pattern": "Doji", "confidence": 0.5, "timestamp": 1},
         "market_state": {"event_type": "ranking_change", "symbol": "AAPL", "timestamp": 1},
@@ -258,8 +265,8 @@ def test_every_channel_has_a_topic_and_parses_a_minimal_message():
 
 def make_gateway(clock: Clock, link: Any = None) -> Gateway:
     """A gateway over memory parts; C{link} is where its jobs are published."""
-    from tickstock.jobs import Jobs
-    from tickstock.router import Router
+    from tickstock.ingest.router import Router
+    from tickstock.jobs.backtests import Jobs
     from tickstock.store.memory import MemoryStore
 
     history, link = MemoryHistory(clock, 10, 60, 10), link or MemoryBus()

@@ -23,9 +23,9 @@ from tests.conftest import TEST_SECRET
 from tests.test_end_to_end import pattern, publish
 from tests.test_streams import TwistdDaemon
 from tests.wsclient import connect, eventually, http_get
-from tickstock.auth import JWTAuthenticator
 from tickstock.config import ConfigError
-from tickstock.workers import ORPHAN_EXIT, ParentWatch, listening_socket
+from tickstock.deliver.auth import JWTAuthenticator
+from tickstock.ops.workers import ORPHAN_EXIT, ParentWatch, listening_socket
 
 
 async def worker_pids(daemon: TwistdDaemon, want: int, timeout: float = 30) -> dict[int, int]:

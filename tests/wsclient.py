@@ -5,7 +5,8 @@ the server sends, plus async polling helpers with deadlines.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import orjson
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
@@ -142,9 +143,10 @@ async def http_request(port: int, method: bytes, path: str, token: str | None = 
     Any request to the daemon in this reactor, with a bearer token and a
     JSON (or raw bytes) body; (status, parsed JSON or raw body, headers).
     """
+    from io import BytesIO
+
     from twisted.web.client import Agent, FileBodyProducer
     from twisted.web.http_headers import Headers
-    from io import BytesIO
 
     headers = Headers()
     if token is not None:

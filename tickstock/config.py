@@ -15,18 +15,21 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import tomllib
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from tickstock.connections.address import RedisAddress
+from tickstock.deliver.auth import MIN_SECRET_BYTES
+from tickstock.domain.jobs import JOB_PATTERNS
+from tickstock.domain.topics import DEFAULT_REGISTRY, Registry, configure
 from tickstock.history import DEDUPE_MAX, DEDUPE_WINDOW
-from tickstock.topics import DEFAULT_REGISTRY, Registry, configure
+from tickstock.web.origins import normalize_origin
 
 ENV_PREFIX = "TICKSTOCK_"
 SECRET_ENV = ENV_PREFIX + "JWT_SECRET"
-MIN_SECRET_BYTES = 32
 
 
 class ConfigError(ValueError):
@@ -40,40 +43,6 @@ class ConfigError(ValueError):
     def __init__(self, *problems: str) -> None:
         super().__init__(problems[0])
         self.problems: tuple[str, ...] = problems
-
-
-@dataclass(frozen=True)
-class RedisAddress:
-    """
-    Where Redis is, parsed from a C{redis://} URL. With C{sentinels} the
-    master is whatever they name C{master}, and C{host}/C{port} are unused.
-    """
-
-    host: str
-    port: int
-    db: int
-    password: str | None = dataclasses.field(repr=False)
-    username: str | None
-    sentinels: tuple[tuple[str, int], ...] = ()
-    master: str | None = None
-
-    def endpoint(self) -> str:
-        """A Twisted client endpoint string for this address."""
-        if self.sentinels:
-            # Connecting to host/port would silently bypass Sentinel.
-            raise ValueError(f"{self} has no fixed endpoint: ask its sentinels")
-        host = self.host.replace(":", "\\:")
-        return f"tcp:host={host}:port={self.port}"
-
-    def __str__(self) -> str:
-        # Never shows the password: this is what logs and /ready print.
-        if self.sentinels:
-            hosts = ",".join(
-                f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-                for host, port in self.sentinels
-            )
-            return f"redis+sentinel://{hosts}/{self.master}/{self.db}"
-        return f"redis://{self.host}:{self.port}/{self.db}"
 
 
 def parse_redis_url(value: str) -> RedisAddress:
@@ -147,24 +116,6 @@ def _choice(*choices: str) -> Callable[[Any], str]:
     return parse
 
 
-_ORIGIN = re.compile(r"^(https?)://([A-Za-z0-9.\-\[\]:]+?)(?::(\d{1,5}))?$")
-
-
-def normalize_origin(value: str) -> str:
-    """
-    Return C{scheme://host:port} with the port made explicit, so that an
-    origin with an implied default port matches its explicit spelling.
-
-    @raise ValueError: for anything that is not an http(s) origin.
-    """
-    match = _ORIGIN.match(value.strip().lower())
-    if not match:
-        raise ValueError(f"not an http(s) origin: {value!r}")
-    scheme, host, port = match.groups()
-    port = port or ("443" if scheme == "https" else "80")
-    return f"{scheme}://{host}:{port}"
-
-
 def _origins(value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         items = [item for item in value.split(",") if item.strip()]
@@ -178,11 +129,6 @@ def _origins(value: Any) -> tuple[str, ...]:
             raise ValueError(f"expected origins as strings, got {item!r}")
         result.append("*" if item.strip() == "*" else normalize_origin(item))
     return tuple(result)
-
-
-JOB_PATTERNS = ("Doji", "Hammer", "Engulfing", "ShootingStar", "MorningStar",
-                "EveningStar", "BullFlag", "HeadAndShoulders", "DoubleBottom", "Breakout")
-"""The built-in simulator's pattern catalogue: the default C{--job-patterns}."""
 
 
 def _names(value: Any) -> tuple[str, ...]:

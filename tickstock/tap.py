@@ -14,14 +14,15 @@ import signal
 import socket
 import sys
 import tempfile
+from collections.abc import Callable
 from contextlib import suppress
 from functools import partial
-from typing import Any, Callable, NoReturn
+from typing import Any, NoReturn
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, succeed
 from twisted.internet.address import IPv6Address, UNIXAddress
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import SSL4ServerEndpoint, serverFromString
 from twisted.internet.error import CannotListenError, VerifyError
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorCore
@@ -29,12 +30,17 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from tickstock.config import OPTIONS, ConfigError, Settings, check_settings, describe
-from tickstock.canary import canary_channel
-from tickstock.topics import (
-    BACKTESTS, CONTROL_CHANNEL, JOBS_CHANNEL, STORED_TOPICS, TICKS, UNIVERSE,
+from tickstock.deliver.universes import MEMBERSHIP_CHANNELS, UPDATED_CHANNEL
+from tickstock.domain.topics import (
+    BACKTESTS,
+    CONTROL_CHANNEL,
+    JOBS_CHANNEL,
+    STORED_TOPICS,
+    TICKS,
+    UNIVERSE,
 )
-from tickstock.logs import JSONLines, LogFormat, log_format, twistd_log_file
-from tickstock.universes import MEMBERSHIP_CHANNELS, UPDATED_CHANNEL
+from tickstock.ops.canary import canary_channel
+from tickstock.ops.logs import JSONLines, LogFormat, log_format, twistd_log_file
 
 
 class Options(usage.Options):
@@ -126,21 +132,22 @@ class TickStock(MultiService):
             it then serves the listening socket its parent handed it.
         """
         super().__init__()
-        from tickstock.broadcast import Broadcaster
-        from tickstock.auth import JWTAuthenticator, anonymous
-        from tickstock.gateway import Gateway
-        from tickstock.jobs import Jobs
-        from tickstock.router import Router
-        from tickstock.web.site import JSONStatus, build_site
-        from tickstock.web.stream import StreamFactory
-        from tickstock.overload import Overload
-        from tickstock.web.api import build_api
-        from tickstock.metrics import Metrics, MetricsResource
-        from tickstock.cache import MemoryCache, RedisCache
-        from tickstock.throttle import TickThrottle
-        from tickstock.ratelimit import RateLimit
-        from tickstock.universes import Universes
         from autobahn.twisted.resource import WebSocketResource
+
+        from tickstock.deliver.auth import JWTAuthenticator, anonymous
+        from tickstock.deliver.broadcast import Broadcaster
+        from tickstock.deliver.gateway import Gateway
+        from tickstock.deliver.overload import Overload
+        from tickstock.deliver.ratelimit import RateLimit
+        from tickstock.deliver.throttle import TickThrottle
+        from tickstock.deliver.universes import Universes
+        from tickstock.ingest.router import Router
+        from tickstock.jobs.backtests import Jobs
+        from tickstock.ops.metrics import Metrics, MetricsResource
+        from tickstock.store.cache import MemoryCache, RedisCache
+        from tickstock.web.api import build_api
+        from tickstock.web.site import JSONStatus, build_site
+        from tickstock.web.websocket import StreamFactory
 
         self.settings = settings
         self.worker = worker
@@ -150,8 +157,8 @@ class TickStock(MultiService):
         behind: Callable[[], bool] = lambda: False  # noqa: E731
         registry = self.registry = settings.channels
         if settings.redis is None:
-            from tickstock.bus.memory import MemoryBus
             from tickstock.history.memory import MemoryHistory
+            from tickstock.ingest.memory import MemoryBus
 
             bus = MemoryBus(settings.deadletter_max, registry)
             self.source, self.link = bus, bus
@@ -160,9 +167,10 @@ class TickStock(MultiService):
                 settings.history_user_max, dedupe_window=settings.dedupe_window,
             )
         else:
-            from tickstock.bus.redis import RedisLink, RedisPubSubSource
-            from tickstock.bus.streams import RedisStreamSource
+            from tickstock.connections.redis import RedisLink
             from tickstock.history.redis import RedisHistory
+            from tickstock.ingest.pubsub import RedisPubSubSource
+            from tickstock.ingest.streams import RedisStreamSource
 
             streams = settings.mode == "streams"
             self.link = RedisLink(reactor, settings.redis, settings.deadletter_max,
@@ -217,7 +225,7 @@ class TickStock(MultiService):
         )
         self.live_ticks = None
         if settings.mode != "streams":
-            from tickstock.ticks import LiveTicks
+            from tickstock.deliver.ticks import LiveTicks
 
             self.live_ticks = LiveTicks(reactor, self.history, self.ticks,
                                         None if settings.redis is None else self.history)
@@ -270,7 +278,7 @@ class TickStock(MultiService):
         # Stopped in reverse: the port closes first, then clients are told to go.
         ClientDrain(self.gateway, reactor, SHUTDOWN_GRACE).setServiceParent(self)
         if worker is not None:
-            from tickstock.workers import LISTEN_FD, AdoptedPort
+            from tickstock.ops.workers import LISTEN_FD, AdoptedPort
 
             AdoptedPort(reactor, LISTEN_FD, site).setServiceParent(self)
         else:
@@ -294,12 +302,11 @@ class TickStock(MultiService):
 
     def _add_store(self, reactor: Any, settings: Settings, worker: int | None) -> None:
         """The system of record, and the persister that batches writes to it."""
-        from tickstock.persist import Persister
+        from tickstock.store.persist import Persister
 
         if settings.postgres:
-            from tickstock.store.postgres import PostgresStore
-
             from tickstock.store.listen import ProducerRowListener
+            from tickstock.store.postgres import PostgresStore
 
             self.store = PostgresStore(reactor, settings.postgres, settings.postgres_readonly,
                                        settings.postgres_timeout)
@@ -311,7 +318,7 @@ class TickStock(MultiService):
                 lambda channel, raw: self.router.receive(channel, raw, sheddable=False))
             self.producer_rows.setServiceParent(self)
         else:
-            from tickstock.sim import UNIVERSES, default_symbols
+            from tickstock.sim.producer import UNIVERSES, default_symbols
             from tickstock.store.memory import MemoryStore
 
             # The demo's universes: no producer writes cache_entries here.
@@ -338,8 +345,8 @@ class TickStock(MultiService):
         self.persister.setServiceParent(self)
 
     def _add_canary(self, reactor: IReactorCore, settings: Settings, worker: int | None) -> Any:
-        """The freshness canary, sent the way the producer sends (CONTRACT §1)."""
-        from tickstock.canary import Canary
+        """The freshness canary, sent the way the producer sends (docs/contract.md §1)."""
+        from tickstock.ops.canary import Canary
 
         if settings.mode == "streams":
             def send(channel: str, payload: bytes) -> Deferred[Any]:
@@ -365,11 +372,16 @@ class TickStock(MultiService):
                 self.persister.add_event(event)
 
     def _add_simulator(self, reactor: IReactorCore, settings: Settings) -> None:
-        from tickstock.sim import (
-            Backtester, JobRunner, MarketSimulator, OutageQuietPublish, Producer,
-            UpstreamSimulator, default_symbols,
+        from tickstock.domain.topics import CANCEL_CHANNEL
+        from tickstock.sim.producer import (
+            Backtester,
+            JobRunner,
+            MarketSimulator,
+            OutageQuietPublish,
+            Producer,
+            UpstreamSimulator,
+            default_symbols,
         )
-        from tickstock.topics import CANCEL_CHANNEL
 
         upstream = settings.sim_dialect == "upstream"
         publish = OutageQuietPublish(self.link.publish)
@@ -388,7 +400,7 @@ class TickStock(MultiService):
             self.link.on(CANCEL_CHANNEL, runner.handle_control)
             self.link.on(CONTROL_CHANNEL, runner.handle_control)
         else:
-            from tickstock.bus.redis import RedisPubSubSource
+            from tickstock.ingest.pubsub import RedisPubSubSource
 
             jobs = RedisPubSubSource(reactor, settings.redis,
                                      channels=[JOBS_CHANNEL, CANCEL_CHANNEL, CONTROL_CHANNEL])
@@ -539,7 +551,7 @@ class ClientDrain(Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        from tickstock.gateway import CLOSE_GOING_AWAY
+        from tickstock.deliver.gateway import CLOSE_GOING_AWAY
 
         self._gateway.close_all(CLOSE_GOING_AWAY, "server shutting down; reconnect")
         done: Deferred[None] = Deferred()
@@ -689,7 +701,7 @@ def makeService(options: Options) -> MultiService:
 
     gc.set_threshold(*GC_THRESHOLDS)
 
-    from tickstock.workers import WORKER_ENV, ParentWatch, WorkerPool
+    from tickstock.ops.workers import WORKER_ENV, ParentWatch, WorkerPool
 
     settings = options.settings
     twistd = getattr(options, "parent", None)  # twistd's own options, when run by twistd

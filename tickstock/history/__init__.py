@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from tickstock.events import Event, id_key
+from tickstock.domain.events import Event, id_key
 
 BOOKMARK_EVERY = 100
 """Trimming is recorded about once per this many dropped events (Redis
@@ -24,28 +24,6 @@ DEDUPE_MAX = 1_000_000
 """Producer event_ids remembered per channel, at least: with the
 C{--dedupe-window} it bounds what remembering them holds (in Redis, about
 60 bytes each, at most twice this many per channel), whatever the rate."""
-
-
-@dataclass(frozen=True)
-class Refused:
-    """
-    An event the history would not store: its job is unknown
-    (C{unknown_job}) or has ended (C{finished_job}).
-    """
-
-    reason: str
-
-
-@dataclass(frozen=True)
-class Redelivered:
-    """
-    A stream entry delivered again (a restart, a claim) that the history
-    had stored already, under C{id}: its event is not delivered again, but
-    what it must become in the store is made again (writes there repeat
-    safely), since the first time may not have reached it.
-    """
-
-    id: str
 
 
 @dataclass(frozen=True)

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections import OrderedDict, deque
-from typing import Callable
+from collections.abc import Callable
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
-from tickstock.events import Event, EventIds, id_key
-from tickstock.topics import TOPIC_NAMES
-from tickstock.history import BOOKMARK_EVERY, DEDUPE_MAX, DEDUPE_WINDOW, Refused, Replay, missed
-from tickstock.interfaces import IHistory
-from tickstock.jobs import outcome
+from tickstock.domain.events import Event, EventIds, id_key
+from tickstock.domain.interfaces import IHistory
+from tickstock.domain.jobs import outcome
+from tickstock.domain.stored import Refused
+from tickstock.domain.topics import TOPIC_NAMES
+from tickstock.history import BOOKMARK_EVERY, DEDUPE_MAX, DEDUPE_WINDOW, Replay, missed
 
 JOBS_KEPT = 100_000
 

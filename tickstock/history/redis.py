@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict, deque
-from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import Any
 
 import orjson
 import txredisapi
@@ -34,15 +34,20 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tickstock.bus.redis import NotConnected, RedisLink, _LinkProtocol, _Supervised
-from tickstock.config import RedisAddress
-from tickstock.events import ID_STRIDE, Event, id_key, stored_event
-from tickstock.topics import BACKTESTS, TOPIC_NAMES
-from tickstock.history import (
-    BOOKMARK_EVERY, DEDUPE_MAX, DEDUPE_WINDOW, Redelivered, Refused, Replay, missed,
+from tickstock.connections.address import RedisAddress
+from tickstock.connections.redis import (
+    LinkProtocol,
+    NotConnected,
+    RedisLink,
+    Supervised,
+    text,
 )
-from tickstock.interfaces import IClaims, IHistory
-from tickstock.jobs import outcome
+from tickstock.domain.events import ID_STRIDE, Event, id_key, stored_event
+from tickstock.domain.interfaces import IClaims, IHistory
+from tickstock.domain.jobs import outcome
+from tickstock.domain.stored import STORED_SUFFIX, Redelivered, Refused, StreamEntry
+from tickstock.domain.topics import BACKTESTS, TOPIC_NAMES
+from tickstock.history import BOOKMARK_EVERY, DEDUPE_MAX, DEDUPE_WINDOW, Replay, missed
 
 PREFIX = "tickstock:history:"
 LAST_KEY = PREFIX + "last"
@@ -63,9 +68,6 @@ SEEN_TTL = 10.0
 L{_WINDOWS}), at least: far longer than the time between two daemons
 receiving the same message. A live tick's claim is remembered as long (the
 window C{tick})."""
-STORED_SUFFIX = ":stored"
-"""A producer stream's hash of entries stored but not yet acknowledged, to
-the ids they were stored under."""
 TAIL_BLOCK_MS = 1000
 TAIL_COUNT = 1000
 TAIL_CHUNK = 64
@@ -282,22 +284,6 @@ end
 return out
 """.replace("%(stride)d", str(ID_STRIDE)).replace("%(stored)s", STORED_SUFFIX)
 
-ACK = """
--- KEYS: producer streams   ARGV: group, then per stream: how many entry
--- ids, the ids. Acknowledges them and forgets what they were stored as.
-local group, at = ARGV[1], 2
-for _, stream in ipairs(KEYS) do
-  local n = tonumber(ARGV[at])
-  for i = at + 1, at + n, 500 do  -- unpack has a stack limit
-    local last = math.min(i + 499, at + n)
-    redis.call('XACK', stream, group, unpack(ARGV, i, last))
-    redis.call('HDEL', stream .. '%(stored)s', unpack(ARGV, i, last))
-  end
-  at = at + n + 1
-end
-return 1
-""".replace("%(stored)s", STORED_SUFFIX)
-
 REPLAY = """
 -- KEYS: stream, since key, delivered pointer | ''   ARGV: after | ''
 local after = ARGV[1]
@@ -356,25 +342,9 @@ return 1
 """
 
 
-@dataclass(frozen=True)
-class StreamEntry:
-    """The delivery key of an entry read from a producer stream."""
-
-    stream: str
-    group: str
-    entry_id: str
-    sheddable: ClassVar[bool] = False
-    """Never shed (L{tickstock.router.Router}): an entry not stored is read
-    again, after the entries behind it were stored."""
-
-
 def digest(member: object) -> bytes:
     """What a dedupe window remembers of C{member} (L{DIGEST_BYTES})."""
     return hashlib.sha1(str(member).encode(), usedforsecurity=False).digest()[:DIGEST_BYTES]
-
-
-def text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def _entry_event(entry: list[Any], topic: str) -> Event:
@@ -408,11 +378,11 @@ class _Script:
 
 
 @implementer(IHistory, IClaims)
-class RedisHistory(_Supervised):
+class RedisHistory(Supervised):
     """
     The history in Redis: writes and replays through the daemon's command
     link (C{execute}); live delivery from a blocking C{XREAD} of every
-    topic's stream on a connection of its own (PITFALLS: a blocking read
+    topic's stream on a connection of its own (docs/internals.md §5: a blocking read
     must not share a connection), resumed from the last id it delivered
     after any reconnect, so a Redis blip delays live events but loses none.
     """
@@ -470,7 +440,7 @@ class RedisHistory(_Supervised):
             None, a.db, poolsize=1, isLazy=True, password=a.password, username=a.username,
             replyTimeout=self._read_timeout, convertNumbers=False, charset=None,
         )
-        factory.protocol = _LinkProtocol
+        factory.protocol = LinkProtocol
         factory.scripts = [MARKS]
         return factory
 

@@ -1,7 +1,7 @@
 """
 The system of record: tick bars, event history and universes, kept in
 PostgreSQL (L{postgres}) or, for the embedded demo, in memory (L{memory}),
-behind L{tickstock.interfaces.IStore}.
+behind L{tickstock.domain.interfaces.IStore}.
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from tickstock.events import Event
-from tickstock.topics import STORED_TOPICS as STORED_TOPICS
+from tickstock.domain.events import Event
+from tickstock.domain.topics import STORED_TOPICS as STORED_TOPICS
 
 UNIVERSE_TYPES = ("etf_universe", "stock_universe")
 """The C{cache_entries.type} values that hold universes."""

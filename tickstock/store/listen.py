@@ -9,7 +9,8 @@ channel L{CHANNEL}, as if it had come from Redis.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from psycopg2.extensions import Notify
 from twisted.application.service import Service
@@ -19,9 +20,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from txpostgres import txpostgres
 
-from tickstock.events import ID_STRIDE, id_key
+from tickstock.domain.events import ID_STRIDE, id_key
 from tickstock.store import StoreUnavailable
-from tickstock.store.pool import Pool, _Slot, session_dsn
+from tickstock.store.pool import Pool, Slot, session_dsn
 from tickstock.store.postgres import PRODUCER_CHANNEL
 
 CHANNEL = PRODUCER_CHANNEL
@@ -53,13 +54,13 @@ class _Pool(Pool):
         self._connected = connected
         self._lost = lost
 
-    def up(self, slot: _Slot) -> None:
+    def up(self, slot: Slot) -> None:
         fresh = slot.state == "connecting"
         super().up(slot)
         if fresh and slot.conn is not None:
             self._connected(slot.conn)
 
-    def down(self, slot: _Slot) -> None:
+    def down(self, slot: Slot) -> None:
         super().down(slot)
         self._lost()
 

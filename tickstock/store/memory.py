@@ -18,10 +18,16 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
-from tickstock.events import SYMBOL, Event, id_key
-from tickstock.interfaces import IJobStore, ITickMarks
-from tickstock.jobs import ACTIVE, update_of
-from tickstock.store import STORED_TOPICS, UNIVERSE_TYPES, Bar, PatternQuery, pattern_row
+from tickstock.domain.events import SYMBOL, Event, id_key
+from tickstock.domain.interfaces import IJobStore, ITickMarks
+from tickstock.domain.jobs import ACTIVE, update_of
+from tickstock.store import (
+    STORED_TOPICS,
+    UNIVERSE_TYPES,
+    Bar,
+    PatternQuery,
+    pattern_row,
+)
 
 Key = tuple[int, int]
 

@@ -9,10 +9,10 @@ that its database is up to date (L{pending}).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
-from typing import Callable, Sequence
 
 import psycopg2
 from psycopg2.extensions import connection as Connection

@@ -1,6 +1,6 @@
 """
 A PostgreSQL connection pool that survives what txpostgres's own does not
-(see PITFALLS): backends killed, the server restarted or hung, PostgreSQL
+(see docs/internals.md §9): backends killed, the server restarted or hung, PostgreSQL
 down at start-up. Each slot holds one txpostgres connection and remakes it,
 with backoff, whenever it fails; every operation has a watchdog that closes
 a connection the server stopped answering on; and a caller never waits on a
@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import psycopg2
 import psycopg2.extensions
@@ -78,10 +79,10 @@ class _Connection(txpostgres.Connection):
         self._lost()
 
 
-class _Slot:
+class Slot:
     """One connection of a pool, remade whenever it fails."""
 
-    def __init__(self, pool: "Pool", index: int) -> None:
+    def __init__(self, pool: Pool, index: int) -> None:
         self.pool = pool
         self.index = index
         self.conn: _Connection | None = None
@@ -174,8 +175,8 @@ class Pool:
         self.timeout = timeout
         self.name = name
         self.stopped = True
-        self._slots = [_Slot(self, index) for index in range(size)]
-        self._idle: deque[_Slot] = deque()
+        self._slots = [Slot(self, index) for index in range(size)]
+        self._idle: deque[Slot] = deque()
         self._waiting: deque[tuple[Deferred[Any], Operation, float]] = deque()
         self.reconnects = 0
         self.last_error: str | None = None
@@ -228,7 +229,7 @@ class Pool:
         self._waiting.append((d, op, self.clock.seconds() + self.timeout))
         return d
 
-    def _start(self, slot: _Slot, op: Operation) -> Deferred[Any]:
+    def _start(self, slot: Slot, op: Operation) -> Deferred[Any]:
         slot.state = "busy"
         conn = slot.conn
         assert conn is not None
@@ -261,7 +262,7 @@ class Pool:
             return Failure(StoreUnavailable(f"{self.name}: statement timed out"))
         return failure
 
-    def up(self, slot: _Slot) -> None:
+    def up(self, slot: Slot) -> None:
         """C{slot} has a live, free connection: give it the oldest waiter, if any."""
         if slot.state == "connecting":
             self._ever_up = True
@@ -279,7 +280,7 @@ class Pool:
         slot.state = "idle"
         self._idle.append(slot)
 
-    def down(self, slot: _Slot) -> None:
+    def down(self, slot: Slot) -> None:
         try:
             self._idle.remove(slot)
         except ValueError:

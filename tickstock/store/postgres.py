@@ -7,7 +7,8 @@ themselves and fail fast while PostgreSQL is away.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import orjson
 from twisted.application.service import Service
@@ -15,10 +16,16 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from tickstock.events import Event, id_key, stored_event
-from tickstock.interfaces import IJobStore, IStore, ITickMarks
-from tickstock.jobs import update_of
-from tickstock.store import STORED_TOPICS, UNIVERSE_TYPES, Bar, PatternQuery, StoreUnavailable
+from tickstock.domain.events import Event, id_key, stored_event
+from tickstock.domain.interfaces import IJobStore, ITickMarks
+from tickstock.domain.jobs import update_of
+from tickstock.store import (
+    STORED_TOPICS,
+    UNIVERSE_TYPES,
+    Bar,
+    PatternQuery,
+    StoreUnavailable,
+)
 from tickstock.store.pool import Pool, session_dsn
 
 WRITE = "SELECT tickstock_write(" + ", ".join(["%s"] * 21) + ")"

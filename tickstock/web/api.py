@@ -1,8 +1,8 @@
 """
-The REST API under C{/api} (CONTRACT §4; documented in C{docs/openapi.yaml}):
+The REST API under C{/api} (docs/contract.md §4; documented in C{docs/openapi.yaml}):
 pattern history, symbols, 1-minute bars and universes, read from an
 L{IStore}, with pattern and universe answers kept in an L{ICache}; and the
-caller's backtest jobs, through L{tickstock.jobs.Jobs}.
+caller's backtest jobs, through L{tickstock.jobs.backtests.Jobs}.
 
 Every answer is JSON, and every refusal says why in one error object.
 Parameters are parsed strictly (an unknown, repeated or malformed one is a
@@ -17,8 +17,9 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from datetime import datetime, timezone
-from typing import Any, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any
 from urllib.parse import unquote_to_bytes
 
 import orjson
@@ -29,14 +30,14 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from tickstock.auth import Identity
-from tickstock.config import normalize_origin
-from tickstock.ratelimit import RateLimit
-from tickstock.broadcast import BadRequest
-from tickstock.events import MAX_STRING, SYMBOL
-from tickstock.interfaces import ICache, IStore
-from tickstock.jobs import NOT_FOUND, JobRefused, Jobs
+from tickstock.deliver.auth import Identity
+from tickstock.deliver.ratelimit import RateLimit
+from tickstock.domain.errors import BadRequest
+from tickstock.domain.events import MAX_STRING, SYMBOL
+from tickstock.domain.interfaces import ICache, IStore
+from tickstock.jobs.backtests import NOT_FOUND, JobRefused, Jobs
 from tickstock.store import PatternQuery, StoreUnavailable
+from tickstock.web.origins import normalize_origin
 
 PATTERNS_MAX = 1000
 PATTERNS_DEFAULT = 100
@@ -128,7 +129,7 @@ def _time(text: str) -> float:
         except ValueError:
             raise _Bad("not a valid ISO-8601 date-time") from None
         if parsed.tzinfo is None:
-            parsed = parsed.replace(tzinfo=timezone.utc)
+            parsed = parsed.replace(tzinfo=UTC)
         value = parsed.timestamp()
     else:
         raise _Bad("must be epoch seconds or an ISO-8601 date-time")
@@ -232,7 +233,7 @@ def iso(seconds: float | None) -> str | None:
     """Epoch seconds as an ISO-8601 UTC date-time (C{Z}), or L{None}."""
     if seconds is None:
         return None
-    text = datetime.fromtimestamp(seconds, timezone.utc).isoformat()
+    text = datetime.fromtimestamp(seconds, UTC).isoformat()
     return text.replace("+00:00", "Z")
 
 
@@ -619,7 +620,7 @@ def build_api(
 
     @param authenticate: the WebSocket C{hello} authenticator, called with
         C{{"token": <bearer token>}} (or C{{}} without one):
-        L{tickstock.auth.anonymous} in demo mode accepts anyone.
+        L{tickstock.deliver.auth.anonymous} in demo mode accepts anyone.
     @param pattern_ttl: seconds a C{/api/patterns} answer is cached; 0: not.
     @param universe_ttl: the same for universe answers (invalidate the
         cache when the producer says universes changed).

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import importlib.resources
 from collections import Counter
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import orjson
 from autobahn.twisted.resource import WebSocketResource

@@ -1,4 +1,4 @@
--- TickStock's tables (CONTRACT §6). Applied once, in one transaction, by
+-- TickStock's tables (docs/contract.md §6). Applied once, in one transaction, by
 -- `tickstock-db migrate`; every statement is safe to meet an existing object.
 
 CREATE TABLE IF NOT EXISTS symbols (

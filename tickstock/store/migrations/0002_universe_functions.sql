@@ -1,4 +1,4 @@
--- The universe functions the original system's callers use (CONTRACT §6).
+-- The universe functions the original system's callers use (docs/contract.md §6).
 -- An ETF universe is the cache_entries row with type 'etf_universe',
 -- environment 'DEFAULT' and key = the universe key; its value holds
 -- {"symbols": [...]} plus any other keys. The functions run with the

@@ -1,4 +1,4 @@
-// tickstock.js: the browser client for TickStock's WebSocket (CONTRACT §3).
+// tickstock.js: the browser client for TickStock's WebSocket (docs/contract.md §3).
 // A dependency-free ES module, served by the daemon at /static/tickstock.js.
 //
 //   import { TickStock } from "/static/tickstock.js";
@@ -38,7 +38,7 @@ export function compareIds(a, b) {
   return a < b ? -1 : a > b ? 1 : 0;
 }
 
-/** A refusal from the server (`code` as in CONTRACT §3), or "disconnected" / "timeout" / "not_connected". */
+/** A refusal from the server (`code` as in docs/contract.md §3), or "disconnected" / "timeout" / "not_connected". */
 export class TickStockError extends Error {
   constructor(code, message, fields) {
     super(`${code}: ${message}`);
@@ -134,7 +134,7 @@ export class TickStock {
   }
 
   /**
-   * Subscribe to `topic` with `filter` (CONTRACT §3; null for none) and call
+   * Subscribe to `topic` with `filter` (docs/contract.md §3; null for none) and call
    * `onEvent({id, type, topic, data})` for each event. The subscription is
    * re-sent on every reconnect. Returns {id, topic, filter, unsubscribe()}.
    */

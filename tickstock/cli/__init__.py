@@ -1,0 +1,1 @@
+"""The installed commands besides the daemon."""

@@ -1,0 +1,1 @@
+"""Connections to Redis that reconnect by themselves, held by the parts that need them."""

@@ -1,0 +1,299 @@
+"""
+The seams between TickStock's parts. Each part is written and tested against
+these, and L{tickstock.tap} is the only place that picks the concrete classes.
+"""
+
+from __future__ import annotations
+
+from zope.interface import Attribute, Interface
+
+
+class IEventSource(Interface):
+    """
+    Where the producer's messages come from: the embedded bus, or Redis.
+    """
+
+    def listen(receiver):  # type: ignore[no-untyped-def]
+        """
+        From now on, call C{receiver(channel: str, raw: bytes, key)} once for
+        each producer message, in arrival order. The source does not parse.
+        C{key} identifies this delivery of the message for L{IHistory.append}
+        (L{None} on the embedded bus). The receiver returns a Deferred that
+        fires once the message is handled (stored or set aside); a source
+        that acknowledges (streams) acknowledges only then. For a live tick
+        of a pub/sub source, which acknowledges nothing, it returns L{None}.
+        """
+
+    def status():  # type: ignore[no-untyped-def]
+        """
+        The source's state for C{/ready}, as a JSON-able dict with at least
+        C{"state"}; served from memory, never a live query.
+        """
+
+    ready = Attribute("True while messages can arrive.")
+
+
+class IProducerLink(Interface):
+    """
+    TickStock's way back to the producer (backtest jobs, dead letters).
+    """
+
+    def publish(channel, payload):  # type: ignore[no-untyped-def]
+        """
+        Send C{payload} (bytes) on C{channel}. Returns a Deferred that fails
+        at once, rather than waiting, when the link is down.
+        """
+
+    def dead_letter(channel, raw, reason):  # type: ignore[no-untyped-def]
+        """
+        Keep a malformed message (bounded, newest first) for an operator to
+        inspect; never raises.
+        """
+
+
+class IHistory(Interface):
+    """
+    The ordered record of events: where each event gets its id, where
+    duplicates stop, what live delivery follows, and what a client that
+    reconnects with C{resume} is replayed from.
+    """
+
+    position = Attribute(
+        "The id of the newest event handed to the receivers of L{listen} (or, "
+        "before any, of the newest stored when live delivery began): a live "
+        "tick delivered now orders after it.")
+
+    def append(event, key):  # type: ignore[no-untyped-def]
+        """
+        Store a validated event. Gives it its id (ids order all events, of
+        every topic) and, for a backtest event, the user who owns the job.
+        C{key} is the source's delivery key (see L{IEventSource.listen}).
+
+        A backtest event is stored only while its job is known (L{own}) and
+        open; the first final one (a result, or progress with status
+        C{failed} or C{cancelled}) closes the job, atomically with storing it.
+
+        @return: a Deferred firing with the id, or with L{None} when the
+            event duplicates one already stored (the same delivery handled
+            twice, or a producer C{event_id} seen within the history window),
+            or with a L{tickstock.history.Refused} for a backtest event of
+            an unknown or closed job. Stored events reach the receivers of
+            L{listen}, not the caller.
+        """
+
+    def listen(receiver):  # type: ignore[no-untyped-def]
+        """
+        Call C{receiver(event)} for every stored event, in id order, once.
+        """
+
+    def replay(topic, after, user):  # type: ignore[no-untyped-def]
+        """
+        The events of C{topic} with ids after C{after}, oldest first; for
+        C{backtests}, only those of C{user}'s jobs, and with C{after=None}
+        those not yet delivered to C{user} (the offline queue).
+
+        @return: a Deferred firing with a L{tickstock.history.Replay}.
+        """
+
+    def own(job_id, user):  # type: ignore[no-untyped-def]
+        """
+        Open backtest C{job_id}, owned by C{user}: from now on its events
+        are stored and reach that user on every node. A Deferred.
+        """
+
+    def delivered(user, event_id):  # type: ignore[no-untyped-def]
+        """
+        C{user}'s targeted event C{event_id} reached at least one of their
+        connections: it leaves their offline queue. Never raises.
+        """
+
+
+class IClaims(Interface):
+    """
+    Which of the daemons that all received a pub/sub message counts it:
+    the first to claim it.
+    """
+
+    def claim(keys):  # type: ignore[no-untyped-def]
+        """
+        Claim the messages named by C{keys} (the source's keys, see
+        L{IEventSource.listen}).
+
+        @return: a Deferred firing with one value per key, true where this
+            call claimed it first.
+        """
+
+
+class IEventSink(Interface):
+    """
+    Something validated events are routed to.
+    """
+
+    def deliver(event):  # type: ignore[no-untyped-def]
+        """
+        Take one L{tickstock.domain.events.Event}. Must not raise and must not block:
+        it is called on the reactor thread for every event.
+        """
+
+
+REPLAYED = ("replayed",)
+"""The key L{IClient.send} is given for the frames of a replay."""
+
+
+class IClient(Interface):
+    """
+    One WebSocket connection, as the broadcaster sees it.
+    """
+
+    user = Attribute("The user id once the client said hello, else None.")
+
+    def send(prepared, key=None):  # type: ignore[no-untyped-def]
+        """
+        Send one prepared event frame, or queue it while the client is not
+        reading. C{key} is L{None} for must-deliver events: queued, and a
+        client past its queue bound is closed with a code that tells it to
+        resume, never waited for and never silently skipped. A latest-only
+        event has a key (L{tickstock.domain.events.Event.conflate_key}): a queued
+        frame with the same key is replaced by the newer one. L{REPLAYED}:
+        a must-deliver frame of a resumed subscription's replay, queued in
+        order like the others but not counted against the queue bound (the
+        history bounds a replay; the queue bound is for live events a client
+        cannot keep up with).
+        """
+
+    def reply(message):  # type: ignore[no-untyped-def]
+        """Send one control message (a JSON-able dict) to this client."""
+
+    def close(code, reason):  # type: ignore[no-untyped-def]
+        """Close the connection with a WebSocket close code and reason."""
+
+
+class IStore(Interface):
+    """
+    The system of record (PostgreSQL, or the embedded memory store): tick
+    bars, pattern and market-state event history, universes, and the reads
+    the REST API and deep catch-up make. Every method returns a Deferred
+    that fails fast with L{tickstock.store.StoreUnavailable} when the
+    store cannot be reached or a statement exceeds its timeout; none waits
+    for a dead server.
+    """
+
+    ready = Attribute("True while reads and writes can be served.")
+
+    def status():  # type: ignore[no-untyped-def]
+        """The store's state for C{/ready} (a JSON-able dict with C{"state"})."""
+
+    def write(bars, events):  # type: ignore[no-untyped-def]
+        """
+        Persist C{bars} (L{tickstock.store.Bar} parts) and C{events} (stored
+        L{tickstock.domain.events.Event}s of the C{patterns} and C{market_state}
+        topics, kept; of C{backtests}, applied in order to their job's
+        record by L{tickstock.jobs.backtests.update_of} while it is not final) in one
+        transaction. Idempotent: writing the same bar part or event again
+        changes nothing, so a write that timed out but was applied may
+        simply be retried. Also records every symbol seen.
+        """
+
+    def events_after(topic, after, until, symbols, limit):  # type: ignore[no-untyped-def]
+        """
+        Stored events of C{topic} with C{after} < id <= C{until} (C{until}
+        L{None}: no upper bound), of C{symbols} only unless L{None}, oldest
+        first, at most C{limit}: one page of a deep catch-up.
+        """
+
+    def patterns(query):  # type: ignore[no-untyped-def]
+        """
+        A page of pattern events for a L{tickstock.store.PatternQuery},
+        newest first, as JSON-able dicts (see L{tickstock.store.pattern_row}).
+        """
+
+    def symbols():  # type: ignore[no-untyped-def]
+        """Every known symbol, as dicts sorted by symbol."""
+
+    def ohlcv(symbol, since, until, limit):  # type: ignore[no-untyped-def]
+        """
+        1-minute bars of C{symbol} with C{since} <= minute < C{until} (epoch
+        seconds, either L{None}), oldest first, at most C{limit}.
+        """
+
+    def universes():  # type: ignore[no-untyped-def]
+        """A summary of every universe (key, type, category, symbol count, updated)."""
+
+    def universe(key):  # type: ignore[no-untyped-def]
+        """One universe with its symbols, or L{None} if there is no such key."""
+
+
+class ITickMarks(IStore):
+    """
+    A store that also keeps I{tick marks}: per node and symbol, the newest
+    tick id (an id key, C{(ms, seq)}) in the node's stored bar parts. In
+    streams mode a restarted node reads its unacknowledged entries again,
+    and its marks tell which of their ticks its parts already hold
+    (L{tickstock.store.persist}).
+    """
+
+    def write(bars, events, marks=None):  # type: ignore[no-untyped-def]
+        """
+        L{IStore.write}; with C{marks}, C{(node, {symbol: id key})}, also
+        raise C{node}'s marks to them in the same transaction (a mark is
+        never lowered).
+        """
+
+    def tick_marks(node):  # type: ignore[no-untyped-def]
+        """
+        C{node}'s marks, C{{symbol: id key}}, once any bar write already
+        under way has finished (one from before a crash, say).
+        """
+
+
+class IJobStore(Interface):
+    """
+    Backtest job records (the C{jobs} table, or memory). Records are dicts:
+    C{job_id}, C{user_id}, C{status} (C{queued}, C{running}, C{completed},
+    C{failed}, C{cancelled}), C{params}, C{progress}, C{results}, C{error},
+    C{created_at} and C{updated_at} (epoch seconds). Every method returns a
+    Deferred that fails fast when the store is unavailable.
+    """
+
+    def create_job(record, max_active):  # type: ignore[no-untyped-def]
+        """
+        Insert a new C{queued} record, unless its user already has
+        C{max_active} jobs queued or running (checked atomically with the
+        insert). Fires with whether it was inserted.
+        """
+
+    def job(job_id):  # type: ignore[no-untyped-def]
+        """The record of C{job_id}, or L{None}."""
+
+    def jobs(user, before, limit):  # type: ignore[no-untyped-def]
+        """
+        C{user}'s records, newest first, at most C{limit}; with C{before}
+        (a job id of theirs), only those older than it.
+        """
+
+    def stale_jobs(cutoff, limit):  # type: ignore[no-untyped-def]
+        """Up to C{limit} queued or running records last updated before C{cutoff}."""
+
+    def close_job(job_id, status, error, at):  # type: ignore[no-untyped-def]
+        """Give a queued or running record the final C{status} (and C{error})."""
+
+
+class ICache(Interface):
+    """
+    A shared cache for REST answers (Redis, or memory when embedded). A
+    cache never fails a request: an unreachable cache is a miss.
+    """
+
+    hits = Attribute("Lookups answered from the cache.")
+    misses = Attribute("Lookups that were not.")
+
+    def fetch(key, compute, ttl):  # type: ignore[no-untyped-def]
+        """
+        The bytes cached under C{key}; on a miss, C{compute()} (a Deferred
+        of bytes) is called and its result cached for C{ttl} seconds,
+        unless L{invalidate} was called meanwhile. Failures of C{compute}
+        pass through, uncached.
+        """
+
+    def invalidate():  # type: ignore[no-untyped-def]
+        """Forget every cached answer, on every node sharing the cache."""

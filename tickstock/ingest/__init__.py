@@ -1,0 +1,1 @@
+"""The producer's side: read Redis (pub/sub or streams), normalize, route into the history."""

@@ -1,0 +1,1 @@
+"""The simulated producer (the embedded demo and tickstock-sim)."""
