@@ -457,7 +457,8 @@ class Bench:
             stdout, _ = client.communicate(json.dumps({"token": self.token(), **plan}).encode(),
                                            timeout=self.args.client_timeout)
         except subprocess.TimeoutExpired:
-            raise BenchError(f"the client did not finish within {self.args.client_timeout:g}s")
+            raise BenchError(
+                f"the client did not finish within {self.args.client_timeout:g}s") from None
         if client.returncode != 0:
             raise BenchError(f"the client failed ({client.returncode}):\n{tail(client_err)}")
         report: dict[str, Any] = json.loads(stdout)
@@ -491,7 +492,7 @@ def store_sql(path: str) -> tuple[str, list[Any]]:
     """
     from twisted.internet.defer import succeed
 
-    from tickstock.store import PatternQuery
+    from tickstock.domain.records import PatternQuery
     from tickstock.store.postgres import PostgresStore
 
     captured: list[tuple[str, list[Any]]] = []

@@ -289,13 +289,13 @@ class Procs:
         return proc
 
     def stop_all(self) -> None:
-        for name, proc in reversed(self.items):
+        for _name, proc in reversed(self.items):
             if proc.poll() is None:
                 try:
                     proc.send_signal(signal.SIGTERM)
                 except ProcessLookupError:
                     pass
-        for name, proc in reversed(self.items):
+        for _name, proc in reversed(self.items):
             try:
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:

@@ -222,7 +222,7 @@ def families(conn: Connection) -> dict[str, Any]:
             windows: dict[str, dict[str, int]] = {}
             sets = [key for key in keys if key.startswith(b"tickstock:dedupe:")]
             counts = conn.pipeline([command("SCARD", key) for key in sets])
-            for key, count in zip(sets, counts):
+            for key, count in zip(sets, counts, strict=True):
                 name = key[len(b"tickstock:dedupe:"):].rsplit(b":", 1)[0].decode()
                 window = windows.setdefault(name, {"sets": 0, "members": 0})
                 window["sets"] += 1

@@ -152,8 +152,8 @@ def ticks_lines(out: dict[str, Any]) -> list[str]:
     """The tick-ingestion table: a ramp's best step and the one that failed, or one run."""
     lines = [
         "Tick ingestion (`bench/ingest.py`: ticks -> 1-minute bars in PostgreSQL, claimed once "
-        "across daemons in Redis; daemon on core 0; publisher, redis and PostgreSQL on core 1; target "
-        f"{out.get('target', 50_000):,} ticks/s with zero loss):",
+        "across daemons in Redis; daemon on core 0; publisher, redis and PostgreSQL on core 1; "
+        f"target {out.get('target', 50_000):,} ticks/s with zero loss):",
         "",
         "| run | ticks/s | loss | lag s | daemon CPU-s/100k ticks | daemon busy | daemon RSS "
         "| redis CPU-s | PostgreSQL CPU-s | note |",

@@ -43,8 +43,9 @@ from tickstock.connections.redis import RedisLink
 from tickstock.deliver.auth import JWTAuthenticator, anonymous
 from tickstock.domain.events import Event, id_key
 from tickstock.domain.interfaces import ICache, IStore
+from tickstock.domain.records import Bar, PatternQuery
 from tickstock.ingest.normalize import parse_event
-from tickstock.store import Bar, PatternQuery, StoreUnavailable
+from tickstock.store import StoreUnavailable
 from tickstock.store.cache import MemoryCache, RedisCache
 from tickstock.store.memory import MemoryStore
 from tickstock.web.api import ApiResource, build_api
@@ -142,14 +143,17 @@ def make_seed(now: float) -> Seed:
     for n in range(10):
         m = minute0 + 60 * n
         t = float(m)
-        parts.append(Bar("AAPL", m, 100 + n, 105 + n, 99 + n, 102 + n, 10, t + 1, t + 40, 5, "a:1"))
-        parts.append(Bar("AAPL", m, 101 + n, 107 + n, 98.5 + n, 103 + n, 7, t + 2, t + 55, 3, "b:1"))
+        parts.append(Bar("AAPL", m, 100 + n, 105 + n, 99 + n, 102 + n, 10, t + 1, t + 40, 5,
+                         "a:1"))
+        parts.append(Bar("AAPL", m, 101 + n, 107 + n, 98.5 + n, 103 + n, 7, t + 2, t + 55, 3,
+                         "b:1"))
     for n in range(3):
         m = minute0 + 60 * n
         parts.append(Bar("MSFT", m, 400.0, 401.0, 399.0, 400.5, 3, m + 5.0, m + 50.0, 2, "a:1"))
     # A newer version of a part (more ticks) replaces the old one; the
     # seed fixture then writes the old version again, as a late retry.
-    parts.append(Bar("AAPL", minute0, 100, 110, 90, 104, 12, minute0 + 1.0, minute0 + 58.0, 9, "a:1"))
+    parts.append(Bar("AAPL", minute0, 100, 110, 90, 104, 12, minute0 + 1.0, minute0 + 58.0, 9,
+                     "a:1"))
     old_minute = int(now) // 60 * 60 - 23 * 3600
     parts.append(Bar("AAPL", old_minute, 50, 51, 49, 50.5, 1, old_minute + 1.0, old_minute + 2.0, 1,
                      "a:0"))
@@ -475,7 +479,7 @@ async def test_writes_are_idempotent(store, seed, serve):
         await store.write(bars, events)
     api, port = serve(store, pattern_ttl=0)
     after = [(await call(port, p, bearer())).body for p in paths]
-    for one, other in zip(before, after):
+    for one, other in zip(before, after, strict=True):
         if "symbols" in one:
             for row in one["symbols"] + other["symbols"]:
                 row.pop("last_seen")
@@ -493,7 +497,8 @@ async def test_events_after_oldest_first(store, seed):
     assert all(isinstance(e, Event) and e.topic == "patterns" for e in page)
     market = await store.events_after("market_state", "0-0", None, None, 100)
     assert [e.id for e in market] == sorted((e.id for e in seed.market), key=id_key)
-    assert [e.data for e in market] == [e.data for e in sorted(seed.market, key=lambda e: id_key(e.id))]
+    assert [e.data for e in market] == [
+        e.data for e in sorted(seed.market, key=lambda e: id_key(e.id))]
 
 
 # ---------------------------------------------------------------- refusals

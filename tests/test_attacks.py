@@ -168,7 +168,8 @@ async def test_the_attack_suite_leaves_a_normal_client_whole(redis_server: Any,
         # Unknown parameters, SQL injection and XSS in parameters.
         for path in ("/api/patterns?symbol=AAPL&debug=1", "/api/patterns?symbol=AAPL'%20OR%201=1--",
                      "/api/patterns?pattern=%3Cscript%3Ealert(1)%3C/script%3E&limit=-1"):
-            status, body, _ = await http_request(port, b"GET", path, hello(f"u{len(path)}")["token"])
+            token = hello(f"u{len(path)}")["token"]
+            status, body, _ = await http_request(port, b"GET", path, token)
             tally(f"api parameter {path}", status == 400 and body["error"]["parameter"])
 
         # Path traversal on the static files.
@@ -198,7 +199,8 @@ async def test_the_attack_suite_leaves_a_normal_client_whole(redis_server: Any,
         steady.stop()
 
     total = sent
-    await eventually(lambda: len(normal.events("p")) == total, 10, "every event of the normal client")
+    await eventually(lambda: len(normal.events("p")) == total, 10,
+                     "every event of the normal client")
     assert [e["data"]["n"] for e in normal.events("p")] == list(range(total))
     assert normal.close_code is None and normal.of("error") == []
     assert len(tally.tried) == 30, tally.tried

@@ -59,7 +59,8 @@ def test_audience_and_issuer_are_checked_when_configured():
     """With aud/iss configured, a token must carry the right ones."""
     auth = JWTAuthenticator(TEST_SECRET, audience="tickstock", issuer="idp")
     assert auth({"token": token(aud="tickstock", iss="idp")}).user == "alice"
-    for claims in ({"aud": "other", "iss": "idp"}, {"aud": "tickstock", "iss": "evil"}, {"iss": "idp"}):
+    for claims in ({"aud": "other", "iss": "idp"}, {"aud": "tickstock", "iss": "evil"},
+                   {"iss": "idp"}):
         with pytest.raises(BadRequest):
             auth({"token": token(**claims)})
 
@@ -126,8 +127,9 @@ async def test_a_user_on_two_tabs_gets_their_job_on_both(redis_server, daemons, 
 def test_token_command_mints_a_token_the_daemon_accepts(secret_file):
     """tickstock-token prints a token for the user, read with the secret file."""
     command = os.path.join(os.path.dirname(sys.executable), "tickstock-token")
-    result = subprocess.run([command, "--user", "carol", "--secret-file", secret_file, "--ttl", "60"],
-                            capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [command, "--user", "carol", "--secret-file", secret_file, "--ttl", "60"],
+        capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     identity = JWTAuthenticator(TEST_SECRET)({"token": result.stdout.strip()})
     assert identity.user == "carol" and identity.expires_at <= time.time() + 61

@@ -5,7 +5,7 @@ fakes; expected bars are computed by hand.
 
 from __future__ import annotations
 
-from tickstock.store import Bar
+from tickstock.domain.records import Bar
 from tickstock.store.bars import BarAggregator
 
 M = 1_700_000_040

@@ -69,8 +69,9 @@ class Stack:
         self.redis.start()
         self.start_daemon()
         sim = os.path.join(os.path.dirname(sys.executable), "tickstock-sim")
-        self.sim = subprocess.Popen([sim, "--redis", self.redis_url, "--mode", "streams", "--rate", "40",
-                                     "--symbols", "4", "--seed", "7", "--step-interval", "0.5"],
+        self.sim = subprocess.Popen([sim, "--redis", self.redis_url, "--mode", "streams",
+                                     "--rate", "40", "--symbols", "4", "--seed", "7",
+                                     "--step-interval", "0.5"],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def start_daemon(self) -> None:
@@ -94,7 +95,8 @@ class Stack:
     def token(self, user: str) -> str:
         return self._auth.mint(user, time.time(), 3600)
 
-    def alert(self, symbol: str, pattern: str, confidence: float = 0.9, price: float = 123.456) -> None:
+    def alert(self, symbol: str, pattern: str, confidence: float = 0.9,
+              price: float = 123.456) -> None:
         """XADD one pattern event as the producer would."""
         self.redis.command("XADD", "tickstock.events.patterns", "*", "data", json.dumps({
             "event_type": "pattern_detected", "symbol": symbol, "pattern": pattern,
@@ -154,11 +156,13 @@ class Page:
         page.wait_for_selector("#status[data-state=connected]")
 
     def pattern_cells(self) -> list[str]:
-        return self.page.eval_on_selector_all("#alerts td.pattern", "tds => tds.map(td => td.textContent)")
+        return self.page.eval_on_selector_all("#alerts td.pattern",
+                                              "tds => tds.map(td => td.textContent)")
 
     def wait_for_pattern(self, name: str) -> None:
         self.page.wait_for_function(
-            "name => [...document.querySelectorAll('#alerts td.pattern')].some(td => td.textContent === name)",
+            "name => [...document.querySelectorAll('#alerts td.pattern')]"
+            ".some(td => td.textContent === name)",
             arg=name)
 
     def close(self) -> None:
@@ -174,7 +178,8 @@ def page(browser: Any) -> Iterator[Page]:
         page.close()
 
 
-def test_the_dashboard_shows_alerts_and_prices_for_the_watchlist_only(stack: Stack, page: Page) -> None:
+def test_the_dashboard_shows_alerts_and_prices_for_the_watchlist_only(stack: Stack,
+                                                                     page: Page) -> None:
     """
     Signed in with a token and watching AAPL and MSFT: the simulator's alerts
     and prices for those appear, an alert for NVDA published before a marker
@@ -185,16 +190,19 @@ def test_the_dashboard_shows_alerts_and_prices_for_the_watchlist_only(stack: Sta
     stack.alert("AAPL", "OnTheList")
     page.wait_for_pattern("OnTheList")
     page.page.wait_for_function("() => document.querySelectorAll('#alerts tr').length >= 4")
-    symbols = page.page.eval_on_selector_all("#alerts td.sym", "tds => tds.map(td => td.textContent)")
+    symbols = page.page.eval_on_selector_all("#alerts td.sym",
+                                             "tds => tds.map(td => td.textContent)")
     assert set(symbols) <= set(WATCH), symbols
     assert "OffTheList" not in page.pattern_cells()
-    confidences = page.page.eval_on_selector_all("#alerts td.num:nth-child(4)", "tds => tds.map(td => td.textContent)")
+    confidences = page.page.eval_on_selector_all("#alerts td.num:nth-child(4)",
+                                                 "tds => tds.map(td => td.textContent)")
     assert all(re.fullmatch(r"\d{1,3}%", c) for c in confidences), confidences
     assert all(re.fullmatch(r"\d\d:\d\d:\d\d", t) for t in page.page.eval_on_selector_all(
         "#alerts td.time", "tds => tds.map(td => td.textContent)"))
 
     page.page.wait_for_function(
-        "() => [...document.querySelectorAll('#prices .price')].every(p => /^\\d+\\.\\d\\d$/.test(p.textContent))")
+        "() => [...document.querySelectorAll('#prices .price')]"
+        ".every(p => /^\\d+\\.\\d\\d$/.test(p.textContent))")
     tiles = page.page.eval_on_selector_all("#prices .sym", "s => s.map(x => x.textContent)")
     assert tiles == list(WATCH)
     assert page.page.text_content("#chart-symbol") == "AAPL"
@@ -204,7 +212,8 @@ def test_the_dashboard_shows_alerts_and_prices_for_the_watchlist_only(stack: Sta
 
     page.page.select_option("#f-symbol", "MSFT")
     page.page.wait_for_function(
-        "() => [...document.querySelectorAll('#alerts td.sym')].every(td => td.textContent === 'MSFT')")
+        "() => [...document.querySelectorAll('#alerts td.sym')]"
+        ".every(td => td.textContent === 'MSFT')")
     page.page.select_option("#f-symbol", "")
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -222,7 +231,8 @@ def test_a_new_page_starts_with_the_watchlists_recent_alerts(stack: Stack, brows
     stack.alert("NVDA", "NotWatched")
     stack.alert("IBM", "AlsoBefore")
     poll(lambda: b"AlsoBefore" in urllib.request.urlopen(urllib.request.Request(
-        stack.url + "api/patterns?symbol=IBM", headers={"authorization": f"Bearer {stack.token('x')}"}),
+        stack.url + "api/patterns?symbol=IBM",
+        headers={"authorization": f"Bearer {stack.token('x')}"}),
         timeout=5).read(), 10, "the alert stored")
     late = Page(browser)
     try:
@@ -249,7 +259,8 @@ def test_a_backtest_from_the_form_shows_progress_then_results(stack: Stack, page
     page.page.wait_for_selector("#jobs .job[data-status=done]")
     assert job.locator(".job-title").text_content() == "AAPL, MSFT · 2024-01-02 → 2024-06-28"
     assert job.locator("progress").evaluate("p => p.value") == 1
-    results = dict(zip(job.locator("dt").all_text_contents(), job.locator("dd").all_text_contents()))
+    results = dict(zip(job.locator("dt").all_text_contents(),
+                       job.locator("dd").all_text_contents(), strict=True))
     assert set(results) == {"Win rate", "ROI", "Sharpe", "Max drawdown", "Trades"}
     assert re.fullmatch(r"-?\d+\.\d%", results["Win rate"]), results
     assert page.errors == []
@@ -309,15 +320,16 @@ def test_after_the_daemon_is_killed_the_page_reconnects_and_recovers_what_it_mis
         page.wait_for_pattern(name)
     page.page.wait_for_selector("#status[data-state=connected]")
     page.page.wait_for_function(
-        "() => /recovered \\d+ missed events?/.test(document.getElementById('status-detail').textContent)")
+        "() => /recovered \\d+ missed events?/"
+        ".test(document.getElementById('status-detail').textContent)")
     cells = page.pattern_cells()
     assert [c for c in cells if c.startswith("Missed")] == missed[::-1]  # newest first, once each
     # Chromium logs the refused reconnects; nothing else.
     assert [e for e in page.errors if "WebSocket connection" not in e] == []
 
 
-FRAME = ["header h1", "#connect", "#watch-form", "#prices", ".chart-card", "#filters", ".alerts thead",
-         ".scroll", ".side .card:first-child", "#bt-form"]
+FRAME = ["header h1", "#connect", "#watch-form", "#prices", ".chart-card", "#filters",
+         ".alerts thead", ".scroll", ".side .card:first-child", "#bt-form"]
 
 
 def test_the_page_frame_does_not_move_while_alerts_stream_in(stack: Stack, page: Page) -> None:
@@ -330,7 +342,8 @@ def test_the_page_frame_does_not_move_while_alerts_stream_in(stack: Stack, page:
     page.page.wait_for_selector("#alerts tr")
     page.page.wait_for_selector("#server .health[data-status=healthy]")
     page.page.wait_for_selector("#health .health")
-    boxes = "sels => sels.map(s => { const r = document.querySelector(s).getBoundingClientRect(); " \
+    boxes = "sels => sels.map(s => { " \
+            "const r = document.querySelector(s).getBoundingClientRect(); " \
             "return [s, r.x, r.y, r.width, r.height]; })"
     before = page.page.evaluate(boxes, FRAME)
     started = time.monotonic()
@@ -344,8 +357,9 @@ def test_the_page_frame_does_not_move_while_alerts_stream_in(stack: Stack, page:
 
 
 # What must show in full at every width: numbers, symbols, pattern names.
-UNCUT = ["#alerts td", ".alerts th", "#prices .sym", "#prices .price", ".chart-card h2", "#server .health",
-         "#health .health", "#jobs .job-title", "#jobs .job-status", "#jobs .results dt", "#jobs .results dd"]
+UNCUT = ["#alerts td", ".alerts th", "#prices .sym", "#prices .price", ".chart-card h2",
+         "#server .health", "#health .health", "#jobs .job-title", "#jobs .job-status",
+         "#jobs .results dt", "#jobs .results dd"]
 # What must not be broken across lines: an alert's every cell, a job's dates.
 ONE_LINE = ["#alerts td", "#jobs .job-title .dates"]
 # Each UNCUT element has a box (an inline one has clientWidth 0: the check
@@ -359,9 +373,11 @@ CUT_OFF = """([uncut, oneLine, width]) => {
     };
     const outside = (e) => {
         const box = e.getBoundingClientRect(), card = e.closest(".card")?.getBoundingClientRect();
-        return box.left < Math.max(0, card?.left ?? 0) || box.right > Math.min(width, card?.right ?? width);
+        return box.left < Math.max(0, card?.left ?? 0)
+            || box.right > Math.min(width, card?.right ?? width);
     };
-    return [...uncut.map(s => [s, e => e.clientWidth === 0 || e.scrollWidth > e.clientWidth || outside(e)]),
+    const cut = (e) => e.clientWidth === 0 || e.scrollWidth > e.clientWidth || outside(e);
+    return [...uncut.map(s => [s, cut]),
             ...oneLine.map(s => [s, e => lines(e) !== 1])].flatMap(([s, bad]) => {
         const all = [...document.querySelectorAll(s)];
         if (!all.length) return [[s, "nothing matched"]];
@@ -387,13 +403,16 @@ def test_nothing_is_cut_off_from_phone_to_desktop_width(stack: Stack, page: Page
         stack.alert(symbol, "HeadAndShoulders", 1.0, price)
     stack.alert("ABCDEFGHIJ", "Doji", 0.999, 0.01)
     p.wait_for_function(
-        "() => [...document.querySelectorAll('#alerts td.sym')].filter(td => td.textContent !== 'AAPL').length === 3")
-    p.wait_for_function("() => [...document.querySelectorAll('#prices .price')].every(e => e.textContent !== '—')")
+        "() => [...document.querySelectorAll('#alerts td.sym')]"
+        ".filter(td => td.textContent !== 'AAPL').length === 3")
+    p.wait_for_function("() => [...document.querySelectorAll('#prices .price')]"
+                        ".every(e => e.textContent !== '—')")
     p.click("#prices .tile:has-text('BRK.A')")
     p.wait_for_selector("#jobs .job[data-status=done]")
     p.wait_for_selector("#server .health")
     p.wait_for_selector("#health .health")
-    assert p.eval_on_selector_all("#alerts td.num", "tds => tds.map(td => td.textContent)").count("100%") >= 3
+    confidences = p.eval_on_selector_all("#alerts td.num", "tds => tds.map(td => td.textContent)")
+    assert confidences.count("100%") >= 3
     assert p.text_content("#chart-last") == "712345.68"
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -434,12 +453,14 @@ def test_the_client_library_on_its_own(stack: Stack, page: Page) -> None:
     stack.alert("LIBX", "Mine")
     p.wait_for_function("() => window.t.got.length === 1")
     got = p.evaluate("() => window.t.got[0]")
-    assert (got["topic"], got["type"], got["data"]["pattern"]) == ("patterns", "pattern_detected", "Mine")
+    assert (got["topic"], got["type"], got["data"]["pattern"]) \
+        == ("patterns", "pattern_detected", "Mine")
     assert p.evaluate("() => window.t.ts.lastId") == got["id"]
 
     p.evaluate("""() => {
         window.t.sub.unsubscribe();
-        window.t.marker = window.t.ts.subscribe('patterns', { symbols: ['LIBZ'] }, (e) => window.t.other.push(e));
+        window.t.marker = window.t.ts.subscribe('patterns', { symbols: ['LIBZ'] },
+                                                (e) => window.t.other.push(e));
     }""")
     p.wait_for_function("() => window.t.marker.active")
     stack.alert("LIBX", "AfterUnsubscribe")
@@ -449,7 +470,8 @@ def test_the_client_library_on_its_own(stack: Stack, page: Page) -> None:
 
     job_id = p.evaluate("""() => window.t.ts.submitBacktest(
         { symbols: ['AAPL'], start_date: '2024-01-02', end_date: '2024-03-28', patterns: ['Doji'] },
-        { onProgress: (d) => window.t.progress.push(d.progress), onResult: (d) => { window.t.result = d; } })""")
+        { onProgress: (d) => window.t.progress.push(d.progress),
+          onResult: (d) => { window.t.result = d; } })""")
     assert uuid.UUID(job_id)
     p.wait_for_function("() => window.t.result !== null")
     result = p.evaluate("() => window.t.result")
@@ -457,8 +479,9 @@ def test_the_client_library_on_its_own(stack: Stack, page: Page) -> None:
     assert result["job_id"] == job_id and "win_rate" in result["results"]
     assert progress and progress == sorted(progress), progress
 
-    refused = p.evaluate("""() => window.t.ts.submitBacktest({ symbols: ['aapl!'], start_date: '2024-05-01',
-        end_date: '2024-01-01' }).then(() => null, (e) => ({ name: e.name, code: e.code, fields: e.fields }))""")
+    refused = p.evaluate("""() => window.t.ts.submitBacktest(
+        { symbols: ['aapl!'], start_date: '2024-05-01', end_date: '2024-01-01' }).then(
+        () => null, (e) => ({ name: e.name, code: e.code, fields: e.fields }))""")
     assert refused["name"] == "TickStockError" and refused["code"] == "bad_params"
     assert set(refused["fields"]) == {"symbols", "end_date"}, refused
 

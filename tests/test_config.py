@@ -46,7 +46,8 @@ def test_config_file_from_environment(tmp_path):
     config = tmp_path / "t.toml"
     config.write_text('redis = "redis://example.test:6380/2"\ndemo = true\n')
     settings = load_settings({}, {"TICKSTOCK_CONFIG": str(config)})
-    assert (settings.redis.host, settings.redis.port, settings.redis.db) == ("example.test", 6380, 2)
+    redis = settings.redis
+    assert (redis.host, redis.port, redis.db) == ("example.test", 6380, 2)
 
 
 @pytest.mark.parametrize("flags, env, message", [
@@ -89,7 +90,8 @@ def test_secret_from_file_stripped_or_environment(tmp_path):
     assert b"f" * 32 not in repr(settings).encode()
     assert load_settings({"redis": "redis://h"}, env).jwt_secret == b"e" * 40
     path.write_bytes(b"short\n")
-    with pytest.raises(ConfigError, match="--jwt-secret-file: the secret must be at least 32 bytes, got 5"):
+    with pytest.raises(ConfigError,
+                       match="--jwt-secret-file: the secret must be at least 32 bytes, got 5"):
         load_settings({"jwt_secret_file": str(path)}, {})
 
 

@@ -243,7 +243,7 @@ async def test_every_known_shape_is_delivered_canonical(redis_server, daemons, m
 
     await eventually(lambda: all(delivered(m["case"]) for _, m, _, _ in shapes), 10,
                      "every shape delivered")
-    for channel, message, topic, expected in shapes:
+    for _, message, topic, expected in shapes:
         (event,) = delivered(message["case"])
         assert event["sub"] == topic, (message["case"], event)
         assert has(event["data"], expected), (message["case"], event["data"])
@@ -321,7 +321,7 @@ async def test_malformed_variants_are_dead_lettered_with_their_reason(redis_serv
 
     await eventually(lambda: len(dead_letters()) == len(MALFORMED), 10, "every dead letter")
     letters = list(reversed(dead_letters()))  # oldest first, as published
-    for (channel, _, reason), letter in zip(MALFORMED, letters):
+    for (channel, _, reason), letter in zip(MALFORMED, letters, strict=True):
         assert letter["channel"] == channel
         assert letter["reason"] == reason or (
             letter["reason"].startswith(reason + ":") and reason == "not_json"), letter
@@ -384,7 +384,7 @@ async def test_a_row_the_producer_inserts_is_delivered_once_and_in_the_history(
     a = daemons(redis=redis_server.url, postgres=postgres)
     b = daemons(redis=redis_server.url, postgres=postgres)
     for daemon in (a, b):
-        await eventually(lambda: daemon.service.readiness()[0]
+        await eventually(lambda daemon=daemon: daemon.service.readiness()[0]
                          and daemon.service.producer_rows.listening, 10, "daemon listening")
     client = await connect(a.port, hello=a.hello("alice"))
     await client.request({"op": "subscribe", "id": "p", "topic": "patterns",

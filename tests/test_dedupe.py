@@ -28,7 +28,8 @@ from tests.wsclient import eventually
 from tickstock.config import ConfigError, load_settings
 from tickstock.history import DEDUPE_MAX
 from tickstock.history.memory import MemoryHistory
-from tickstock.history.redis import CLAIM, DEDUPE_KEY, DIGEST_BYTES
+from tickstock.history.redis.layout import DEDUPE_KEY, DIGEST_BYTES
+from tickstock.history.redis.scripts import CLAIM
 from tickstock.ingest.normalize import parse_event
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -25,7 +25,8 @@ def publish(redis: Any, channel: str, payload: dict[str, Any] | bytes) -> int:
     return int(reply[1:].strip())
 
 
-def pattern(symbol: str = "AAPL", name: str = "Doji", confidence: float = 0.9, **extra: Any) -> dict[str, Any]:
+def pattern(symbol: str = "AAPL", name: str = "Doji", confidence: float = 0.9,
+            **extra: Any) -> dict[str, Any]:
     return {"event_type": "pattern_detected", "symbol": symbol, "pattern": name,
             "confidence": confidence, "timestamp": 1_700_000_000.5, **extra}
 
@@ -65,9 +66,11 @@ async def test_one_event_per_channel(redis_server, daemons, job_listener):
         "tickstock.events.backtesting.results": {
             "job_id": job_id, "completed_at": now,
             "results": {"win_rate": 0.5, "roi": 0.1, "sharpe_ratio": 1.2, "max_drawdown": 0.05}},
-        "tickstock.health.status": {"service": "tickstockpl", "status": "healthy", "timestamp": now},
+        "tickstock.health.status": {"service": "tickstockpl", "status": "healthy",
+                                    "timestamp": now},
         "tickstock.data.ticks": {"symbol": "NVDA", "price": 120.5, "volume": 300, "timestamp": now},
-        "tickstock.universe.updated": {"universe": "etf_growth", "symbols": ["QQQ"], "timestamp": now},
+        "tickstock.universe.updated": {"universe": "etf_growth", "symbols": ["QQQ"],
+                                       "timestamp": now},
         "tickstock.cache.sync_complete": {"timestamp": now},
         "tickstock.etf.correlation_update": {"etf": "SPY", "timestamp": now},
         "tickstock.cache.ipo_assignment": {"symbol": "NEWCO", "timestamp": now},
@@ -159,7 +162,8 @@ async def test_filters_and_targeting(redis_server, daemons, job_listener):
     await deferLater(reactor, 0.05, lambda: None)
     assert [e["data"]["symbol"] for e in aapl.events()] == ["AAPL"]
     assert [e["data"]["symbol"] for e in msft.events("s")] == ["MSFT", "MSFT"]
-    assert [(e["data"]["symbol"], e["data"]["confidence"]) for e in picky.events()] == [("MSFT", 0.85)]
+    assert [(e["data"]["symbol"], e["data"]["confidence"]) for e in picky.events()] == [
+        ("MSFT", 0.85)]
     assert msft.events("b") == []
 
 
@@ -347,7 +351,8 @@ async def test_a_client_that_stops_reading_is_closed_others_unaffected(redis_ser
     for n in range(total):
         publish(redis_server, "tickstock.events.patterns", pattern(n=n, pad=filler))
     await eventually(lambda: len(reader.events()) == total, 10, "reader got everything")
-    await eventually(lambda: daemon.service.gateway.slow_consumers_closed == 1, 5, "slow client closed")
+    await eventually(lambda: daemon.service.gateway.slow_consumers_closed == 1, 5,
+                     "slow client closed")
     assert [e["data"]["n"] for e in reader.events()] == list(range(total))
     assert reader.close_code is None
     stuck.transport.resumeProducing()

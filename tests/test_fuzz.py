@@ -201,7 +201,7 @@ def same(a: Any, b: Any) -> bool:
         elif isinstance(x, list) and isinstance(y, list):
             if len(x) != len(y):
                 return False
-            stack.extend(zip(x, y))
+            stack.extend(zip(x, y, strict=True))
         elif isinstance(x, dict) and isinstance(y, dict):
             if x.keys() != y.keys():
                 return False
@@ -1044,7 +1044,7 @@ def _unwrap(channel: Channel, message: dict[str, Any]) -> dict[str, Any]:
             chain.append(node)
         if isinstance(chain[-1], dict):
             merged: dict[str, Any] = {}
-            for level, part in zip(chain, path.split(".")):
+            for level, part in zip(chain, path.split("."), strict=False):
                 merged.update({k: v for k, v in level.items() if k != part})
             merged.update(chain[-1])
             return merged
@@ -1501,7 +1501,8 @@ class GatewayWorld:
         if reply.get("op") == "error":
             assert isinstance(reply.get("code"), str) and reply["code"], reply
             assert isinstance(reply.get("message"), str), reply
-            assert reply["code"] != "internal", f"a client request caused an internal error: {reply}"
+            assert reply["code"] != "internal", \
+                f"a client request caused an internal error: {reply}"
             if client.closed is not None:
                 assert reply["code"] in ("unauthorized", "too_many_connections"), reply
         else:
@@ -2450,7 +2451,8 @@ def test_rest_valid_queries_are_accepted(call: Call) -> None:
         return
     assert answer.status == expected == 200, (answer.status, answer.body, uri)
     keys = {"patterns": {"patterns", "next_cursor"}, "symbols": {"symbols"},
-            "ohlcv": {"symbol", "bars"}, "universes": {"universes"}, "jobs": {"jobs", "next_cursor"},
+            "ohlcv": {"symbol", "bars"}, "universes": {"universes"},
+            "jobs": {"jobs", "next_cursor"},
             "universe": {"key", "type", "category", "symbols", "metadata", "updated"},
             "job": {"job_id", "status", "params", "progress", "results", "error", "created_at",
                     "updated_at"}}
@@ -2467,7 +2469,8 @@ def test_rest_valid_queries_are_accepted(call: Call) -> None:
     st.binary(max_size=100), value_texts, st.just(b"{" + b" " * (64 * 1024) + b"}")),
     content_type=st.sampled_from([b"application/json", b"application/json", b"application/json",
                                   b"Application/JSON; charset=utf-8", b"text/plain", None,
-                                  b"application/json-patch+json", b"application/x-www-form-urlencoded"]))
+                                  b"application/json-patch+json",
+                                  b"application/x-www-form-urlencoded"]))
 @example(body=b'{"symbols":["AAPL"],"start_date":"2024-01-01","end_date":"2024-02-01",'
               b'"patterns":[["Doji"]]}', content_type=b"application/json")
 def test_rest_job_bodies_are_refused_cleanly(body: bytes, content_type: bytes | None) -> None:

@@ -745,8 +745,9 @@ async def test_streams_mode_acknowledges_dropped_job_events(redis_server, daemon
         "unknown_job": 1, "finished_job": 1}, 10, "both dropped")
     # Acknowledged once what they became is durable (the job records).
     for channel in (PROGRESS, RESULTS):
-        await eventually(lambda: redis_server.command("XPENDING", channel, "tickstock")
-                         .startswith(b"*4\r\n:0\r\n"), 5, f"{channel} acknowledged")
+        await eventually(lambda channel=channel: redis_server.command(
+            "XPENDING", channel, "tickstock").startswith(b"*4\r\n:0\r\n"), 5,
+            f"{channel} acknowledged")
 
 
 @pytest_twisted.ensureDeferred

@@ -49,7 +49,7 @@ def test_a_json_line_has_the_message_level_fields_and_traceback() -> None:
     out = Lines()
     observer = JSONLines(out)  # type: ignore[arg-type]
     try:
-        1 / 0
+        raise ZeroDivisionError("division by zero")
     except ZeroDivisionError:
         failure = Failure()
     observer({"log_format": "lost {address} after {n} tries", "log_level": LogLevel.warn,

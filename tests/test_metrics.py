@@ -89,7 +89,10 @@ def test_reactor_lag_is_how_late_the_timer_fires() -> None:
     The daemon's report functions are stand-ins: this reads the histogram alone.
     """
     clock = Clock()
-    empty: Any = lambda: (True, {})
+
+    def empty() -> tuple[bool, dict[str, Any]]:
+        return True, {}
+
     metrics = Metrics(clock, empty, empty, dict)
     metrics.startService()
     clock.advance(1.0)

@@ -204,7 +204,8 @@ def test_contract_functions_exist(postgres: str) -> None:
     assert rows == [
         ("get_etf_universe(text)", "jsonb"),
         ("get_etf_universes_summary()",
-         "TABLE(key text, category text, symbol_count integer, last_update timestamp without time zone)"),
+         "TABLE(key text, category text, symbol_count integer,"
+         " last_update timestamp without time zone)"),
         (UPDATE, "boolean"),
         ("validate_etf_universe_symbols(text[])",
          "TABLE(symbol text, valid_format boolean, known boolean)"),
@@ -215,7 +216,8 @@ def test_ohlcv_stays_a_plain_table_without_timescale(postgres: str) -> None:
     """Where TimescaleDB is not available, 0003 leaves C{ohlcv_1min} a plain table."""
     if run_sql(postgres, "SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'"):
         pytest.skip("TimescaleDB is installed here")
-    assert run_sql(postgres, "SELECT relkind FROM pg_class WHERE relname = 'ohlcv_1min'") == [("r",)]
+    assert run_sql(postgres, "SELECT relkind FROM pg_class WHERE relname = 'ohlcv_1min'") \
+        == [("r",)]
     assert run_sql(postgres, "SELECT 1 FROM pg_extension WHERE extname = 'timescaledb'") == []
 
 
@@ -252,7 +254,8 @@ def test_update_etf_universe_replaces_symbols_and_keeps_the_rest(postgres: str) 
         INSERT INTO cache_entries (type, name, key, value, universe_category, universe_metadata)
         VALUES ('etf_universe', 'Old', 'old', '{"symbols": ["XLF"], "note": "kept"}',
                 'Sector', '{"focus": "rotation"}')""")
-    run_sql(postgres, "SELECT update_etf_universe('old', ARRAY['XLE', 'XLK'], NULL, '{\"criteria\": \"AUM\"}')")
+    run_sql(postgres, "SELECT update_etf_universe("
+                      "'old', ARRAY['XLE', 'XLK'], NULL, '{\"criteria\": \"AUM\"}')")
     assert run_sql(postgres, """
         SELECT value, universe_category, universe_metadata, name FROM cache_entries
         WHERE key = 'old'""") == [
@@ -260,7 +263,8 @@ def test_update_etf_universe_replaces_symbols_and_keeps_the_rest(postgres: str) 
          {"focus": "rotation", "criteria": "AUM"}, "Old")]
 
 
-@pytest.mark.parametrize("symbols", [["SPY", "spy"], ["TOOLONGSYMBOL"], ["SPY", None], ["A B"], [""]])
+@pytest.mark.parametrize("symbols",
+                         [["SPY", "spy"], ["TOOLONGSYMBOL"], ["SPY", None], ["A B"], [""]])
 def test_update_etf_universe_rejects_bad_symbols(postgres: str, symbols: list[str | None]) -> None:
     """A symbol that does not look like a ticker fails the whole call, writing nothing."""
     with pytest.raises(psycopg2.errors.InvalidParameterValue, match="not a valid symbol"):
@@ -356,7 +360,8 @@ def test_reader_can_read_everything(reader: tuple[str, str]) -> None:
     for table in TABLES:
         run_sql(dsn, f"SELECT * FROM {table} LIMIT 1")
     assert run_sql(dsn, "SELECT get_etf_universe('core')") == [({"symbols": ["SPY"]},)]
-    assert run_sql(dsn, "SELECT key, symbol_count FROM get_etf_universes_summary()") == [("core", 1)]
+    assert run_sql(dsn, "SELECT key, symbol_count FROM get_etf_universes_summary()") == [
+        ("core", 1)]
     assert run_sql(dsn, "SELECT * FROM validate_etf_universe_symbols(ARRAY['SPY'])") == [
         ("SPY", True, True)]
     assert pending(dsn) == []

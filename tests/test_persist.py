@@ -28,8 +28,9 @@ from zope.interface.verify import verifyObject
 
 from tickstock.domain.events import Event
 from tickstock.domain.interfaces import ITickMarks
+from tickstock.domain.records import Bar
 from tickstock.ingest.normalize import parse_event
-from tickstock.store import Bar, StoreUnavailable, persist
+from tickstock.store import StoreUnavailable, persist
 from tickstock.store.bars import BarAggregator
 from tickstock.store.memory import MemoryStore
 from tickstock.store.persist import STOP_TIMEOUT, Persister

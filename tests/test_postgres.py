@@ -19,8 +19,9 @@ from twisted.internet import reactor, task
 from tests.servers import PostgresServer
 from tests.wsclient import eventually
 from tickstock.domain.events import Event
+from tickstock.domain.records import Bar, PatternQuery
 from tickstock.ingest.normalize import parse_event
-from tickstock.store import Bar, PatternQuery, StoreUnavailable
+from tickstock.store import StoreUnavailable
 from tickstock.store.migrate import migrate
 from tickstock.store.postgres import PostgresStore
 
@@ -124,7 +125,8 @@ async def test_the_read_pool_cannot_write(postgres, start_store) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_universes_are_read_from_cache_entries(postgres, postgres_cluster, start_store) -> None:
+async def test_universes_are_read_from_cache_entries(postgres, postgres_cluster,
+                                                     start_store) -> None:
     """Universes come from cache_entries rows, as update_etf_universe writes them."""
     name = postgres.split("dbname=")[1].split()[0]
     postgres_cluster.sql("SELECT update_etf_universe('etf_growth', ARRAY['QQQ','VUG'], "

@@ -24,7 +24,7 @@ from twisted.internet import reactor, task
 from tests.servers import PostgresServer
 from tests.wsclient import eventually
 from tickstock.domain.events import ID_STRIDE, Event, EventIds
-from tickstock.store import PatternQuery
+from tickstock.domain.records import PatternQuery
 from tickstock.store.listen import CHANNEL, ProducerRowListener
 from tickstock.store.migrate import migrate
 from tickstock.store.pool import RECONNECT_MAX
@@ -38,9 +38,9 @@ SEED_INSERT = """
             """
 SEED_SELECT = """
             SELECT symbol, pattern, details
-            FROM events 
+            FROM events
             WHERE symbol = 'AAPL' AND pattern = 'Doji'
-            ORDER BY timestamp DESC 
+            ORDER BY timestamp DESC
             LIMIT 1
             """
 SEED_QUERIES = [

@@ -9,6 +9,7 @@ from __future__ import annotations
 import orjson
 import pytest
 import pytest_twisted
+from twisted.internet import error
 
 from tests.wsclient import connect, eventually, http_get, read_body
 
@@ -49,17 +50,22 @@ async def test_bad_requests_get_errors_and_the_connection_stays(quiet):
                             "filter": {"universe": "sp500"}}) == "unknown_universe"
     assert await error_for({"op": "unsubscribe", "id": "nope"}) == "unknown_subscription"
     for params in ({"symbols": [], "start_date": "2024-01-01", "end_date": "2024-01-02"},
-                   {"symbols": ["AAPL", "AAPL"], "start_date": "2024-01-01", "end_date": "2024-01-02"},
+                   {"symbols": ["AAPL", "AAPL"], "start_date": "2024-01-01",
+                    "end_date": "2024-01-02"},
                    {"symbols": ["AAPL"], "start_date": "20240101", "end_date": "2024-01-02"},
                    {"symbols": ["AAPL"], "start_date": "2024-02-01", "end_date": "2024-01-02"}):
-        assert await error_for({"op": "submit_backtest", "id": "r", "params": params}) == "bad_params"
+        assert await error_for({"op": "submit_backtest", "id": "r", "params": params}) \
+            == "bad_params"
 
     for n in range(3):
-        reply = await client.request({"op": "subscribe", "id": f"s{n}", "topic": "ticks"}, "subscribed")
+        reply = await client.request({"op": "subscribe", "id": f"s{n}", "topic": "ticks"},
+                                     "subscribed")
         assert reply["op"] == "subscribed"
     assert await error_for({"op": "subscribe", "id": "s0", "topic": "ticks"}) == "duplicate_id"
-    assert await error_for({"op": "subscribe", "id": "s9", "topic": "ticks"}) == "too_many_subscriptions"
-    assert (await client.request({"op": "unsubscribe", "id": "s1"}, "unsubscribed"))["op"] == "unsubscribed"
+    assert await error_for({"op": "subscribe", "id": "s9", "topic": "ticks"}) \
+        == "too_many_subscriptions"
+    assert (await client.request({"op": "unsubscribe", "id": "s1"}, "unsubscribed"))["op"] \
+        == "unsubscribed"
     assert (await client.request({"op": "ping", "id": "p"}, "pong"))["op"] == "pong"
 
     client.sendMessage(b"\x00\x01", isBinary=True)
@@ -195,8 +201,10 @@ async def test_embedded_demo_serves_page_health_and_live_events(daemons):
     job = await client.request({"op": "submit_backtest", "id": "r", "params": {
         "symbols": ["AAPL"], "start_date": "2024-01-02", "end_date": "2024-06-28"}}, "job_accepted")
     await eventually(lambda: len(client.events("t")) >= 10, 5, "ticks")
-    await eventually(lambda: any(e["type"] == "backtest_result" for e in client.events("b")), 10, "result")
-    progress = [e["data"]["progress"] for e in client.events("b") if e["type"] == "backtest_progress"]
+    await eventually(lambda: any(e["type"] == "backtest_result" for e in client.events("b")), 10,
+                     "result")
+    progress = [e["data"]["progress"] for e in client.events("b")
+                if e["type"] == "backtest_progress"]
     assert progress == [0.25, 0.5, 0.75, 1.0]
     result = client.events("b")[-1]["data"]
     assert result["job_id"] == job["job_id"] and 0 <= result["results"]["win_rate"] <= 1
@@ -219,7 +227,7 @@ async def test_shutdown_closes_clients_with_1001_and_stops_accepting(daemons):
     for client in clients:
         code, reason = await client.closed
         assert code == 1001 and "reconnect" in reason
-    with pytest.raises(Exception):
+    with pytest.raises(error.ConnectionRefusedError):
         await connect(daemon.port)
 
 
@@ -247,7 +255,8 @@ async def test_a_client_that_stops_answering_pings_is_removed(daemons):
     dead.transport.resumeProducing()
 
 
-async def _api(port: int, method: bytes, origin: bytes, preflight: bool = False) -> tuple[int, object]:
+async def _api(port: int, method: bytes, origin: bytes,
+               preflight: bool = False) -> tuple[int, object]:
     from twisted.internet import reactor
     from twisted.web.client import Agent
     from twisted.web.http_headers import Headers

@@ -222,7 +222,8 @@ async def test_resume_after_500_missed_events(redis_server, daemons, producer, m
 
     first = await connect(daemon.port, hello=daemon.hello("alice"))
     assert (await first.request(sub, "subscribed")) == {"op": "subscribed", "id": "s1"}
-    producer.publish([(PATTERNS, pattern(s, seq=-3 + i)) for i, s in enumerate(["AAPL", "MSFT", "AAPL"])])
+    producer.publish([(PATTERNS, pattern(s, seq=-3 + i))
+                      for i, s in enumerate(["AAPL", "MSFT", "AAPL"])])
     await eventually(lambda: len(first.events("s1")) == 2, 10, "the first AAPL events")
     last_id = first.events("s1")[-1]["id"]
     await close(first)
@@ -238,18 +239,21 @@ async def test_resume_after_500_missed_events(redis_server, daemons, producer, m
 
     gate = GatedReplay(daemon.service.history)
     monkeypatch.setattr(daemon.service.history, "replay", gate)
-    second = await connect(daemon.port, hello={**daemon.hello("alice"), "resume": {"last_id": last_id}})
+    second = await connect(daemon.port,
+                           hello={**daemon.hello("alice"), "resume": {"last_id": last_id}})
     start = len(second.messages)
     second.send(sub)
     await gate.started
     # Live while the replay is in flight, before the history is read.
-    producer.publish([(PATTERNS, pattern(s, seq=1000 + n)) for n in range(5) for s in ("AAPL", "MSFT")])
+    producer.publish([(PATTERNS, pattern(s, seq=1000 + n))
+                      for n in range(5) for s in ("AAPL", "MSFT")])
     await eventually(lambda: sum(len(s.held) for s in held_subscriptions(daemon)) == 5, 10,
                      "five AAPL events held")
     gate.before.callback(None)
     await gate.fetched
     # Live while the replay is in flight, after the history was read.
-    producer.publish([(PATTERNS, pattern(s, seq=2000 + n)) for n in range(5) for s in ("MSFT", "AAPL")])
+    producer.publish([(PATTERNS, pattern(s, seq=2000 + n))
+                      for n in range(5) for s in ("MSFT", "AAPL")])
     await eventually(lambda: sum(len(s.held) for s in held_subscriptions(daemon)) == 10, 10,
                      "ten AAPL events held")
     gate.after.callback(None)
@@ -260,7 +264,8 @@ async def test_resume_after_500_missed_events(redis_server, daemons, producer, m
     assert reply == {"op": "subscribed", "id": "s1", "recovered": True, "replayed": len(expected)}
 
     # Later live events follow on; a marker shows nothing else came.
-    producer.publish([(PATTERNS, pattern(s, seq=3000 + n)) for n in range(5) for s in ("AAPL", "MSFT")])
+    producer.publish([(PATTERNS, pattern(s, seq=3000 + n))
+                      for n in range(5) for s in ("AAPL", "MSFT")])
     producer.publish([(PATTERNS, pattern("AAPL", seq=9999))])
     await eventually(lambda: seqs(second, "s1")[-1:] == [9999], 10, "the marker")
     assert seqs(second, "s1") == [*expected, *range(3000, 3005), 9999]
@@ -358,7 +363,7 @@ async def test_live_ticks_are_counted_once_across_daemons_and_resume_with_the_ne
         return {e["data"]["symbol"]: e["data"]["n"] for e in client.events("t")}
 
     for client in clients:
-        await eventually(lambda: newest(client) == {"AAPL": 98, "NVDA": 99, "MSFT": 0}
+        await eventually(lambda client=client: newest(client) == {"AAPL": 98, "NVDA": 99, "MSFT": 0}
                          and len(client.events("p")) == 10, 10, "the newest ticks and patterns")
         ids = [id_key(e["id"]) for e in client.events()]
         assert len(set(ids)) == len(ids)
@@ -393,7 +398,7 @@ async def test_each_daemon_decodes_only_the_events_another_daemon_stored(
     sent before it answered, whichever reply Redis wrote first), and both
     deliver the same ids and data.
     """
-    import tickstock.history.redis as redis_history
+    import tickstock.history.redis.tailer as redis_history
 
     decoded = []
     decode = redis_history._entry_event
@@ -425,7 +430,7 @@ async def test_the_events_a_daemon_keeps_for_its_tail_are_bounded(
     """
     from collections import OrderedDict
 
-    import tickstock.history.redis as redis_history
+    import tickstock.history.redis.tailer as redis_history
 
     class Watched(OrderedDict):
         most = evicted = 0
@@ -479,7 +484,8 @@ async def test_replay_then_lagging_live_tail_deliver_each_event_once(
     producer.publish([(PATTERNS, pattern(seq=n)) for n in range(20)])
     await routed([daemon], 21, "stored")
     await eventually(lambda: len(tail.behind or ()) == 20, 10, "read by the tail, not delivered")
-    second = await connect(daemon.port, hello={**daemon.hello("alice"), "resume": {"last_id": last_id}})
+    second = await connect(daemon.port,
+                           hello={**daemon.hello("alice"), "resume": {"last_id": last_id}})
     reply = await second.request(sub, "subscribed")
     assert reply == {"op": "subscribed", "id": "p", "recovered": True, "replayed": 20}
     await eventually(lambda: len(second.events("p")) >= 20, 10, "the replay")
@@ -521,7 +527,8 @@ async def test_gap_is_reported_when_history_was_trimmed(redis_server, daemons, p
     assert 100 <= kept < 1000
     dropped_after = 1000 - kept  # every kept event is newer than last_id
 
-    second = await connect(daemon.port, hello={**daemon.hello("alice"), "resume": {"last_id": last_id}})
+    second = await connect(daemon.port,
+                           hello={**daemon.hello("alice"), "resume": {"last_id": last_id}})
     reply = await second.request(sub, "subscribed")
     assert reply["recovered"] is False, reply
     gap = reply["missed"]
@@ -560,7 +567,8 @@ async def test_every_kept_event_is_replayed_when_history_max_is_small(
     await routed([daemon], 61, "stored", timeout=5)
     await eventually(lambda: len(watch.events("w")) == 61, 10, "the live tail at the end")
     kept = redis_int(redis_server, "XLEN", HISTORY + "patterns")
-    second = await connect(daemon.port, hello={**daemon.hello("alice"), "resume": {"last_id": last_id}})
+    second = await connect(daemon.port,
+                           hello={**daemon.hello("alice"), "resume": {"last_id": last_id}})
     reply = await second.request(sub, "subscribed")
     producer.publish([(PATTERNS, pattern(seq=9999))])
     await eventually(lambda: seqs(second, "p")[-1:] == [9999], 10, "the marker")
@@ -592,9 +600,11 @@ async def test_replay_longer_than_the_client_queue_is_delivered(redis_server, da
 
     filler = "x" * 1000  # about 1 MB in all: far more than a socket buffer
     for start in range(0, 1000, 100):
-        producer.publish([(PATTERNS, pattern(seq=n, pad=filler)) for n in range(start, start + 100)])
+        producer.publish([(PATTERNS, pattern(seq=n, pad=filler))
+                          for n in range(start, start + 100)])
         await eventually(lambda n=1 + start + 100: len(watch.events("w")) == n, 10, "the tail")
-    second = await connect(daemon.port, hello={**daemon.hello("alice"), "resume": {"last_id": last_id}})
+    second = await connect(daemon.port,
+                           hello={**daemon.hello("alice"), "resume": {"last_id": last_id}})
     reply = await second.request(sub, "subscribed")
     assert reply == {"op": "subscribed", "id": "p", "recovered": True, "replayed": 1000}
     await eventually(lambda: len(second.events("p")) >= 1000 or second.close_code is not None,
@@ -646,7 +656,8 @@ async def test_live_clients_are_told_when_the_tail_fell_behind_trimming(
         assert seqs(client, "p") == [-1, *range(300), 9999]
         return
     assert client.close_code == CLOSE_SLOW_CONSUMER
-    again = await connect(daemon.port, hello={**daemon.hello("alice"), "resume": {"last_id": last_id}})
+    again = await connect(daemon.port,
+                          hello={**daemon.hello("alice"), "resume": {"last_id": last_id}})
     reply = await again.request({"op": "subscribe", "id": "p", "topic": "patterns"}, "subscribed")
     assert reply["recovered"] is False and reply["missed"]["from"] == last_id
 

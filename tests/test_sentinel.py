@@ -154,7 +154,8 @@ async def test_endpoint_asks_the_sentinels_in_turn(cluster):
                 "redis_sentinel": f"127.0.0.1:{cluster.sentinel.port}",
                 "redis_master": "nope", "demo": True}, {}).redis).connect(factory)
         with pytest.raises(SentinelError, match="no sentinel knows master"):
-            await SentinelEndpoint(reactor, [("127.0.0.1", free_port())], NAME, 0.3).connect(factory)
+            await SentinelEndpoint(reactor, [("127.0.0.1", free_port())], NAME,
+                                   0.3).connect(factory)
 
         # Stopping the client cancels an attempt: its sentinel query hangs up.
         waiting = SentinelEndpoint(reactor, [("127.0.0.1", silent_port)], NAME, 30).connect(factory)

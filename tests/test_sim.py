@@ -1,4 +1,7 @@
-"""Tests for L{tickstock.sim.producer}: the producer simulator's events, backtests, jobs and pacing."""
+"""
+Tests for L{tickstock.sim.producer}: the producer simulator's events,
+backtests, jobs and pacing.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import subprocess
 import sys
 from collections import Counter
 from datetime import date
+from itertools import pairwise
 from typing import Any
 
 import orjson
@@ -125,7 +129,7 @@ def test_given_symbol_and_price_walk() -> None:
     start = s.prices["AAPL"]
     assert 20 <= start <= 500
     prices = [s.tick(0.0, "AAPL")[1]["price"] for _ in range(100)]
-    assert all(abs(b / a - 1) < 0.01 for a, b in zip([start] + prices, prices))
+    assert all(abs(b / a - 1) < 0.01 for a, b in pairwise([start, *prices]))
     assert len(set(prices)) > 50
     assert s.pattern(0.0, "AAPL")[1]["price"] == round(s.prices["AAPL"], 4)
 
@@ -182,7 +186,7 @@ def test_backtest_bars_agree_across_ranges() -> None:
     assert all(d.weekday() < 5 for d in (*a, *b))
     common = sorted(set(a) & set(b))
     assert len(common) > 100
-    for d0, d1 in zip(common, common[1:]):
+    for d0, d1 in pairwise(common):
         assert a[d1][4] / a[d0][4] == pytest.approx(b[d1][4] / b[d0][4])
     for _, o, h, lo, c, v in a.values():
         assert lo <= min(o, c) <= max(o, c) <= h and v > 0
@@ -219,7 +223,7 @@ def test_job_runner_progress_then_result() -> None:
     assert rec.sent[-1][0] == sim.RESULTS
     assert result["results"] == Backtester(3).run(JOB)
     assert (result["job_id"], result["user_id"], result["completed_at"]) == ("job-1", "alice", 2.0)
-    for channel, event in rec.sent:
+    for _, event in rec.sent:
         assert event["event_type"] in ("backtest_progress", "backtest_result")
         assert number(event["timestamp"]) and len(event["event_id"]) <= 64
         assert 0 <= event.get("progress", 0) <= 1
@@ -528,12 +532,12 @@ def test_upstream_ticks_are_one_message_each() -> None:
     for per_symbol in (True, False):
         clock, sent = task.Clock(), []
         upstream = sim.UpstreamSimulator(default_symbols(5), random.Random(2), per_symbol)
-        producer = Producer(clock, lambda c, p: sent.append((c, p)), upstream, 1000)
+        producer = Producer(clock, lambda c, p, sent=sent: sent.append((c, p)), upstream, 1000)
         producer.start()
         clock.pump([0.01] * 100)
         producer.stop()
         assert producer.published == 1000
-        pairs = [(a, b) for a, b in zip(sent, sent[1:]) if a[0].startswith("tickstock.ticks.")]
+        pairs = [(a, b) for a, b in pairwise(sent) if a[0].startswith("tickstock.ticks.")]
         assert all(b == ("tickstock.all_ticks", a[1]) for a, b in pairs)
         assert len(sent) == 1000 + len(pairs) and (len(pairs) > 200) == per_symbol
 

@@ -169,7 +169,10 @@ def test_streams_postgres_and_the_shipped_config_start(tmp_path, daemons, redis_
 
 
 def test_workers_through_sentinel_start(tmp_path, daemons, redis_server, secret_file):
-    """--workers 2 (README, Performance) finding Redis through --redis-sentinel and --redis-master."""
+    """
+    --workers 2 (README, Performance) finding Redis through --redis-sentinel
+    and --redis-master.
+    """
     sentinel = SentinelServer(redis_server.port, "tickstock")
     sentinel.start()
     try:

@@ -103,7 +103,8 @@ async def test_100k_ticks_across_a_postgres_restart(redis_server, postgres_serve
     for number, batch in enumerate(batches):
         publish_many(redis_server, [(TICKS, orjson.dumps(t)) for t in batch])
         sent += len(batch)
-        await eventually(lambda: daemon.service.router.received >= sent, 30, "batch routed")
+        await eventually(lambda sent=sent: daemon.service.router.received >= sent, 30,
+                         "batch routed")
         if number == len(batches) // 2:
             postgres_server.stop_server()
             await eventually(lambda: not daemon.service.readiness()[0], 10, "not ready")

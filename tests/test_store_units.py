@@ -18,7 +18,7 @@ from tickstock.deliver.throttle import TickThrottle
 from tickstock.deliver.universes import Universes
 from tickstock.domain.errors import BadRequest
 from tickstock.domain.events import Event, id_before
-from tickstock.history import Replay
+from tickstock.domain.stored import Replay
 from tickstock.ingest.normalize import parse_event
 from tickstock.store.memory import MemoryStore
 
@@ -64,7 +64,8 @@ def test_ticks_of_symbols_nobody_watches_stop_at_the_throttle() -> None:
     """What the broadcaster's index says nobody wants is neither paced nor delivered."""
     clock, sent = Clock(), []
     broadcaster = Broadcaster(lambda frame: frame)
-    throttle = TickThrottle(clock, 4, sent.append, lambda symbol: broadcaster.watched("ticks", symbol))
+    throttle = TickThrottle(clock, 4, sent.append,
+                            lambda symbol: broadcaster.watched("ticks", symbol))
 
     class Client:
         user = "u"

@@ -32,7 +32,8 @@ from tickstock.domain.events import Event, id_key
 from tickstock.domain.interfaces import IHistory
 from tickstock.domain.stored import StreamEntry
 from tickstock.domain.topics import DEFAULT_REGISTRY
-from tickstock.history.redis import INGEST, RedisHistory
+from tickstock.history.redis import RedisHistory
+from tickstock.history.redis.scripts import INGEST
 from tickstock.ingest.memory import MemoryBus
 from tickstock.ingest.normalize import normalize
 from tickstock.ingest.router import Overloaded, Router
@@ -300,13 +301,13 @@ async def test_refused_store_calls_keep_the_order_in_a_real_redis(redis_server):
             rounds += 1
             outcomes = await DeferredList([history.append(event(n), key(n)) for n in left],
                                           consumeErrors=True)
-            left = [n for n, (ok, _) in zip(left, outcomes) if not ok]
+            left = [n for n, (ok, _) in zip(left, outcomes, strict=True) if not ok]
             await deferLater(reactor, 0.02, lambda: None)
         await busy
         assert left == [] and rounds > 1
         stored = await link.execute("XRANGE", "tickstock:history:patterns", "-", "+")
-        assert [orjson.loads(dict(zip(f[::2], f[1::2]))["d"])["n"] for _, f in stored] == \
-            list(range(500))
+        assert [orjson.loads(dict(zip(f[::2], f[1::2], strict=True))["d"])["n"]
+                for _, f in stored] == list(range(500))
     finally:
         await spinner.stopService()
         await link.stopService()

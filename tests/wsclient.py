@@ -90,7 +90,8 @@ class RecordingClient(WebSocketClientProtocol):
     def events(self, sub: str | None = None) -> list[dict[str, Any]]:
         return [m for m in self.of("event") if sub is None or m["sub"] == sub]
 
-    async def request(self, message: dict[str, Any], reply_op: str, timeout: float = 5.0) -> dict[str, Any]:
+    async def request(self, message: dict[str, Any], reply_op: str,
+                      timeout: float = 5.0) -> dict[str, Any]:
         """Send C{message} and wait for the reply carrying its id (or an error)."""
         start = len(self.messages)
         self.send(message)
@@ -108,7 +109,8 @@ class RecordingClient(WebSocketClientProtocol):
         )
 
 
-async def connect(port: int, origin: str | None = None, hello: dict[str, Any] | None = None) -> RecordingClient:
+async def connect(port: int, origin: str | None = None,
+                  hello: dict[str, Any] | None = None) -> RecordingClient:
     """Open a WebSocket to the daemon on C{port}; say C{hello} when given."""
     factory = WebSocketClientFactory(f"ws://127.0.0.1:{port}/ws", origin=origin)
     factory.protocol = RecordingClient
@@ -121,7 +123,8 @@ async def connect(port: int, origin: str | None = None, hello: dict[str, Any] | 
     return proto
 
 
-async def http_get(port: int, path: str, headers: dict[bytes, list[bytes]] | None = None) -> tuple[int, Any]:
+async def http_get(port: int, path: str,
+                   headers: dict[bytes, list[bytes]] | None = None) -> tuple[int, Any]:
     """GET from the daemon in this reactor; (status, parsed JSON or raw body)."""
     from twisted.web.client import Agent
     from twisted.web.http_headers import Headers

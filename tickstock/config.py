@@ -665,5 +665,6 @@ def masked_dsn(dsn: str) -> str:
     import psycopg2.extensions
 
     params = psycopg2.extensions.parse_dsn(dsn)
-    return psycopg2.extensions.make_dsn(**{
+    masked: str = psycopg2.extensions.make_dsn(**{
         key: MASK if "password" in key else value for key, value in params.items()})
+    return masked

@@ -14,33 +14,49 @@ import signal
 import socket
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
+from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import MultiService, Service
+from twisted.application.service import IService, MultiService, Service
 from twisted.internet.address import IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import SSL4ServerEndpoint, serverFromString
 from twisted.internet.error import CannotListenError, VerifyError
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorCore
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocolFactory,
+    IReactorCore,
+    IReactorFDSet,
+    IReactorTime,
+)
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.failure import Failure
 
 from tickstock.config import OPTIONS, ConfigError, Settings, check_settings, describe
-from tickstock.deliver.universes import MEMBERSHIP_CHANNELS, UPDATED_CHANNEL
-from tickstock.domain.topics import (
-    BACKTESTS,
-    CONTROL_CHANNEL,
-    JOBS_CHANNEL,
-    STORED_TOPICS,
-    TICKS,
-    UNIVERSE,
+from tickstock.domain.interfaces import (
+    ICache,
+    IClaims,
+    IComponent,
+    IEventSource,
+    IHistory,
+    IProducerLink,
 )
+from tickstock.domain.topics import CANCEL_CHANNEL, CONTROL_CHANNEL, JOBS_CHANNEL
 from tickstock.ops.canary import canary_channel
 from tickstock.ops.logs import JSONLines, LogFormat, log_format, twistd_log_file
+
+if TYPE_CHECKING:
+    from tickstock.deliver.overload import Overload
+    from tickstock.sim.producer import JobRunner
+    from tickstock.store.listen import ProducerRowListener
+    from tickstock.store.memory import MemoryStore
+    from tickstock.store.persist import Persister
+    from tickstock.store.postgres import PostgresStore
 
 
 class Options(usage.Options):
@@ -60,7 +76,7 @@ class Options(usage.Options):
     def parseOptions(self, options: list[str] | None = None) -> None:
         # Kept for --workers: each worker is started with the same options.
         self.raw_args = list(sys.argv[1:] if options is None else options)
-        super().parseOptions(options)
+        super().parseOptions(options)  # type: ignore[no-untyped-call]
 
     def postOptions(self) -> None:
         flags: dict[str, Any] = {}
@@ -103,6 +119,132 @@ def _endpoint_problems(description: str) -> list[str]:
     return []
 
 
+class IReactor(IReactorCore, IReactorTime, IReactorFDSet):
+    """What the daemon's parts use of the reactor."""
+
+
+@dataclass
+class Parts:
+    """
+    What differs between the embedded bus and Redis, chosen once
+    (L{_embedded_parts}, L{_redis_parts}): the rest of the wiring is the same.
+
+    @ivar claims: which of several daemons counts a live tick; L{None}: only one.
+    @ivar behind: whether the source is behind the producer (the router sheds).
+    @ivar first: services started before the store (the links to Redis).
+    @ivar readers: services started after the store, so stopped before it:
+        what they still hand over at shutdown is flushed to the store.
+    @ivar components: what C{/ready} lists after the source and the store.
+    @ivar on_gap: registers a listener of gaps in the history's tail; L{None}:
+        the history has none.
+    @ivar attach: tells the source whether the daemon is behind its clients,
+        and what makes what it read durable.
+    @ivar canary_send: how the freshness canary is sent; L{None}: no canary.
+    @ivar hear_jobs: makes the demo simulator hear jobs and control messages;
+        returns the service that listens, if there is one.
+    """
+
+    source: IEventSource
+    link: IProducerLink
+    history: IHistory
+    claims: IClaims | None
+    cache: ICache
+    hear_jobs: Callable[[JobRunner], IService | None]
+    behind: Callable[[], bool] = lambda: False
+    first: Sequence[IService] = ()
+    readers: Sequence[IService] = ()
+    components: Mapping[str, IComponent] = field(default_factory=dict)
+    on_gap: Callable[[Callable[[str], None]], None] | None = None
+    attach: Callable[[Overload, Persister], None] = lambda overload, persister: None
+    canary_send: Callable[[str, bytes], Deferred[Any]] | None = None
+
+
+def _embedded_parts(settings: Settings, reactor: IReactor) -> Parts:
+    """One process: the embedded bus is the source and the link, history in memory."""
+    from tickstock.history.memory import MemoryHistory
+    from tickstock.ingest.memory import MemoryBus
+    from tickstock.store.cache import MemoryCache
+
+    bus = MemoryBus(settings.deadletter_max, settings.channels)
+
+    def hear_jobs(runner: JobRunner) -> None:
+        bus.on(JOBS_CHANNEL, runner.handle_job)
+        bus.on(CANCEL_CHANNEL, runner.handle_control)
+        bus.on(CONTROL_CHANNEL, runner.handle_control)
+
+    history = MemoryHistory(
+        reactor, settings.history_max, settings.history_max_age,
+        settings.history_user_max, dedupe_window=settings.dedupe_window,
+    )
+    return Parts(source=bus, link=bus, history=history, claims=None,
+                 cache=MemoryCache(reactor), hear_jobs=hear_jobs)
+
+
+def _redis_parts(settings: Settings, reactor: IReactor, worker: int | None) -> Parts:
+    """Redis: the producer's channels or streams, a shared history, a shared cache."""
+    from tickstock.connections.redis import RedisLink
+    from tickstock.history.redis import RedisHistory
+    from tickstock.ingest.pubsub import RedisPubSubSource
+    from tickstock.ingest.streams import RedisStreamSource
+    from tickstock.store.cache import RedisCache
+
+    redis, registry = settings.redis, settings.channels
+    assert redis is not None
+    streams = settings.mode == "streams"
+    behind: Callable[[], bool] = lambda: False  # noqa: E731
+    link = RedisLink(reactor, redis, settings.deadletter_max, streams=streams)
+    node = node_id(settings, worker)
+    canary = (canary_channel(node),) if settings.canary_interval else ()
+    source: RedisStreamSource | RedisPubSubSource
+    if streams:
+        source = entries = RedisStreamSource(reactor, redis, node, extra_streams=canary,
+                                             streams=registry.names)
+
+        def attach(overload: Overload, persister: Persister) -> None:
+            entries.behind = overload
+            # An entry is acknowledged once what it became is durable.
+            entries.durability = persister
+
+        def send(channel: str, payload: bytes) -> Deferred[Any]:
+            return link.execute("XADD", channel, "MAXLEN", "~", CANARY_STREAM_MAX,
+                                "*", "data", payload)
+    else:
+        source = messages = RedisPubSubSource(
+            reactor, redis, settings.redis_ping_interval, settings.redis_ping_timeout,
+            channels=(*registry.names, *canary), ask=link.execute, patterns=registry.patterns,
+            same=lambda name: getattr(registry.by_redis_name(name), "name", name),
+        )
+        behind = lambda: messages.behind  # noqa: E731
+
+        def attach(overload: Overload, persister: Persister) -> None:
+            messages.daemon_behind = overload
+
+        def send(channel: str, payload: bytes) -> Deferred[Any]:
+            return link.execute("PUBLISH", channel, payload)
+
+    def hear_jobs(runner: JobRunner) -> IService:
+        jobs = RedisPubSubSource(reactor, redis, channels=[JOBS_CHANNEL, CANCEL_CHANNEL,
+                                                           CONTROL_CHANNEL])
+        jobs.listen(lambda channel, payload, key: runner.handle_job(payload)
+                    if channel == JOBS_CHANNEL else runner.handle_control(payload))
+        return jobs
+
+    history = RedisHistory(
+        reactor, redis, link, settings.history_max, settings.history_max_age,
+        settings.history_user_max, store_window=settings.store_window,
+        dedupe_window=settings.dedupe_window,
+    )
+    return Parts(
+        source=source, link=link, history=history, claims=history,
+        cache=RedisCache(link, reactor), hear_jobs=hear_jobs,
+        behind=behind,
+        first=(link, history), readers=(source,),
+        components={"link": link, "history": history},
+        on_gap=history.on_gap, attach=attach,
+        canary_send=send if settings.canary_interval else None,
+    )
+
+
 class TickStock(MultiService):
     """
     The daemon: every part, started in order (links to the producer first,
@@ -118,88 +260,56 @@ class TickStock(MultiService):
         # the port, then the clients, then what was read is finished and
         # acknowledged, and only then do the Redis connections close.
         Service.stopService(self)
-        d: Deferred[Any] = succeed(None)
+
+        def stop(_: object, service: IService) -> object:
+            return service.stopService()
+
+        def failed(failure: Failure, service: IService) -> None:
+            self._log.failure("stopping {service!r} failed", failure, service=service)
+
+        d: Deferred[object] = succeed(None)
         for service in reversed(list(self)):
-            d.addCallback(lambda _, service=service: service.stopService())
-            d.addErrback(lambda f, service=service: self._log.failure(
-                "stopping {service!r} failed", f, service=service))
+            d.addCallback(stop, service).addErrback(failed, service)
         return d.addCallback(lambda _: None)
 
-    def __init__(self, settings: Settings, reactor: IReactorCore,
+    def __init__(self, settings: Settings, reactor: IReactor,
                  worker: int | None = None) -> None:
         """
         @param worker: this process's index when it is one of C{--workers}:
             it then serves the listening socket its parent handed it.
         """
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         from autobahn.twisted.resource import WebSocketResource
 
         from tickstock.deliver.auth import JWTAuthenticator, anonymous
         from tickstock.deliver.broadcast import Broadcaster
         from tickstock.deliver.gateway import Gateway
+        from tickstock.deliver.live import HandOff, LiveDelivery
         from tickstock.deliver.overload import Overload
         from tickstock.deliver.ratelimit import RateLimit
         from tickstock.deliver.throttle import TickThrottle
         from tickstock.deliver.universes import Universes
         from tickstock.ingest.router import Router
         from tickstock.jobs.backtests import Jobs
+        from tickstock.ops.health import Health
         from tickstock.ops.metrics import Metrics, MetricsResource
-        from tickstock.store.cache import MemoryCache, RedisCache
         from tickstock.web.api import build_api
         from tickstock.web.site import JSONStatus, build_site
         from tickstock.web.websocket import StreamFactory
 
         self.settings = settings
         self.worker = worker
-        self.producer_rows: Any = None
-        self._clock = reactor
-        self._started_at = reactor.seconds()
-        behind: Callable[[], bool] = lambda: False  # noqa: E731
+        started_at = reactor.seconds()
         registry = self.registry = settings.channels
-        if settings.redis is None:
-            from tickstock.history.memory import MemoryHistory
-            from tickstock.ingest.memory import MemoryBus
-
-            bus = MemoryBus(settings.deadletter_max, registry)
-            self.source, self.link = bus, bus
-            self.history = MemoryHistory(
-                reactor, settings.history_max, settings.history_max_age,
-                settings.history_user_max, dedupe_window=settings.dedupe_window,
-            )
-        else:
-            from tickstock.connections.redis import RedisLink
-            from tickstock.history.redis import RedisHistory
-            from tickstock.ingest.pubsub import RedisPubSubSource
-            from tickstock.ingest.streams import RedisStreamSource
-
-            streams = settings.mode == "streams"
-            self.link = RedisLink(reactor, settings.redis, settings.deadletter_max,
-                                  streams=streams)
-            node = node_id(settings, worker)
-            canary = (canary_channel(node),) if settings.canary_interval else ()
-            if streams:
-                self.source = RedisStreamSource(reactor, settings.redis, node,
-                                                extra_streams=canary, streams=registry.names)
-            else:
-                source = self.source = RedisPubSubSource(
-                    reactor, settings.redis, settings.redis_ping_interval,
-                    settings.redis_ping_timeout, channels=(*registry.names, *canary),
-                    ask=self.link.execute, patterns=registry.patterns,
-                    same=lambda name: getattr(registry.by_redis_name(name), "name", name),
-                )
-                behind = lambda: source.behind  # noqa: E731
-            self.history = RedisHistory(
-                reactor, settings.redis, self.link, settings.history_max,
-                settings.history_max_age, settings.history_user_max,
-                store_window=settings.store_window, dedupe_window=settings.dedupe_window,
-            )
-            self.link.setServiceParent(self)
-            self.history.setServiceParent(self)
+        parts = (_embedded_parts(settings, reactor) if settings.redis is None
+                 else _redis_parts(settings, reactor, worker))
+        self.source, self.link, self.history = parts.source, parts.link, parts.history
+        self.cache = parts.cache
+        for service in parts.first:
+            self._run(service)
         self._add_store(reactor, settings, worker)
-        if settings.redis is not None:
-            # After the store: stopped before it, so what the source still
-            # hands over is flushed to the store at shutdown.
-            self.source.setServiceParent(self)
+        for service in parts.readers:
+            self._run(service)
 
         self.stream = StreamFactory(
             allowed_origins=settings.allowed_origins,
@@ -212,10 +322,7 @@ class TickStock(MultiService):
         )
         # Whether the daemon is behind: ticks are shed first, a Redis source reads less.
         self.overload = Overload(reactor, self.stream.clients_behind, settings.history_max // 2)
-        if settings.mode == "streams":
-            self.source.behind = self.overload
-        elif settings.redis is not None:
-            self.source.daemon_behind = self.overload
+        parts.attach(self.overload, self.persister)
         self.broadcaster = Broadcaster(self.stream.prepareMessage)
         self.ticks = TickThrottle(reactor, settings.tick_rate, self.broadcaster.deliver,
                                   partial(self.broadcaster.watched, "ticks"), self.overload)
@@ -227,17 +334,16 @@ class TickStock(MultiService):
         if settings.mode != "streams":
             from tickstock.deliver.ticks import LiveTicks
 
-            self.live_ticks = LiveTicks(reactor, self.history, self.ticks,
-                                        None if settings.redis is None else self.history)
-        self.router = Router(reactor, self.history, self.link, stored=self._persist,
-                             behind=behind, ticks=self.live_ticks, registry=registry)
+            self.live_ticks = LiveTicks(reactor, self.history, self.ticks, parts.claims)
+        self.router = Router(reactor, self.history, self.link,
+                             stored=HandOff(self.overload, self.persister, registry),
+                             behind=parts.behind, ticks=self.live_ticks, registry=registry)
         # TickStock's own job events (a cancel, a timeout) are never shed.
         self.jobs = Jobs(reactor, self.store, self.history, self.link,
-                         lambda channel, raw: self.router.receive(channel, raw, sheddable=False),
+                         self._receive_own,
                          settings.jobs_per_user, settings.job_timeout, settings.job_patterns,
                          unheard_is_lost=settings.mode != "streams")
-        self.jobs.setServiceParent(self)
-        self._job_live = self.jobs.record_first(self.store, self._deliver)
+        self._run(self.jobs)
         self.gateway = Gateway(
             reactor, self.broadcaster, self.history, authenticate,
             settings.max_subscriptions, settings.hello_timeout,
@@ -246,43 +352,83 @@ class TickStock(MultiService):
             max_per_user=settings.max_connections_per_user, ticks=self.live_ticks,
         )
         self.stream.gateway = self.gateway
+        self.metrics = Metrics(reactor, self.health, self.readiness, self._metrics_extra)
         self.canary = None
-        if settings.redis is not None and settings.canary_interval:
-            self.canary = self._add_canary(reactor, settings, worker)
+        if parts.canary_send is not None:
+            from tickstock.ops.canary import Canary
+
+            self.canary = Canary(reactor, parts.canary_send,
+                                 canary_channel(node_id(settings, worker)),
+                                 settings.canary_interval)
+            self._run(self.canary)
+            self.canary.round_trip = self.metrics.canary_round_trip
         self.source.listen(self.canary.intercept(self.router.receive) if self.canary
                            else self.router.receive)
-        self.history.listen(self._live)
-        if settings.redis is not None:
-            self.history.on_gap(self._missed_live)
+        live = self.live = LiveDelivery(
+            self.overload, self.ticks, self.broadcaster, self.universes, self.cache,
+            self.history, partial(self.jobs.record_first, self.store), self.metrics.delivered,
+            self.gateway.missed_live, self.keep_universe)
+        self.history.listen(live)
+        if parts.on_gap is not None:
+            parts.on_gap(live.gap)
 
         if settings.demo or settings.redis is None:
-            self._add_simulator(reactor, settings)
+            self._add_simulator(reactor, settings, parts)
 
-        self.cache = (MemoryCache(reactor) if settings.redis is None
-                      else RedisCache(self.link, reactor))
-        self.metrics = Metrics(reactor, self.health, self.readiness, self._metrics_extra)
-        self.metrics.setServiceParent(self)
-        if self.canary is not None:
-            self.canary.round_trip = self.metrics.canary_round_trip
+        self._run(self.metrics)
         self.api = build_api(self.store, self.cache, authenticate, settings.api_cache_ttl,
                              clock=reactor, timeout=settings.postgres_timeout, jobs=self.jobs,
                              observe=self.metrics.api_request,
                              rate=RateLimit(reactor, settings.api_rate, settings.api_burst),
                              cors_origins=settings.cors_origins)
         self.site = site = build_site(
-            WebSocketResource(self.stream),
+            WebSocketResource(self.stream),  # type: ignore[no-untyped-call]
             JSONStatus(self.health), JSONStatus(self.readiness),
             timeout=settings.handshake_timeout, api=self.api,
             metrics=MetricsResource(self.metrics),
         )
+        components: dict[str, IComponent] = {"source": self.source, "store": self.store}
+        if self.producer_rows is not None:
+            components["producer_rows"] = self.producer_rows
+        components.update(parts.components)
+        if self.canary is not None:
+            components["canary"] = self.canary
+        self.report = Health(
+            reactor, started_at, settings.jwt_secret is not None, worker, settings.mode,
+            components, self.router, self.broadcaster, self.stream, site, self.gateway,
+            self.overload, self.ticks, self.universes, self.persister, self.jobs, self.api)
         # Stopped in reverse: the port closes first, then clients are told to go.
-        ClientDrain(self.gateway, reactor, SHUTDOWN_GRACE).setServiceParent(self)
+        self._run(ClientDrain(self.gateway, reactor, SHUTDOWN_GRACE))
         if worker is not None:
             from tickstock.ops.workers import LISTEN_FD, AdoptedPort
 
-            AdoptedPort(reactor, LISTEN_FD, site).setServiceParent(self)
+            self._run(AdoptedPort(reactor, LISTEN_FD, site))
         else:
-            Listener(reactor, settings.listen, site, self._listening).setServiceParent(self)
+            self._run(Listener(reactor, settings.listen, site, self._listening))
+
+    def _run(self, service: IService) -> None:
+        """Runs C{service} with the daemon: started after the parts added before, stopped before."""
+        service.setServiceParent(self)
+
+    def _receive_own(self, channel: str, raw: bytes) -> Deferred[Any]:
+        """
+        A message of TickStock's own (a job's cancel or timeout) or one a
+        producer wrote to PostgreSQL: routed like the producer's, never shed.
+        """
+        handled = self.router.receive(channel, raw, sheddable=False)
+        # Only a live tick is handled without a Deferred; these are not ticks.
+        return succeed(None) if handled is None else handled
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """Liveness, with the counters an operator looks at first (L{Health.health})."""
+        return self.report.health()
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Ready when producer messages can arrive (and, with Redis, be sent)."""
+        return self.report.readiness()
+
+    def _metrics_extra(self) -> dict[str, Any]:
+        return self.report.extra()
 
     def _listening(self, url: str) -> None:
         """Once the port is bound: where to point a browser, and what is behind it."""
@@ -300,23 +446,26 @@ class TickStock(MultiService):
             store="PostgreSQL store" if settings.postgres else "embedded store",
             auth="auth off" if settings.jwt_secret is None else "auth on (HS256)")
 
-    def _add_store(self, reactor: Any, settings: Settings, worker: int | None) -> None:
+    def _add_store(self, reactor: IReactor, settings: Settings, worker: int | None) -> None:
         """The system of record, and the persister that batches writes to it."""
         from tickstock.store.persist import Persister
 
+        self.producer_rows: ProducerRowListener | None = None
+        self.keep_universe: Callable[[str, list[Any]], None] | None = None
+        self.store: PostgresStore | MemoryStore
         if settings.postgres:
             from tickstock.store.listen import ProducerRowListener
             from tickstock.store.postgres import PostgresStore
 
             self.store = PostgresStore(reactor, settings.postgres, settings.postgres_readonly,
                                        settings.postgres_timeout)
-            self.store.setServiceParent(self)
+            self._run(self.store)
             # Rows a producer inserts into events itself, delivered like its
             # messages. The writer: a standby neither LISTENs nor notifies.
             self.producer_rows = ProducerRowListener(
                 reactor, reactor, settings.postgres, settings.postgres_timeout,
-                lambda channel, raw: self.router.receive(channel, raw, sheddable=False))
-            self.producer_rows.setServiceParent(self)
+                self._receive_own)
+            self._run(self.producer_rows)
         else:
             from tickstock.sim.producer import UNIVERSES, default_symbols
             from tickstock.store.memory import MemoryStore
@@ -325,54 +474,28 @@ class TickStock(MultiService):
             symbols = default_symbols(max(settings.sim_symbols, 10))
             # As many events as the history keeps: every one is a Python
             # object the garbage collector walks, on the delivery thread.
-            self.store = MemoryStore(reactor, max_events=settings.history_max, universes={
+            store = self.store = MemoryStore(reactor, max_events=settings.history_max, universes={
                 key: {"type": _demo_universe_type(key),
                       "symbols": symbols[n::len(UNIVERSES)] or symbols[:1]}
                 for n, key in enumerate(UNIVERSES)
             })
+
+            def keep_universe(key: str, symbols: list[Any]) -> None:
+                # The event's own symbol list is the universe.
+                store.set_universe(key, _demo_universe_type(key), symbols)
+
+            self.keep_universe = keep_universe
         node = node_id(settings, worker)
         spool = settings.spool_dir or os.path.join(tempfile.gettempdir(), "tickstock-spool")
-        streams = settings.mode == "streams"
         self.persister = Persister(
             reactor, self.store, f"{node}:{int(reactor.seconds() * 1000)}",
             settings.flush_interval, settings.pending_max,
             os.path.join(spool, re.sub(r"[^A-Za-z0-9_.-]", "_", node)),
-            sealing=streams,
+            sealing=settings.mode == "streams",
         )
-        if streams:
-            # An entry is acknowledged once what it became is durable.
-            self.source.durability = self.persister
-        self.persister.setServiceParent(self)
+        self._run(self.persister)
 
-    def _add_canary(self, reactor: IReactorCore, settings: Settings, worker: int | None) -> Any:
-        """The freshness canary, sent the way the producer sends (docs/contract.md §1)."""
-        from tickstock.ops.canary import Canary
-
-        if settings.mode == "streams":
-            def send(channel: str, payload: bytes) -> Deferred[Any]:
-                return self.link.execute("XADD", channel, "MAXLEN", "~", CANARY_STREAM_MAX,
-                                         "*", "data", payload)
-        else:
-            def send(channel: str, payload: bytes) -> Deferred[Any]:
-                return self.link.execute("PUBLISH", channel, payload)
-
-        canary = Canary(reactor, send, canary_channel(node_id(settings, worker)),
-                        settings.canary_interval)
-        canary.setServiceParent(self)
-        return canary
-
-    def _persist(self, event: Any) -> None:
-        """An event this process stored: into bars, the event history, or its job's record."""
-        self.overload.stored(event)
-        if event.topic == TICKS:
-            self.persister.add_tick(event)
-        elif event.topic in STORED_TOPICS or event.topic == BACKTESTS:
-            channel = self.registry.get(event.channel)
-            if channel is None or channel.stored:
-                self.persister.add_event(event)
-
-    def _add_simulator(self, reactor: IReactorCore, settings: Settings) -> None:
-        from tickstock.domain.topics import CANCEL_CHANNEL
+    def _add_simulator(self, reactor: IReactor, settings: Settings, parts: Parts) -> None:
         from tickstock.sim.producer import (
             Backtester,
             JobRunner,
@@ -395,122 +518,10 @@ class TickStock(MultiService):
             simulator = UpstreamSimulator(symbols, rng, per_symbol_ticks=pair) if upstream \
                 else MarketSimulator(symbols, rng)
             producer = Producer(reactor, publish, simulator, settings.sim_rate)
-        if settings.redis is None:
-            self.link.on(JOBS_CHANNEL, runner.handle_job)
-            self.link.on(CANCEL_CHANNEL, runner.handle_control)
-            self.link.on(CONTROL_CHANNEL, runner.handle_control)
-        else:
-            from tickstock.ingest.pubsub import RedisPubSubSource
-
-            jobs = RedisPubSubSource(reactor, settings.redis,
-                                     channels=[JOBS_CHANNEL, CANCEL_CHANNEL, CONTROL_CHANNEL])
-            jobs.listen(lambda channel, payload, key: runner.handle_job(payload)
-                        if channel == JOBS_CHANNEL else runner.handle_control(payload))
-            jobs.setServiceParent(self)
-        SimulatorService(producer, runner).setServiceParent(self)
-
-    def _live(self, event: Any) -> None:
-        self.overload.arrived(event)
-        if event.topic == TICKS:
-            self.ticks(event)
-            return
-        if event.topic == UNIVERSE:
-            self._universe_changed(event)
-        if event.user is not None:
-            self._job_live(event)  # a job's final event waits for its record
-        else:
-            self._deliver(event)
-
-    def _deliver(self, event: Any) -> None:
-        if self.broadcaster.deliver(event):
-            self.metrics.delivered(event)
-            if event.user is not None:
-                self.history.delivered(event.user, event.id)
-
-    def _universe_changed(self, event: Any) -> None:
-        if event.channel in MEMBERSHIP_CHANNELS:
-            self.cache.invalidate()
-        if not self.settings.postgres and event.channel == UPDATED_CHANNEL:
-            # Embedded store: the event's own symbol list is the universe.
-            key, symbols = event.data.get("universe"), event.data.get("symbols")
-            if isinstance(key, str) and isinstance(symbols, list):
-                try:
-                    self.store.set_universe(key, _demo_universe_type(key), symbols)
-                except ValueError:
-                    pass
-        self.universes.changed(event)
-
-    def _missed_live(self, topic: str) -> None:
-        for client in self.broadcaster.clients_of(topic):
-            self.gateway.missed_live(client)
-
-    def health(self) -> tuple[bool, dict[str, Any]]:
-        """Liveness, with the counters an operator looks at first."""
-        return True, {
-            "status": "ok",
-            "auth": "none" if self.settings.jwt_secret is None else "token",
-            "pid": os.getpid(),
-            "worker": self.worker,
-            "uptime_s": round(self._clock.seconds() - self._started_at, 3),
-            "clients": len(self.gateway.connections),
-            "subscriptions": self.broadcaster.subscriptions,
-            "events": {
-                "received": self.router.received,
-                "routed": self.router.routed,
-                "duplicates": self.router.duplicates,
-                "redelivered": self.router.redelivered,
-                "store_failures": self.router.failed,
-                "malformed": self.router.malformed_by_kind(),
-                "probes": sum(self.router.probes.values()),
-                "shed": dict(self.router.shed),
-                "in_flight": self.router.in_flight,
-                "job_events_dropped": dict(self.router.refused),
-                "delivered": self.broadcaster.delivered,
-                "unrouted_targeted": self.broadcaster.unrouted,
-            },
-            "handshakes_refused": {"origin": self.stream.refused_origins,
-                                   "per_ip": self.stream.refused_per_ip},
-            "http_refused": dict(self.site.refused),
-            "slow_consumers_closed": self.gateway.slow_consumers_closed,
-            "overload": {"behind": self.overload(), "late_events": self.overload.late,
-                         "clients_backlogged": self.stream.backlogged,
-                         "slow_consumers_closed": dict(self.gateway.slow_consumers)},
-            "conflated": self.stream.conflated,
-            "live_gaps_closed": self.gateway.live_gaps_closed,
-            "heartbeat_timeouts": self.gateway.heartbeat_timeouts,
-            "ticks_conflated": self.ticks.conflated,
-            "universe_refreshes": self.universes.refreshes,
-            "persist": self.persister.status(),
-            "jobs": self.jobs.stats(),
-            "api": self.api.stats(),
-        }
-
-    def _metrics_extra(self) -> dict[str, Any]:
-        """What /metrics shows beyond the /health body."""
-        return {"subscriptions_by_topic": +self.broadcaster.by_topic,
-                "received_by_channel": self.router.received_by_channel,
-                "deadlettered": self.router.malformed,
-                "probes": self.router.probes,
-                "client_errors": self.gateway.errors, "catchups": self.gateway.catchups}
-
-    def readiness(self) -> tuple[bool, dict[str, Any]]:
-        """Ready when producer messages can arrive (and, with Redis, be sent)."""
-        components: dict[str, Any] = {"source": self.source.status(),
-                                      "store": self.store.status()}
-        ok = bool(self.source.ready) and bool(self.store.ready)
-        if self.producer_rows is not None:
-            # Not a condition of readiness: rows inserted meanwhile are read
-            # once it listens again.
-            components["producer_rows"] = self.producer_rows.status()
-        if self.settings.redis is not None:
-            link_ok = self.link.connected
-            components["link"] = {"state": "connected" if link_ok else "connecting"}
-            components["history"] = self.history.status()
-            ok = ok and link_ok and self.history.ready
-        if self.canary is not None:
-            components["canary"] = self.canary.status()
-            ok = ok and self.canary.fresh
-        return ok, {"ready": ok, "mode": self.settings.mode, "components": components}
+        listener = parts.hear_jobs(runner)
+        if listener is not None:
+            self._run(listener)
+        self._run(SimulatorService(producer, runner))
 
 
 SHUTDOWN_GRACE = 3.0
@@ -550,7 +561,7 @@ class ClientDrain(Service):
         self._grace = grace
 
     def stopService(self) -> Deferred[None]:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]
         from tickstock.deliver.gateway import CLOSE_GOING_AWAY
 
         self._gateway.close_all(CLOSE_GOING_AWAY, "server shutting down; reconnect")
@@ -571,7 +582,7 @@ class CannotStart(Exception):
     """The daemon cannot start, for a reason its operator can fix; one line says which."""
 
 
-_LISTEN_ERRORS = {
+_LISTEN_ERRORS: dict[int | None, tuple[str, str]] = {
     errno.EADDRINUSE: ("address in use",
                        "another process listens there; stop it, or give another --listen"),
     errno.EACCES: ("permission denied",
@@ -592,19 +603,21 @@ class Listener(StreamServerEndpointService):
 
     def __init__(self, reactor: Any, description: str, factory: IProtocolFactory,
                  listening: Callable[[str], None]) -> None:
-        super().__init__(serverFromString(reactor, description), factory)
+        super().__init__(  # type: ignore[no-untyped-call]
+            serverFromString(reactor, description), factory)
         self.description = description
         self._listening = listening
 
     def privilegedStartService(self) -> None:
         try:
-            super().privilegedStartService()
+            super().privilegedStartService()  # type: ignore[no-untyped-call]
         except CannotListenError as error:
             code = getattr(error.socketError, "errno", None)
             reason, hint = _LISTEN_ERRORS.get(code, (str(error.socketError), "check --listen"))
             raise CannotStart(f"cannot listen on {self.description} ({reason}): {hint}") from None
         except Exception as error:  # a TLS context that cannot be made, say
             raise CannotStart(f"cannot listen on {self.description}: {error}") from None
+        assert self._waitingForPort is not None  # set by the listening above
         self._waitingForPort.addCallback(self._bound)
 
     def _bound(self, port: IListeningPort) -> IListeningPort:
@@ -638,13 +651,13 @@ class StartOrExit(MultiService):
     _log = Logger()
 
     def __init__(self, service: Any, twistd: Any) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self._twistd = twistd
         service.setServiceParent(self)
 
     def privilegedStartService(self) -> None:
         try:
-            super().privilegedStartService()
+            super().privilegedStartService()  # type: ignore[no-untyped-call]
         except (CannotStart, ConfigError) as error:  # ConfigError: --workers binds the port
             self._exit(str(error))
 
@@ -652,8 +665,9 @@ class StartOrExit(MultiService):
         pipe = self._twistd.get("statusPipe")
         if pipe is None:
             # twistd sent sys.stderr to the log; the person who ran it reads this one.
-            sys.__stderr__.write(f"tickstock: {message}\n")
-            sys.__stderr__.flush()
+            if sys.__stderr__ is not None:  # None only without any console
+                sys.__stderr__.write(f"tickstock: {message}\n")
+                sys.__stderr__.flush()
         else:
             # Daemonized, stderr is /dev/null: twistd's parent, waiting on this
             # pipe, prints the line and exits 1 ("1 " marks an error).
@@ -675,12 +689,12 @@ class SimulatorService(Service):
         self._runner = runner
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]
         if self._producer is not None:
             self._producer.start()
 
     def stopService(self) -> None:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]
         if self._producer is not None:
             self._producer.stop()
         self._runner.stop()
@@ -704,6 +718,8 @@ def makeService(options: Options) -> MultiService:
     from tickstock.ops.workers import WORKER_ENV, ParentWatch, WorkerPool
 
     settings = options.settings
+    # The global reactor provides every interface the daemon's parts use.
+    parts_reactor = cast(IReactor, reactor)
     twistd = getattr(options, "parent", None)  # twistd's own options, when run by twistd
     json_logs = log_format(settings.log_format, twistd) == "json"
     service: MultiService
@@ -711,15 +727,17 @@ def makeService(options: Options) -> MultiService:
         # Ctrl-C reaches the whole process group; the parent relays a stop
         # to its workers, and a second one would stop a stopped reactor.
         reactor.callWhenRunning(signal.signal, signal.SIGINT, signal.SIG_IGN)
-        service = TickStock(settings, reactor, worker=int(os.environ[WORKER_ENV]))
-        ParentWatch(reactor).setServiceParent(service)  # no worker outlives its parent
+        service = TickStock(settings, parts_reactor, worker=int(os.environ[WORKER_ENV]))
+        watch: IService = ParentWatch(reactor)  # no worker outlives its parent
+        watch.setServiceParent(service)
     elif settings.workers > 1:
         service = MultiService()
         # Workers log to the parent, which writes their JSON records as they are.
         args = [*options.raw_args, "--log-format", "json"] if json_logs else options.raw_args
-        WorkerPool(reactor, settings.listen, settings.workers, args).setServiceParent(service)
+        pool: IService = WorkerPool(reactor, settings.listen, settings.workers, args)
+        pool.setServiceParent(service)
     else:
-        service = TickStock(settings, reactor)
+        service = TickStock(settings, parts_reactor)
     if twistd is not None:
         service = StartOrExit(service, twistd)
     if json_logs and twistd is not None and not twistd["syslog"]:

@@ -80,9 +80,11 @@ def create_reader(dsn: str, login: str, password: str) -> bool:
                 raise ReaderError(f"role {login} has rights beyond reading: refusing to change it")
             verifier = encrypt_password(password, login, conn)
             verb = sql.SQL("ALTER" if existing else "CREATE")
-            cursor.execute(sql.SQL("{} ROLE {} LOGIN INHERIT PASSWORD %s").format(verb, name), (verifier,))
+            cursor.execute(sql.SQL("{} ROLE {} LOGIN INHERIT PASSWORD %s").format(verb, name),
+                           (verifier,))
             cursor.execute(sql.SQL("GRANT {} TO {}").format(sql.Identifier(READER_ROLE), name))
-            cursor.execute(sql.SQL("ALTER ROLE {} SET default_transaction_read_only = on").format(name))
+            cursor.execute(
+                sql.SQL("ALTER ROLE {} SET default_transaction_read_only = on").format(name))
             writable = _writable(cursor, login)
             if writable:
                 raise ReaderError(f"role {login} could still write {', '.join(writable)}: "
@@ -103,7 +105,7 @@ def _writable(cursor: psycopg2.extensions.cursor, login: str) -> list[str]:
         SELECT c.relname FROM pg_class c
         WHERE c.relnamespace = (SELECT oid FROM pg_namespace WHERE nspname = current_schema())
           AND c.relkind IN ('r', 'p', 'v', 'm', 'f')
-          AND has_table_privilege(%(login)s, c.oid, 'INSERT, UPDATE, DELETE, TRUNCATE, REFERENCES, TRIGGER')
+          AND has_table_privilege(%(login)s, c.oid, %(writes)s)
         UNION ALL
         SELECT p.proname || '()' FROM pg_proc p
         WHERE p.pronamespace = (SELECT oid FROM pg_namespace WHERE nspname = current_schema())
@@ -111,7 +113,7 @@ def _writable(cursor: psycopg2.extensions.cursor, login: str) -> list[str]:
           AND has_function_privilege(%(login)s, p.oid, 'EXECUTE')
         ORDER BY 1
         """,
-        {"login": login},
+        {"login": login, "writes": "INSERT, UPDATE, DELETE, TRUNCATE, REFERENCES, TRIGGER"},
     )
     return [row[0] for row in cursor.fetchall()]
 

@@ -89,9 +89,14 @@ async def run(reactor: Any, args: argparse.Namespace) -> None:
               rate=args.rate, n=args.symbols, redis=str(args.address), dialect=args.dialect)
     producer.start()
     done: Deferred[None] = Deferred()
-    reactor.addSystemEventTrigger("before", "shutdown", lambda: done.called or done.callback(None))
+
+    def finish() -> None:
+        if not done.called:
+            done.callback(None)
+
+    reactor.addSystemEventTrigger("before", "shutdown", finish)
     if args.duration:
-        reactor.callLater(args.duration, lambda: done.called or done.callback(None))
+        reactor.callLater(args.duration, finish)
     await done
     producer.stop()
     runner.stop()

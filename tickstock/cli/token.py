@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point: prints one token."""
     parser = argparse.ArgumentParser(prog="tickstock-token", description=DESCRIPTION)
     parser.add_argument("--user", required=True, help="the user id (the token's sub)")
-    parser.add_argument("--ttl", type=float, default=3600, help="seconds the token is valid (default 3600)")
+    parser.add_argument("--ttl", type=float, default=3600,
+                        help="seconds the token is valid (default 3600)")
     parser.add_argument("--secret-file", help=f"file holding the secret (default: ${SECRET_ENV})")
     parser.add_argument("--audience", help="aud claim, if the daemon checks one")
     parser.add_argument("--issuer", help="iss claim, if the daemon checks one")

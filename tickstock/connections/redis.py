@@ -18,14 +18,14 @@ import orjson
 import txredisapi
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IReactorCore
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from tickstock.connections.address import RedisAddress
 from tickstock.connections.sentinel import client_endpoint
-from tickstock.domain.interfaces import IProducerLink
+from tickstock.domain.interfaces import IComponent, IProducerLink
 from tickstock.domain.topics import DEFAULT_REGISTRY
 
 DEADLETTER_KEY = "tickstock:deadletter"
@@ -35,7 +35,7 @@ RECONNECT_MAX_DELAY = 1.0
 RECONNECT_INITIAL_DELAY = 0.1
 
 
-class NotConnected(txredisapi.ConnectionError):
+class NotConnected(txredisapi.ConnectionError):  # type: ignore[misc]
     """Redis is not connected; raised at once instead of queueing."""
 
 
@@ -58,7 +58,7 @@ class Supervised(Service):
     name_for_logs = "redis"
 
     def __init__(
-        self, reactor: IReactorCore, address: RedisAddress,
+        self, reactor: IReactorTime, address: RedisAddress,
         make_factory: Callable[[], txredisapi.RedisFactory],
     ) -> None:
         self._reactor = reactor
@@ -74,12 +74,12 @@ class Supervised(Service):
         self._factory.startConnecting(client_endpoint(self._reactor, self._address))
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]
         self._start_factory()
         self._watch.start(1.0, now=False)
 
     def stopService(self) -> Deferred[Any]:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]
         if self._watch.running:
             self._watch.stop()
         factory, self._factory = self._factory, None
@@ -109,7 +109,8 @@ class Encoding:
     convertNumbers: bool
 
     def _build_command(self, *args: Any, **kwargs: Any) -> bytes:
-        return hiredis.pack_command(args)
+        command: bytes = hiredis.pack_command(args)
+        return command
 
     def tryConvertData(self, data: Any) -> Any:
         if self.charset is None and not self.convertNumbers:
@@ -117,7 +118,7 @@ class Encoding:
         return super().tryConvertData(data)  # type: ignore[misc]
 
 
-class RedisProtocol(Encoding, txredisapi.RedisProtocol):
+class RedisProtocol(Encoding, txredisapi.RedisProtocol):  # type: ignore[misc]
     """txredisapi's protocol, with L{Encoding}."""
 
 
@@ -140,7 +141,7 @@ class LinkProtocol(RedisProtocol):
             self.transport.loseConnection()
 
 
-@implementer(IProducerLink)
+@implementer(IProducerLink, IComponent)
 class RedisLink(Supervised):
     """
     Commands to Redis: publishing backtest jobs, keeping dead letters.
@@ -151,7 +152,7 @@ class RedisLink(Supervised):
     name_for_logs = "redis link"
 
     def __init__(
-        self, reactor: IReactorCore, address: RedisAddress, deadletter_max: int,
+        self, reactor: IReactorTime, address: RedisAddress, deadletter_max: int,
         reply_timeout: float = 5.0, streams: bool = False, stream_max: int = 100_000,
     ) -> None:
         super().__init__(reactor, address, self._new_factory)
@@ -184,6 +185,13 @@ class RedisLink(Supervised):
     def connected(self) -> bool:
         return self._factory is not None and self._factory.size > 0
 
+    @property
+    def ready(self) -> bool:
+        return self.connected
+
+    def status(self) -> dict[str, Any]:
+        return {"state": "connected" if self.connected else "connecting"}
+
     def drop(self) -> None:
         """Close the connection (it is remade, scripts loaded first)."""
         if self._factory is not None:
@@ -198,7 +206,8 @@ class RedisLink(Supervised):
         # Straight to the one connection: the handler's wrapper adds a
         # Deferred and a lookup per command.
         conn = factory.pool[0]
-        return conn.execute_command(*args).addErrback(self._readonly, conn)
+        d: Deferred[Any] = conn.execute_command(*args)
+        return d.addErrback(self._readonly, conn)
 
     def _readonly(self, failure: Any, conn: Any) -> Any:
         # Our master was demoted under a live connection: Sentinel is only

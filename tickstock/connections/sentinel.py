@@ -28,8 +28,9 @@ from twisted.internet.interfaces import (
     IProtocolFactory,
     IReactorTime,
     IStreamClientEndpoint,
+    ITCPTransport,
 )
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -44,12 +45,15 @@ class SentinelError(ConnectionError):
 class _Query(Protocol):
     """Sends one command, fires C{reply} with the first reply, and hangs up."""
 
+    transport: ITCPTransport | None
+
     def __init__(self, command: bytes) -> None:
         self._command = command
         self._reader = hiredis.Reader()
         self.reply: Deferred[Any] = Deferred(lambda _: self._abort())
 
     def connectionMade(self) -> None:
+        assert self.transport is not None
         self.transport.write(self._command)
 
     def dataReceived(self, data: bytes) -> None:
@@ -64,9 +68,10 @@ class _Query(Protocol):
             self.reply.errback(reply)
         else:
             self.reply.callback(reply)
+        assert self.transport is not None
         self.transport.loseConnection()
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if not self.reply.called:
             self.reply.errback(reason)
 
@@ -86,7 +91,7 @@ class SentinelEndpoint:
 
     _log = Logger()
 
-    def __init__(self, reactor: Any, sentinels: Sequence[tuple[str, int]],
+    def __init__(self, reactor: IReactorTime, sentinels: Sequence[tuple[str, int]],
                  master_name: str, timeout: float = 1.0) -> None:
         if not sentinels:
             raise ValueError("no sentinels given")
@@ -94,7 +99,9 @@ class SentinelEndpoint:
         self._sentinels = list(sentinels)
         self._name = master_name
         self._timeout = timeout
-        self._command = hiredis.pack_command(("SENTINEL", "get-master-addr-by-name", master_name))
+        # hiredis's stub types the command as a 1-tuple.
+        self._command: bytes = hiredis.pack_command(
+            ("SENTINEL", "get-master-addr-by-name", master_name))  # type: ignore[arg-type]
         self.master: tuple[str, int] | None = None
 
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred[Any]:
@@ -152,4 +159,5 @@ def client_endpoint(reactor: IReactorTime, address: RedisAddress,
     if address.sentinels:
         assert address.master is not None
         return SentinelEndpoint(reactor, address.sentinels, address.master, timeout)
-    return clientFromString(reactor, address.endpoint())
+    endpoint: IStreamClientEndpoint = clientFromString(reactor, address.endpoint())
+    return endpoint

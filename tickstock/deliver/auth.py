@@ -63,7 +63,8 @@ class JWTAuthenticator:
         token = hello.get("token")
         if not isinstance(token, str) or not token or len(token) > 4096:
             raise BadRequest("unauthorized", "hello needs a token")
-        require = ["exp", "sub"] + (["aud"] if self._audience else []) + (["iss"] if self._issuer else [])
+        require = (["exp", "sub"] + (["aud"] if self._audience else [])
+                   + (["iss"] if self._issuer else []))
         try:
             claims = jwt.decode(
                 token, self._secret, algorithms=[self._algorithm],

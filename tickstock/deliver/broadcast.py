@@ -68,7 +68,8 @@ def parse_filter(topic: str, raw: Any) -> Filter:
         raise BadRequest("bad_filter", "filter must be an object")
     unknown = sorted(set(raw) - TOPICS[topic].filters)
     if unknown:
-        raise BadRequest("bad_filter", f"filter field {shown(unknown[0])} does not apply to {topic}")
+        raise BadRequest("bad_filter",
+                         f"filter field {shown(unknown[0])} does not apply to {topic}")
 
     symbols = raw.get("symbols")
     if symbols is not None:

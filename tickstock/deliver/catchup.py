@@ -13,8 +13,8 @@ from twisted.internet.defer import Deferred, succeed
 
 from tickstock.domain.events import Event, id_before
 from tickstock.domain.interfaces import IStore
-from tickstock.history import Replay
-from tickstock.store import STORED_TOPICS
+from tickstock.domain.stored import Replay
+from tickstock.domain.topics import STORED_TOPICS
 
 PAGE = 1000
 

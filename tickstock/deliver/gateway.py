@@ -35,8 +35,8 @@ from tickstock.deliver.universes import Universes
 from tickstock.domain.errors import BadRequest
 from tickstock.domain.events import id_key, shown
 from tickstock.domain.interfaces import IClient, IHistory, IStore
+from tickstock.domain.stored import Replay
 from tickstock.domain.topics import TOPIC_NAMES
-from tickstock.history import Replay
 from tickstock.jobs.backtests import JobRefused, Jobs
 
 CLOSE_GOING_AWAY = 1001
@@ -364,16 +364,16 @@ class Gateway:
             self._history.delivered(conn.user, last)
 
     def _unsubscribe(self, conn: IClient, state: _State, message: dict[str, Any]) -> None:
-        sub = state.subscriptions.pop(message.get("id"), None)
+        sub_id: str | None = message.get("id")  # checked by receive
+        sub = None if sub_id is None else state.subscriptions.pop(sub_id, None)
         if sub is None:
-            raise BadRequest("unknown_subscription",
-                             f"no subscription {shown(message.get('id'))}")
+            raise BadRequest("unknown_subscription", f"no subscription {shown(sub_id)}")
         self._drop(sub)
         conn.reply({"op": "unsubscribed", "id": sub.id})
 
     def _submit_backtest(self, conn: IClient, state: _State, message: dict[str, Any]) -> None:
         jobs, user, request_id = self._jobs_for(conn), conn.user, message.get("id")
-        Deferred.fromCoroutine(jobs.submit(user, message.get("params"))).addCallbacks(  # type: ignore[arg-type]
+        Deferred.fromCoroutine(jobs.submit(user, message.get("params"))).addCallbacks(
             lambda job: conn.reply({"op": "job_accepted", "id": request_id,
                                     "job_id": job["job_id"], "status": job["status"]}),
             self._job_refused, errbackArgs=(conn, request_id))
@@ -382,7 +382,7 @@ class Gateway:
         jobs, request_id, job_id = self._jobs_for(conn), message.get("id"), message.get("job_id")
         if not isinstance(job_id, str) or not 0 < len(job_id) <= MAX_ID_LENGTH:
             raise BadRequest("bad_request", "job_id must be the id of one of your jobs")
-        Deferred.fromCoroutine(jobs.cancel(conn.user, job_id)).addCallbacks(  # type: ignore[arg-type]
+        Deferred.fromCoroutine(jobs.cancel(conn.user, job_id)).addCallbacks(
             lambda job: conn.reply({"op": "job_cancelled", "id": request_id,
                                     "job_id": job["job_id"]}),
             self._job_refused, errbackArgs=(conn, request_id))

@@ -86,7 +86,7 @@ class LiveTicks:
 
     @staticmethod
     def _claimed(reply: list[Any], batch: list[tuple[object, Event, Done]]) -> None:
-        for (_, event, done), mine in zip(batch, reply):
+        for (_, event, done), mine in zip(batch, reply, strict=True):
             done(event, bool(int(mine)))
 
     @staticmethod
@@ -95,7 +95,10 @@ class LiveTicks:
             done(event, failure)
 
     def replay(self, after: str, symbols: frozenset[str] | None) -> list[Event]:
-        """The newest tick of each symbol (of C{symbols}) with an id after C{after}, oldest first."""
+        """
+        The newest tick of each symbol (of C{symbols}) with an id after
+        C{after}, oldest first.
+        """
         last = id_key(after)
         if symbols is None:
             ticks = list(self._latest.values())

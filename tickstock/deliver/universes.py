@@ -9,10 +9,11 @@ a newly added symbol's events arrive without a new subscribe.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NoReturn
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from tickstock.deliver.broadcast import Broadcaster, Subscription
 from tickstock.domain.errors import BadRequest
@@ -57,7 +58,7 @@ class Universes:
 
     def resolve(self, key: str) -> Deferred[frozenset[str]]:
         """
-        The symbols of universe C{key}. Fails with L{BadRequest}: 
+        The symbols of universe C{key}. Fails with L{BadRequest}:
         C{unknown_universe}, or C{unavailable} when the store cannot answer.
         """
         def found(universe: dict[str, Any] | None) -> frozenset[str]:
@@ -65,7 +66,7 @@ class Universes:
                 raise BadRequest("unknown_universe", f"no universe {key!r}")
             return frozenset(universe["symbols"])
 
-        def failed(failure: Any) -> None:
+        def failed(failure: Failure) -> NoReturn:
             failure.trap(StoreUnavailable)
             raise BadRequest("unavailable", "universes cannot be read now; try again")
 

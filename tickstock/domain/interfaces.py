@@ -5,15 +5,40 @@ these, and L{tickstock.tap} is the only place that picks the concrete classes.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
+from tickstock.domain.events import Event
+from tickstock.domain.records import Bar, PatternQuery
+from tickstock.domain.stored import Replay
 
-class IEventSource(Interface):
+
+class IComponent(Interface):
+    """
+    A part C{/ready} reports on: the body lists each one's own status, and
+    the daemon is ready while every one is (L{tickstock.ops.health}).
+    """
+
+    ready = Attribute("True while the part does not keep the daemon from serving.")
+
+    def status() -> dict[str, Any]:
+        """
+        The part's state as a JSON-able dict with at least C{"state"};
+        served from memory, never a live query.
+        """
+
+
+class IEventSource(IComponent):
     """
     Where the producer's messages come from: the embedded bus, or Redis.
+    C{ready}: true while messages can arrive.
     """
 
-    def listen(receiver):  # type: ignore[no-untyped-def]
+    # Any: what the receiver returns matters to some sources only (below).
+    def listen(receiver: Callable[..., Any]) -> None:
         """
         From now on, call C{receiver(channel: str, raw: bytes, key)} once for
         each producer message, in arrival order. The source does not parse.
@@ -24,27 +49,19 @@ class IEventSource(Interface):
         of a pub/sub source, which acknowledges nothing, it returns L{None}.
         """
 
-    def status():  # type: ignore[no-untyped-def]
-        """
-        The source's state for C{/ready}, as a JSON-able dict with at least
-        C{"state"}; served from memory, never a live query.
-        """
-
-    ready = Attribute("True while messages can arrive.")
-
 
 class IProducerLink(Interface):
     """
     TickStock's way back to the producer (backtest jobs, dead letters).
     """
 
-    def publish(channel, payload):  # type: ignore[no-untyped-def]
+    def publish(channel: str, payload: bytes) -> Deferred[Any]:
         """
         Send C{payload} (bytes) on C{channel}. Returns a Deferred that fails
         at once, rather than waiting, when the link is down.
         """
 
-    def dead_letter(channel, raw, reason):  # type: ignore[no-untyped-def]
+    def dead_letter(channel: str, raw: bytes, reason: str) -> None:
         """
         Keep a malformed message (bounded, newest first) for an operator to
         inspect; never raises.
@@ -63,7 +80,7 @@ class IHistory(Interface):
         "before any, of the newest stored when live delivery began): a live "
         "tick delivered now orders after it.")
 
-    def append(event, key):  # type: ignore[no-untyped-def]
+    def append(event: Event, key: object = None) -> Deferred[Any]:
         """
         Store a validated event. Gives it its id (ids order all events, of
         every topic) and, for a backtest event, the user who owns the job.
@@ -81,12 +98,12 @@ class IHistory(Interface):
             L{listen}, not the caller.
         """
 
-    def listen(receiver):  # type: ignore[no-untyped-def]
+    def listen(receiver: Callable[[Event], object]) -> None:
         """
         Call C{receiver(event)} for every stored event, in id order, once.
         """
 
-    def replay(topic, after, user):  # type: ignore[no-untyped-def]
+    def replay(topic: str, after: str | None, user: str | None) -> Deferred[Replay]:
         """
         The events of C{topic} with ids after C{after}, oldest first; for
         C{backtests}, only those of C{user}'s jobs, and with C{after=None}
@@ -95,13 +112,13 @@ class IHistory(Interface):
         @return: a Deferred firing with a L{tickstock.history.Replay}.
         """
 
-    def own(job_id, user):  # type: ignore[no-untyped-def]
+    def own(job_id: str, user: str) -> Deferred[Any]:
         """
         Open backtest C{job_id}, owned by C{user}: from now on its events
         are stored and reach that user on every node. A Deferred.
         """
 
-    def delivered(user, event_id):  # type: ignore[no-untyped-def]
+    def delivered(user: str, event_id: str) -> None:
         """
         C{user}'s targeted event C{event_id} reached at least one of their
         connections: it leaves their offline queue. Never raises.
@@ -114,7 +131,7 @@ class IClaims(Interface):
     the first to claim it.
     """
 
-    def claim(keys):  # type: ignore[no-untyped-def]
+    def claim(keys: list[object]) -> Deferred[list[Any]]:
         """
         Claim the messages named by C{keys} (the source's keys, see
         L{IEventSource.listen}).
@@ -129,7 +146,7 @@ class IEventSink(Interface):
     Something validated events are routed to.
     """
 
-    def deliver(event):  # type: ignore[no-untyped-def]
+    def deliver(event: Event) -> object:
         """
         Take one L{tickstock.domain.events.Event}. Must not raise and must not block:
         it is called on the reactor thread for every event.
@@ -147,7 +164,7 @@ class IClient(Interface):
 
     user = Attribute("The user id once the client said hello, else None.")
 
-    def send(prepared, key=None):  # type: ignore[no-untyped-def]
+    def send(prepared: Any, key: object = None) -> None:
         """
         Send one prepared event frame, or queue it while the client is not
         reading. C{key} is L{None} for must-deliver events: queued, and a
@@ -161,29 +178,24 @@ class IClient(Interface):
         cannot keep up with).
         """
 
-    def reply(message):  # type: ignore[no-untyped-def]
+    def reply(message: dict[str, Any]) -> None:
         """Send one control message (a JSON-able dict) to this client."""
 
-    def close(code, reason):  # type: ignore[no-untyped-def]
+    def close(code: int, reason: str) -> None:
         """Close the connection with a WebSocket close code and reason."""
 
 
-class IStore(Interface):
+class IStore(IComponent):
     """
     The system of record (PostgreSQL, or the embedded memory store): tick
     bars, pattern and market-state event history, universes, and the reads
     the REST API and deep catch-up make. Every method returns a Deferred
     that fails fast with L{tickstock.store.StoreUnavailable} when the
     store cannot be reached or a statement exceeds its timeout; none waits
-    for a dead server.
+    for a dead server. C{ready}: true while reads and writes can be served.
     """
 
-    ready = Attribute("True while reads and writes can be served.")
-
-    def status():  # type: ignore[no-untyped-def]
-        """The store's state for C{/ready} (a JSON-able dict with C{"state"})."""
-
-    def write(bars, events):  # type: ignore[no-untyped-def]
+    def write(bars: Sequence[Bar], events: Sequence[Event]) -> Deferred[Any]:
         """
         Persist C{bars} (L{tickstock.store.Bar} parts) and C{events} (stored
         L{tickstock.domain.events.Event}s of the C{patterns} and C{market_state}
@@ -194,32 +206,34 @@ class IStore(Interface):
         simply be retried. Also records every symbol seen.
         """
 
-    def events_after(topic, after, until, symbols, limit):  # type: ignore[no-untyped-def]
+    def events_after(topic: str, after: str, until: str | None,
+                     symbols: Iterable[str] | None, limit: int) -> Deferred[list[Event]]:
         """
         Stored events of C{topic} with C{after} < id <= C{until} (C{until}
         L{None}: no upper bound), of C{symbols} only unless L{None}, oldest
         first, at most C{limit}: one page of a deep catch-up.
         """
 
-    def patterns(query):  # type: ignore[no-untyped-def]
+    def patterns(query: PatternQuery) -> Deferred[list[dict[str, Any]]]:
         """
         A page of pattern events for a L{tickstock.store.PatternQuery},
         newest first, as JSON-able dicts (see L{tickstock.store.pattern_row}).
         """
 
-    def symbols():  # type: ignore[no-untyped-def]
+    def symbols() -> Deferred[list[dict[str, Any]]]:
         """Every known symbol, as dicts sorted by symbol."""
 
-    def ohlcv(symbol, since, until, limit):  # type: ignore[no-untyped-def]
+    def ohlcv(symbol: str, since: float | None, until: float | None,
+              limit: int) -> Deferred[list[dict[str, Any]]]:
         """
         1-minute bars of C{symbol} with C{since} <= minute < C{until} (epoch
         seconds, either L{None}), oldest first, at most C{limit}.
         """
 
-    def universes():  # type: ignore[no-untyped-def]
+    def universes() -> Deferred[list[dict[str, Any]]]:
         """A summary of every universe (key, type, category, symbol count, updated)."""
 
-    def universe(key):  # type: ignore[no-untyped-def]
+    def universe(key: str) -> Deferred[dict[str, Any] | None]:
         """One universe with its symbols, or L{None} if there is no such key."""
 
 
@@ -232,14 +246,15 @@ class ITickMarks(IStore):
     (L{tickstock.store.persist}).
     """
 
-    def write(bars, events, marks=None):  # type: ignore[no-untyped-def]
+    def write(bars: Sequence[Bar], events: Sequence[Event],
+              marks: tuple[str, Mapping[str, tuple[int, int]]] | None = None) -> Deferred[Any]:
         """
         L{IStore.write}; with C{marks}, C{(node, {symbol: id key})}, also
         raise C{node}'s marks to them in the same transaction (a mark is
         never lowered).
         """
 
-    def tick_marks(node):  # type: ignore[no-untyped-def]
+    def tick_marks(node: str) -> Deferred[dict[str, tuple[int, int]]]:
         """
         C{node}'s marks, C{{symbol: id key}}, once any bar write already
         under way has finished (one from before a crash, say).
@@ -255,26 +270,26 @@ class IJobStore(Interface):
     Deferred that fails fast when the store is unavailable.
     """
 
-    def create_job(record, max_active):  # type: ignore[no-untyped-def]
+    def create_job(record: dict[str, Any], max_active: int) -> Deferred[bool]:
         """
         Insert a new C{queued} record, unless its user already has
         C{max_active} jobs queued or running (checked atomically with the
         insert). Fires with whether it was inserted.
         """
 
-    def job(job_id):  # type: ignore[no-untyped-def]
+    def job(job_id: str) -> Deferred[dict[str, Any] | None]:
         """The record of C{job_id}, or L{None}."""
 
-    def jobs(user, before, limit):  # type: ignore[no-untyped-def]
+    def jobs(user: str, before: str | None, limit: int) -> Deferred[list[dict[str, Any]]]:
         """
         C{user}'s records, newest first, at most C{limit}; with C{before}
         (a job id of theirs), only those older than it.
         """
 
-    def stale_jobs(cutoff, limit):  # type: ignore[no-untyped-def]
+    def stale_jobs(cutoff: float, limit: int) -> Deferred[list[dict[str, Any]]]:
         """Up to C{limit} queued or running records last updated before C{cutoff}."""
 
-    def close_job(job_id, status, error, at):  # type: ignore[no-untyped-def]
+    def close_job(job_id: str, status: str, error: str | None, at: float) -> Deferred[Any]:
         """Give a queued or running record the final C{status} (and C{error})."""
 
 
@@ -287,7 +302,7 @@ class ICache(Interface):
     hits = Attribute("Lookups answered from the cache.")
     misses = Attribute("Lookups that were not.")
 
-    def fetch(key, compute, ttl):  # type: ignore[no-untyped-def]
+    def fetch(key: str, compute: Callable[[], Deferred[bytes]], ttl: float) -> Deferred[bytes]:
         """
         The bytes cached under C{key}; on a miss, C{compute()} (a Deferred
         of bytes) is called and its result cached for C{ttl} seconds,
@@ -295,5 +310,5 @@ class ICache(Interface):
         pass through, uncached.
         """
 
-    def invalidate():  # type: ignore[no-untyped-def]
+    def invalidate() -> object:
         """Forget every cached answer, on every node sharing the cache."""

@@ -6,8 +6,10 @@ the history, the sources and the router pass between them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from tickstock.domain.events import Event
 
 STORED_SUFFIX = ":stored"
 """A producer stream's hash of entries stored but not yet acknowledged, to
@@ -46,3 +48,20 @@ class StreamEntry:
     sheddable: ClassVar[bool] = False
     """Never shed (L{tickstock.ingest.router.Router}): an entry not stored is read
     again, after the entries behind it were stored."""
+
+
+@dataclass(frozen=True)
+class Replay:
+    """
+    What a resuming subscription gets first.
+
+    @ivar events: kept events after the resume point, oldest first.
+    @ivar missed: L{None} if nothing after the resume point was dropped;
+        else C{{"from": <resume id>, "to": <newest dropped id>, "count": n}}
+        where C{n} is how many events of the topic were dropped after
+        C{from} (at most C{BOOKMARK_EVERY} too many: history records its
+        trimming in steps).
+    """
+
+    events: list[Event] = field(default_factory=list)
+    missed: dict[str, Any] | None = None

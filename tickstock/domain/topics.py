@@ -215,7 +215,7 @@ class Registry:
         self._patterns: list[tuple[str, Channel]] = []
         for channel in channels:
             self.channels[channel.name] = channel
-            for name in channel.redis:
+            for name in channel.redis or ():
                 if "*" in name:
                     self._patterns.append((name, channel))
                 else:
@@ -291,7 +291,7 @@ def configure(tables: Mapping[str, Any]) -> Registry:
             problems.append(f"{where}: {error}")
     seen: dict[str, str] = {}
     for channel in channels.values():
-        for redis_name in channel.redis:
+        for redis_name in channel.redis or ():
             if redis_name in seen and seen[redis_name] != channel.name:
                 problems.append(f"[channels.{channel.name}]: Redis name {redis_name!r} "
                                 f"already feeds {seen[redis_name]}")

@@ -7,10 +7,10 @@ daemon on one Redis, so a client can resume on any of them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
-from tickstock.domain.events import Event, id_key
+from tickstock.domain.events import id_key
+from tickstock.domain.stored import Redelivered, Refused
 
 BOOKMARK_EVERY = 100
 """Trimming is recorded about once per this many dropped events (Redis
@@ -25,22 +25,8 @@ DEDUPE_MAX = 1_000_000
 C{--dedupe-window} it bounds what remembering them holds (in Redis, about
 60 bytes each, at most twice this many per channel), whatever the rate."""
 
-
-@dataclass(frozen=True)
-class Replay:
-    """
-    What a resuming subscription gets first.
-
-    @ivar events: kept events after the resume point, oldest first.
-    @ivar missed: L{None} if nothing after the resume point was dropped;
-        else C{{"from": <resume id>, "to": <newest dropped id>, "count": n}}
-        where C{n} is how many events of the topic were dropped after
-        C{from} (at most L{BOOKMARK_EVERY} too many: history records its
-        trimming in steps).
-    """
-
-    events: list[Event] = field(default_factory=list)
-    missed: dict[str, Any] | None = None
+Appended = str | Refused | Redelivered | None
+"""What appending an event comes to (L{tickstock.domain.interfaces.IHistory.append})."""
 
 
 def missed(after: str, last_dropped: str | None, dropped_total: int,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections import OrderedDict, deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -13,11 +14,17 @@ from zope.interface import implementer
 from tickstock.domain.events import Event, EventIds, id_key
 from tickstock.domain.interfaces import IHistory
 from tickstock.domain.jobs import outcome
-from tickstock.domain.stored import Refused
+from tickstock.domain.stored import Refused, Replay
 from tickstock.domain.topics import TOPIC_NAMES
-from tickstock.history import BOOKMARK_EVERY, DEDUPE_MAX, DEDUPE_WINDOW, Replay, missed
+from tickstock.history import BOOKMARK_EVERY, DEDUPE_MAX, DEDUPE_WINDOW, Appended, missed
 
 JOBS_KEPT = 100_000
+
+
+@dataclass
+class _Job:
+    owner: str
+    final: str | None = None
 
 
 class _Log:
@@ -74,14 +81,14 @@ class MemoryHistory:
         self._dedupe_window = dedupe_window
         self._topics = {t: _Log(max_events, max_age) for t in TOPIC_NAMES}
         self._users: dict[str, _Log] = {}
-        self._jobs: dict[str, list[str | None]] = {}  # job id: [owner, final status]
+        self._jobs: dict[str, _Job] = {}
         self._delivered: dict[str, str] = {}
         # Per channel, each event_id remembered to when it was stored, oldest first.
         self._event_ids: dict[str, OrderedDict[str, float]] = {}
         self._receivers: list[Callable[[Event], object]] = []
         self.position = "0-0"
 
-    def append(self, event: Event, key: object = None) -> Deferred[str | None]:
+    def append(self, event: Event, key: object = None) -> Deferred[Appended]:
         now = self._clock.seconds()
         producer_id = event.data.get("event_id")
         seen = None if producer_id is None else self._remembered(event.channel, now)
@@ -89,21 +96,21 @@ class MemoryHistory:
             return succeed(None)
         job = None
         if event.topic == "backtests":
-            job = self._jobs.get(event.job_id)  # type: ignore[arg-type]
+            job = None if event.job_id is None else self._jobs.get(event.job_id)
             if job is None:
                 return succeed(Refused("unknown_job"))
-            if job[1] is not None:
+            if job.final is not None:
                 return succeed(Refused("finished_job"))
-            job[1] = outcome(event)
-        if seen is not None:
+            job.final = outcome(event)
+        if seen is not None and producer_id is not None:
             if len(seen) >= DEDUPE_MAX:
                 seen.popitem(last=False)
             seen[producer_id] = now
         event.id = self.position = self._ids.next(now)
         self._topics[event.topic].add(event, now)
         if job is not None:
-            event.user = job[0]
-            self._user_log(job[0]).add(event, now)  # type: ignore[arg-type]
+            event.user = job.owner
+            self._user_log(job.owner).add(event, now)
         for receiver in self._receivers:
             receiver(event)
         return succeed(event.id)
@@ -140,7 +147,7 @@ class MemoryHistory:
     def own(self, job_id: str, user: str) -> Deferred[None]:
         if len(self._jobs) >= JOBS_KEPT:
             del self._jobs[next(iter(self._jobs))]
-        self._jobs[job_id] = [user, None]
+        self._jobs[job_id] = _Job(user)
         return succeed(None)
 
     def delivered(self, user: str, event_id: str) -> None:

@@ -35,13 +35,13 @@ class MemoryBus:
                  registry: Registry = DEFAULT_REGISTRY) -> None:
         self._registry = registry
         self._receiver: Receiver | None = None
-        self._handlers: dict[str, list[Callable[[bytes], None]]] = {}
+        self._handlers: dict[str, list[Callable[[bytes], object]]] = {}
         self.dead_letters: deque[tuple[str, bytes, str]] = deque(maxlen=deadletter_max)
 
     def listen(self, receiver: Receiver) -> None:
         self._receiver = receiver
 
-    def on(self, channel: str, handler: Callable[[bytes], None]) -> None:
+    def on(self, channel: str, handler: Callable[[bytes], object]) -> None:
         """Call C{handler(payload)} for each message published on C{channel}."""
         self._handlers.setdefault(channel, []).append(handler)
 

@@ -122,6 +122,7 @@ def normalize(channel: Channel, raw: bytes, event_id: str, now: float) -> Event:
         topic_rule(data, channel, where)
 
     latest_by = channel.latest_by
+    latest: tuple[Any, ...] | None
     if not latest_by:
         latest = None
     elif len(latest_by) == 1:
@@ -186,7 +187,7 @@ def _unwrap(channel: Channel, message: dict[str, Any]) -> tuple[dict[str, Any], 
             levels.append(inner)
         else:
             data: dict[str, Any] = {}
-            for level, part in zip(levels, parts):
+            for level, part in zip(levels, parts, strict=False):
                 data.update((k, v) for k, v in level.items() if k != part)
             data.update(levels[-1])
             return data, path
@@ -215,10 +216,9 @@ def _event_type(channel: Channel, message: dict[str, Any], data: dict[str, Any])
 
 def _number(value: Any) -> float | None:
     """A finite number, from a number or a numeric string; L{None} otherwise."""
-    kind = type(value)
-    if kind is float:
+    if type(value) is float:
         return value if math.isfinite(value) else None
-    if kind is int:
+    if type(value) is int:
         return value
     if isinstance(value, bool):
         return None

@@ -19,7 +19,7 @@ from typing import Any
 
 import txredisapi
 from twisted.internet.defer import Deferred, gatherResults, succeed
-from twisted.internet.interfaces import IDelayedCall, IReactorCore, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -148,7 +148,7 @@ class Occurrences:
         self._first = serial
 
 
-class _SubscriberProtocol(Encoding, txredisapi.SubscriberProtocol):
+class _SubscriberProtocol(Encoding, txredisapi.SubscriberProtocol):  # type: ignore[misc]
     """Hands each connection and message to the L{RedisPubSubSource}."""
 
     def connectionMade(self) -> Any:
@@ -207,7 +207,7 @@ class RedisPubSubSource(Supervised):
     name_for_logs = "redis subscriber"
 
     def __init__(
-        self, reactor: IReactorCore, address: RedisAddress,
+        self, reactor: IReactorTime, address: RedisAddress,
         ping_interval: float = 1.0, ping_timeout: float = 3.0,
         channels: Iterable[str] = DEFAULT_REGISTRY.names, dedupe_window: float = 30.0,
         ask: Callable[..., Deferred[Any]] | None = None, patterns: Iterable[str] = (),
@@ -321,6 +321,7 @@ class RedisPubSubSource(Supervised):
         """How many bytes Redis holds for this subscriber; its limit is learnt first."""
         assert self._ask is not None
         ask = self._ask
+        d: Deferred[Any]
         if self._behind_bytes is None:
             d = ask("CONFIG", "GET", "client-output-buffer-limit").addCallback(pubsub_limit)
             d.addErrback(lambda _: None)  # CONFIG is often refused on managed Redis
@@ -334,7 +335,10 @@ class RedisPubSubSource(Supervised):
         d.addCallback(output_memory)
 
         def noted(held: int) -> int:
-            self.backlog = held if self._drained or self.backlog is None else max(self.backlog, held)
+            if self._drained or self.backlog is None:
+                self.backlog = held
+            else:
+                self.backlog = max(self.backlog, held)
             self._drained = False
             return held
         return d.addCallback(noted)
@@ -458,7 +462,8 @@ class RedisPubSubSource(Supervised):
             [protocol.subscribe(name) for name in self._channels.values()]
             + [protocol.psubscribe(pattern) for pattern in self._patterns], consumeErrors=True
         )
-        d.addCallbacks(lambda _: self._subscribed(protocol), lambda f: self._subscribe_failed(protocol, f))
+        d.addCallbacks(lambda _: self._subscribed(protocol),
+                       lambda f: self._subscribe_failed(protocol, f))
 
     def _subscribed(self, protocol: _SubscriberProtocol) -> None:
         if protocol is not self._protocol:

@@ -22,9 +22,10 @@ from collections.abc import Callable
 from typing import Any
 
 import txredisapi
-from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.interfaces import IDelayedCall, IReactorCore
+from twisted.internet.defer import Deferred, DeferredList, FirstError, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tickstock.connections.address import RedisAddress
@@ -63,6 +64,13 @@ return 1
 Receiver = Callable[[str, bytes, object], Deferred[Any]]
 
 
+def _first_error(failure: Failure) -> Failure:
+    """What failed first in a L{DeferredList} that fires on one errback."""
+    error = failure.value
+    assert isinstance(error, FirstError)
+    return error.subFailure
+
+
 @implementer(IEventSource)
 class RedisStreamSource(Supervised):
     """
@@ -74,7 +82,7 @@ class RedisStreamSource(Supervised):
     _log = Logger()
     name_for_logs = "redis streams"
 
-    def __init__(self, reactor: IReactorCore, address: RedisAddress, consumer: str,
+    def __init__(self, reactor: IReactorTime, address: RedisAddress, consumer: str,
                  read_timeout: float = 5.0, extra_streams: tuple[str, ...] = (),
                  streams: tuple[str, ...] = DEFAULT_REGISTRY.names,
                  durability: Any = None) -> None:
@@ -237,7 +245,8 @@ class RedisStreamSource(Supervised):
 
     def _create_groups(self, conn: Any) -> Deferred[bool]:
         def create(stream: str) -> Deferred[Any]:
-            d = conn.execute_command("XGROUP", "CREATE", stream, GROUP, "0", "MKSTREAM")
+            d: Deferred[Any] = conn.execute_command(
+                "XGROUP", "CREATE", stream, GROUP, "0", "MKSTREAM")
 
             def created(_: Any) -> None:
                 self.groups_created += 1
@@ -256,7 +265,7 @@ class RedisStreamSource(Supervised):
             self._backlog = True
             return True
 
-        return d.addCallback(done).addErrback(lambda f: f.value.subFailure)
+        return d.addCallback(done).addErrback(_first_error)
 
     def _read_group(self, conn: Any, start: str, block: bool = False) -> Deferred[bool]:
         args: list[Any] = ["XREADGROUP", "GROUP", GROUP, self._consumer, "COUNT", COUNT]
@@ -267,7 +276,7 @@ class RedisStreamSource(Supervised):
         starts = [self._cursors.get(s, "0") for s in self._streams] if start == "0" \
             else [start] * len(self._streams)
         args += ["STREAMS", *self._streams, *starts]
-        d = conn.execute_command(*args, apply_timeout=False)
+        d: Deferred[Any] = conn.execute_command(*args, apply_timeout=False)
         watchdog = self._reactor.callLater(BLOCK_MS / 1000 + self._read_timeout,
                                            self._hung, conn)
 
@@ -296,8 +305,9 @@ class RedisStreamSource(Supervised):
         self._last_claim = self._reactor.seconds()
 
         def claim(stream: str) -> Deferred[Any]:
-            d = conn.execute_command("XAUTOCLAIM", stream, GROUP, self._consumer,
-                                     CLAIM_MIN_IDLE_MS, "0-0", "COUNT", COUNT)
+            d: Deferred[Any] = conn.execute_command(
+                "XAUTOCLAIM", stream, GROUP, self._consumer, CLAIM_MIN_IDLE_MS, "0-0",
+                "COUNT", COUNT)
             return d.addCallback(lambda reply: [(stream, entry) for entry in reply[1]])
 
         d = DeferredList([claim(s) for s in self._streams], fireOnOneErrback=True,
@@ -311,7 +321,7 @@ class RedisStreamSource(Supervised):
                                n=len(batch))
             return self._handle(conn, batch)
 
-        return d.addCallbacks(handle, lambda f: f.value.subFailure)
+        return d.addCallbacks(handle, _first_error)
 
     def _hung(self, conn: Any) -> None:
         self._log.warn("redis streams: no reply in time; reconnecting")
@@ -340,7 +350,7 @@ class RedisStreamSource(Supervised):
             if fields is None:
                 d: Deferred[Any] = succeed(None)
             else:
-                pairs = dict(zip(fields[::2], fields[1::2]))
+                pairs: dict[bytes | str, bytes] = dict(zip(fields[::2], fields[1::2], strict=True))
                 raw = pairs.get(b"data", pairs.get("data", b""))
                 d = self._receiver(stream, raw, StreamEntry(stream, GROUP, entry_id))
             # What it became was added to the persister just now, if at all.
@@ -348,7 +358,7 @@ class RedisStreamSource(Supervised):
 
         def routed(results: list[tuple[bool, Any]]) -> bool:
             generations: dict[int, list[tuple[str, str]]] = {}
-            for (ok, generation), (stream, (entry_id, _f)) in zip(results, batch):
+            for (ok, generation), (stream, (entry_id, _f)) in zip(results, batch, strict=True):
                 if ok:
                     generations.setdefault(generation, []).append((stream, text(entry_id)))
             for generation, entries in generations.items():

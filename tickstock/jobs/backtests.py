@@ -101,7 +101,12 @@ def parse_params(params: Any, known_patterns: Iterable[str]) -> dict[str, Any]:
     else:
         bad = [s for s in symbols if not (isinstance(s, str) and SYMBOL.match(s))]
         seen: set[str] = set()
-        twice = [s for s in symbols if isinstance(s, str) and (s in seen or seen.add(s))]
+        twice = []
+        for s in symbols:
+            if isinstance(s, str):
+                if s in seen:
+                    twice.append(s)
+                seen.add(s)
         if bad:
             errors["symbols"] = (f"not a symbol (1-10 characters of A-Z, 0-9, '.', '-'): "
                                  f"{shown(bad[0])}")
@@ -234,13 +239,13 @@ class Jobs(Service):
         return self._records
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]
         self._loop = LoopingCall(self.sweep)
         self._loop.clock = self._clock
         self._loop.start(max(0.05, min(self.timeout / 4, 30.0)), now=False)
 
     def stopService(self) -> None:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]
         if self._loop is not None and self._loop.running:
             self._loop.stop()
 

@@ -20,6 +20,9 @@ import orjson
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from zope.interface import implementer
+
+from tickstock.domain.interfaces import IComponent
 
 CHANNEL_PREFIX = "tickstock.canary."
 RETRY = 0.1
@@ -32,6 +35,7 @@ def canary_channel(node: str) -> str:
     return CHANNEL_PREFIX + node
 
 
+@implementer(IComponent)
 class Canary(Service):
     """
     Sends a canary every C{interval} seconds (every L{RETRY} while none is
@@ -65,6 +69,10 @@ class Canary(Service):
         return (self.last_arrival is not None
                 and self._clock.seconds() - self.last_arrival <= self.stale_after)
 
+    @property
+    def ready(self) -> bool:
+        return self.fresh
+
     def status(self) -> dict[str, Any]:
         age = None if self.last_arrival is None else self._clock.seconds() - self.last_arrival
         return {
@@ -76,11 +84,12 @@ class Canary(Service):
             "sent": self.sent, "returned": self.returned, "send_failures": self.send_failures,
         }
 
-    def intercept(self, receiver: Callable[..., Deferred[Any]]) -> Callable[..., Deferred[Any]]:
+    def intercept(self, receiver: Callable[..., Deferred[Any] | None]
+                  ) -> Callable[..., Deferred[Any] | None]:
         """The source's receiver: canaries are taken here, the rest go on."""
         channel = self.channel
 
-        def receive(name: str, raw: bytes, key: object = None) -> Deferred[Any]:
+        def receive(name: str, raw: bytes, key: object = None) -> Deferred[Any] | None:
             if name == channel:
                 self.arrived(raw)
                 return succeed(None)
@@ -109,11 +118,11 @@ class Canary(Service):
             self._schedule(self.interval)
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]
         self._beat()
 
     def stopService(self) -> None:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None

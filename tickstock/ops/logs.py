@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 from datetime import UTC, datetime
-from typing import IO, Any
+from typing import Any, Protocol
 
 import orjson
 from twisted.application.service import MultiService
@@ -27,6 +27,14 @@ RELAYED = "tickstock_relayed"
 _PLAIN = (str, int, float, bool, type(None))
 
 
+class Lines(Protocol):
+    """Where JSON lines go: a text stream, or twistd's rotating L{LogFile}."""
+
+    def write(self, text: str, /) -> object: ...
+
+    def flush(self) -> object: ...
+
+
 @implementer(ILogObserver)
 class JSONLines:
     """
@@ -36,7 +44,7 @@ class JSONLines:
     can filter on them without parsing the message.
     """
 
-    def __init__(self, out: IO[str]) -> None:
+    def __init__(self, out: Lines) -> None:
         self._out = out
 
     def __call__(self, event: dict[str, Any]) -> None:
@@ -74,12 +82,13 @@ def log_format(chosen: str | None, twistd: Any) -> str:
     return "json" if twistd is not None and not twistd["nodaemon"] else "text"
 
 
-def twistd_log_file(twistd: Any) -> IO[str]:
+def twistd_log_file(twistd: Any) -> Lines:
     """Where twistd itself would write: C{--logfile}, stdout with C{-n}, else twistd.log."""
     name = twistd["logfile"]
     if name == "-" or (twistd["nodaemon"] and not name):
         return sys.stdout
-    return LogFile.fromFullPath(name or "twistd.log")  # type: ignore[return-value]
+    log: LogFile = LogFile.fromFullPath(name or "twistd.log")
+    return log
 
 
 class LogFormat(MultiService):
@@ -89,10 +98,10 @@ class LogFormat(MultiService):
     """
 
     def __init__(self, service: Any, observer: ILogObserver) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.observer = observer
         service.setServiceParent(self)
 
     def setServiceParent(self, parent: Any) -> None:
         parent.setComponent(ILogObserver, self.observer)
-        super().setServiceParent(parent)
+        super().setServiceParent(parent)  # type: ignore[no-untyped-call]

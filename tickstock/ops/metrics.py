@@ -133,7 +133,8 @@ class _Collector:
         overload = h["overload"]
         yield _gauge("tickstock_overloaded", "1 while the daemon is behind (events reach "
                      "delivery late, too many stored events wait for it, or most clients have "
-                     "frames waiting): ticks are shed first, a Redis source reads less.", 1 if overload["behind"] else 0)
+                     "frames waiting): ticks are shed first, a Redis source reads less.",
+                     1 if overload["behind"] else 0)
         yield _counter("tickstock_events_late", "Events that reached live delivery more than "
                        f"{LATE_AFTER:g} s after they arrived.", overload["late_events"])
         yield _gauge("tickstock_clients_backlogged", "Clients with frames waiting for over "
@@ -216,7 +217,7 @@ class Metrics(Service):
                  extra: Callable[[], dict[str, Any]]) -> None:
         self._clock = clock
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_Collector(health, readiness, extra))  # type: ignore[arg-type]
+        self.registry.register(_Collector(health, readiness, extra))
         self._delivery = Histogram(
             "tickstock_delivery_seconds", "From an event's arrival (its id time) to its frames "
             "written to every matching client's socket; once per delivered event.",
@@ -250,12 +251,12 @@ class Metrics(Service):
         self._call = self._clock.callLater(LAG_INTERVAL, self._beat)
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]
         self._call = None
         self._beat()
 
     def stopService(self) -> None:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None
@@ -270,7 +271,7 @@ class MetricsResource(Resource):
     isLeaf = True
 
     def __init__(self, metrics: Metrics) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self._metrics = metrics
 
     def render_GET(self, request: Request) -> bytes:

@@ -38,7 +38,7 @@ from twisted.internet.error import (
     ProcessExitedAlready,
     ReactorNotRunning,
 )
-from twisted.internet.interfaces import IReactorCore
+from twisted.internet.interfaces import IReactorProcess, IReactorTime
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 
@@ -118,8 +118,10 @@ class WorkerPool(Service):
 
     _log = Logger()
 
-    def __init__(self, reactor: IReactorCore, listen: str, count: int, args: list[str]) -> None:
-        self._reactor = reactor
+    def __init__(self, reactor: object, listen: str, count: int, args: list[str]) -> None:
+        """C{reactor} spawns the workers and times their restarts: it must provide both."""
+        self._processes = IReactorProcess(reactor)
+        self._clock = IReactorTime(reactor)
         self._listen = listen
         self._count = count
         self._args = args
@@ -130,12 +132,12 @@ class WorkerPool(Service):
     def privilegedStartService(self) -> None:
         # Bound before twistd drops privileges, like a strports service.
         self._socket = listening_socket(self._listen)
-        super().privilegedStartService()
+        super().privilegedStartService()  # type: ignore[no-untyped-call]
 
     def startService(self) -> None:
         if self._socket is None:
             self._socket = listening_socket(self._listen)
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]
         for index in range(self._count):
             self._spawn(index)
 
@@ -144,7 +146,7 @@ class WorkerPool(Service):
         worker = _Worker(self, index)
         env = {**os.environ, WORKER_ENV: str(index)}
         argv = [sys.executable, "-c", _RUN_TWISTD, "-n", "--pidfile=", "tickstock", *self._args]
-        transport = self._reactor.spawnProcess(
+        transport = self._processes.spawnProcess(
             worker, sys.executable, argv, env=env,
             childFDs={PARENT_FD: "w", 1: "r", 2: "r", LISTEN_FD: self._socket.fileno()},
         )
@@ -161,14 +163,14 @@ class WorkerPool(Service):
         self._log.warn("worker {i} {how}; restarting it in {d:g}s", i=worker.index, how=how,
                        d=RESTART_DELAY)
         self.restarts += 1
-        self._reactor.callLater(RESTART_DELAY, self._restart, worker.index)
+        self._clock.callLater(RESTART_DELAY, self._restart, worker.index)
 
     def _restart(self, index: int) -> None:
         if self.running and index not in self._workers:
             self._spawn(index)
 
     def stopService(self) -> Deferred[Any]:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]
         running = list(self._workers.values())
         def signal(name: str) -> None:
             for _, transport in running:
@@ -178,7 +180,7 @@ class WorkerPool(Service):
                     pass
 
         signal("TERM")
-        killer = self._reactor.callLater(STOP_TIMEOUT, signal, "KILL")
+        killer = self._clock.callLater(STOP_TIMEOUT, signal, "KILL")
 
 
         def done(_: Any) -> None:
@@ -201,7 +203,7 @@ class AdoptedPort(Service):
         self._port: Any = None
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]
         probe = socket.socket(fileno=os.dup(self._fd))
         family = probe.family
         probe.close()
@@ -209,7 +211,7 @@ class AdoptedPort(Service):
         os.close(self._fd)  # adoptStreamPort keeps a duplicate of its own
 
     def stopService(self) -> Any:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]
         return self._port.stopListening() if self._port is not None else None
 
 
@@ -247,7 +249,7 @@ class ParentWatch(Service):
         self.orphaned = False
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]
         os.set_blocking(self._fd, False)
         # Watched until the process ends: a parent that dies while this
         # worker stops cuts the stop short too.

@@ -578,11 +578,12 @@ class Backtester:
         for symbol in symbols:
             closes = [d[1] for d in self._days(symbol, start.toordinal(), end.toordinal())]
             equity, returns = self._equity(closes) if closes else ([1.0], [])
-            portfolio = [a + b for a, b in zip(portfolio, equity)] if portfolio else equity
+            portfolio = [a + b for a, b in zip(portfolio, equity, strict=False)] \
+                if portfolio else equity
             trades += len(returns)
             wins += sum(1 for r in returns if r > 0)
         curve = [e / len(symbols) for e in portfolio] if symbols else [1.0]
-        daily = [b / a - 1.0 for a, b in zip(curve, curve[1:])]
+        daily = [b / a - 1.0 for a, b in zip(curve, curve[1:], strict=False)]
         sharpe = 0.0
         if len(daily) > 1:
             mean = sum(daily) / len(daily)
@@ -643,7 +644,8 @@ class JobRunner:
 
     def _event_id(self, job_id: str, suffix: str) -> str:
         """A stable id for one of a job's events, kept within the 64-character limit."""
-        key = job_id if len(job_id) <= 48 else hashlib.sha1(job_id.encode(), usedforsecurity=False).hexdigest()[:24]
+        key = job_id if len(job_id) <= 48 \
+            else hashlib.sha1(job_id.encode(), usedforsecurity=False).hexdigest()[:24]
         return f"bt-{key}-{suffix}"
 
     def _progress(self, job: Event, progress: float, status: str) -> None:

@@ -11,7 +11,7 @@ immutable L{Bar} snapshots are made only when bars are taken for a write.
 
 from __future__ import annotations
 
-from tickstock.store import Bar
+from tickstock.domain.records import Bar
 
 
 class _Aggregate:

@@ -23,6 +23,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from tickstock.connections.redis import RedisLink
 from tickstock.domain.interfaces import ICache
 
 Compute = Callable[[], "Deferred[bytes]"]
@@ -122,13 +123,13 @@ class RedisCache(_Counted):
     Redis could evict it and restart the count, so give Redis a
     C{volatile-*} policy (or none) when it holds this cache.
 
-    @param link: a L{tickstock.ingest.pubsub.RedisLink} (its C{execute} fails
-        at once while Redis is down).
+    @param link: the command connection (its C{execute} fails at once
+        while Redis is down).
     """
 
     _log = Logger()
 
-    def __init__(self, link: Any, clock: IReactorTime, prefix: str = "tickstock:cache",
+    def __init__(self, link: RedisLink, clock: IReactorTime, prefix: str = "tickstock:cache",
                  timeout: float = 0.5) -> None:
         super().__init__()
         self._link = link

@@ -19,8 +19,10 @@ from twisted.internet.interfaces import IReactorFDSet, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from txpostgres import txpostgres
+from zope.interface import implementer
 
 from tickstock.domain.events import ID_STRIDE, id_key
+from tickstock.domain.interfaces import IComponent
 from tickstock.store import StoreUnavailable
 from tickstock.store.pool import Pool, Slot, session_dsn
 from tickstock.store.postgres import PRODUCER_CHANNEL
@@ -65,6 +67,7 @@ class _Pool(Pool):
         self._lost()
 
 
+@implementer(IComponent)
 class ProducerRowListener(Service):
     """
     Calls C{receive(CHANNEL, raw)} once for each row a producer inserts
@@ -83,6 +86,9 @@ class ProducerRowListener(Service):
     """
 
     _log = Logger()
+    ready = True
+    """Never what keeps the daemon from serving: rows inserted while it does
+    not listen are read once it listens again."""
 
     def __init__(self, reactor: IReactorFDSet, clock: IReactorTime, dsn: str, timeout: float,
                  receive: Callable[[str, bytes], Any]) -> None:
@@ -97,11 +103,11 @@ class ProducerRowListener(Service):
         self._seen: dict[Key, None] = {}
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]
         self.pool.start()
 
     def stopService(self) -> None:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]
         self.pool.stop()
 
     def status(self) -> dict[str, Any]:

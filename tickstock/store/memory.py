@@ -21,13 +21,9 @@ from zope.interface import implementer
 from tickstock.domain.events import SYMBOL, Event, id_key
 from tickstock.domain.interfaces import IJobStore, ITickMarks
 from tickstock.domain.jobs import ACTIVE, update_of
-from tickstock.store import (
-    STORED_TOPICS,
-    UNIVERSE_TYPES,
-    Bar,
-    PatternQuery,
-    pattern_row,
-)
+from tickstock.domain.records import Bar, PatternQuery
+from tickstock.domain.topics import STORED_TOPICS
+from tickstock.store import UNIVERSE_TYPES, pattern_row
 
 Key = tuple[int, int]
 
@@ -291,7 +287,8 @@ class MemoryStore:
                 continue
             if query.pattern is not None and data.get("pattern") != query.pattern:
                 continue
-            if query.min_confidence is not None and not data.get("confidence", 0) >= query.min_confidence:
+            if query.min_confidence is not None \
+                    and not data.get("confidence", 0) >= query.min_confidence:
                 continue
             if query.since is not None and not data.get("timestamp", 0) >= query.since:
                 continue

@@ -82,7 +82,8 @@ def connect(dsn: str, application_name: str = "tickstock-db") -> Connection:
     try:
         given = parse_dsn(dsn)
         defaults = {"connect_timeout": "10", "application_name": application_name}
-        return psycopg2.connect(make_dsn(dsn, **{k: v for k, v in defaults.items() if k not in given}))
+        missing = {k: v for k, v in defaults.items() if k not in given}
+        return psycopg2.connect(make_dsn(dsn, **missing))
     except (psycopg2.OperationalError, psycopg2.ProgrammingError) as error:
         raise CannotConnect(" ".join(str(error).split())) from None
 
@@ -129,7 +130,8 @@ def migrate(
                     )
             except psycopg2.Error as error:
                 reason = " ".join(str(error).split())
-                raise MigrationError(f"{migration.name} failed and was rolled back: {reason}") from error
+                raise MigrationError(
+                    f"{migration.name} failed and was rolled back: {reason}") from error
             if on_notice is not None:
                 for notice in conn.notices:
                     if not notice.rstrip().endswith(", skipping"):
@@ -154,7 +156,8 @@ def status(dsn: str) -> tuple[list[tuple[str, datetime]], list[str]]:
         with conn.cursor() as cursor:
             cursor.execute("SELECT to_regclass('schema_migrations') IS NOT NULL")
             if cursor.fetchone()[0]:
-                cursor.execute("SELECT version, name, applied_at FROM schema_migrations ORDER BY version")
+                cursor.execute(
+                    "SELECT version, name, applied_at FROM schema_migrations ORDER BY version")
                 rows = cursor.fetchall()
             else:
                 rows = []

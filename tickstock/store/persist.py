@@ -47,7 +47,7 @@ from twisted.python.failure import Failure
 
 from tickstock.domain.events import Event, id_key, stored_event
 from tickstock.domain.interfaces import IStore, ITickMarks
-from tickstock.store import Bar
+from tickstock.domain.records import Bar
 from tickstock.store.bars import BarAggregator
 
 GRACE_MINUTES = 2
@@ -92,7 +92,9 @@ class Persister(Service):
         """
         self._clock = clock
         self._bars = bars if isinstance(bars, BarAggregator) else BarAggregator(bars, sealing)
-        self._store = ITickMarks(store) if self._bars.sealing else IStore(store)
+        self._store = IStore(store)
+        # The same store, when sealing: its marks are read and written too.
+        self._marks = ITickMarks(store) if self._bars.sealing else None
         self._node = self._bars.part_prefix.rpartition(":")[0] or self._bars.part_prefix
         # Ticks added before the marks were read (sealing), else None.
         self._held: list[Event] | None = [] if self._bars.sealing else None
@@ -222,7 +224,7 @@ class Persister(Service):
         }
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]
         self._stop_expired = False
         try:
             os.makedirs(self._dir, exist_ok=True)
@@ -249,7 +251,7 @@ class Persister(Service):
         One last write of what memory holds, waited for at most
         C{stop_timeout} seconds; whatever is still unwritten then is spilled.
         """
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         return Deferred.fromCoroutine(self._stop())
@@ -319,7 +321,8 @@ class Persister(Service):
         """
         if self._held is None:
             return True
-        self._writing = self._store.tick_marks(self._node)
+        assert self._marks is not None
+        self._writing = self._marks.tick_marks(self._node)
         try:
             marks = await self._writing
         except Exception as error:
@@ -467,8 +470,11 @@ class Persister(Service):
 
     async def _write(self, bars: list[Bar], events: list[Event],
                      marks: tuple[str, dict[str, tuple[int, int]]] | None = None) -> None:
-        self._writing = self._store.write(bars, events) if marks is None \
-            else self._store.write(bars, events, marks)
+        if marks is None:
+            self._writing = self._store.write(bars, events)
+        else:
+            assert self._marks is not None
+            self._writing = self._marks.write(bars, events, marks)
         try:
             await self._writing
         finally:

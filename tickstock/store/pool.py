@@ -53,10 +53,11 @@ def session_dsn(dsn: str, timeout: float, read_only: bool, name: str = "tickstoc
         keepalives="1", keepalives_idle="10", keepalives_interval="5", keepalives_count="3",
         application_name=params.get("application_name", name),
     )
-    return psycopg2.extensions.make_dsn(**params)
+    session: str = psycopg2.extensions.make_dsn(**params)
+    return session
 
 
-class _Connection(txpostgres.Connection):
+class _Connection(txpostgres.Connection):  # type: ignore[misc]
     """
     A txpostgres connection that reports its own death: an idle
     connection whose backend went away raises out of C{doRead} (nobody is
@@ -297,4 +298,4 @@ class Pool:
 
     def note_error(self, failure: Failure) -> None:
         message = failure.getErrorMessage().strip()
-        self.last_error = message.splitlines()[0] if message else failure.type.__name__
+        self.last_error = message.splitlines()[0] if message else type(failure.value).__name__

@@ -7,7 +7,7 @@ themselves and fail fast while PostgreSQL is away.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -19,13 +19,9 @@ from zope.interface import implementer
 from tickstock.domain.events import Event, id_key, stored_event
 from tickstock.domain.interfaces import IJobStore, ITickMarks
 from tickstock.domain.jobs import update_of
-from tickstock.store import (
-    STORED_TOPICS,
-    UNIVERSE_TYPES,
-    Bar,
-    PatternQuery,
-    StoreUnavailable,
-)
+from tickstock.domain.records import Bar, PatternQuery
+from tickstock.domain.topics import STORED_TOPICS
+from tickstock.store import UNIVERSE_TYPES, StoreUnavailable
 from tickstock.store.pool import Pool, session_dsn
 
 WRITE = "SELECT tickstock_write(" + ", ".join(["%s"] * 21) + ")"
@@ -76,7 +72,7 @@ def job_params(events: Iterable[Event], now: float) -> list[list[Any]]:
             event.job_id, status, progress,
             None if results is None else orjson.dumps(results).decode(), error,
             event.received_at or now,
-        )):
+        ), strict=True):
             column.append(value)
     return columns
 
@@ -84,6 +80,7 @@ def job_params(events: Iterable[Event], now: float) -> list[list[Any]]:
 def write_params(bars: Iterable[Bar], events: Iterable[Event]) -> list[list[Any]]:
     """The 21 column arrays of one C{tickstock_write} call (backtest events aside)."""
     columns: list[list[Any]] = [[] for _ in range(21)]
+    bar_columns, event_columns = columns[:11], columns[11:]
     # One version per part (the newest): a statement may touch a row once.
     newest: dict[tuple[str, int, str], Bar] = {}
     for bar in bars:
@@ -91,10 +88,10 @@ def write_params(bars: Iterable[Bar], events: Iterable[Event]) -> list[list[Any]
         if key not in newest or newest[key].ticks <= bar.ticks:
             newest[key] = bar
     for bar in newest.values():
-        for column, value in zip(columns, (
+        for column, value in zip(bar_columns, (
             bar.symbol, bar.minute, bar.part, bar.open, bar.high, bar.low, bar.close,
             bar.volume, bar.open_ts, bar.close_ts, bar.ticks,
-        )):
+        ), strict=True):
             column.append(value)
     for event in events:
         # A producer's row is in events already: written again it would be
@@ -104,11 +101,11 @@ def write_params(bars: Iterable[Bar], events: Iterable[Event]) -> list[list[Any]
         ms, seq = id_key(event.id)
         data = event.data
         confidence = data.get("confidence") if event.topic == "patterns" else None
-        for column, value in zip(columns[11:], (
+        for column, value in zip(event_columns, (
             ms, seq, event.topic, event.channel, event.type, event.symbol,
             data.get("pattern") if event.topic == "patterns" else None,
             confidence, data.get("timestamp"), orjson.dumps(data).decode(),
-        )):
+        ), strict=True):
             column.append(value)
     return columns
 
@@ -134,13 +131,13 @@ class PostgresStore(Service):
         self._clock = reactor
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]
         self.writer.start()
         self.reader.start()
         self._check_schema()
 
     def stopService(self) -> None:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]
         self.writer.stop()
         self.reader.stop()
 
@@ -185,10 +182,11 @@ class PostgresStore(Service):
             status["schema"] = self.schema
         return status
 
-    def write(self, bars: list[Bar], events: list[Event],
+    def write(self, bars: Sequence[Bar], events: Sequence[Event],
               marks: tuple[str, Mapping[str, tuple[int, int]]] | None = None) -> Deferred[None]:
         """One statement, so one transaction: the parts, events, job updates and marks."""
-        sql, params = WRITE, write_params(bars, events)
+        sql = WRITE
+        params: list[Any] = write_params(bars, events)
         jobs = job_params(events, self._clock.seconds())
         if jobs[0]:
             sql += JOBS
@@ -248,7 +246,8 @@ class PostgresStore(Service):
 
     def events_after(self, topic: str, after: str, until: str | None,
                      symbols: Iterable[str] | None, limit: int) -> Deferred[list[Event]]:
-        sql = [f"SELECT {_EVENT_COLUMNS} FROM events WHERE topic = %s AND (id_ms, id_seq) > (%s, %s)"]
+        sql = [f"SELECT {_EVENT_COLUMNS} FROM events "
+               "WHERE topic = %s AND (id_ms, id_seq) > (%s, %s)"]
         params: list[Any] = [topic, *id_key(after)]
         if until is not None:
             sql.append("AND (id_ms, id_seq) <= (%s, %s)")
@@ -337,7 +336,8 @@ class PostgresStore(Service):
 
         return self._read(
             "SELECT key, type, universe_category, value, universe_metadata, "
-            "extract(epoch FROM last_universe_update AT TIME ZONE 'UTC')::float8 FROM cache_entries WHERE key = %s AND type = ANY(%s) "
+            "extract(epoch FROM last_universe_update AT TIME ZONE 'UTC')::float8 "
+            "FROM cache_entries WHERE key = %s AND type = ANY(%s) "
             "ORDER BY type LIMIT 1",
             (key, list(UNIVERSE_TYPES)),
         ).addCallback(row)

@@ -35,8 +35,9 @@ from tickstock.deliver.ratelimit import RateLimit
 from tickstock.domain.errors import BadRequest
 from tickstock.domain.events import MAX_STRING, SYMBOL
 from tickstock.domain.interfaces import ICache, IStore
+from tickstock.domain.records import PatternQuery
 from tickstock.jobs.backtests import NOT_FOUND, JobRefused, Jobs
-from tickstock.store import PatternQuery, StoreUnavailable
+from tickstock.store import StoreUnavailable
 from tickstock.web.origins import normalize_origin
 
 PATTERNS_MAX = 1000
@@ -295,7 +296,7 @@ class ApiResource(Resource):
         jobs: Jobs | None = None, observe: Callable[[str, int, float], None] | None = None,
         rate: RateLimit | None = None, cors_origins: tuple[str, ...] = (),
     ) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self._observe = observe
         self._rate = rate
         self._cors = frozenset(cors_origins)
@@ -377,10 +378,10 @@ class ApiResource(Resource):
             reply.error(_unavailable(f"the store did not answer within {self._timeout:g}s"))
 
     def _failed(self, failure: Failure, reply: _Reply) -> None:
-        if failure.check(ApiError):
-            reply.error(failure.value)
-        elif failure.check(JobRefused):
-            error = failure.value
+        error = failure.value
+        if isinstance(error, ApiError):
+            reply.error(error)
+        elif isinstance(error, JobRefused):
             api_error = ApiError(error.status, error.code, str(error), headers={
                 b"retry-after": b"1"} if error.status == 503 else None)
             body = api_error.body()

@@ -14,11 +14,12 @@ from __future__ import annotations
 import importlib.resources
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from autobahn.twisted.resource import WebSocketResource
 from twisted.internet import tcp
+from twisted.internet.interfaces import ITCPTransport
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
@@ -36,7 +37,7 @@ class JSONStatus(Resource):
     isLeaf = True
 
     def __init__(self, report: Callable[[], tuple[bool, dict[str, object]]]) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self._report = report
 
     def render_GET(self, request: Request) -> bytes:
@@ -101,7 +102,7 @@ class BoundedChannel(HTTPChannel):
 
     def dataReceived(self, data: bytes) -> None:
         if not self._refused:
-            super().dataReceived(data)
+            super().dataReceived(data)  # type: ignore[no-untyped-call]
 
     def lineReceived(self, line: bytes) -> None:
         if self._refused:
@@ -113,7 +114,7 @@ class BoundedChannel(HTTPChannel):
         elif self._receivedHeaderSize + len(line) > self.totalHeadersSize:
             self.refuse("header_too_large")
         else:
-            super().lineReceived(line)
+            super().lineReceived(line)  # type: ignore[no-untyped-call]
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self.refuse("uri_too_long" if self._receivedHeaderSize == 0 else "header_too_large")
@@ -122,7 +123,7 @@ class BoundedChannel(HTTPChannel):
         if self._receivedHeaderCount >= self.maxHeaders:
             self.refuse("header_too_large")
             return False
-        return bool(super().headerReceived(line))
+        return bool(super().headerReceived(line))  # type: ignore[no-untyped-call]
 
     def _respondToBadRequestAndDisconnect(self) -> None:
         self.refuse("bad_request")
@@ -132,26 +133,31 @@ class BoundedChannel(HTTPChannel):
         if self._refused:
             return
         self._refused = True
-        self.clearLineBuffer()
+        self.clearLineBuffer()  # type: ignore[no-untyped-call]
         self.site.refused[reason] += 1
         status, phrase, message = REFUSALS[reason]
         body = orjson.dumps({"error": {"code": reason, "message": message}})
         head = [b"HTTP/1.1 %d %s" % (status, phrase), b"content-type: application/json",
                 b"content-length: %d" % len(body), b"cache-control: no-store",
                 b"connection: close", *(b"%s: %s" % item for item in SECURITY_HEADERS.items())]
-        self.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
-        self._networkProducer.unregisterProducer()
-        self.setTimeout(LINGER)
-        if isinstance(self.transport, tcp.Connection):
-            self.transport.loseWriteConnection()
+        transport = self.transport
+        assert transport is not None  # refusing what was received on it
+        transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
+        # Twisted types it as the producer; it is also the consumer the
+        # channel registered with (see HTTPChannel.connectionLost).
+        self._networkProducer.unregisterProducer()  # type: ignore[attr-defined]
+        self.setTimeout(LINGER)  # type: ignore[no-untyped-call]
+        if isinstance(transport, tcp.Connection):
+            transport.loseWriteConnection()
         else:  # TLS: no half-close
-            self.transport.loseConnection()
+            transport.loseConnection()
 
     def timeoutConnection(self) -> None:
         if self._refused:
-            self.transport.abortConnection()
+            # TCP, or TLS over it (which does not declare ITCPTransport): both abort.
+            cast(ITCPTransport, self.transport).abortConnection()
         else:
-            super().timeoutConnection()
+            super().timeoutConnection()  # type: ignore[no-untyped-call]
 
 
 class SecureSite(Site):
@@ -161,10 +167,12 @@ class SecureSite(Site):
     in C{refused}.
     """
 
-    protocol = BoundedChannel
+    # Twisted types this as its HTTP/2-negotiating wrapper; Site serves
+    # any HTTPChannel.
+    protocol = BoundedChannel  # type: ignore[assignment]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
         self.refused: Counter[str] = Counter()
 
     def getResourceFor(self, request: Request) -> Resource:
@@ -172,7 +180,8 @@ class SecureSite(Site):
             request.setHeader(name, value)
         if request.isSecure():
             request.setHeader(b"strict-transport-security", b"max-age=31536000")
-        return super().getResourceFor(request)
+        resource: Resource = super().getResourceFor(request)  # type: ignore[no-untyped-call]
+        return resource
 
 
 def build_site(
@@ -182,7 +191,7 @@ def build_site(
     timeout: float,
     api: Resource | None = None,
     metrics: Resource | None = None,
-) -> Site:
+) -> SecureSite:
     """
     Assemble the site. C{timeout} bounds how long a connection may sit
     without finishing its HTTP request (slowloris), which Autobahn's own

@@ -38,15 +38,17 @@ Twisted's buffer (and so its backpressure).
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet import tcp
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tickstock.deliver.gateway import Gateway
@@ -70,12 +72,12 @@ _OPEN = WebSocketProtocol.STATE_OPEN
 def _unsent(transport: Any) -> int | None:
     """Bytes Twisted holds for the socket (L{None}: not a transport we can read that of)."""
     try:
-        return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+        return int(len(transport.dataBuffer) - transport.offset + transport._tempDataLen)
     except (AttributeError, TypeError):
         return None
 
 
-@implementer(IClient)
+@implementer(IClient, IPushProducer)
 class ClientProtocol(WebSocketServerProtocol):
     """One browser (or other WebSocket client)."""
 
@@ -96,7 +98,7 @@ class ClientProtocol(WebSocketServerProtocol):
         self._queue: OrderedDict[Any, Any] = OrderedDict()
         self._seq = 0
         self._must = 0  # must-deliver frames in _queue
-        self._socket: Any = None  # set when frames can be written to it directly
+        self._direct: tcp.Connection | None = None  # the transport, if frames can go to its socket
         self._address: str | None = None  # counted against the per-IP cap
         self._waiting_since: float | None = None  # when _queue last became non-empty
         self._progress_at = 0.0  # when its socket last took bytes while paused
@@ -107,17 +109,18 @@ class ClientProtocol(WebSocketServerProtocol):
         factory = self.factory
         if not factory.origin_allowed(request.origin, request.headers.get("host")):
             factory.refused_origins += 1
-            raise ConnectionDeny(REFUSED_STATUS["origin"], "origin not allowed")
+            raise ConnectionDeny(REFUSED_STATUS["origin"], "origin not allowed")  # type: ignore[no-untyped-call]
+        assert self.transport is not None  # the handshake came in on it
         address = getattr(self.transport.getPeer(), "host", None)
         if factory.max_per_ip and address is not None:
             if factory.per_ip[address] >= factory.max_per_ip:
                 factory.refused_per_ip += 1
-                raise ConnectionDeny(REFUSED_STATUS["per_ip"],
+                raise ConnectionDeny(REFUSED_STATUS["per_ip"],  # type: ignore[no-untyped-call]
                                      "too many connections from this address")
             factory.per_ip[address] += 1
             self._address = address
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.factory.unpaused(self)
         address, self._address = self._address, None
         if address is not None:
@@ -130,12 +133,13 @@ class ClientProtocol(WebSocketServerProtocol):
     def onOpen(self) -> None:
         try:
             # twisted.web left its HTTP channel as the producer; take over so
-            # that pause/resume reach this connection.
-            transport = self.transport
+            # that pause/resume reach this connection. TCP and TLS transports
+            # are consumers, though TLS's does not declare it.
+            transport = cast(IConsumer, self.transport)
             transport.unregisterProducer()
             transport.registerProducer(self, True)
             if isinstance(transport, tcp.Connection) and not transport.TLS:
-                self._socket = transport.socket
+                self._direct = transport
             self.factory.gateway.opened(self)
         except Exception:
             self._log.failure("opening a connection failed")
@@ -176,16 +180,17 @@ class ClientProtocol(WebSocketServerProtocol):
         what the kernel did not take, through the transport. A socket error
         is left for the transport to find and report as it always does.
         """
-        transport = self.transport
-        sock = self._socket
-        if sock is not None and not transport.dataBuffer and not transport._tempDataLen:
+        direct = self._direct
+        if direct is not None and not direct.dataBuffer and not direct._tempDataLen:
             try:
-                sent = sock.send(data)
+                sent = direct.socket.send(data)
             except OSError:
                 sent = 0
             if sent == len(data):
                 return
             data = data[sent:]
+        transport = self.transport
+        assert transport is not None  # frames are sent only while open
         transport.write(data)
 
     def _enqueue(self, prepared: Any, key: Any) -> None:
@@ -262,7 +267,7 @@ class ClientProtocol(WebSocketServerProtocol):
 
     def reply(self, message: dict[str, Any]) -> None:
         if not self._closing:
-            self.sendMessage(orjson.dumps(message))
+            self.sendMessage(orjson.dumps(message))  # type: ignore[no-untyped-call]
 
     def close(self, code: int, reason: str) -> None:
         if not self._closing:
@@ -309,7 +314,9 @@ class StreamFactory(WebSocketServerFactory):
     any origin, unlimited sizes and no keep-alive).
     """
 
-    protocol = ClientProtocol
+    # Autobahn's factory does not parameterize Twisted's generic Factory by
+    # its protocol, so a protocol with a typed factory does not match.
+    protocol = ClientProtocol  # type: ignore[assignment]
     gateway: Gateway  # set by the caller before the factory serves anyone
 
     def __init__(
@@ -334,7 +341,7 @@ class StreamFactory(WebSocketServerFactory):
             C{queue_limit} before it is closed.
         @param clock: the reactor (default: Twisted's).
         """
-        super().__init__(reactor=clock)
+        super().__init__(reactor=clock)  # type: ignore[no-untyped-call]
         self.queue_limit = queue_limit
         self.stall_timeout = ping_timeout if stall_timeout is None else stall_timeout
         self.slow_for = slow_for
@@ -349,7 +356,7 @@ class StreamFactory(WebSocketServerFactory):
         self.conflated = 0  # latest-only frames replaced by a newer one in a client's queue
         self._allowed = frozenset(allowed_origins)
         self.refused_origins = 0
-        self.setProtocolOptions(
+        self.setProtocolOptions(  # type: ignore[no-untyped-call]
             maxMessagePayloadSize=max_message_size,
             maxFramePayloadSize=max_message_size,
             failByDrop=False,
