@@ -8,7 +8,6 @@ from __future__ import annotations
 import errno
 import gc
 import os
-import random
 import re
 import signal
 import socket
@@ -496,28 +495,12 @@ class TickStock(MultiService):
         self._run(self.persister)
 
     def _add_simulator(self, reactor: IReactor, settings: Settings, parts: Parts) -> None:
-        from tickstock.sim.producer import (
-            Backtester,
-            JobRunner,
-            MarketSimulator,
-            OutageQuietPublish,
-            Producer,
-            UpstreamSimulator,
-            default_symbols,
-        )
+        from tickstock.sim.producer import OutageQuietPublish, simulated_producer
 
-        upstream = settings.sim_dialect == "upstream"
-        publish = OutageQuietPublish(self.link.publish)
-        runner = JobRunner(reactor, publish, Backtester(), upstream=upstream)
-        producer = None
-        if settings.sim_rate > 0:
-            symbols, rng = default_symbols(settings.sim_symbols), random.Random()
-            # Each tick on its symbol's channel and on all_ticks is one tick
-            # only where messages are named by their bytes: Redis pub/sub.
-            pair = settings.redis is not None and settings.mode == "pubsub"
-            simulator = UpstreamSimulator(symbols, rng, per_symbol_ticks=pair) if upstream \
-                else MarketSimulator(symbols, rng)
-            producer = Producer(reactor, publish, simulator, settings.sim_rate)
+        runner, producer = simulated_producer(
+            reactor, OutageQuietPublish(self.link.publish), rate=settings.sim_rate,
+            symbols=settings.sim_symbols, upstream=settings.sim_dialect == "upstream",
+            per_symbol_ticks=settings.redis is not None and settings.mode == "pubsub")
         listener = parts.hear_jobs(runner)
         if listener is not None:
             self._run(listener)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import sys
 from typing import Any
 
@@ -57,27 +56,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 async def run(reactor: Any, args: argparse.Namespace) -> None:
     from tickstock.connections.redis import RedisLink
     from tickstock.ingest.pubsub import RedisPubSubSource
-    from tickstock.sim.producer import (
-        Backtester,
-        JobRunner,
-        MarketSimulator,
-        OutageQuietPublish,
-        Producer,
-        UpstreamSimulator,
-        default_symbols,
-    )
+    from tickstock.sim.producer import OutageQuietPublish, simulated_producer
 
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(8), "big")
-    upstream = args.dialect == "upstream"
     link = RedisLink(reactor, args.address, deadletter_max=0, streams=args.mode == "streams")
     publish = OutageQuietPublish(link.publish)
-    runner = JobRunner(reactor, publish, Backtester(seed), step_interval=args.step_interval,
-                       upstream=upstream)
-    symbols, rng = default_symbols(args.symbols), random.Random(seed)
-    # A stream is read by its exact name: no per-symbol tick channels in streams mode.
-    simulator = UpstreamSimulator(symbols, rng, per_symbol_ticks=args.mode == "pubsub") \
-        if upstream else MarketSimulator(symbols, rng)
-    producer = Producer(reactor, publish, simulator, args.rate)
+    runner, producer = simulated_producer(
+        reactor, publish, rate=args.rate, symbols=args.symbols,
+        upstream=args.dialect == "upstream", per_symbol_ticks=args.mode == "pubsub",
+        seed=seed, step_interval=args.step_interval)
+    assert producer is not None  # --rate is positive
     jobs = RedisPubSubSource(reactor, args.address,
                              channels=[JOBS_CHANNEL, CANCEL_CHANNEL, CONTROL_CHANNEL])
     jobs.listen(lambda channel, payload, key: (

@@ -852,3 +852,28 @@ class OutageQuietPublish:
             self._down = True
             self._log.warn("publish failed ({e}); dropping messages until Redis is back",
                       e=failure.getErrorMessage())
+
+
+def simulated_producer(
+    clock: IReactorTime, publish: Publish, *, rate: float, symbols: int, upstream: bool,
+    per_symbol_ticks: bool, seed: int | None = None, step_interval: float = 0.5,
+) -> tuple[JobRunner, Producer | None]:
+    """
+    The simulated producer as the embedded demo and C{tickstock-sim} run
+    it: a job runner, and a publisher of C{rate} events a second over
+    C{symbols} symbols (none at rate 0), in the original dialect or
+    (C{upstream}) in the real producer's shapes.
+
+    @param per_symbol_ticks: also publish each tick on its symbol's
+        channel: one tick only where messages are named by their bytes
+        (Redis pub/sub); a stream is read by its exact name.
+    @param seed: the same seed makes the same market and results.
+    """
+    runner = JobRunner(clock, publish, Backtester(seed or 0), step_interval=step_interval,
+                       upstream=upstream)
+    if rate <= 0:
+        return runner, None
+    names, rng = default_symbols(symbols), random.Random(seed)
+    simulator = UpstreamSimulator(names, rng, per_symbol_ticks=per_symbol_ticks) if upstream \
+        else MarketSimulator(names, rng)
+    return runner, Producer(clock, publish, simulator, rate)
