@@ -578,7 +578,7 @@ async def test_every_bad_parameter_is_a_400_naming_it(store, seed, serve):
     for path, parameter in BAD_PARAMETERS:
         answer = await call(port, path, bearer())
         assert_error(answer, 400, "bad_parameter", parameter)
-    assert api.stats()["requests"]["patterns"] == {"400": sum(
+    assert api.status()["requests"]["patterns"] == {"400": sum(
         1 for path, _ in BAD_PARAMETERS if path.startswith("/api/patterns"))}
 
 
@@ -794,7 +794,7 @@ async def test_store_trouble_is_an_immediate_503(store, seed, serve, mode):
     if mode == "not_ready":
         assert fake.calls == 0
     if mode == "hang":
-        assert api.stats()["store_timeouts"] == len(ROUTE_PATHS)
+        assert api.status()["store_timeouts"] == len(ROUTE_PATHS)
         fake.release()  # late answers go nowhere, without errors
     fake.mode = "ok"
     assert (await call(port, "/api/patterns", bearer())).status == 200
@@ -812,7 +812,7 @@ async def test_a_store_bug_is_a_500_and_logged(store, seed, serve):
         assert_error(await call(port, "/api/symbols", bearer()), 500, "internal")
     finally:
         globalLogPublisher.removeObserver(logged.append)
-    assert api.stats()["internal_errors"] == 1
+    assert api.status()["internal_errors"] == 1
     assert any("log_failure" in e and e["log_failure"].check(RuntimeError) for e in logged)
 
 
@@ -854,14 +854,14 @@ async def test_a_client_that_goes_away_is_no_error(store, seed, serve):
             Factory.forProtocol(_Abandon))
         await eventually(lambda: len(fake.hanging) == 1, what="the request to reach the store")
         client.transport.loseConnection()
-        await eventually(lambda: api.stats()["clients_gone"] == 1, what="the server to notice")
+        await eventually(lambda: api.status()["clients_gone"] == 1, what="the server to notice")
         fake.release()
         fake.mode = "ok"
         assert (await call(port, "/api/symbols", bearer())).status == 200
     finally:
         globalLogPublisher.removeObserver(logged.append)
     assert not [e for e in logged if "log_failure" in e], logged
-    assert api.stats()["requests"]["symbols"] == {"200": 1}
+    assert api.status()["requests"]["symbols"] == {"200": 1}
 
 
 # ---------------------------------------------------------------- caching
@@ -883,9 +883,9 @@ async def test_pattern_and_universe_answers_are_cached(store, seed, serve):
                  "/api/universes", "/api/universes", "/api/universes/etf_growth",
                  "/api/universes/etf_growth", "/api/symbols", "/api/symbols"]:
         assert (await call(port, path, bearer())).status == 200
-    assert api.stats()["cache"] == {"hits": 4, "misses": 4, "ratio": 0.5}
+    assert api.status()["cache"] == {"hits": 4, "misses": 4, "ratio": 0.5}
     assert fake.calls == 6
-    assert api.stats()["requests"]["patterns"] == {"200": 4}
+    assert api.status()["requests"]["patterns"] == {"200": 4}
 
 
 @pytest_twisted.ensureDeferred
@@ -896,7 +896,7 @@ async def test_zero_pattern_ttl_means_no_cache(store, seed, serve):
     for _ in range(3):
         assert (await call(port, "/api/patterns", bearer())).status == 200
     assert fake.calls == 3
-    assert api.stats()["cache"]["hits"] == 0 and api.stats()["cache"]["misses"] == 0
+    assert api.status()["cache"]["hits"] == 0 and api.status()["cache"]["misses"] == 0
 
 
 def result(d: Deferred[Any]) -> Any:
@@ -1126,7 +1126,7 @@ async def test_api_over_redis_cache_answers_while_redis_is_down(store, seed, ser
     for _ in range(2):
         assert (await call(port, "/api/patterns?symbol=NVDA", bearer())).status == 200
         assert (await call(port, "/api/universes", bearer())).status == 200
-    assert api.stats()["cache"]["hits"] == 2
+    assert api.status()["cache"]["hits"] == 2
     redis_server.kill()
     answer = await call(port, "/api/patterns?symbol=NVDA", bearer())
     assert answer.status == 200

@@ -105,7 +105,7 @@ def started(clock: Clock, last: bytes | None = b"5-0") -> tuple[
     """A history whose tail is positioned at C{last} and waits in its first XREAD."""
     link, conn = RecordingLink(), TailConnection()
     history = RedisHistory(clock, ADDRESS, link, 10, 60, 10)  # type: ignore[arg-type]
-    history._make_factory = lambda: Factory(conn)
+    history._redis._make_factory = lambda: Factory(conn)
     delivered: list[Event] = []
     history.listen(delivered.append)
     history.startService()

@@ -14,6 +14,7 @@ import pkgutil
 from typing import Any
 
 import pytest
+from twisted.internet.defer import succeed
 from twisted.internet.testing import MemoryReactorClock
 from zope.interface import implementedBy
 from zope.interface.verify import verifyObject
@@ -22,12 +23,16 @@ import tickstock
 from tickstock.config import parse_redis_url
 from tickstock.connections.redis import RedisLink
 from tickstock.connections.sentinel import SentinelEndpoint
+from tickstock.history.memory import MemoryHistory
 from tickstock.ingest.memory import MemoryBus
 from tickstock.ingest.pubsub import RedisPubSubSource
+from tickstock.ingest.router import Router
 from tickstock.ingest.streams import RedisStreamSource
+from tickstock.jobs.backtests import Jobs
 from tickstock.store.cache import MemoryCache, RedisCache
 from tickstock.store.listen import ProducerRowListener
 from tickstock.store.memory import MemoryStore
+from tickstock.store.persist import Persister
 from tickstock.store.postgres import PostgresStore
 
 FLOORS = ("domain", "connections", "ingest", "store", "jobs", "sim", "cli")
@@ -36,9 +41,10 @@ DSN = "postgresql://tickstock@127.0.0.1:1/tickstock"
 
 
 def implementations() -> list[Any]:
-    """One instance of each implementation; none connects until started."""
+    """One instance of each implementation; none connects until started, nor writes."""
     reactor = MemoryReactorClock()
     link = RedisLink(reactor, ADDRESS, 10)
+    store, history = MemoryStore(reactor), MemoryHistory(reactor, 10, 60, 10)
     return [
         link,
         SentinelEndpoint(reactor, [("127.0.0.1", 1)], "mymaster"),
@@ -50,6 +56,10 @@ def implementations() -> list[Any]:
         ProducerRowListener(reactor, reactor, DSN, 1.0, lambda channel, raw: None),
         MemoryCache(reactor),
         RedisCache(link, reactor),
+        Router(reactor, history, link),
+        Persister(reactor, store, "n:1", 1.0, 10, "spool-never-made"),  # made when it spills
+        Jobs(reactor, store, history, link, lambda channel, raw: succeed(None), per_user=1,
+             timeout=1.0),
     ]
 
 

@@ -370,7 +370,7 @@ def test_a_job_nobody_hears_fails_at_once_with_no_producer() -> None:
     assert [(e.user, e.data["status"], e.data["error"]) for e in rig.delivered] == [
         ("alice", "failed", NO_PRODUCER)] * 2
     assert (rig.jobs.no_producer, rig.jobs.submitted) == (2, 0)
-    assert rig.jobs.stats()["no_producer"] == 2
+    assert rig.jobs.status()["no_producer"] == 2
 
     kept = Rig(producer=False, unheard_is_lost=False)
     assert kept.record(kept.submit()["job_id"])["status"] == "queued"
@@ -447,7 +447,7 @@ def test_a_store_that_does_not_answer_delays_a_result_by_at_most_the_wait() -> N
     assert delivered == []
     rig.clock.advance(0.01)
     assert [e.type for e in delivered] == ["backtest_result"]
-    assert hold.late == 1 and rig.jobs.stats()["records_late"] == 1
+    assert hold.late == 1 and rig.jobs.status()["records_late"] == 1
     store.land()
     assert len(delivered) == 1 and hold._queues == {}
 
@@ -818,7 +818,7 @@ async def test_a_job_submitted_while_no_producer_listens_is_refused(
         body["error"]["message"]
     await eventually(lambda: len(tab.events("bt")) == 2, 5, "the owner told")
     assert {e["data"]["error"] for e in tab.events("bt")} == {NO_PRODUCER}
-    assert daemon.service.jobs.stats()["no_producer"] == 2
+    assert daemon.service.jobs.status()["no_producer"] == 2
 
     await producer.start()
     accepted = await tab.request({"op": "submit_backtest", "id": "r2", "params": PARAMS},
@@ -880,4 +880,4 @@ async def test_the_record_is_final_when_the_owner_hears_the_end(
     reply = await tab.request({"op": "cancel_job", "id": "c", "job_id": third}, "job_cancelled")
     assert reply["op"] == "job_cancelled"
     assert (await record(third))["status"] == "cancelled"
-    assert daemon.service.jobs.stats()["records_late"] == 0
+    assert daemon.service.jobs.status()["records_late"] == 0

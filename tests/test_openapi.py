@@ -774,15 +774,15 @@ async def job_route_answers(store: Any, serve_jobs: Any,
 
 @pytest_twisted.ensureDeferred
 async def test_api_stats_match_the_documented_schema(store, seed, serve):
-    """stats() (which /health carries as "api") matches the ApiStats schema."""
+    """status() (which /health carries as "api") matches the ApiStats schema."""
     api, port = serve(store)
     await call(port, "/api/patterns", bearer())
     await call(port, "/api/patterns", bearer())
     await call(port, "/api/nope")
     validator = Draft202012Validator({"$ref": BASE_URI + "#/components/schemas/ApiStats"},
                                      registry=REGISTRY)
-    validator.validate(api.stats())
-    assert api.stats()["cache"]["hits"] == 1
+    validator.validate(api.status())
+    assert api.status()["cache"]["hits"] == 1
 
 
 @pytest_twisted.ensureDeferred

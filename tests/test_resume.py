@@ -644,7 +644,7 @@ async def test_live_clients_are_told_when_the_tail_fell_behind_trimming(
     def down() -> Any:
         raise NotConnected("the tail's connection is down (test)")
 
-    monkeypatch.setattr(history, "_connection", down)
+    monkeypatch.setattr(history._redis, "connection", down)
     producer.publish([(PATTERNS, pattern(seq=n)) for n in range(300)])
     await routed([daemon], 301, "stored while the tail is down")
     assert redis_int(redis_server, "XLEN", HISTORY + "patterns") < 300  # trimmed

@@ -236,12 +236,12 @@ async def test_link_reconnects_when_its_redis_turns_read_only(redis_server):
     link.startService()
     try:
         await eventually(lambda: link.connected, 5, "link connected")
-        first = link._factory.pool[0]
+        first = link._redis.connection()
         await link.execute("SET", "k", "v")
         redis_server.command("REPLICAOF", "127.0.0.1", str(free_port()))
         with pytest.raises(ResponseError, match="READONLY"):
             await link.execute("SET", "k", "w")
-        await eventually(lambda: link.connected and link._factory.pool[0] is not first,
+        await eventually(lambda: link.connected and link._redis.connection() is not first,
                          5, "a new connection")
         assert await link.execute("GET", "k") == "v"
     finally:

@@ -236,10 +236,9 @@ class FakeSource(RedisStreamSource):
     def __init__(self, clock: Clock, redis: FakeRedis) -> None:
         super().__init__(clock, ADDRESS, "node", streams=(STREAM,))  # type: ignore[arg-type]
         self.fake = redis
-
-    def _start_factory(self) -> None:
-        self._factory = SimpleNamespace(pool=[self.fake], stopped=False,
-                                        disconnect=lambda: succeed(None))
+        self._redis._make_factory = lambda: SimpleNamespace(
+            pool=[redis], stopped=False, startConnecting=lambda endpoint: None,
+            disconnect=lambda: succeed(None))
 
 
 def test_entries_read_after_a_failed_store_are_stored_after_it():

@@ -2,9 +2,9 @@
 The daemon's connections to Redis. txredisapi reconnects by itself
 (C{factory.startConnecting}), but leaves holes (docs/internals.md §1, §2,
 §5): it can give up reconnecting for good after a failed AUTH/SELECT, so
-L{Supervised} rebuilds a factory that gave up; L{RedisLink} is the command
-connection (publishing jobs, dead letters, the history's scripts), failing
-fast while Redis is down.
+L{RedisConnection}, which every user of Redis holds, rebuilds a factory that
+gave up; L{RedisLink} is the command connection (publishing jobs, dead
+letters, the history's scripts), failing fast while Redis is down.
 """
 
 
@@ -39,58 +39,97 @@ class NotConnected(txredisapi.ConnectionError):  # type: ignore[misc]
     """Redis is not connected; raised at once instead of queueing."""
 
 
-def _tune(factory: txredisapi.RedisFactory) -> txredisapi.RedisFactory:
-    # Redis is local or near: retry fast so events flow again within about a
-    # second of Redis coming back, instead of txredisapi's 10 s cap.
-    factory.initialDelay = RECONNECT_INITIAL_DELAY
-    factory.maxDelay = RECONNECT_MAX_DELAY
-    return factory
-
-
-class Supervised(Service):
+class RedisConnection:
     """
-    Owns one txredisapi factory and rebuilds it if it stops without being
-    asked to (txredisapi issue #146: a failed AUTH/SELECT on reconnect makes
-    it stop trying forever).
+    One connection to Redis, held by whoever needs it (as Twisted's
+    C{ClientService} holds an endpoint), rather than a base class to extend.
+    txredisapi reconnects by itself, with the retry delays given here, but
+    can stop trying for good (txredisapi issue #146: a failed AUTH/SELECT on
+    reconnect): a factory that stopped without being asked to is rebuilt,
+    checked every C{check_interval} seconds and counted in C{rebuilds}.
+
+    @ivar state: C{"stopped"}, C{"connecting"} or C{"connected"}.
     """
 
     _log = Logger()
-    name_for_logs = "redis"
 
     def __init__(
-        self, reactor: IReactorTime, address: RedisAddress,
-        make_factory: Callable[[], txredisapi.RedisFactory],
+        self, clock: IReactorTime, address: RedisAddress,
+        make_factory: Callable[[], txredisapi.RedisFactory], name: str = "redis",
+        initial_delay: float = RECONNECT_INITIAL_DELAY, max_delay: float = RECONNECT_MAX_DELAY,
+        check_interval: float = 1.0,
     ) -> None:
-        self._reactor = reactor
+        """
+        @param make_factory: a new txredisapi factory, not yet connecting;
+            called again for every rebuild.
+        @param name: how the logs call this connection.
+        """
+        self._clock = clock
         self._address = address
         self._make_factory = make_factory
+        self._name = name
+        self._initial_delay = initial_delay
+        self._max_delay = max_delay
+        self._check_interval = check_interval
         self._factory: txredisapi.RedisFactory | None = None
         self._watch = LoopingCall(self._check_factory)
-        self._watch.clock = reactor
+        self._watch.clock = clock
         self.rebuilds = 0
 
-    def _start_factory(self) -> None:
-        self._factory = _tune(self._make_factory())
-        self._factory.startConnecting(client_endpoint(self._reactor, self._address))
+    @property
+    def state(self) -> str:
+        if self._factory is None:
+            return "stopped"
+        return "connected" if self._factory.pool else "connecting"
 
-    def startService(self) -> None:
-        super().startService()  # type: ignore[no-untyped-call]
+    def start(self) -> None:
         self._start_factory()
-        self._watch.start(1.0, now=False)
+        self._watch.start(self._check_interval, now=False)
 
-    def stopService(self) -> Deferred[Any]:
-        super().stopService()  # type: ignore[no-untyped-call]
+    def stop(self) -> Deferred[Any]:
+        """Stop reconnecting and disconnect; fires once disconnected."""
         if self._watch.running:
             self._watch.stop()
         factory, self._factory = self._factory, None
         return factory.disconnect() if factory else succeed(None)
 
+    def connection(self) -> Any:
+        """
+        The live txredisapi connection (the first, when the factory pools
+        several).
+
+        @raise NotConnected: when there is none.
+        """
+        factory = self._factory
+        if factory is None or not factory.pool:
+            raise NotConnected(f"not connected to {self._address}")
+        return factory.pool[0]
+
+    def drop(self) -> None:
+        """Close the connections cleanly; txredisapi makes new ones."""
+        if self._factory is not None:
+            for conn in list(self._factory.pool):
+                conn.transport.loseConnection()
+
+    def abort(self, conn: Any) -> None:
+        """Abort C{conn} at once (a watchdog's verdict: Redis does not answer)."""
+        if conn.transport is not None:
+            conn.transport.abortConnection()
+
+    def _start_factory(self) -> None:
+        factory = self._factory = self._make_factory()
+        # Redis is local or near: retry fast so events flow again within about
+        # a second of Redis coming back, instead of txredisapi's 10 s cap.
+        factory.initialDelay = self._initial_delay
+        factory.maxDelay = self._max_delay
+        factory.startConnecting(client_endpoint(self._clock, self._address))
+
     def _check_factory(self) -> None:
-        if self.running and self._factory is not None and self._factory.stopped:
+        if self._factory is not None and self._factory.stopped:
             self.rebuilds += 1
             self._log.warn(
                 "{name}: client library stopped reconnecting to {address}; rebuilding it",
-                name=self.name_for_logs, address=str(self._address),
+                name=self._name, address=str(self._address),
             )
             old = self._factory
             self._start_factory()
@@ -142,20 +181,22 @@ class LinkProtocol(RedisProtocol):
 
 
 @implementer(IProducerLink, IComponent)
-class RedisLink(Supervised):
+class RedisLink(Service):
     """
     Commands to Redis: publishing backtest jobs, keeping dead letters.
     Fails fast while Redis is down rather than queueing without bound. One
     connection, so commands reach Redis in the order they were issued.
     """
 
-    name_for_logs = "redis link"
+    _log = Logger()
 
     def __init__(
         self, reactor: IReactorTime, address: RedisAddress, deadletter_max: int,
         reply_timeout: float = 5.0, streams: bool = False, stream_max: int = 100_000,
     ) -> None:
-        super().__init__(reactor, address, self._new_factory)
+        self._reactor = reactor
+        self._address = address
+        self._redis = RedisConnection(reactor, address, self._new_factory, "redis link")
         self._streams = streams
         self._stream_max = stream_max
         self._deadletter_max = deadletter_max
@@ -181,9 +222,17 @@ class RedisLink(Supervised):
         factory.scripts = self._scripts
         return factory
 
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        self._redis.start()
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()  # type: ignore[no-untyped-call]
+        return self._redis.stop()
+
     @property
     def connected(self) -> bool:
-        return self._factory is not None and self._factory.size > 0
+        return self._redis.state == "connected"
 
     @property
     def ready(self) -> bool:
@@ -194,18 +243,16 @@ class RedisLink(Supervised):
 
     def drop(self) -> None:
         """Close the connection (it is remade, scripts loaded first)."""
-        if self._factory is not None:
-            for conn in list(self._factory.pool):
-                conn.transport.loseConnection()
+        self._redis.drop()
 
     def execute(self, *args: Any) -> Deferred[Any]:
         """Run one Redis command, failing at once when not connected."""
-        factory = self._factory
-        if factory is None or not factory.pool:
-            return fail(NotConnected(f"not connected to {self._address}"))
+        try:
+            conn = self._redis.connection()
+        except NotConnected:
+            return fail()
         # Straight to the one connection: the handler's wrapper adds a
         # Deferred and a lookup per command.
-        conn = factory.pool[0]
         d: Deferred[Any] = conn.execute_command(*args)
         return d.addErrback(self._readonly, conn)
 
@@ -214,8 +261,8 @@ class RedisLink(Supervised):
         # asked again on reconnect (docs/internals.md §7), so reconnect, once.
         if (failure.check(txredisapi.ResponseError) and "READONLY" in failure.getErrorMessage()
                 and conn.transport is not None and not conn.transport.disconnecting):
-            self._log.warn("{name}: {address} is read-only now; reconnecting",
-                           name=self.name_for_logs, address=str(self._address))
+            self._log.warn("redis link: {address} is read-only now; reconnecting",
+                           address=str(self._address))
             self.drop()
         return failure
 

@@ -21,7 +21,7 @@ from zope.interface import implementer
 
 from tickstock.domain.errors import BadRequest
 from tickstock.domain.events import SYMBOL, Event, id_key, shown
-from tickstock.domain.interfaces import REPLAYED, IClient, IEventSink
+from tickstock.domain.interfaces import REPLAYED, IClient, IEventSink, IMetered
 from tickstock.domain.topics import TOPIC_NAMES, TOPICS
 
 MAX_FILTER_SYMBOLS = 1000
@@ -136,7 +136,7 @@ class Subscription:
         return self.filter.matches(event)
 
 
-@implementer(IEventSink)
+@implementer(IEventSink, IMetered)
 class Broadcaster:
     """
     Fans each event out to the matching subscriptions, framing it once per
@@ -252,6 +252,13 @@ class Broadcaster:
             sent += 1
         self.delivered += sent
         return sent
+
+    def status(self) -> dict[str, Any]:
+        return {"subscriptions": self.subscriptions, "delivered": self.delivered,
+                "unrouted_targeted": self.unrouted}
+
+    def breakdown(self) -> dict[str, Any]:
+        return {"subscriptions_by_topic": +self.by_topic}
 
     def watched(self, topic: str, symbol: str | None) -> bool:
         """Whether any subscription to C{topic} may want an event of C{symbol}."""

@@ -19,6 +19,7 @@ import orjson
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from tickstock.deliver.auth import Identity
 from tickstock.deliver.broadcast import (
@@ -34,7 +35,7 @@ from tickstock.deliver.ticks import LiveTicks
 from tickstock.deliver.universes import Universes
 from tickstock.domain.errors import BadRequest
 from tickstock.domain.events import id_key, shown
-from tickstock.domain.interfaces import IClient, IHistory, IStore
+from tickstock.domain.interfaces import IClient, IHistory, IMetered, IStore
 from tickstock.domain.stored import Replay
 from tickstock.domain.topics import TOPIC_NAMES
 from tickstock.jobs.backtests import JobRefused, Jobs
@@ -69,6 +70,7 @@ class _State:
     counted_user: str | None = None  # counted against the per-user cap
 
 
+@implementer(IMetered)
 class Gateway:
     """
     Handles client requests for every connection of this process.
@@ -127,6 +129,16 @@ class Gateway:
         self.live_gaps_closed = 0
         self.heartbeat_timeouts = 0
         self.catchups = 0
+
+    def status(self) -> dict[str, Any]:
+        return {"clients": len(self.connections),
+                "slow_consumers_closed": self.slow_consumers_closed,
+                "slow_consumers_by_why": dict(self.slow_consumers),
+                "live_gaps_closed": self.live_gaps_closed,
+                "heartbeat_timeouts": self.heartbeat_timeouts}
+
+    def breakdown(self) -> dict[str, Any]:
+        return {"client_errors": self.errors, "catchups": self.catchups}
 
     def opened(self, conn: IClient) -> None:
         """A client finished its WebSocket handshake; it must say hello soon."""

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
+from zope.interface import implementer
 
 from tickstock.domain.events import Event, id_key
+from tickstock.domain.interfaces import IReporting
 from tickstock.domain.topics import TICKS
 
 LATE_AFTER = 0.5
@@ -30,6 +33,7 @@ backlog is delivered, so that a source waiting for it does not leave the
 daemon idle."""
 
 
+@implementer(IReporting)
 class Overload:
     """
     C{overload()} is whether the daemon is behind.
@@ -82,3 +86,6 @@ class Overload:
         return (self._clock.seconds() < self._late_until
                 or (self._most_waiting is not None and len(self._waiting) > self._most_waiting)
                 or self._clients_behind())
+
+    def status(self) -> dict[str, Any]:
+        return {"behind": self(), "late_events": self.late}

@@ -9,15 +9,19 @@ shed first, so that must-deliver events go out.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
+from zope.interface import implementer
 
 from tickstock.domain.events import Event
+from tickstock.domain.interfaces import IReporting
 
 BEHIND_INTERVAL = 1.0
 """Seconds between two ticks of a symbol while the daemon is behind."""
 
 
+@implementer(IReporting)
 class TickThrottle:
     """
     Passes tick events to C{deliver}, conflated per symbol.
@@ -42,6 +46,9 @@ class TickThrottle:
         self._next: dict[str | None, float] = {}
         self._waiting: dict[str | None, Event] = {}
         self.conflated = 0
+
+    def status(self) -> dict[str, Any]:
+        return {"ticks_conflated": self.conflated}
 
     def __call__(self, event: Event) -> None:
         symbol = event.symbol

@@ -14,11 +14,12 @@ from typing import Any, NoReturn
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from tickstock.deliver.broadcast import Broadcaster, Subscription
 from tickstock.domain.errors import BadRequest
 from tickstock.domain.events import Event
-from tickstock.domain.interfaces import IStore
+from tickstock.domain.interfaces import IReporting, IStore
 from tickstock.store import StoreUnavailable
 
 UPDATED_CHANNEL = "tickstock.universe.updated"
@@ -41,6 +42,7 @@ def named_universes(event: Event) -> set[str] | None:
     return keys or None
 
 
+@implementer(IReporting)
 class Universes:
     """
     The universes this process's subscriptions use.
@@ -55,6 +57,9 @@ class Universes:
         self._broadcaster = broadcaster
         self._subs: dict[str, dict[Subscription, frozenset[str] | None]] = {}
         self.refreshes = 0
+
+    def status(self) -> dict[str, Any]:
+        return {"universe_refreshes": self.refreshes}
 
     def resolve(self, key: str) -> Deferred[frozenset[str]]:
         """

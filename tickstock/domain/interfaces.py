@@ -31,6 +31,33 @@ class IComponent(Interface):
         """
 
 
+class IReporting(Interface):
+    """
+    A part C{/health} shows: it says what its counters are, and
+    L{tickstock.ops.health} only places them, so a part's counters can
+    change without the report reaching into it.
+    """
+
+    def status() -> dict[str, Any]:
+        """
+        The part's counters, JSON-able and named as C{/health} shows them;
+        served from memory, never a live query.
+        """
+
+
+class IMetered(IReporting):
+    """
+    A part that C{/metrics} also shows by label (by channel, topic or
+    reason), beyond its C{/health} counters.
+    """
+
+    def breakdown() -> dict[str, Any]:
+        """
+        The part's labelled counts, named as C{/metrics} reads them
+        (L{tickstock.ops.metrics}); keys may be tuples, so not JSON-able.
+        """
+
+
 class IEventSource(IComponent):
     """
     Where the producer's messages come from: the embedded bus, or Redis.

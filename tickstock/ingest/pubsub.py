@@ -4,7 +4,8 @@ Pub/sub mode: L{RedisPubSubSource} reads the producer's channels.
 txredisapi does not resubscribe after a reconnect and never notices a Redis
 that stopped answering (docs/internals.md §1, §2, §5): the source
 resubscribes on every connection and PINGs to detect a hung server; its
-factory is supervised (L{tickstock.connections.redis.Supervised}).
+connection is a L{tickstock.connections.redis.RedisConnection}, which
+rebuilds a factory that gave up.
 """
 
 from __future__ import annotations
@@ -18,14 +19,16 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import txredisapi
+from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tickstock.connections.address import RedisAddress
-from tickstock.connections.redis import Encoding, Supervised
+from tickstock.connections.redis import Encoding, RedisConnection
 from tickstock.domain.interfaces import IEventSource
 from tickstock.domain.topics import DEFAULT_REGISTRY
 
@@ -188,7 +191,7 @@ class _SubscriberProtocol(Encoding, txredisapi.SubscriberProtocol):  # type: ign
 
 
 @implementer(IEventSource)
-class RedisPubSubSource(Supervised):
+class RedisPubSubSource(Service):
     """
     Subscribes to the producer's channels (or the given ones) and hands each
     message to the receiver.
@@ -204,7 +207,7 @@ class RedisPubSubSource(Supervised):
         should not hold (L{_steer}).
     """
 
-    name_for_logs = "redis subscriber"
+    _log = Logger()
 
     def __init__(
         self, reactor: IReactorTime, address: RedisAddress,
@@ -226,7 +229,8 @@ class RedisPubSubSource(Supervised):
             subscriber while it lags; without it, lagging for L{LAGGING_FOR}
             counts as behind.
         """
-        super().__init__(reactor, address, self._new_factory)
+        self._address = address
+        self._redis = RedisConnection(reactor, address, self._new_factory, "redis subscriber")
         self._clock: IReactorTime = reactor
         self._receiver: Callable[[str, bytes, str], Any] | None = None
         self._occurrences = Occurrences(reactor, dedupe_window)
@@ -416,15 +420,21 @@ class RedisPubSubSource(Supervised):
         factory.replyTimeout = self._ping_timeout
         return factory
 
+    @property
+    def rebuilds(self) -> int:
+        return self._redis.rebuilds
+
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]
+        self._redis.start()
         self._heartbeat.start(self._ping_interval, now=False)
 
     def stopService(self) -> Deferred[Any]:
         if self._heartbeat.running:
             self._heartbeat.stop()
         self._stop_steering()
-        return super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]
+        return self._redis.stop()
 
     def status(self) -> dict[str, object]:
         return {
@@ -489,8 +499,7 @@ class RedisPubSubSource(Supervised):
     def _subscribe_failed(self, protocol: _SubscriberProtocol, failure: Any) -> None:
         self.last_error = failure.getErrorMessage()
         self._log.error("redis subscriber: SUBSCRIBE failed: {e}", e=self.last_error)
-        if protocol.transport is not None:
-            protocol.transport.abortConnection()
+        self._redis.abort(protocol)
 
     def _disconnected(self, protocol: _SubscriberProtocol, why: Any) -> None:
         if protocol is not self._protocol:
@@ -533,7 +542,7 @@ class RedisPubSubSource(Supervised):
                 self.heartbeat_timeouts += 1
                 self.last_error = f"no reply from Redis in {self._ping_timeout:g}s"
                 self._log.warn("redis subscriber: {e}; dropping the connection", e=self.last_error)
-                protocol.transport.abortConnection()
+                self._redis.abort(protocol)
             return
         self._waiting_since = now
         self._reads_seen = self._reads

@@ -15,9 +15,10 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from tickstock.domain.events import Event, MalformedEvent, shown
-from tickstock.domain.interfaces import IHistory, IProducerLink
+from tickstock.domain.interfaces import IHistory, IMetered, IProducerLink
 from tickstock.domain.stored import Redelivered, Refused
 from tickstock.domain.topics import DEFAULT_REGISTRY, TICKS, Registry
 from tickstock.ingest.normalize import Probe, normalize
@@ -35,6 +36,7 @@ class Overloaded(Exception):
     """An event shed because too many are already on their way to the history."""
 
 
+@implementer(IMetered)
 class Router:
     """
     Receives C{(channel, raw, key)} from an L{IEventSource} and appends
@@ -141,6 +143,25 @@ class Router:
         for (_, kind), count in self.malformed.items():
             kinds[kind] += count
         return dict(kinds)
+
+    def status(self) -> dict[str, Any]:
+        """What C{/health} shows under C{events}, up to what delivery counts."""
+        return {
+            "received": self.received,
+            "routed": self.routed,
+            "duplicates": self.duplicates,
+            "redelivered": self.redelivered,
+            "store_failures": self.failed,
+            "malformed": self.malformed_by_kind(),
+            "probes": sum(self.probes.values()),
+            "shed": dict(self.shed),
+            "in_flight": self.in_flight,
+            "job_events_dropped": dict(self.refused),
+        }
+
+    def breakdown(self) -> dict[str, Any]:
+        return {"received_by_channel": self.received_by_channel,
+                "deadlettered": self.malformed, "probes": self.probes}
 
     def _tick_claimed(self, event: Event, mine: bool | Failure) -> None:
         if mine is True:

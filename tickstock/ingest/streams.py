@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 import txredisapi
+from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, FirstError, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
@@ -29,7 +30,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tickstock.connections.address import RedisAddress
-from tickstock.connections.redis import NotConnected, RedisProtocol, Supervised, text
+from tickstock.connections.redis import NotConnected, RedisConnection, RedisProtocol, text
 from tickstock.domain.events import id_key
 from tickstock.domain.interfaces import IEventSource
 from tickstock.domain.stored import STORED_SUFFIX, StreamEntry
@@ -72,7 +73,7 @@ def _first_error(failure: Failure) -> Failure:
 
 
 @implementer(IEventSource)
-class RedisStreamSource(Supervised):
+class RedisStreamSource(Service):
     """
     Reads every producer stream as consumer C{consumer} of group
     L{GROUP}, hands each entry to the receiver in order, and acknowledges
@@ -80,7 +81,6 @@ class RedisStreamSource(Supervised):
     """
 
     _log = Logger()
-    name_for_logs = "redis streams"
 
     def __init__(self, reactor: IReactorTime, address: RedisAddress, consumer: str,
                  read_timeout: float = 5.0, extra_streams: tuple[str, ...] = (),
@@ -101,7 +101,9 @@ class RedisStreamSource(Supervised):
         self._added = 0
         self._awaiting: set[tuple[str, str]] = set()
         self._cursors: dict[str, str] = {}
-        super().__init__(reactor, address, self._new_factory)
+        self._reactor = reactor
+        self._address = address
+        self._redis = RedisConnection(reactor, address, self._new_factory, "redis streams")
         self._consumer = consumer
         self._read_timeout = read_timeout
         self._streams = [*streams, *extra_streams]
@@ -145,7 +147,8 @@ class RedisStreamSource(Supervised):
         return factory
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]
+        self._redis.start()
         self._schedule(0)
 
     def stopService(self) -> Deferred[Any]:
@@ -175,7 +178,11 @@ class RedisStreamSource(Supervised):
             self.durability.flush_now().addBoth(lambda _: self._when_acked(done))
 
         (succeed(None) if busy is None else busy).addBoth(drain)
-        return finished.addCallback(lambda _: super(RedisStreamSource, self).stopService())
+        return finished.addCallback(lambda _: self._disconnect())
+
+    def _disconnect(self) -> Deferred[Any]:
+        super().stopService()  # type: ignore[no-untyped-call]
+        return self._redis.stop()
 
     def _when_acked(self, then: Callable[[], None]) -> None:
         """Call C{then} once no entry waits for its acknowledgement (checked each 10 ms)."""
@@ -188,16 +195,10 @@ class RedisStreamSource(Supervised):
         if self.running and self.state != "stopping":
             self._next = self._reactor.callLater(delay, self._step)
 
-    def _connection(self) -> Any:
-        factory = self._factory
-        if factory is None or not factory.pool:
-            raise NotConnected(f"not connected to {self._address}")
-        return factory.pool[0]
-
     def _step(self) -> None:
         self._next = None
         try:
-            conn = self._connection()
+            conn = self._redis.connection()
         except NotConnected:
             if self.state == "reading":
                 self.state = "connecting"
@@ -325,8 +326,7 @@ class RedisStreamSource(Supervised):
 
     def _hung(self, conn: Any) -> None:
         self._log.warn("redis streams: no reply in time; reconnecting")
-        if conn.transport is not None:
-            conn.transport.abortConnection()
+        self._redis.abort(conn)
 
     def _handle(self, conn: Any, batch: list[tuple[str, Any]]) -> Deferred[bool]:
         """
@@ -399,7 +399,8 @@ class RedisStreamSource(Supervised):
         for ids in by_stream.values():
             args += [len(ids), *ids]
         try:
-            d = self._connection().execute_command("EVAL", ACK, len(by_stream), *by_stream, *args)
+            conn = self._redis.connection()
+            d = conn.execute_command("EVAL", ACK, len(by_stream), *by_stream, *args)
         except NotConnected as error:
             self._not_acked(error, entries)
             return

@@ -36,10 +36,11 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from tickstock.domain.errors import BadRequest
 from tickstock.domain.events import SYMBOL, Event, shown
-from tickstock.domain.interfaces import IHistory, IJobStore, IProducerLink, IStore
+from tickstock.domain.interfaces import IHistory, IJobStore, IProducerLink, IReporting, IStore
 from tickstock.domain.jobs import FINAL, JOB_PATTERNS, outcome
 from tickstock.domain.stored import Refused
 from tickstock.domain.topics import CANCEL_CHANNEL, CONTROL_CHANNEL, JOBS_CHANNEL
@@ -180,6 +181,7 @@ def _years_after(day: date, years: int) -> date:
 NOT_FOUND = "no job with this id"
 
 
+@implementer(IReporting)
 class Jobs(Service):
     """
     Submits, reads and cancels jobs for their owners, and fails jobs whose
@@ -226,7 +228,8 @@ class Jobs(Service):
         self.control_failures = 0
         self.no_producer = 0
 
-    def stats(self) -> dict[str, int]:
+    def status(self) -> dict[str, Any]:
+        """Counters for C{/health}; JSON-able."""
         stats = {"submitted": self.submitted, "timed_out": self.timed_out,
                  "control_failures": self.control_failures, "no_producer": self.no_producer}
         if self._records is not None:

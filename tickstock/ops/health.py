@@ -1,7 +1,8 @@
 """
 The daemon's reports: C{/health} (liveness and the counters an operator
-looks at first), C{/ready} (each component's own status, L{IComponent}) and
-what C{/metrics} shows beyond them. Read from the parts at each request, so
+looks at first, each part's own L{IReporting} status placed in the body),
+C{/ready} (each component's own status, L{IComponent}) and what C{/metrics}
+shows beyond them (L{IMetered}). Read from the parts at each request, so
 the delivery path pays nothing for them; the wiring (L{tickstock.tap}) only
 says which parts there are.
 """
@@ -15,18 +16,7 @@ from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 
-from tickstock.deliver.broadcast import Broadcaster
-from tickstock.deliver.gateway import Gateway
-from tickstock.deliver.overload import Overload
-from tickstock.deliver.throttle import TickThrottle
-from tickstock.deliver.universes import Universes
-from tickstock.domain.interfaces import IComponent
-from tickstock.ingest.router import Router
-from tickstock.jobs.backtests import Jobs
-from tickstock.store.persist import Persister
-from tickstock.web.api import ApiResource
-from tickstock.web.site import SecureSite
-from tickstock.web.websocket import StreamFactory
+from tickstock.domain.interfaces import IComponent, IMetered, IReporting
 
 Report = tuple[bool, dict[str, Any]]
 
@@ -45,58 +35,46 @@ class Health:
     worker: int | None
     mode: str
     components: Mapping[str, IComponent]
-    router: Router
-    broadcaster: Broadcaster
-    stream: StreamFactory
-    site: SecureSite
-    gateway: Gateway
-    overload: Overload
-    ticks: TickThrottle
-    universes: Universes
-    persister: Persister
-    jobs: Jobs
-    api: ApiResource
+    router: IMetered
+    broadcaster: IMetered
+    stream: IReporting
+    site: IReporting
+    gateway: IMetered
+    overload: IReporting
+    ticks: IReporting
+    universes: IReporting
+    persister: IReporting
+    jobs: IReporting
+    api: IReporting
 
     def health(self) -> Report:
         """Liveness, with the counters an operator looks at first."""
-        router, gateway, stream = self.router, self.gateway, self.stream
+        router, broadcaster = self.router.status(), self.broadcaster.status()
+        gateway, stream = self.gateway.status(), self.stream.status()
         return True, {
             "status": "ok",
             "auth": "token" if self.auth else "none",
             "pid": os.getpid(),
             "worker": self.worker,
             "uptime_s": round(self.clock.seconds() - self.started_at, 3),
-            "clients": len(gateway.connections),
-            "subscriptions": self.broadcaster.subscriptions,
-            "events": {
-                "received": router.received,
-                "routed": router.routed,
-                "duplicates": router.duplicates,
-                "redelivered": router.redelivered,
-                "store_failures": router.failed,
-                "malformed": router.malformed_by_kind(),
-                "probes": sum(router.probes.values()),
-                "shed": dict(router.shed),
-                "in_flight": router.in_flight,
-                "job_events_dropped": dict(router.refused),
-                "delivered": self.broadcaster.delivered,
-                "unrouted_targeted": self.broadcaster.unrouted,
-            },
-            "handshakes_refused": {"origin": stream.refused_origins,
-                                   "per_ip": stream.refused_per_ip},
-            "http_refused": dict(self.site.refused),
-            "slow_consumers_closed": gateway.slow_consumers_closed,
-            "overload": {"behind": self.overload(), "late_events": self.overload.late,
-                         "clients_backlogged": stream.backlogged,
-                         "slow_consumers_closed": dict(gateway.slow_consumers)},
-            "conflated": stream.conflated,
-            "live_gaps_closed": gateway.live_gaps_closed,
-            "heartbeat_timeouts": gateway.heartbeat_timeouts,
-            "ticks_conflated": self.ticks.conflated,
-            "universe_refreshes": self.universes.refreshes,
+            "clients": gateway["clients"],
+            "subscriptions": broadcaster["subscriptions"],
+            "events": {**router, "delivered": broadcaster["delivered"],
+                       "unrouted_targeted": broadcaster["unrouted_targeted"]},
+            "handshakes_refused": stream["handshakes_refused"],
+            "http_refused": self.site.status()["refused"],
+            "slow_consumers_closed": gateway["slow_consumers_closed"],
+            "overload": {**self.overload.status(),
+                         "clients_backlogged": stream["clients_backlogged"],
+                         "slow_consumers_closed": gateway["slow_consumers_by_why"]},
+            "conflated": stream["conflated"],
+            "live_gaps_closed": gateway["live_gaps_closed"],
+            "heartbeat_timeouts": gateway["heartbeat_timeouts"],
+            **self.ticks.status(),
+            **self.universes.status(),
             "persist": self.persister.status(),
-            "jobs": self.jobs.stats(),
-            "api": self.api.stats(),
+            "jobs": self.jobs.status(),
+            "api": self.api.status(),
         }
 
     def readiness(self) -> Report:
@@ -107,8 +85,5 @@ class Health:
 
     def extra(self) -> dict[str, Any]:
         """What C{/metrics} shows beyond the C{/health} body."""
-        return {"subscriptions_by_topic": +self.broadcaster.by_topic,
-                "received_by_channel": self.router.received_by_channel,
-                "deadlettered": self.router.malformed,
-                "probes": self.router.probes,
-                "client_errors": self.gateway.errors, "catchups": self.gateway.catchups}
+        return {**self.broadcaster.breakdown(), **self.router.breakdown(),
+                **self.gateway.breakdown()}

@@ -44,9 +44,10 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from tickstock.domain.events import Event, id_key, stored_event
-from tickstock.domain.interfaces import IStore, ITickMarks
+from tickstock.domain.interfaces import IReporting, IStore, ITickMarks
 from tickstock.domain.records import Bar
 from tickstock.store.bars import BarAggregator
 
@@ -58,6 +59,7 @@ STOP_TIMEOUT = 5.0
 _SPOOL_NAME = re.compile(r"^(\d{12})-[A-Za-z0-9_.-]+\.jsonl\Z")
 
 
+@implementer(IReporting)
 class Persister(Service):
     """
     Batches ticks (as bar parts) and stored events into C{store.write}

@@ -29,12 +29,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
+from zope.interface import implementer
 
 from tickstock.deliver.auth import Identity
 from tickstock.deliver.ratelimit import RateLimit
 from tickstock.domain.errors import BadRequest
 from tickstock.domain.events import MAX_STRING, SYMBOL
-from tickstock.domain.interfaces import ICache, IStore
+from tickstock.domain.interfaces import ICache, IReporting, IStore
 from tickstock.domain.records import PatternQuery
 from tickstock.jobs.backtests import NOT_FOUND, JobRefused, Jobs
 from tickstock.store import StoreUnavailable
@@ -282,6 +283,7 @@ def _unavailable(message: str) -> ApiError:
     return ApiError(503, "store_unavailable", message, headers={b"retry-after": b"1"})
 
 
+@implementer(IReporting)
 class ApiResource(Resource):
     """
     C{/api}: routes on the path below it. Built by L{build_api}.
@@ -318,7 +320,7 @@ class ApiResource(Resource):
         if self._observe is not None:
             self._observe(route, status, seconds)
 
-    def stats(self) -> dict[str, Any]:
+    def status(self) -> dict[str, Any]:
         """Counters for C{/health} and metrics; JSON-able."""
         hits, misses = self._cache.hits, self._cache.misses
         return {

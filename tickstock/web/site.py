@@ -24,6 +24,9 @@ from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from twisted.web.static import File
+from zope.interface import implementer
+
+from tickstock.domain.interfaces import IReporting
 
 JSON = b"application/json"
 
@@ -160,6 +163,7 @@ class BoundedChannel(HTTPChannel):
             super().timeoutConnection()  # type: ignore[no-untyped-call]
 
 
+@implementer(IReporting)
 class SecureSite(Site):
     """
     A Site that puts the security headers on every response, and answers
@@ -174,6 +178,10 @@ class SecureSite(Site):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
         self.refused: Counter[str] = Counter()
+
+    def status(self) -> dict[str, Any]:
+        """Requests refused before they reached a resource, by reason."""
+        return {"refused": dict(self.refused)}
 
     def getResourceFor(self, request: Request) -> Resource:
         for name, value in SECURITY_HEADERS.items():

@@ -52,7 +52,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tickstock.deliver.gateway import Gateway
-from tickstock.domain.interfaces import REPLAYED, IClient
+from tickstock.domain.interfaces import REPLAYED, IClient, IReporting
 from tickstock.web.origins import normalize_origin
 from tickstock.web.site import REFUSED_STATUS
 
@@ -308,6 +308,7 @@ class ClientProtocol(WebSocketServerProtocol):
         self.factory.unpaused(self)
 
 
+@implementer(IReporting)
 class StreamFactory(WebSocketServerFactory):
     """
     Autobahn's factory, with every limit set explicitly (its defaults allow
@@ -369,6 +370,11 @@ class StreamFactory(WebSocketServerFactory):
             autoPingTimeout=ping_timeout,
             perMessageCompressionAccept=lambda offers: None,
         )
+
+    def status(self) -> dict[str, Any]:
+        return {"handshakes_refused": {"origin": self.refused_origins,
+                                       "per_ip": self.refused_per_ip},
+                "clients_backlogged": self.backlogged, "conflated": self.conflated}
 
     def paused(self, client: ClientProtocol) -> None:
         """C{client}'s socket is full: watch it until it drains."""

@@ -15,13 +15,14 @@ from collections.abc import Callable
 from typing import Any
 
 import txredisapi
+from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from tickstock.connections.address import RedisAddress
-from tickstock.connections.redis import LinkProtocol, NotConnected, Supervised, text
+from tickstock.connections.redis import LinkProtocol, NotConnected, RedisConnection, text
 from tickstock.domain.events import Event, id_key
 from tickstock.domain.topics import TOPIC_NAMES
 from tickstock.history.redis.layout import LAST_KEY, PREFIX
@@ -44,14 +45,13 @@ entry again (a third of a tick's cost). Past the bound, the oldest go, and
 are decoded as any other daemon's event is."""
 
 
-class Tail(Supervised):
+class Tail(Service):
     """
     Tails every topic's stream and hands each event, in id order across
     topics, to the receivers of L{listen}.
     """
 
     _log = Logger()
-    name_for_logs = "redis history"
 
     def __init__(self, reactor: IReactorTime, address: RedisAddress, stores: Writer,
                  read_timeout: float = 5.0) -> None:
@@ -60,7 +60,9 @@ class Tail(Supervised):
             L{_take_after_stores}); it hands this tail what it stored
             (L{keep}) and tells it when a call answered (L{stores_answered}).
         """
-        super().__init__(reactor, address, self._new_factory)
+        self._reactor = reactor
+        self._address = address
+        self._redis = RedisConnection(reactor, address, self._new_factory, "redis history")
         self._stores = stores
         self._read_timeout = read_timeout
         self._receivers: list[Callable[[Event], object]] = []
@@ -121,7 +123,7 @@ class Tail(Supervised):
     @property
     def ready(self) -> bool:
         """True once the tail knows where it reads from and is connected."""
-        return self._positions is not None and bool(self._factory and self._factory.pool)
+        return self._positions is not None and self._redis.state == "connected"
 
     def status(self) -> dict[str, Any]:
         return {"state": "tailing" if self.ready else "connecting",
@@ -129,7 +131,8 @@ class Tail(Supervised):
                 "held": len(self._held)}
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]
+        self._redis.start()
         self._schedule(0)
 
     def stopService(self) -> Deferred[Any]:
@@ -137,22 +140,17 @@ class Tail(Supervised):
             self._reading.cancel()
         self._reading = None
         self._unread = None
-        return super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]
+        return self._redis.stop()
 
     def _schedule(self, delay: float) -> None:
         if self.running:
             self._reading = self._reactor.callLater(delay, self._read)
 
-    def _connection(self) -> Any:
-        factory = self._factory
-        if factory is None or not factory.pool:
-            raise NotConnected(f"not connected to {self._address}")
-        return factory.pool[0]
-
     def _read(self) -> None:
         self._reading = None
         try:
-            conn = self._connection()
+            conn = self._redis.connection()
         except NotConnected:
             self._schedule(0.05)
             return
@@ -245,19 +243,16 @@ class Tail(Supervised):
 
     def _hung(self, conn: Any) -> None:
         self._log.warn("redis history: no reply to XREAD in time; reconnecting")
-        if conn.transport is not None:
-            conn.transport.abortConnection()
+        self._redis.abort(conn)
 
     def _read_failed(self, failure: Any) -> None:
         self.tail_errors += 1
         message = failure.getErrorMessage()
         if self.running:
             self._log.warn("redis history: reading failed ({e}); retrying", e=message)
-        factory = self._factory
-        if "NOSCRIPT" in message and factory is not None:
+        if "NOSCRIPT" in message:
             # Redis's script cache was flushed: a new connection loads it.
-            for conn in list(factory.pool):
-                conn.transport.loseConnection()
+            self._redis.drop()
         self._schedule(0.1)
 
     def _batch(self, reply: list[Any] | None) -> None:
