@@ -136,6 +136,8 @@ async def test_a_daemonized_twistd_logs_json_without_secrets(
         if pid:
             os.kill(pid, signal.SIGTERM)
     await eventually(lambda: not pidfile.exists(), 15, "the pidfile removed at shutdown")
+    # twistd removes the pidfile, then logs its last line as its logger stops.
+    await eventually(lambda: "Server Shut Down." in logfile.read_text(), 15, "the last line")
 
     lines = logfile.read_text().splitlines()
     records = [orjson.loads(line) for line in lines]  # every line is one JSON object
