@@ -8,6 +8,10 @@ events at a fixed rate R for D seconds, and prints one JSON object on stdout.
 See bench/README.md for what each number means and the caveats.
 
     .venv/bin/python bench/latency.py --clients 100 --rate 100 --duration 10
+    .venv/bin/python bench/latency.py --clients 100 --rate 100 --duration 10 --endpoint socketio
+
+--endpoint socketio: the clients use TickStock's Socket.IO (/socket.io/,
+Engine.IO v4 websocket-only) instead of /ws; same daemon, same events.
 """
 
 from __future__ import annotations
@@ -80,9 +84,9 @@ def tree(pid: int) -> list[int]:
     return pids
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process and its descendants, from /proc/PID/stat."""
-    total = 0.0
+def cpu_split(pid: int) -> tuple[float, float]:
+    """utime and stime of a process and its descendants, from /proc/PID/stat."""
+    user = system = 0.0
     for p in tree(pid):
         try:
             with open(f"/proc/{p}/stat") as handle:
@@ -90,8 +94,14 @@ def cpu_seconds(pid: int) -> float:
         except OSError:
             continue
         fields = stat[stat.rfind(")") + 2:].split()  # fields[0] is field 3 (state)
-        total += (int(fields[11]) + int(fields[12])) / CLK_TCK
-    return total
+        user += int(fields[11]) / CLK_TCK
+        system += int(fields[12]) / CLK_TCK
+    return user, system
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process and its descendants."""
+    return sum(cpu_split(pid))
 
 
 def core_busy() -> dict[int, float]:
@@ -403,6 +413,11 @@ def symbol_list(n: int) -> list[str]:
     return symbols
 
 
+def endpoint_of(args: argparse.Namespace) -> str:
+    """The endpoint the clients use: the peer serves only Socket.IO."""
+    return "socketio" if args.server == "peer" else args.endpoint
+
+
 def run(args: argparse.Namespace, procs: Procs, workdir: Path) -> dict[str, Any]:
     cores = os.sched_getaffinity(0)
     pin = shutil.which("taskset") is not None and {SERVER_CORE, LOAD_CORE} <= cores
@@ -412,6 +427,7 @@ def run(args: argparse.Namespace, procs: Procs, workdir: Path) -> dict[str, Any]
     else:
         print("warning: cannot pin to cores 0 and 1; running unpinned", file=sys.stderr)
 
+    endpoint = endpoint_of(args)
     symbols = symbol_list(args.symbols)
     n_sym = len(symbols)
     watch = min(args.watch, n_sym)
@@ -499,8 +515,9 @@ def run(args: argparse.Namespace, procs: Procs, workdir: Path) -> dict[str, Any]
             "--port", str(ws_port), "--clients", str(args.clients),
             "--symbols", ",".join(symbols), "--watch", str(watch),
             "--warmup-events", str(warmup_events),
-            "--drain", str(args.drain), "--protocol",
-            "socketio" if args.server == "peer" else "tickstock",
+            "--drain", str(args.drain),
+            "--endpoint", "peer" if args.server == "peer" else args.endpoint,
+            *(("--offsets",) if args.offsets else ()),
         ]), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1,
             env={**os.environ, "TICKSTOCK_JWT_SECRET": secret})
     lines = LineReader(loadgen.stdout)
@@ -510,11 +527,15 @@ def run(args: argparse.Namespace, procs: Procs, workdir: Path) -> dict[str, Any]
         daemon_alive()
         raise BenchError(f"{error}\n{tail(loadgen_err)}") from None
     status, health = http_json(base + "/health")
+    # A Socket.IO session is also subscribed to its user's backtests and to
+    # system health, at CONNECT.
+    subs_each = 3 if endpoint == "socketio" and args.server == "tickstock" else 1
     # (with --workers, /health is one worker's: each answers for itself)
     if args.workers == 1 and (health.get("clients") != args.clients
-                              or health.get("subscriptions") != args.clients):
+                              or health.get("subscriptions") != args.clients * subs_each):
         raise BenchError(f"daemon reports clients={health.get('clients')} "
-                         f"subscriptions={health.get('subscriptions')}, expected {args.clients}")
+                         f"subscriptions={health.get('subscriptions')}, expected "
+                         f"{args.clients} and {args.clients * subs_each}")
 
     if args.idle:
         return idle(args, daemon.pid, rss_before_clients, ready, loadgen, lines)
@@ -531,7 +552,7 @@ def run(args: argparse.Namespace, procs: Procs, workdir: Path) -> dict[str, Any]
     run_id = f"bench{os.getpid()}"
     templates = [make_event(rng, run_id, seq, symbols[seq % n_sym]) for seq in range(total_events)]
     publish = Publisher.command
-    server_cpu0 = loadgen_cpu0 = redis_cpu0 = self_cpu0 = 0.0
+    server_user0 = server_sys0 = loadgen_cpu0 = redis_cpu0 = self_cpu0 = 0.0
     cores0: dict[int, float] = {}
     health0: dict[str, Any] = {}
     sampled = False
@@ -557,7 +578,7 @@ def run(args: argparse.Namespace, procs: Procs, workdir: Path) -> dict[str, Any]
                 if settled or time.monotonic() >= due:
                     break
                 time.sleep(0.002)
-            server_cpu0 = cpu_seconds(daemon.pid)
+            server_user0, server_sys0 = cpu_split(daemon.pid)
             loadgen_cpu0 = cpu_seconds(loadgen.pid)
             redis_cpu0 = cpu_seconds(redis.pid)
             cores0, self_cpu0 = core_busy(), self_cpu()
@@ -591,7 +612,9 @@ def run(args: argparse.Namespace, procs: Procs, workdir: Path) -> dict[str, Any]
     loadgen.stdin.write("END " + json.dumps({"per_symbol": per_symbol}) + "\n")
     loadgen.stdin.flush()
     lines.expect("DONE", args.drain + 180)
-    server_cpu = cpu_seconds(daemon.pid) - server_cpu0
+    server_user, server_sys = cpu_split(daemon.pid)
+    server_user, server_sys = server_user - server_user0, server_sys - server_sys0
+    server_cpu = server_user + server_sys
     loadgen_cpu = cpu_seconds(loadgen.pid) - loadgen_cpu0
     redis_cpu = cpu_seconds(redis.pid) - redis_cpu0
     cores1, bench_cpu = core_busy(), self_cpu() - self_cpu0
@@ -622,6 +645,8 @@ def run(args: argparse.Namespace, procs: Procs, workdir: Path) -> dict[str, Any]
 
     out: dict[str, Any] = {
         "server": args.server,
+        "endpoint": endpoint,
+        "socketio_offsets": args.offsets if endpoint == "socketio" else None,
         "workers": args.workers,
         "scenario": args.scenario or (
             f"patterns fan-out: {args.clients} clients, {n_sym} symbol(s)"
@@ -682,6 +707,10 @@ def run(args: argparse.Namespace, procs: Procs, workdir: Path) -> dict[str, Any]
             "loadgen_cpu_s": round(loadgen_cpu, 3),
             "loadgen_busy": round(loadgen_cpu / span, 3),
             "server_busy": round(server_cpu / span, 3),
+            # where the server's CPU went: its own code (user) or the kernel's
+            # (system: mostly the socket writes, on loopback the receive path too)
+            "server_cpu_user_s": round(server_user, 3),
+            "server_cpu_system_s": round(server_sys, 3),
             "publisher_cpu_s": round(bench_cpu, 3),
             "other_load_on_cores": other,
             "redis_cpu_s": round(redis_cpu, 3),
@@ -721,6 +750,7 @@ def idle(args: argparse.Namespace, pid: int, rss_before: float, ready: dict[str,
     result = lines.expect("RESULT", 60)
     return {
         "server": args.server,
+        "endpoint": endpoint_of(args),
         "scenario": args.scenario or f"idle: {args.clients} subscribed clients",
         "clients": args.clients,
         "server_rss_mb_before": rss_before,
@@ -769,6 +799,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenario", default=None, help="a name for this run in the output")
     parser.add_argument("--server", choices=("tickstock", "peer"), default="tickstock",
                         help="peer: the python-socketio reference (bench/peer_socketio.py)")
+    parser.add_argument("--endpoint", choices=("ws", "socketio"), default="ws",
+                        help="TickStock's endpoint the clients use: /ws, or Socket.IO on "
+                             "/socket.io/ over Engine.IO's websocket-only transport (ws)")
+    parser.add_argument("--offsets", action="store_true",
+                        help="socketio: clients take each event's id as its last argument "
+                             "(the Socket.IO offset); by default they CONNECT with "
+                             "offsets: false")
     parser.add_argument("--workers", type=int, default=1,
                         help="run the daemon with --workers N (then unpinned)")
     parser.add_argument("--unpinned-server", action="store_true",
@@ -798,6 +835,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.ramp_to is not None and (args.ramp_to <= args.rate or args.ramp_steps < 1
                                      or args.recover <= 0):
         parser.error("--ramp-to must exceed --rate, --ramp-steps and --recover be positive")
+    if args.offsets and (args.endpoint != "socketio" or args.server != "tickstock"):
+        parser.error("--offsets needs --endpoint socketio (and the TickStock server)")
     if args.symbols > args.clients:
         parser.error("--symbols must not exceed --clients (a symbol nobody receives)")
 

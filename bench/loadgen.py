@@ -5,8 +5,14 @@ process, one epoll loop, no framework.
 
 It is independent of the server's code (it does not import tickstock): it
 speaks the public WebSocket protocol of docs/contract.md §3 with a minimal
-RFC 6455 client written for speed. Server-to-client frames are unmasked, so
-reading one is a few byte operations; only event frames are decoded (orjson).
+RFC 6455 client written for speed. --endpoint picks what its clients speak
+over that WebSocket: the native protocol on /ws (ws), Socket.IO v5 over
+Engine.IO v4's websocket-only transport on /socket.io/ (socketio: the same
+JWT in the CONNECT auth, the same subscription as an event with an ack, each
+event's /ws frame as the payload of an "event" event), or the reference
+peer's rooms (peer: bench/peer_socketio.py). Server-to-client frames are
+unmasked, so reading one is a few byte operations; only event frames are
+decoded (orjson).
 
 Receive time: each socket read asks the kernel for the time the data arrived
 on the socket (SO_TIMESTAMPNS), so latency does not include the time this
@@ -54,6 +60,7 @@ import orjson
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 EVENT_PREFIX = b'{"op":"event"'
 SIO_EVENT_PREFIX = b'42["event",'
+SIO_SUBSCRIBED_ACK = b"431"  # the ack of the subscribe event sent with ack id 1
 SIO_PATH = "/socket.io/?EIO=4&transport=websocket"
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux; Python has no constant
 SCM_TIMESTAMPNS = SO_TIMESTAMPNS
@@ -269,12 +276,16 @@ class Client:
             self.fail("bad Sec-WebSocket-Accept")
             return
         self.state = HELLO
-        if not self.loop.socketio:
+        if self.loop.endpoint == "ws":
             self.send_json({"op": "hello", "token": mint_token(f"bench-{self.index}")})
 
     def text(self, payload: bytes, stamp: float, now: float) -> None:
-        if self.loop.socketio:
+        endpoint = self.loop.endpoint
+        if endpoint == "socketio":
             self.socketio_text(payload, stamp, now)
+            return
+        if endpoint == "peer":
+            self.peer_text(payload, stamp, now)
             return
         stats = self.stats
         if payload.startswith(EVENT_PREFIX):
@@ -305,6 +316,55 @@ class Client:
         # anything else (pong, later additions to the protocol) is ignored
 
     def socketio_text(self, payload: bytes, stamp: float, now: float) -> None:
+        """
+        TickStock's Socket.IO: an event's payload (element 1, whether an
+        offset follows or not) is the /ws frame, so the accounting is the same.
+        """
+        stats = self.stats
+        if payload.startswith(SIO_EVENT_PREFIX):
+            try:
+                message = orjson.loads(payload[2:])[1]
+            except (orjson.JSONDecodeError, IndexError):
+                stats.bad_frames += 1
+                return
+            self.event(message, stamp, now)
+        elif payload == b"2":  # Engine.IO ping: no pong within pingTimeout ends the session
+            self.write(client_frame(1, b"3"))
+        elif payload.startswith(b"0{") and self.state == HELLO:  # Engine.IO open
+            auth: dict[str, Any] = {"token": mint_token(f"bench-{self.index}")}
+            if not self.loop.offsets:
+                auth["offsets"] = False
+            self.write(client_frame(1, b"40" + orjson.dumps(auth)))
+        elif payload.startswith(b"40") and self.state == HELLO:  # CONNECT accepted
+            self.state = SUBSCRIBING
+            self.write(client_frame(1, b"421" + orjson.dumps(
+                ["subscribe", {"id": "s1", "topic": "patterns",
+                               "filter": {"symbols": self.symbols}}])))
+        elif payload.startswith(SIO_SUBSCRIBED_ACK) and self.state == SUBSCRIBING:
+            try:
+                answer = orjson.loads(payload[3:])[0]
+            except (orjson.JSONDecodeError, IndexError):
+                answer = None
+            if isinstance(answer, dict) and answer.get("op") == "subscribed" \
+                    and answer.get("id") == "s1":
+                self.went_live()
+            else:
+                raise Failure(f"client {self.index}: subscribe answered {payload[:200]!r}")
+        elif payload.startswith(b"44"):  # CONNECT_ERROR
+            raise Failure(f"client {self.index}: {payload[:200]!r}")
+        elif payload.startswith(b'42["error"'):
+            if len(stats.errors) < 10:
+                stats.errors.append({"client": self.index,
+                                     "socketio": payload[:200].decode("utf-8", "replace")})
+            if self.state != LIVE:
+                raise Failure(f"client {self.index}: {payload[:200]!r}")
+        elif payload == b"41":  # DISCONNECT: the server ended the session
+            self.lost("the server disconnected the Socket.IO session")
+        elif payload == b"1":  # Engine.IO close
+            self.lost("the server closed the Engine.IO session")
+        # anything else (connection_confirmed, system_health, ...) is ignored
+
+    def peer_text(self, payload: bytes, stamp: float, now: float) -> None:
         """Engine.IO v4 / Socket.IO v5 packets, for the reference peer."""
         stats = self.stats
         if payload.startswith(SIO_EVENT_PREFIX):
@@ -431,8 +491,9 @@ class Loop:
     def __init__(self, args: argparse.Namespace) -> None:
         self.host = args.host
         self.port = args.port
-        self.socketio = args.protocol == "socketio"
-        self.path = (SIO_PATH if self.socketio else args.path).encode()
+        self.endpoint = args.endpoint
+        self.offsets = args.offsets
+        self.path = (args.path or ("/ws" if args.endpoint == "ws" else SIO_PATH)).encode()
         self.host_header = f"{args.host}:{args.port}".encode()
         self.stats = Stats(args.warmup_events)
         self.symbols = [s for s in args.symbols.split(",") if s]
@@ -615,9 +676,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="TickStock WebSocket load generator.")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--path", default="/ws")
-    parser.add_argument("--protocol", choices=("tickstock", "socketio"), default="tickstock",
-                        help="socketio: Engine.IO v4 over WebSocket, for the reference peer")
+    parser.add_argument("--path", default=None,
+                        help="the request path (default: /ws, or " + SIO_PATH.replace("%", "%%")
+                        + " for socketio and peer)")
+    parser.add_argument("--endpoint", choices=("ws", "socketio", "peer"), default="ws",
+                        help="ws: TickStock's /ws; socketio: TickStock's Socket.IO (Engine.IO "
+                             "v4 websocket-only); peer: the reference peer's rooms (ws)")
+    parser.add_argument("--offsets", action="store_true",
+                        help="socketio: ask for each event's id as its last argument (the "
+                             "Socket.IO offset); by default CONNECT sends offsets: false")
     parser.add_argument("--clients", type=int, default=100)
     parser.add_argument("--symbols", default="AAPL",
                         help="comma-separated; client k subscribes to symbols[k %% N]")

@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -28,6 +29,8 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 RAMP_STEP = 1.25
 MAX_P99_MS = 100.0
+SOCKETIO_BUDGET = 1.20
+"""The claim checked: Socket.IO costs at most 20 % more server CPU per delivery than /ws."""
 
 
 def latency(*args: str) -> tuple[int, dict[str, Any] | None, str]:
@@ -47,6 +50,75 @@ def scenario(name: str, *args: str) -> dict[str, Any]:
     if status != 0:
         out["problems"] = err
     return out
+
+
+def endpoints(name: str, pairs: int, *args: str) -> dict[str, Any]:
+    """
+    The same scenario on /ws and on Socket.IO, in pairs, alternating which
+    goes first (ws, socketio, socketio, ws, ...) so that a drift in the
+    machine's other load falls on both alike; medians of each endpoint's
+    runs, and the ratio socketio/ws of their CPU per delivery.
+    """
+    runs: dict[str, list[dict[str, Any]]] = {"ws": [], "socketio": []}
+    for i in range(pairs):
+        for endpoint in ("ws", "socketio") if i % 2 == 0 else ("socketio", "ws"):
+            runs[endpoint].append(scenario(f"{name} on {endpoint} ({i + 1}/{pairs})",
+                                           "--endpoint", endpoint, *args))
+    out: dict[str, Any] = {"scenario": name, "pairs": pairs, "runs": runs}
+    for endpoint, done in runs.items():
+        ok = [r for r in done if "latency_ms" in r and r.get("cpu_s_per_100k_deliveries")]
+        out[endpoint] = None if not ok else {
+            "runs": len(done),
+            "clean": sum(1 for r in done if r.get("clean")),
+            "loss": sum(r.get("loss", 0) for r in ok),
+            "deliveries_per_s": statistics.median(r["deliveries_per_s"] for r in ok),
+            "cpu_s_per_100k_deliveries": statistics.median(
+                r["cpu_s_per_100k_deliveries"] for r in ok),
+            "p50_ms": statistics.median(r["latency_ms"]["p50"] for r in ok),
+            "p99_ms": statistics.median(r["latency_ms"]["p99"] for r in ok),
+            "server_rss_mb": statistics.median(r["server_rss_mb"] for r in ok),
+        }
+    ws, sio = out["ws"], out["socketio"]
+    out["cpu_ratio"] = (round(sio["cpu_s_per_100k_deliveries"] / ws["cpu_s_per_100k_deliveries"], 3)
+                        if ws and sio else None)
+    # Each pair's own ratio too: the two runs of a pair saw the same load.
+    out["pair_ratios"] = [
+        round(b["cpu_s_per_100k_deliveries"] / a["cpu_s_per_100k_deliveries"], 3)
+        for a, b in zip(runs["ws"], runs["socketio"], strict=True)
+        if a.get("cpu_s_per_100k_deliveries") and b.get("cpu_s_per_100k_deliveries")]
+    return out
+
+
+def endpoint_lines(results: dict[str, Any]) -> list[str]:
+    """The /ws vs Socket.IO table: medians per endpoint and the CPU ratio, per scenario."""
+    lines = [
+        f"Socket.IO beside /ws (`--endpoint ws|socketio`: the same daemon and scenario, runs "
+        f"alternating in pairs; medians; the claim: Socket.IO costs at most "
+        f"{SOCKETIO_BUDGET - 1:.0%} more CPU per delivery):",
+        "",
+        "| scenario | endpoint | runs (clean) | loss | p50 ms | p99 ms | CPU-s/100k "
+        "| socketio/ws CPU |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for key, label in (("sio_fanout", "fan-out: 1000 clients on 1 symbol, 40 ev/s"),
+                       ("sio_filtered", "filtered: 100 symbols x 10 clients, 4000 ev/s")):
+        out = results.get(key)
+        if out is None:
+            continue
+        ratio, pairs = out.get("cpu_ratio"), out.get("pair_ratios") or []
+        verdict = ("-" if ratio is None else
+                   f"{ratio:.2f} ({'within' if ratio <= SOCKETIO_BUDGET else 'over'} budget; "
+                   f"by pair {', '.join(f'{r:.2f}' for r in pairs)})")
+        for endpoint in ("ws", "socketio"):
+            m = out.get(endpoint)
+            if not m:
+                lines.append(f"| {label} | {endpoint} | - | - | - | - | - | did not run |")
+                continue
+            lines.append(
+                f"| {label} | {endpoint} | {m['runs']} ({m['clean']}) | {m['loss']} "
+                f"| {m['p50_ms']:.1f} | {m['p99_ms']:.1f} | {m['cpu_s_per_100k_deliveries']:.2f} "
+                f"| {verdict if endpoint == 'socketio' else ''} |")
+    return lines
 
 
 def ramp(name: str, start: float, duration: str, *args: str) -> dict[str, Any]:
@@ -322,6 +394,8 @@ def table(results: dict[str, Any]) -> str:
         lines.append(f"- API (GET /health, /ready, keep-alive): p50 "
                      f"{api['/health']['p50_ms']:.2f} / {api['/ready']['p50_ms']:.2f} ms, "
                      f"p99 {api['/health']['p99_ms']:.2f} / {api['/ready']['p99_ms']:.2f} ms")
+    if "sio_fanout" in results or "sio_filtered" in results:
+        lines += ["", *endpoint_lines(results)]
     for key, render in (("ticks", ticks_lines), ("history_api", history_lines)):
         if key in results:
             lines += ["", *render(results[key])]
@@ -332,6 +406,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="shorter runs, fewer idle clients")
     parser.add_argument("--only", default="", help="comma-separated scenario keys")
+    parser.add_argument("--pairs", type=int, default=None,
+                        help="ws/socketio pairs per scenario for sio_* (3; --quick: 1)")
     parser.add_argument("--render", action="store_true",
                         help="only remake latest.md from latest.json")
     args = parser.parse_args()
@@ -342,11 +418,17 @@ def main() -> int:
         return 0
     d = "4" if args.quick else "10"
     idle_clients = "2000" if args.quick else "10000"
+    pairs = args.pairs or (1 if args.quick else 3)
     plan = {
         "fanout": lambda: scenario("fan-out", "--clients", "1000", "--rate", "40",
                                    "--duration", d),
         "filtered": lambda: scenario("filtered", "--clients", "1000", "--symbols", "100",
                                      "--rate", "4000", "--duration", d),
+        "sio_fanout": lambda: endpoints("fan-out", pairs, "--clients", "1000", "--rate", "40",
+                                        "--duration", d),
+        "sio_filtered": lambda: endpoints("filtered", pairs, "--clients", "1000",
+                                          "--symbols", "100", "--rate", "4000",
+                                          "--duration", d),
         "steady": lambda: scenario("steady 5k/s", "--clients", "1000", "--rate", "5",
                                    "--duration", "20" if not args.quick else "6"),
         "idle": lambda: scenario("idle", "--idle", "--clients", idle_clients,

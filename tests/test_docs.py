@@ -177,6 +177,11 @@ class FakeClient:
         self.frames: list[dict[str, Any]] = []
         self.closed: list[tuple[int, str]] = []
 
+    dialect = None
+
+    def frame(self, event: Any, sub_id: str) -> bytes:
+        return bytes(event.frame(sub_id))
+
     def send(self, prepared: Any, key: Any = None) -> None:
         self.frames.append(orjson.loads(prepared))
 

@@ -157,6 +157,31 @@ async def test_oversized_and_malformed_requests_get_their_status_then_close(daem
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_body_over_the_limit_is_413_before_it_is_read(daemons: Any) -> None:
+    """
+    A POST declaring a body over the site's bound (the larger of
+    --max-message-size and 64 KiB) is answered 413 from its headers, and a
+    chunked one once its chunks pass the bound: the body is never buffered
+    whole. One at the bound reaches its resource.
+    """
+    daemon = daemons(sim_rate=0)
+    bound = daemon.service.site.body_max
+    head = b"POST /api/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    status, _, body = await exchange(daemon.port, head + b"Content-Length: %d\r\n\r\n" % (
+        bound + 1) + b"{")
+    assert status == 413 and orjson.loads(body)["error"]["code"] == "body_too_large"
+    chunk = b"a" * 8192
+    chunked = head + b"Transfer-Encoding: chunked\r\n\r\n" + (
+        b"%x\r\n" % len(chunk) + chunk + b"\r\n") * (bound // len(chunk) + 1)
+    status, _, _ = await exchange(daemon.port, chunked)
+    assert status == 413
+    at_bound = head + b"Connection: close\r\nContent-Length: %d\r\n\r\n" % bound + b" " * bound
+    status, _, body = await exchange(daemon.port, at_bound)
+    assert status in (400, 401)  # the API's own answer: not JSON, or no token
+    assert daemon.service.site.refused["body_too_large"] == 2
+
+
+@pytest_twisted.ensureDeferred
 async def test_requests_at_the_limits_are_served(daemons: Any) -> None:
     """A request line, a header block and a field count exactly at their limits: 200."""
     daemon = daemons(sim_rate=0)

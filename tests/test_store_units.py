@@ -69,6 +69,10 @@ def test_ticks_of_symbols_nobody_watches_stop_at_the_throttle() -> None:
 
     class Client:
         user = "u"
+        dialect = None
+
+        def frame(self, event: Any, sub_id: str) -> bytes:
+            return bytes(event.frame(sub_id))
 
         def send(self, frame: Any, key: Any = None) -> None:
             pass
@@ -96,6 +100,10 @@ def test_universes_resolve_and_retarget_subscriptions() -> None:
 
     class Client:
         user = "u"
+        dialect = None
+
+        def frame(self, event: Any, sub_id: str) -> bytes:
+            return bytes(event.frame(sub_id))
 
         def send(self, frame: Any, key: Any = None) -> None:
             frames.append(orjson.loads(frame)["data"]["symbol"])

@@ -51,6 +51,11 @@ class RecordingClient:
         self.replies: list[dict[str, Any]] = []
         self.closed: tuple[int, str] | None = None
 
+    dialect = None
+
+    def frame(self, event: Any, sub_id: str) -> bytes:
+        return bytes(event.frame(sub_id))
+
     def send(self, prepared: Any, key: Any = None) -> None:
         self.sent.append(prepared)
 

@@ -44,6 +44,7 @@ from tickstock.domain.interfaces import (
     IEventSource,
     IHistory,
     IProducerLink,
+    ISessionRecords,
 )
 from tickstock.domain.topics import CANCEL_CHANNEL, CONTROL_CHANNEL, JOBS_CHANNEL
 from tickstock.ops.canary import canary_channel
@@ -56,6 +57,7 @@ if TYPE_CHECKING:
     from tickstock.store.memory import MemoryStore
     from tickstock.store.persist import Persister
     from tickstock.store.postgres import PostgresStore
+    from tickstock.web.socketio.engine import EngineServer
 
 
 class Options(usage.Options):
@@ -156,11 +158,24 @@ class Parts:
     on_gap: Callable[[Callable[[str], None]], None] | None = None
     attach: Callable[[Overload, Persister], None] = lambda overload, persister: None
     canary_send: Callable[[str, bytes], Deferred[Any]] | None = None
+    sessions: ISessionRecords | None = None
+
+
+def _socket_limits(settings: Settings) -> dict[str, Any]:
+    """The limits of a WebSocket endpoint (C{/ws}, and Socket.IO's WebSocket transport)."""
+    return {"allowed_origins": settings.allowed_origins,
+            "max_message_size": settings.max_message_size,
+            "queue_limit": settings.client_queue_limit,
+            "ping_interval": settings.ws_ping_interval,
+            "ping_timeout": settings.ws_ping_timeout,
+            "handshake_timeout": settings.handshake_timeout,
+            "max_per_ip": settings.max_connections_per_ip}
 
 
 def _embedded_parts(settings: Settings, reactor: IReactor) -> Parts:
     """One process: the embedded bus is the source and the link, history in memory."""
     from tickstock.history.memory import MemoryHistory
+    from tickstock.history.sessions import MemorySessionRecords
     from tickstock.ingest.memory import MemoryBus
     from tickstock.store.cache import MemoryCache
 
@@ -176,13 +191,15 @@ def _embedded_parts(settings: Settings, reactor: IReactor) -> Parts:
         settings.history_user_max, dedupe_window=settings.dedupe_window,
     )
     return Parts(source=bus, link=bus, history=history, claims=None,
-                 cache=MemoryCache(reactor), hear_jobs=hear_jobs)
+                 cache=MemoryCache(reactor), hear_jobs=hear_jobs,
+                 sessions=MemorySessionRecords(reactor))
 
 
 def _redis_parts(settings: Settings, reactor: IReactor, worker: int | None) -> Parts:
     """Redis: the producer's channels or streams, a shared history, a shared cache."""
     from tickstock.connections.redis import RedisLink
     from tickstock.history.redis import RedisHistory
+    from tickstock.history.redis.sessions import RedisSessionRecords
     from tickstock.ingest.pubsub import RedisPubSubSource
     from tickstock.ingest.streams import RedisStreamSource
     from tickstock.store.cache import RedisCache
@@ -241,6 +258,7 @@ def _redis_parts(settings: Settings, reactor: IReactor, worker: int | None) -> P
         components={"link": link, "history": history},
         on_gap=history.on_gap, attach=attach,
         canary_send=send if settings.canary_interval else None,
+        sessions=RedisSessionRecords(link),
     )
 
 
@@ -310,15 +328,7 @@ class TickStock(MultiService):
         for service in parts.readers:
             self._run(service)
 
-        self.stream = StreamFactory(
-            allowed_origins=settings.allowed_origins,
-            max_message_size=settings.max_message_size,
-            queue_limit=settings.client_queue_limit,
-            ping_interval=settings.ws_ping_interval,
-            ping_timeout=settings.ws_ping_timeout,
-            handshake_timeout=settings.handshake_timeout,
-            max_per_ip=settings.max_connections_per_ip,
-        )
+        self.stream = StreamFactory(**_socket_limits(settings))
         # Whether the daemon is behind: ticks are shed first, a Redis source reads less.
         self.overload = Overload(reactor, self.stream.clients_behind, settings.history_max // 2)
         parts.attach(self.overload, self.persister)
@@ -351,6 +361,7 @@ class TickStock(MultiService):
             max_per_user=settings.max_connections_per_user, ticks=self.live_ticks,
         )
         self.stream.gateway = self.gateway
+        self.socketio = self._socketio(settings, parts)
         self.metrics = Metrics(reactor, self.health, self.readiness, self._metrics_extra)
         self.canary = None
         if parts.canary_send is not None:
@@ -384,7 +395,8 @@ class TickStock(MultiService):
             WebSocketResource(self.stream),  # type: ignore[no-untyped-call]
             JSONStatus(self.health), JSONStatus(self.readiness),
             timeout=settings.handshake_timeout, api=self.api,
-            metrics=MetricsResource(self.metrics),
+            metrics=MetricsResource(self.metrics), socketio=self.socketio,
+            body_max=max(settings.max_message_size, 64 * 1024),
         )
         components: dict[str, IComponent] = {"source": self.source, "store": self.store}
         if self.producer_rows is not None:
@@ -395,7 +407,8 @@ class TickStock(MultiService):
         self.report = Health(
             reactor, started_at, settings.jwt_secret is not None, worker, settings.mode,
             components, self.router, self.broadcaster, self.stream, site, self.gateway,
-            self.overload, self.ticks, self.universes, self.persister, self.jobs, self.api)
+            self.overload, self.ticks, self.universes, self.persister, self.jobs, self.api,
+            self.socketio)
         # Stopped in reverse: the port closes first, then clients are told to go.
         self._run(ClientDrain(self.gateway, reactor, SHUTDOWN_GRACE))
         if worker is not None:
@@ -404,6 +417,22 @@ class TickStock(MultiService):
             self._run(AdoptedPort(reactor, LISTEN_FD, site))
         else:
             self._run(Listener(reactor, settings.listen, site, self._listening))
+
+    def _socketio(self, settings: Settings, parts: Parts) -> EngineServer:
+        """C{/socket.io/}: Socket.IO sessions, clients of the same gateway as C{/ws}."""
+        from tickstock.history.sessions import MemorySessionRecords
+        from tickstock.web.socketio.engine import EngineServer, EngineWebSocketFactory
+        from tickstock.web.socketio.session import SocketIOSession
+
+        factory = EngineWebSocketFactory(**_socket_limits(settings))
+        factory.per_ip = self.stream.per_ip  # one cap per address for both endpoints
+        factory.gateway = gateway = self.gateway
+        records = parts.sessions or MemorySessionRecords(factory.reactor)
+        return EngineServer(
+            factory, lambda server, address: SocketIOSession(server, address, gateway, records),
+            ping_interval=settings.ws_ping_interval or 25.0,
+            ping_timeout=settings.ws_ping_timeout, max_payload=settings.max_message_size,
+            records=records)
 
     def _run(self, service: IService) -> None:
         """Runs C{service} with the daemon: started after the parts added before, stopped before."""

@@ -115,6 +115,8 @@ class Subscription:
     @ivar floor: after a replay, the id key of the newest event it sent:
         live delivery may still be catching up to it, and what is not newer
         was sent already. L{None} once a newer live event has passed.
+    @ivar frame_key: what an event's frame for it is shared by: its id, and
+        its client's dialect unless that is the C{/ws} one.
     """
 
     client: IClient
@@ -123,6 +125,7 @@ class Subscription:
     filter: Filter
     held: list[Event] | None = None
     floor: tuple[int, int] | None = None
+    frame_key: Any = None
 
     def wants(self, event: Event) -> bool:
         """Whether C{event} matches, checked in full (not via the index)."""
@@ -140,7 +143,7 @@ class Subscription:
 class Broadcaster:
     """
     Fans each event out to the matching subscriptions, framing it once per
-    distinct subscription id rather than once per client.
+    distinct subscription id (and client dialect) rather than once per client.
 
     @ivar delivered: frames handed to clients.
     @ivar unrouted: targeted events whose owner is unknown.
@@ -162,7 +165,9 @@ class Broadcaster:
         Index a new subscription; the caller keeps it to unsubscribe. With
         C{hold}, live events are held until L{release}.
         """
-        sub = Subscription(client, sub_id, topic, filter, [] if hold else None)
+        dialect = client.dialect
+        sub = Subscription(client, sub_id, topic, filter, [] if hold else None,
+                           frame_key=sub_id if dialect is None else (dialect, sub_id))
         for bucket in self._buckets(sub, create=True):
             bucket.add(sub)
         self.subscriptions += 1
@@ -213,7 +218,7 @@ class Broadcaster:
         announce(len(events))
         sub.floor = max(last, id_key(events[-1].id)) if events else last
         for event in events:
-            sub.client.send(self._prepare(event.frame(sub.id)), REPLAYED)
+            sub.client.send(self._prepare(sub.client.frame(event, sub.id)), REPLAYED)
         self.delivered += len(events)
         return events[-1].id if events else None
 
@@ -245,9 +250,9 @@ class Broadcaster:
                 if id_key(event.id) <= sub.floor:
                     continue
                 sub.floor = None
-            frame = frames.get(sub.id)
+            frame = frames.get(sub.frame_key)
             if frame is None:
-                frame = frames[sub.id] = self._prepare(event.frame(sub.id))
+                frame = frames[sub.frame_key] = self._prepare(sub.client.frame(event, sub.id))
             sub.client.send(frame, None if key is None else (sub.id, key))
             sent += 1
         self.delivered += sent

@@ -140,6 +140,19 @@ class Gateway:
     def breakdown(self) -> dict[str, Any]:
         return {"client_errors": self.errors, "catchups": self.catchups}
 
+    def position(self) -> str:
+        """The id a client that has seen no event yet would resume after: the newest delivered."""
+        return str(self._history.position)
+
+    def resumed(self, conn: IClient) -> None:
+        """
+        C{conn} has re-made the subscriptions it resumed: later ones start
+        live, with no replay (a Socket.IO session restores its own at once).
+        """
+        state = self.connections.get(conn)
+        if state is not None:
+            state.resume_from = None
+
     def opened(self, conn: IClient) -> None:
         """A client finished its WebSocket handshake; it must say hello soon."""
         self.connections[conn] = _State(

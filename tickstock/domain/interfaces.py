@@ -152,6 +152,20 @@ class IHistory(Interface):
         """
 
 
+class ISessionRecords(Interface):
+    """
+    What each Socket.IO session subscribed to, kept for a while after it
+    ends, where any node finds it: a client that reconnects with the
+    session's private id (C{pid}) gets its subscriptions back and resumes.
+    """
+
+    def keep(pid: str, record: bytes, ttl: float) -> None:
+        """Keep C{record} under C{pid} for C{ttl} seconds. Never raises; a failure is counted."""
+
+    def find(pid: str) -> Deferred[bytes | None]:
+        """The record kept under C{pid}, or L{None} if none is (or it cannot be read now)."""
+
+
 class IClaims(Interface):
     """
     Which of the daemons that all received a pub/sub message counts it:
@@ -190,6 +204,12 @@ class IClient(Interface):
     """
 
     user = Attribute("The user id once the client said hello, else None.")
+    dialect = Attribute(
+        "What L{frame} makes: None for the C{/ws} frame, else a hashable naming the "
+        "protocol. Clients of one dialect share each event's frame per subscription id.")
+
+    def frame(event: Event, sub_id: str) -> bytes:
+        """The text of C{event}'s frame for subscription C{sub_id}, in this client's dialect."""
 
     def send(prepared: Any, key: object = None) -> None:
         """

@@ -46,6 +46,7 @@ class Health:
     persister: IReporting
     jobs: IReporting
     api: IReporting
+    socketio: IReporting
 
     def health(self) -> Report:
         """Liveness, with the counters an operator looks at first."""
@@ -75,6 +76,7 @@ class Health:
             "persist": self.persister.status(),
             "jobs": self.jobs.status(),
             "api": self.api.status(),
+            "socketio": self.socketio.status(),
         }
 
     def readiness(self) -> Report:

@@ -5,8 +5,9 @@ and C{/health} and C{/ready} for probes. One port for all of them.
 
 A request too large to read is answered, not dropped (docs/security.md):
 414 for a request line over L{REQUEST_LINE_MAX} bytes, 431 for header
-fields over L{HEADERS_MAX} bytes or L{HEADER_FIELDS_MAX} fields, 400 for
-any other malformed request, each counted by reason in L{SecureSite.refused}.
+fields over L{HEADERS_MAX} bytes or L{HEADER_FIELDS_MAX} fields, 413 for a
+body over the site's C{body_max}, 400 for any other malformed request, each
+counted by reason in L{SecureSite.refused}.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ REFUSALS: dict[str, tuple[int, bytes, str]] = {
                          f"the request line and header fields may be at most {HEADERS_MAX} "
                          f"bytes and {HEADER_FIELDS_MAX} fields"),
     "bad_request": (400, b"Bad Request", "malformed HTTP request"),
+    "body_too_large": (413, b"Content Too Large", "the request body is too large"),
 }
 """Refusals made before any resource sees the request: reason to (status, phrase, message)."""
 
@@ -163,6 +165,29 @@ class BoundedChannel(HTTPChannel):
             super().timeoutConnection()  # type: ignore[no-untyped-call]
 
 
+class BoundedRequest(Request):
+    """
+    A request whose body may be at most the site's C{body_max} bytes: a
+    larger one is answered with 413 (L{BoundedChannel.refuse}) as soon as
+    its length is known or its chunks pass the bound, never buffered whole.
+    """
+
+    channel: BoundedChannel
+    _body_received = 0
+
+    def gotLength(self, length: int | None) -> None:
+        super().gotLength(length)  # type: ignore[no-untyped-call]
+        if length is not None and length > self.channel.site.body_max:
+            self.channel.refuse("body_too_large")
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self._body_received += len(data)
+        if self._body_received > self.channel.site.body_max:
+            self.channel.refuse("body_too_large")
+            return
+        super().handleContentChunk(data)  # type: ignore[no-untyped-call]
+
+
 @implementer(IReporting)
 class SecureSite(Site):
     """
@@ -174,6 +199,10 @@ class SecureSite(Site):
     # Twisted types this as its HTTP/2-negotiating wrapper; Site serves
     # any HTTPChannel.
     protocol = BoundedChannel  # type: ignore[assignment]
+
+    requestFactory = BoundedRequest
+    body_max = 1 << 20
+    """The largest request body read, in bytes."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
@@ -199,12 +228,15 @@ def build_site(
     timeout: float,
     api: Resource | None = None,
     metrics: Resource | None = None,
+    socketio: Resource | None = None,
+    body_max: int = SecureSite.body_max,
 ) -> SecureSite:
     """
     Assemble the site. C{timeout} bounds how long a connection may sit
     without finishing its HTTP request (slowloris), which Autobahn's own
     handshake timeout does not cover. C{api} is served at C{/api},
-    C{metrics} at C{/metrics}.
+    C{metrics} at C{/metrics}, C{socketio} at C{/socket.io/}. A request
+    body over C{body_max} bytes is refused with 413.
     """
     root = packaged("dashboard")
     root.putChild(b"static", packaged("client"))
@@ -215,6 +247,9 @@ def build_site(
         root.putChild(b"api", api)
     if metrics is not None:
         root.putChild(b"metrics", metrics)
+    if socketio is not None:
+        root.putChild(b"socket.io", socketio)
     site = SecureSite(root, timeout=timeout)
+    site.body_max = body_max
     site.displayTracebacks = False
     return site

@@ -52,6 +52,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tickstock.deliver.gateway import Gateway
+from tickstock.domain.events import Event
 from tickstock.domain.interfaces import REPLAYED, IClient, IReporting
 from tickstock.web.origins import normalize_origin
 from tickstock.web.site import REFUSED_STATUS
@@ -83,6 +84,7 @@ class ClientProtocol(WebSocketServerProtocol):
 
     _log = Logger()
     factory: StreamFactory
+    dialect = None
 
     def __init__(self) -> None:
         super().__init__()
@@ -106,10 +108,8 @@ class ClientProtocol(WebSocketServerProtocol):
         self._over_since: float | None = None  # past the queue bound since
 
     def onConnect(self, request: Any) -> None:
+        self.check_origin(request)
         factory = self.factory
-        if not factory.origin_allowed(request.origin, request.headers.get("host")):
-            factory.refused_origins += 1
-            raise ConnectionDeny(REFUSED_STATUS["origin"], "origin not allowed")  # type: ignore[no-untyped-call]
         assert self.transport is not None  # the handshake came in on it
         address = getattr(self.transport.getPeer(), "host", None)
         if factory.max_per_ip and address is not None:
@@ -119,6 +119,13 @@ class ClientProtocol(WebSocketServerProtocol):
                                      "too many connections from this address")
             factory.per_ip[address] += 1
             self._address = address
+
+    def check_origin(self, request: Any) -> None:
+        """Refuse the handshake (403, counted) unless its origin is allowed."""
+        factory = self.factory
+        if not factory.origin_allowed(request.origin, request.headers.get("host")):
+            factory.refused_origins += 1
+            raise ConnectionDeny(REFUSED_STATUS["origin"], "origin not allowed")  # type: ignore[no-untyped-call]
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.factory.unpaused(self)
@@ -132,18 +139,23 @@ class ClientProtocol(WebSocketServerProtocol):
 
     def onOpen(self) -> None:
         try:
-            # twisted.web left its HTTP channel as the producer; take over so
-            # that pause/resume reach this connection. TCP and TLS transports
-            # are consumers, though TLS's does not declare it.
-            transport = cast(IConsumer, self.transport)
-            transport.unregisterProducer()
-            transport.registerProducer(self, True)
-            if isinstance(transport, tcp.Connection) and not transport.TLS:
-                self._direct = transport
+            self.take_producer()
             self.factory.gateway.opened(self)
         except Exception:
             self._log.failure("opening a connection failed")
             self.dropConnection(abort=True)
+
+    def take_producer(self) -> None:
+        """
+        Become the transport's push producer: twisted.web left its HTTP
+        channel there, and pause/resume must reach this connection. TCP and
+        TLS transports are consumers, though TLS's does not declare it.
+        """
+        transport = cast(IConsumer, self.transport)
+        transport.unregisterProducer()
+        transport.registerProducer(self, True)
+        if isinstance(transport, tcp.Connection) and not transport.TLS:
+            self._direct = transport
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if isBinary:
@@ -163,6 +175,9 @@ class ClientProtocol(WebSocketServerProtocol):
         self.factory.gateway.closed(self)
 
     # IClient
+
+    def frame(self, event: Event, sub_id: str) -> bytes:
+        return event.frame(sub_id)
 
     def send(self, prepared: Any, key: Any = None) -> None:
         # The hot path (every delivery): reading client, nothing queued.
