@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
@@ -61,6 +62,9 @@ class SocketIOStack:
         try:
             with urllib.request.urlopen(self.url(n) + "/ready", timeout=2) as answer:
                 return bool(answer.status == 200)
+        except urllib.error.HTTPError as error:  # not ready (503), or refused (429)
+            error.close()
+            return False
         except OSError:
             return False
 
