@@ -12,11 +12,17 @@ See bench/README.md for what each number means and the caveats.
 
 --endpoint socketio: the clients use TickStock's Socket.IO (/socket.io/,
 Engine.IO v4 websocket-only) instead of /ws; same daemon, same events.
+
+--server peer: python-socketio (bench/peer_socketio.py) instead of TickStock;
+--server node: Node's Socket.IO with the Redis adapter (bench/node/server.mjs,
+auth on), fed by its own producer (bench/node/producer.mjs, the Redis emitter)
+with the same events on the same schedule.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import queue
@@ -38,6 +44,8 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+NODE_DIR = HERE / "node"
+PEER_MODULES = ("aiohttp", "socketio", "redis")
 CHANNEL = b"tickstock.events.patterns"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SERVER_CORE = 0
@@ -316,7 +324,8 @@ class Procs:
 class LineReader:
     """Lines of a child's stdout, read by a thread, handed out with timeouts."""
 
-    def __init__(self, stream: Any) -> None:
+    def __init__(self, stream: Any, name: str = "loadgen") -> None:
+        self.name = name
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
         self._thread.start()
@@ -331,19 +340,19 @@ class LineReader:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise BenchError(f"loadgen: no {tag} line within {timeout:g}s")
+                raise BenchError(f"{self.name}: no {tag} line within {timeout:g}s")
             try:
                 line = self._queue.get(timeout=remaining)
             except queue.Empty:
                 continue
             if line is None:
-                raise BenchError(f"loadgen exited before {tag}")
+                raise BenchError(f"{self.name} exited before {tag}")
             word, _, rest = line.partition(" ")
             if word == tag:
                 return json.loads(rest)
             if word == "FAILED":
-                raise BenchError(f"loadgen failed: {json.loads(rest)['error']}")
-            print(f"loadgen: {line}", file=sys.stderr)
+                raise BenchError(f"{self.name} failed: {json.loads(rest)['error']}")
+            print(f"{self.name}: {line}", file=sys.stderr)
 
 
 # ------------------------------------------------------------------ bench
@@ -414,8 +423,32 @@ def symbol_list(n: int) -> list[str]:
 
 
 def endpoint_of(args: argparse.Namespace) -> str:
-    """The endpoint the clients use: the peer serves only Socket.IO."""
-    return "socketio" if args.server == "peer" else args.endpoint
+    """The endpoint the clients use: the peers serve only Socket.IO."""
+    return "socketio" if args.server in ("peer", "node") else args.endpoint
+
+
+def peer_missing() -> list[str]:
+    """What the python-socketio peer needs and this Python lacks (the "bench" extra)."""
+    return [name for name in PEER_MODULES if importlib.util.find_spec(name) is None]
+
+
+def node_ready() -> str:
+    """
+    The node binary, with bench/node's packages installed from its lockfile
+    (npm ci) if they are not there yet.
+    """
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None:
+        raise BenchError("--server node needs node (Node.js 18 or later) on the PATH")
+    if not (NODE_DIR / "node_modules").is_dir():
+        if npm is None:
+            raise BenchError("--server node needs npm to install bench/node's packages")
+        print("latency.py: npm ci in bench/node", file=sys.stderr)
+        proc = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR,
+                              capture_output=True, text=True, check=False)
+        if proc.returncode:
+            raise BenchError(f"npm ci in {NODE_DIR} failed:\n{proc.stderr[-2000:]}")
+    return node
 
 
 def run(args: argparse.Namespace, procs: Procs, workdir: Path) -> dict[str, Any]:
@@ -478,9 +511,18 @@ def run(args: argparse.Namespace, procs: Procs, workdir: Path) -> dict[str, Any]
     secret = secrets.token_urlsafe(48)
     secret_file = workdir / "jwt-secret"
     secret_file.write_text(secret)
+    node = node_ready() if args.server == "node" else ""
     if args.server == "peer":
+        if missing := peer_missing():
+            raise BenchError(f"--server peer needs {', '.join(missing)} in {sys.executable} "
+                             f"(the \"bench\" extra: pip install -c constraints.txt "
+                             f"'.[bench]')")
         server_argv = [sys.executable, str(HERE / "peer_socketio.py"), "--port", str(ws_port),
                        "--redis", f"redis://127.0.0.1:{redis_port}/0"]
+    elif args.server == "node":
+        server_argv = [node, str(NODE_DIR / "server.mjs"), "--port", str(ws_port),
+                       "--redis", f"redis://127.0.0.1:{redis_port}/0",
+                       "--jwt-secret-file", str(secret_file)]
     else:
         server_argv = [twistd, "-n", "--pidfile=", "tickstock",
                        "--redis", f"redis://127.0.0.1:{redis_port}/0",
@@ -516,8 +558,9 @@ def run(args: argparse.Namespace, procs: Procs, workdir: Path) -> dict[str, Any]
             "--symbols", ",".join(symbols), "--watch", str(watch),
             "--warmup-events", str(warmup_events),
             "--drain", str(args.drain),
-            "--endpoint", "peer" if args.server == "peer" else args.endpoint,
+            "--endpoint", "peer" if args.server in ("peer", "node") else args.endpoint,
             *(("--offsets",) if args.offsets else ()),
+            *(("--peer-token",) if args.server == "node" else ()),
         ]), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1,
             env={**os.environ, "TICKSTOCK_JWT_SECRET": secret})
     lines = LineReader(loadgen.stdout)
@@ -551,57 +594,97 @@ def run(args: argparse.Namespace, procs: Procs, workdir: Path) -> dict[str, Any]
     rng = random.Random(42)
     run_id = f"bench{os.getpid()}"
     templates = [make_event(rng, run_id, seq, symbols[seq % n_sym]) for seq in range(total_events)]
-    publish = Publisher.command
-    server_user0 = server_sys0 = loadgen_cpu0 = redis_cpu0 = self_cpu0 = 0.0
+    server_user0 = server_sys0 = loadgen_cpu0 = redis_cpu0 = self_cpu0 = producer_cpu0 = 0.0
     cores0: dict[int, float] = {}
     health0: dict[str, Any] = {}
-    sampled = False
-    first_measured = last_sent = 0.0
-    lags: list[float] = []
     interval = 1.0 / args.rate
-    verb = (b"PUBLISH", CHANNEL) if args.mode == "pubsub" else (b"XADD", CHANNEL, b"*", b"data")
-    t0 = time.monotonic() + 0.05
-    seq = 0
-    while seq < total_events:
-        if seq == warmup_events and not sampled:
-            # Between the last warm-up event and the first measured one: let
-            # the daemon finish the warm-up fan-out first (if it can before
-            # the first measured event is due), so that the window's CPU and
-            # counters belong to the measured events only.
-            due = t0 + due_at[seq]
-            while True:
-                health0 = http_json(base + "/health")[1]["events"]
-                settled = (health0["received"] >= warmup_events
-                           and health0["delivered"] >= warmup_deliveries)
-                if args.workers > 1:
-                    settled = False  # one worker's counters: wait until the event is due
-                if settled or time.monotonic() >= due:
-                    break
-                time.sleep(0.002)
-            server_user0, server_sys0 = cpu_split(daemon.pid)
-            loadgen_cpu0 = cpu_seconds(loadgen.pid)
-            redis_cpu0 = cpu_seconds(redis.pid)
-            cores0, self_cpu0 = core_busy(), self_cpu()
-            sampled = True
-        limit = total_events if sampled else warmup_events
-        now = time.monotonic()
-        batch = []
-        while seq < limit and t0 + due_at[seq] <= now:
-            if sampled:
-                lags.append(now - (t0 + due_at[seq]))
-            sent_at = time.time()
-            if seq == warmup_events:
-                first_measured = sent_at
-            batch.append(publish(*verb, encode_event(templates[seq], sent_at)))
-            last_sent = sent_at
-            seq += 1
-        if batch:
-            publisher.send(batch)
-        if seq < limit:
-            delay = t0 + due_at[seq] - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-    publisher.wait_replies(total_events)
+    producer: subprocess.Popen[Any] | None = None
+
+    def sample(due: float) -> None:
+        """
+        Between the last warm-up event and the first measured one (due at
+        monotonic time C{due}): let the server finish the warm-up fan-out
+        first (if it can before then), so that the window's CPU and counters
+        belong to the measured events only; then take the baselines.
+        """
+        nonlocal health0, settled, server_user0, server_sys0, loadgen_cpu0, redis_cpu0
+        nonlocal cores0, self_cpu0, producer_cpu0
+        while True:
+            health0 = http_json(base + "/health")[1]["events"]
+            settled = (health0["received"] >= warmup_events
+                       and health0["delivered"] >= warmup_deliveries)
+            if args.workers > 1:
+                settled = False  # one worker's counters: wait until the event is due
+            if settled or time.monotonic() >= due:
+                break
+            time.sleep(0.002)
+        server_user0, server_sys0 = cpu_split(daemon.pid)
+        loadgen_cpu0 = cpu_seconds(loadgen.pid)
+        redis_cpu0 = cpu_seconds(redis.pid)
+        producer_cpu0 = cpu_seconds(producer.pid) if producer else 0.0
+        cores0, self_cpu0 = core_busy(), self_cpu()
+
+    if args.server == "node":
+        # The peer's own ingestion path: its producer emits the same events on
+        # the same schedule through @socket.io/redis-emitter; this process
+        # only takes the baselines between warm-up and measured window.
+        plan = workdir / "plan.json"
+        plan.write_text(json.dumps({"events": templates, "due": due_at,
+                                    "warmup": warmup_events}))
+        producer_err = workdir / "producer.err"
+        with open(producer_err, "wb") as err:
+            producer = procs.start("producer", pinned(load_core, [
+                node, str(NODE_DIR / "producer.mjs"),
+                "--redis", f"redis://127.0.0.1:{redis_port}/0", "--plan", str(plan),
+            ]), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
+                bufsize=1)
+        said = LineReader(producer.stdout, "producer")
+        try:
+            said.expect("READY", 30)
+            warmed = said.expect("WARMED", args.warmup + 30)
+            sample(time.monotonic() + warmed["due_in"])
+            assert producer.stdin is not None
+            producer.stdin.write("MEASURE\n")
+            producer.stdin.flush()
+            sent = said.expect("SENT", measured_s + 60)
+        except BenchError as error:
+            daemon_alive()
+            raise BenchError(f"{error}\n{tail(producer_err)}") from None
+        first_measured, last_sent, lags = sent["first_measured"], sent["last_sent"], sent["lags"]
+        no_subscriber, publish_errors = sent["no_subscriber"], sent["errors"]
+    else:
+        publish = Publisher.command
+        sampled = False
+        first_measured = last_sent = 0.0
+        lags = []
+        verb = ((b"PUBLISH", CHANNEL) if args.mode == "pubsub"
+                else (b"XADD", CHANNEL, b"*", b"data"))
+        t0 = time.monotonic() + 0.05
+        seq = 0
+        while seq < total_events:
+            if seq == warmup_events and not sampled:
+                sample(t0 + due_at[seq])
+                sampled = True
+            limit = total_events if sampled else warmup_events
+            now = time.monotonic()
+            batch = []
+            while seq < limit and t0 + due_at[seq] <= now:
+                if sampled:
+                    lags.append(now - (t0 + due_at[seq]))
+                sent_at = time.time()
+                if seq == warmup_events:
+                    first_measured = sent_at
+                batch.append(publish(*verb, encode_event(templates[seq], sent_at)))
+                last_sent = sent_at
+                seq += 1
+            if batch:
+                publisher.send(batch)
+            if seq < limit:
+                delay = t0 + due_at[seq] - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+        publisher.wait_replies(total_events)
+        no_subscriber, publish_errors = publisher.no_subscriber, publisher.errors
     window_s = last_sent - first_measured + interval  # as published, with its jitter
 
     # ---- drain: wait until every expected delivery has arrived (or loss is certain)
@@ -618,6 +701,7 @@ def run(args: argparse.Namespace, procs: Procs, workdir: Path) -> dict[str, Any]
     loadgen_cpu = cpu_seconds(loadgen.pid) - loadgen_cpu0
     redis_cpu = cpu_seconds(redis.pid) - redis_cpu0
     cores1, bench_cpu = core_busy(), self_cpu() - self_cpu0
+    producer_cpu = cpu_seconds(producer.pid) - producer_cpu0 if producer else 0.0
     drained_at = time.time()
     server_rss = rss_mb(daemon.pid)
     health1 = http_json(base + "/health")[1]
@@ -638,7 +722,8 @@ def run(args: argparse.Namespace, procs: Procs, workdir: Path) -> dict[str, Any]
         other[f"core{SERVER_CORE}"] = round(max(0.0, (
             cores1[SERVER_CORE] - cores0[SERVER_CORE] - server_cpu) / span), 2)
         other[f"core{LOAD_CORE}"] = round(max(0.0, (
-            cores1[LOAD_CORE] - cores0[LOAD_CORE] - loadgen_cpu - redis_cpu - bench_cpu)
+            cores1[LOAD_CORE] - cores0[LOAD_CORE] - loadgen_cpu - redis_cpu - bench_cpu
+            - producer_cpu)
             / span), 2)
     events1, slow = health1["events"], health1.get("slow_consumers_closed")
     overload = health1.get("overload", {})
@@ -687,8 +772,8 @@ def run(args: argparse.Namespace, procs: Procs, workdir: Path) -> dict[str, Any]
             "server_malformed": events1.get("malformed", 0),
             "slow_consumers_closed": slow,
             "live_gaps_closed": health1.get("live_gaps_closed"),
-            "publish_no_subscriber": publisher.no_subscriber,
-            "publish_errors": publisher.errors,
+            "publish_no_subscriber": no_subscriber,
+            "publish_errors": publish_errors,
         },
         "diagnostics": {
             "latency_ms_more": {k: lat[k] for k in ("min", "mean", "p99.9")},
@@ -711,7 +796,8 @@ def run(args: argparse.Namespace, procs: Procs, workdir: Path) -> dict[str, Any]
             # (system: mostly the socket writes, on loopback the receive path too)
             "server_cpu_user_s": round(server_user, 3),
             "server_cpu_system_s": round(server_sys, 3),
-            "publisher_cpu_s": round(bench_cpu, 3),
+            # the node producer's, or this process's (the python publisher)
+            "publisher_cpu_s": round(producer_cpu if producer else bench_cpu, 3),
             "other_load_on_cores": other,
             "redis_cpu_s": round(redis_cpu, 3),
             "connect_s": ready["connect_s"],
@@ -797,8 +883,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="after publishing, give up waiting once nothing arrives for "
                              "this long, in seconds (3)")
     parser.add_argument("--scenario", default=None, help="a name for this run in the output")
-    parser.add_argument("--server", choices=("tickstock", "peer"), default="tickstock",
-                        help="peer: the python-socketio reference (bench/peer_socketio.py)")
+    parser.add_argument("--server", choices=("tickstock", "peer", "node"), default="tickstock",
+                        help="peer: the python-socketio reference (bench/peer_socketio.py); "
+                             "node: Socket.IO 4.8 on Node with the Redis adapter and emitter "
+                             "(bench/node/), pinned like the daemon")
     parser.add_argument("--endpoint", choices=("ws", "socketio"), default="ws",
                         help="TickStock's endpoint the clients use: /ws, or Socket.IO on "
                              "/socket.io/ over Engine.IO's websocket-only transport (ws)")
@@ -837,6 +925,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--ramp-to must exceed --rate, --ramp-steps and --recover be positive")
     if args.offsets and (args.endpoint != "socketio" or args.server != "tickstock"):
         parser.error("--offsets needs --endpoint socketio (and the TickStock server)")
+    if args.server == "node" and (args.mode != "pubsub" or args.workers > 1):
+        parser.error("--server node: one process, fed by its emitter (no --mode streams, "
+                     "no --workers)")
     if args.symbols > args.clients:
         parser.error("--symbols must not exceed --clients (a symbol nobody receives)")
 

@@ -10,7 +10,8 @@ over that WebSocket: the native protocol on /ws (ws), Socket.IO v5 over
 Engine.IO v4's websocket-only transport on /socket.io/ (socketio: the same
 JWT in the CONNECT auth, the same subscription as an event with an ack, each
 event's /ws frame as the payload of an "event" event), or the reference
-peer's rooms (peer: bench/peer_socketio.py). Server-to-client frames are
+peers' rooms (peer: bench/peer_socketio.py, and bench/node/server.mjs with
+--peer-token, its CONNECT carrying the same JWT). Server-to-client frames are
 unmasked, so reading one is a few byte operations; only event frames are
 decoded (orjson).
 
@@ -365,7 +366,7 @@ class Client:
         # anything else (connection_confirmed, system_health, ...) is ignored
 
     def peer_text(self, payload: bytes, stamp: float, now: float) -> None:
-        """Engine.IO v4 / Socket.IO v5 packets, for the reference peer."""
+        """Engine.IO v4 / Socket.IO v5 packets, for the reference peers."""
         stats = self.stats
         if payload.startswith(SIO_EVENT_PREFIX):
             try:
@@ -377,7 +378,9 @@ class Client:
         elif payload == b"2":  # Engine.IO ping
             self.write(client_frame(1, b"3"))
         elif payload.startswith(b"0") and self.state == HELLO:  # Engine.IO open
-            self.write(client_frame(1, b"40"))
+            auth = (orjson.dumps({"token": mint_token(f"bench-{self.index}")})
+                    if self.loop.peer_token else b"")
+            self.write(client_frame(1, b"40" + auth))
         elif payload.startswith(b"40") and self.state == HELLO:  # namespace connected
             self.state = SUBSCRIBING
             self.write(client_frame(1, b"42" + orjson.dumps(
@@ -493,6 +496,7 @@ class Loop:
         self.port = args.port
         self.endpoint = args.endpoint
         self.offsets = args.offsets
+        self.peer_token = args.peer_token
         self.path = (args.path or ("/ws" if args.endpoint == "ws" else SIO_PATH)).encode()
         self.host_header = f"{args.host}:{args.port}".encode()
         self.stats = Stats(args.warmup_events)
@@ -681,10 +685,13 @@ def main(argv: list[str] | None = None) -> int:
                         + " for socketio and peer)")
     parser.add_argument("--endpoint", choices=("ws", "socketio", "peer"), default="ws",
                         help="ws: TickStock's /ws; socketio: TickStock's Socket.IO (Engine.IO "
-                             "v4 websocket-only); peer: the reference peer's rooms (ws)")
+                             "v4 websocket-only); peer: the reference peers' rooms (ws)")
     parser.add_argument("--offsets", action="store_true",
                         help="socketio: ask for each event's id as its last argument (the "
                              "Socket.IO offset); by default CONNECT sends offsets: false")
+    parser.add_argument("--peer-token", action="store_true",
+                        help="peer: CONNECT with auth {token} (a JWT, as the Node peer "
+                             "bench/node/server.mjs requires); by default no auth")
     parser.add_argument("--clients", type=int, default=100)
     parser.add_argument("--symbols", default="AAPL",
                         help="comma-separated; client k subscribes to symbols[k %% N]")

@@ -2,8 +2,9 @@
 Every benchmark scenario, TickStock beside the python-socketio peer, in one
 command; writes bench/results/latest.json and latest.md and prints the table.
 
-    .venv/bin/python bench/run_all.py            # about 11 minutes
+    .venv/bin/python bench/run_all.py            # about 20 minutes
     .venv/bin/python bench/run_all.py --quick    # shorter windows, for a smoke run
+    .venv/bin/python bench/run_all.py --only peers   # TickStock, Node, python-socketio
 
 Each scenario is one run of bench/latency.py (its own redis, server and
 load generator, pinned to cores 0 and 1), except `ticks` (bench/ingest.py:
@@ -25,12 +26,20 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from latency import peer_missing
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 RAMP_STEP = 1.25
 MAX_P99_MS = 100.0
 SOCKETIO_BUDGET = 1.20
 """The claim checked: Socket.IO costs at most 20 % more server CPU per delivery than /ws."""
+PEER_SERVERS = {
+    # TickStock over its own Socket.IO endpoint: every server speaks the same protocol.
+    "tickstock": ("--server", "tickstock", "--endpoint", "socketio"),
+    "node": ("--server", "node"),
+    "python-socketio": ("--server", "peer"),
+}
 
 
 def latency(*args: str) -> tuple[int, dict[str, Any] | None, str]:
@@ -66,18 +75,7 @@ def endpoints(name: str, pairs: int, *args: str) -> dict[str, Any]:
                                            "--endpoint", endpoint, *args))
     out: dict[str, Any] = {"scenario": name, "pairs": pairs, "runs": runs}
     for endpoint, done in runs.items():
-        ok = [r for r in done if "latency_ms" in r and r.get("cpu_s_per_100k_deliveries")]
-        out[endpoint] = None if not ok else {
-            "runs": len(done),
-            "clean": sum(1 for r in done if r.get("clean")),
-            "loss": sum(r.get("loss", 0) for r in ok),
-            "deliveries_per_s": statistics.median(r["deliveries_per_s"] for r in ok),
-            "cpu_s_per_100k_deliveries": statistics.median(
-                r["cpu_s_per_100k_deliveries"] for r in ok),
-            "p50_ms": statistics.median(r["latency_ms"]["p50"] for r in ok),
-            "p99_ms": statistics.median(r["latency_ms"]["p99"] for r in ok),
-            "server_rss_mb": statistics.median(r["server_rss_mb"] for r in ok),
-        }
+        out[endpoint] = medians(done)
     ws, sio = out["ws"], out["socketio"]
     out["cpu_ratio"] = (round(sio["cpu_s_per_100k_deliveries"] / ws["cpu_s_per_100k_deliveries"], 3)
                         if ws and sio else None)
@@ -87,6 +85,95 @@ def endpoints(name: str, pairs: int, *args: str) -> dict[str, Any]:
         for a, b in zip(runs["ws"], runs["socketio"], strict=True)
         if a.get("cpu_s_per_100k_deliveries") and b.get("cpu_s_per_100k_deliveries")]
     return out
+
+
+def medians(done: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Medians of the runs that measured something; loss added up over all of them."""
+    ok = [r for r in done if "latency_ms" in r and r.get("cpu_s_per_100k_deliveries")]
+    return None if not ok else {
+        "runs": len(done),
+        "clean": sum(1 for r in done if r.get("clean")),
+        "loss": sum(r.get("loss", 0) for r in ok),
+        "deliveries_per_s": statistics.median(r["deliveries_per_s"] for r in ok),
+        "cpu_s_per_100k_deliveries": statistics.median(
+            r["cpu_s_per_100k_deliveries"] for r in ok),
+        "p50_ms": statistics.median(r["latency_ms"]["p50"] for r in ok),
+        "p99_ms": statistics.median(r["latency_ms"]["p99"] for r in ok),
+        "server_rss_mb": statistics.median(r["server_rss_mb"] for r in ok),
+    }
+
+
+def peers(name: str, repeats: int, skip: dict[str, str], *args: str) -> dict[str, Any]:
+    """
+    One scenario on TickStock, the Node peer and the python-socketio peer,
+    C{repeats} rounds, each round in a rotated order (so a drift in the
+    machine's other load falls on all alike); medians per server, and the
+    ratios TickStock/peer of CPU per delivery, of the medians and round by
+    round (the runs of a round saw about the same load). C{skip}: servers
+    that cannot run here, and why.
+    """
+    servers = list(PEER_SERVERS)
+    runs: dict[str, list[dict[str, Any]]] = {server: [] for server in servers}
+    for i in range(repeats):
+        for server in servers[i % 3:] + servers[:i % 3]:
+            if server not in skip:
+                runs[server].append(scenario(f"{name} on {server} ({i + 1}/{repeats})",
+                                             *PEER_SERVERS[server], *args))
+    out: dict[str, Any] = {"scenario": name, "repeats": repeats, "runs": runs, "skipped": skip}
+    for server in servers:
+        out[server] = medians(runs[server])
+    ours = out["tickstock"]
+    for server in servers[1:]:
+        theirs = out[server]
+        out[f"cpu_ratio_{server}"] = (
+            round(ours["cpu_s_per_100k_deliveries"] / theirs["cpu_s_per_100k_deliveries"], 3)
+            if ours and theirs else None)
+        out[f"round_ratios_{server}"] = [
+            round(a["cpu_s_per_100k_deliveries"] / b["cpu_s_per_100k_deliveries"], 3)
+            for a, b in zip(runs["tickstock"], runs[server], strict=False)
+            if a.get("cpu_s_per_100k_deliveries") and b.get("cpu_s_per_100k_deliveries")]
+    return out
+
+
+def peers_lines(results: dict[str, Any]) -> list[str]:
+    """The TickStock / Node / python-socketio table: medians per server and the CPU ratios."""
+    out = results["peers"]
+    repeats = next(iter(out.values()))["repeats"]
+    lines = [
+        f"Peers at 20,000 deliveries/s (`run_all.py --only peers`: TickStock on its Socket.IO "
+        f"endpoint, auth on; Node: Socket.IO 4.8 + Redis adapter, events through "
+        f"@socket.io/redis-emitter, JWT checked in io.use; python-socketio: "
+        f"bench/peer_socketio.py, no auth; each server pinned to core 0; {repeats} rounds "
+        f"in rotated order; medians, loss summed):",
+        "",
+        "| scenario | server | runs (clean) | loss | p50 ms | p99 ms | CPU-s/100k | RSS "
+        "| TickStock/this CPU |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for key, label in (("fanout", "fan-out: 1000 clients on 1 symbol, 20 ev/s"),
+                       ("filtered", "filtered: 100 symbols x 10 clients, 2000 ev/s")):
+        scen = out.get(key)
+        if scen is None:
+            continue
+        for server in PEER_SERVERS:
+            m = scen.get(server)
+            if not m:
+                failed = [str(r.get("error") or r.get("problems") or "").strip()
+                          for r in scen["runs"][server]]
+                why = (scen["skipped"].get(server)
+                       or (failed and failed[0] and failed[0].splitlines()[-1])
+                       or "did not run").replace("|", "/")
+                lines.append(f"| {label} | {server} | - | - | - | - | - | - | {why} |")
+                continue
+            ratio = scen.get(f"cpu_ratio_{server}")
+            rounds = scen.get(f"round_ratios_{server}") or []
+            verdict = "" if ratio is None else (
+                f"{ratio:.2f} (by round {', '.join(f'{r:.2f}' for r in rounds)})")
+            lines.append(
+                f"| {label} | {server} | {m['runs']} ({m['clean']}) | {m['loss']} "
+                f"| {m['p50_ms']:.1f} | {m['p99_ms']:.1f} | {m['cpu_s_per_100k_deliveries']:.2f} "
+                f"| {m['server_rss_mb']:.0f} MB | {verdict} |")
+    return lines
 
 
 def endpoint_lines(results: dict[str, Any]) -> list[str]:
@@ -396,6 +483,8 @@ def table(results: dict[str, Any]) -> str:
                      f"p99 {api['/health']['p99_ms']:.2f} / {api['/ready']['p99_ms']:.2f} ms")
     if "sio_fanout" in results or "sio_filtered" in results:
         lines += ["", *endpoint_lines(results)]
+    if "peers" in results:
+        lines += ["", *peers_lines(results)]
     for key, render in (("ticks", ticks_lines), ("history_api", history_lines)):
         if key in results:
             lines += ["", *render(results[key])]
@@ -408,6 +497,9 @@ def main() -> int:
     parser.add_argument("--only", default="", help="comma-separated scenario keys")
     parser.add_argument("--pairs", type=int, default=None,
                         help="ws/socketio pairs per scenario for sio_* (3; --quick: 1)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="rounds of TickStock, Node and python-socketio for peers "
+                             "(3; --quick: 1)")
     parser.add_argument("--render", action="store_true",
                         help="only remake latest.md from latest.json")
     args = parser.parse_args()
@@ -419,6 +511,10 @@ def main() -> int:
     d = "4" if args.quick else "10"
     idle_clients = "2000" if args.quick else "10000"
     pairs = args.pairs or (1 if args.quick else 3)
+    repeats = args.repeats or (1 if args.quick else 3)
+    missing = peer_missing()
+    skip = {} if not missing else {"python-socketio": f"not run: {', '.join(missing)} missing "
+                                   f"from {sys.executable} (the \"bench\" extra)"}
     plan = {
         "fanout": lambda: scenario("fan-out", "--clients", "1000", "--rate", "40",
                                    "--duration", d),
@@ -456,6 +552,13 @@ def main() -> int:
                                       "--clients", idle_clients, "--duration", "3"),
         "peer_ramp": lambda: ramp("peer fan-out ramp", 0.8, "10", "--server", "peer",
                                   "--clients", "1000"),
+        # 20,000 deliveries/s on every server, fanned out or filtered.
+        "peers": lambda: {
+            "fanout": peers("fan-out", repeats, skip, "--clients", "1000", "--rate", "20",
+                            "--duration", d),
+            "filtered": peers("filtered", repeats, skip, "--clients", "1000",
+                              "--symbols", "100", "--rate", "2000", "--duration", d),
+        },
     }
     only = [k for k in args.only.split(",") if k]
     results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "machine": machine()}
