@@ -382,3 +382,22 @@ def test_a_stalled_reader_past_the_queue_bound_closes_with_4001() -> None:
     connection.pump.flush()
     assert connection.client.closed == (True, CLOSE_SLOW_CONSUMER)
     assert not server.gateway.connections
+
+
+def test_an_open_connection_keeps_nothing_of_its_handshake(server: Server) -> None:
+    """
+    Once open, the connection holds none of Autobahn's handshake leftovers
+    (headers, request and response bytes) and a list for Autobahn's send
+    queue: what an idle connection costs (bench/latency.py --idle). It still
+    delivers, and Autobahn's own frames (a ping) still go out.
+    """
+    connection = greeted(server)
+    protocol = connection.protocol
+    assert protocol.http_headers is None and protocol.http_request_data is None
+    assert isinstance(protocol.send_queue, list) and not protocol.send_queue
+    connection.request({"op": "subscribe", "id": "s1", "topic": "patterns"})
+    server.publish(PATTERNS, symbol="AAPL", pattern="Doji", confidence=0.9)
+    connection.pump.flush()
+    assert connection.client.messages[-1]["data"]["pattern"] == "Doji"
+    connection.advance(PING_INTERVAL + SWEEP)
+    assert connection.client.closed is None

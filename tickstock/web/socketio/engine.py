@@ -352,6 +352,7 @@ class EngineWebSocket(ClientProtocol):
 
     def onOpen(self) -> None:
         self.take_producer()
+        self.slim()
         server = self.factory.server
         if self._sid is None:
             session = server.open(self._address_of(), self)
