@@ -432,17 +432,19 @@ def table(results: dict[str, Any]) -> str:
     ):
         if key in results:
             lines.append(row(label, results[key]))
-    for key, label in (("ramp", "TickStock"), ("peer_ramp", "peer")):
+    for key, label in (("ramp", "TickStock: fan-out"), ("peer_ramp", "peer: fan-out"),
+                       ("node_ramp", "Node: fan-out"), ("filtered_ramp", "TickStock: filtered"),
+                       ("node_filtered_ramp", "Node: filtered")):
         if key not in results:
             continue
         best, limit, first = (results[key]["best"], results[key]["limited_by"],
                               results[key]["ramp"][0])
         if best is None:
-            lines.append(f"| {label}: fan-out ramp: no rate passed | 1000 | - | {first['loss']} "
+            lines.append(f"| {label} ramp: no rate passed | 1000 | - | {first['loss']} "
                          f"| - | {first['p99_ms']} at {first['deliveries_per_s']:,.0f}/s "
                          f"| - | - |")
         else:
-            lines.append(row(f"{label}: fan-out ramp, highest passing rate "
+            lines.append(row(f"{label} ramp, highest passing rate "
                              f"(limited by the {limit})", best, ""))
     lines.append("")
     for key, label in (("idle", "TickStock"), ("peer_idle", "peer")):
@@ -552,6 +554,13 @@ def main() -> int:
                                       "--clients", idle_clients, "--duration", "3"),
         "peer_ramp": lambda: ramp("peer fan-out ramp", 0.8, "10", "--server", "peer",
                                   "--clients", "1000"),
+        # The highest passing rates beside Node's: fan-out and filtered, both servers.
+        "node_ramp": lambda: ramp("node fan-out ramp", 60, "5", "--server", "node",
+                                  "--clients", "1000"),
+        "filtered_ramp": lambda: ramp("filtered ramp", 3000, "5", "--clients", "1000",
+                                      "--symbols", "100"),
+        "node_filtered_ramp": lambda: ramp("node filtered ramp", 3000, "5", "--server", "node",
+                                           "--clients", "1000", "--symbols", "100"),
         # 20,000 deliveries/s on every server, fanned out or filtered.
         "peers": lambda: {
             "fanout": peers("fan-out", repeats, skip, "--clients", "1000", "--rate", "20",
