@@ -8,13 +8,12 @@ does, with C{PUBLISH}.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -59,14 +58,15 @@ class SocketIOStack:
              .endswith(b":0\r\n"), 30, "the simulator taking backtest jobs")
 
     def ready(self, n: int = 0) -> bool:
+        # http.client, closed whatever happens: urllib leaves a socket open on some failures.
+        conn = http.client.HTTPConnection("127.0.0.1", self.daemons[n].port, timeout=2)
         try:
-            with urllib.request.urlopen(self.url(n) + "/ready", timeout=2) as answer:
-                return bool(answer.status == 200)
-        except urllib.error.HTTPError as error:  # not ready (503), or refused (429)
-            error.close()
-            return False
+            conn.request("GET", "/ready")
+            return conn.getresponse().status == 200
         except OSError:
             return False
+        finally:
+            conn.close()
 
     def stop(self) -> None:
         if self.sim is not None:

@@ -56,6 +56,9 @@ class Recorder:
 
     def close(self) -> None:
         self.sio.disconnect()
+        # Its polling requests' session keeps its keep-alive connection open.
+        if self.sio.eio.http is not None:
+            self.sio.eio.http.close()
 
 
 @pytest.fixture
