@@ -34,6 +34,7 @@ from twisted.test import iosim
 from tickstock.deliver.auth import anonymous
 from tickstock.deliver.broadcast import Broadcaster
 from tickstock.deliver.gateway import CLOSE_POLICY, CLOSE_SLOW_CONSUMER, Gateway
+from tickstock.deliver.latest import Latest
 from tickstock.domain.events import id_key
 from tickstock.history.memory import MemoryHistory
 from tickstock.ingest.memory import MemoryBus
@@ -129,7 +130,8 @@ class Server:
     The embedded delivery path, composed as tap composes it without Redis
     but with fewer parts (no tick pacing, jobs, universes or rate limit):
     the memory bus feeds the router, which stores into the memory history,
-    whose events the broadcaster fans out to the connections; the gateway
+    whose events the broadcaster fans out to the connections (and the
+    latest-only ones' current values are kept for new subscriptions); the gateway
     answers requests, and the site serves the WebSocket at C{/ws}.
     """
 
@@ -146,9 +148,12 @@ class Server:
         self.bus = MemoryBus()
         self.bus.listen(Router(clock, self.history, self.bus).receive)
         self.broadcaster = Broadcaster(self.factory.prepareMessage)
+        self.latest = Latest()
+        self.history.listen(self.latest.keep)
         self.history.listen(self.broadcaster.deliver)
         self.gateway = Gateway(clock, self.broadcaster, self.history, anonymous,
-                               max_subscriptions=3, hello_timeout=HELLO_TIMEOUT)
+                               max_subscriptions=3, hello_timeout=HELLO_TIMEOUT,
+                               latest=self.latest)
         self.factory.gateway = self.gateway
         status = JSONStatus(lambda: (True, {}))
         self.site = build_site(WebSocketResource(self.factory), status, status, timeout=30.0)
@@ -401,3 +406,32 @@ def test_an_open_connection_keeps_nothing_of_its_handshake(server: Server) -> No
     assert connection.client.messages[-1]["data"]["pattern"] == "Doji"
     connection.advance(PING_INTERVAL + SWEEP)
     assert connection.client.closed is None
+
+
+def test_a_new_subscription_gets_each_current_value_first(server: Server) -> None:
+    """
+    Subscribing to a latest-only topic answers with how many current values
+    follow, then the newest event of each key it covers (one per service),
+    marked as a snapshot, oldest first; live events follow unmarked. A
+    resumed subscription gets its replay instead, and no snapshot.
+    """
+    server.publish(HEALTH, service="engine", status="healthy", n=1)
+    server.publish(HEALTH, service="db", status="degraded", n=2)
+    server.publish(HEALTH, service="engine", status="degraded", n=3)
+    connection = greeted(server)
+    subscribed, *snapshot = connection.request(
+        {"op": "subscribe", "id": "h", "topic": "health"})
+    assert subscribed == {"op": "subscribed", "id": "h", "snapshot": 2}
+    assert [(e["data"]["service"], e["data"]["n"], e.get("snapshot")) for e in snapshot] == [
+        ("db", 2, True), ("engine", 3, True)]
+    server.publish(HEALTH, service="db", status="healthy", n=4)
+    connection.pump.flush()
+    live = connection.client.messages[-1]
+    assert live["data"]["n"] == 4 and "snapshot" not in live
+    assert connection.request({"op": "subscribe", "id": "p", "topic": "patterns"}) == [
+        {"op": "subscribed", "id": "p"}]  # must-deliver topics have no current value
+
+    resumed = Connection(server)
+    resumed.request({"op": "hello", "id": "h", "user": "bob", "resume": {"last_id": live["id"]}})
+    assert resumed.request({"op": "subscribe", "id": "h", "topic": "health"}) == [
+        {"op": "subscribed", "id": "h", "recovered": True, "replayed": 0}]

@@ -301,6 +301,7 @@ class TickStock(MultiService):
         from tickstock.deliver.auth import JWTAuthenticator, anonymous
         from tickstock.deliver.broadcast import Broadcaster
         from tickstock.deliver.gateway import Gateway
+        from tickstock.deliver.latest import Latest
         from tickstock.deliver.live import HandOff, LiveDelivery
         from tickstock.deliver.overload import Overload
         from tickstock.deliver.ratelimit import RateLimit
@@ -333,8 +334,10 @@ class TickStock(MultiService):
         self.overload = Overload(reactor, self.stream.clients_behind, settings.history_max // 2)
         parts.attach(self.overload, self.persister)
         self.broadcaster = Broadcaster(self.stream.prepareMessage)
+        self.latest = Latest()
         self.ticks = TickThrottle(reactor, settings.tick_rate, self.broadcaster.deliver,
-                                  partial(self.broadcaster.watched, "ticks"), self.overload)
+                                  partial(self.broadcaster.watched, "ticks"), self.overload,
+                                  keep=self.latest.keep)
         self.universes = Universes(self.store, self.broadcaster)
         authenticate = anonymous if settings.jwt_secret is None else JWTAuthenticator(
             settings.jwt_secret, audience=settings.jwt_audience, issuer=settings.jwt_issuer
@@ -359,6 +362,7 @@ class TickStock(MultiService):
             universes=self.universes, store=self.store, catchup_max=settings.catchup_max,
             jobs=self.jobs, rate=RateLimit(reactor, settings.client_rate, settings.client_burst),
             max_per_user=settings.max_connections_per_user, ticks=self.live_ticks,
+            latest=self.latest,
         )
         self.stream.gateway = self.gateway
         self.socketio = self._socketio(settings, parts)
@@ -377,7 +381,7 @@ class TickStock(MultiService):
         live = self.live = LiveDelivery(
             self.overload, self.ticks, self.broadcaster, self.universes, self.cache,
             self.history, partial(self.jobs.record_first, self.store), self.metrics.delivered,
-            self.gateway.missed_live, self.keep_universe)
+            self.gateway.missed_live, self.keep_universe, keep=self.latest.keep)
         self.history.listen(live)
         if parts.on_gap is not None:
             parts.on_gap(live.gap)

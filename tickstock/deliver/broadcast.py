@@ -222,6 +222,16 @@ class Broadcaster:
         self.delivered += len(events)
         return events[-1].id if events else None
 
+    def snapshot(self, sub: Subscription, current: list[Event]) -> None:
+        """
+        Send a new subscription the current values it wants
+        (L{Event.as_snapshot}), before any live event.
+        """
+        for event in current:
+            frame = sub.client.frame(event.as_snapshot(), sub.id)
+            sub.client.send(self._prepare(frame), REPLAYED)
+        self.delivered += len(current)
+
     def deliver(self, event: Event) -> int:
         """Send C{event} to every subscription that matches it; how many."""
         if event.topic == "backtests":

@@ -30,6 +30,7 @@ from tickstock.deliver.broadcast import (
     parse_filter,
 )
 from tickstock.deliver.catchup import deepen
+from tickstock.deliver.latest import Latest
 from tickstock.deliver.ratelimit import RateLimit
 from tickstock.deliver.ticks import LiveTicks
 from tickstock.deliver.universes import Universes
@@ -95,6 +96,7 @@ class Gateway:
         rate: RateLimit | None = None,
         max_per_user: int = 0,
         ticks: LiveTicks | None = None,
+        latest: Latest | None = None,
     ) -> None:
         """
         @param rate: the message budget of each connection; past it the
@@ -106,6 +108,8 @@ class Gateway:
             from (at most C{catchup_max} events); L{None}: nowhere.
         @param ticks: where resumed C{ticks} subscriptions are replayed
             from when ticks do not pass through the history.
+        @param latest: the current values a new subscription to a
+            latest-only topic gets first; L{None}: none.
         """
         self._clock = clock
         self._broadcaster = broadcaster
@@ -120,6 +124,7 @@ class Gateway:
         self._rate = rate
         self._max_per_user = max_per_user
         self._ticks = ticks
+        self._latest = latest
         self._per_user: Counter[str] = Counter()
         self.connections: dict[IClient, _State] = {}
         self.errors: Counter[str] = Counter()
@@ -338,7 +343,14 @@ class Gateway:
         if after is None and topic != "backtests":
             sub = state.subscriptions[sub_id] = self._broadcaster.subscribe(
                 conn, sub_id, topic, filter)
-            conn.reply({"op": "subscribed", "id": sub_id})
+            current = [] if self._latest is None else [
+                event for event in self._latest.of(topic) if sub.wants(event)]
+            reply: dict[str, Any] = {"op": "subscribed", "id": sub_id}
+            if current:
+                reply["snapshot"] = len(current)
+            conn.reply(reply)
+            if current:
+                self._broadcaster.snapshot(sub, current)
             return sub
         # Replay first (after the resume point; for backtests, the user's
         # offline queue too), holding live events back until it is sent.

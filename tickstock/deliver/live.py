@@ -70,13 +70,16 @@ class LiveDelivery:
         (no producer writes C{cache_entries} there; the store checks the
         symbols, raising L{ValueError}); L{None} otherwise.
     @param missed_live: tells one client it missed live events (the gateway).
+    @param keep: given each latest-only event but a tick (the throttle keeps
+        those), as its key's current value.
     """
 
     def __init__(self, overload: Overload, ticks: TickThrottle, broadcaster: Broadcaster,
                  universes: Universes, cache: ICache, history: IHistory,
                  hold_final: Callable[[Deliver], Deliver], observed: Deliver,
                  missed_live: Callable[[IClient], None],
-                 keep_universe: Callable[[str, list[Any]], None] | None = None) -> None:
+                 keep_universe: Callable[[str, list[Any]], None] | None = None,
+                 keep: Deliver = lambda event: None) -> None:
         self._overload = overload
         self._ticks = ticks
         self._broadcaster = broadcaster
@@ -86,6 +89,7 @@ class LiveDelivery:
         self._observed = observed
         self._missed_live = missed_live
         self._keep_universe = keep_universe
+        self._keep = keep
         self._targeted = hold_final(self.deliver)
 
     def __call__(self, event: Event) -> None:
@@ -96,6 +100,8 @@ class LiveDelivery:
             return
         if event.topic == UNIVERSE:
             self._universe_changed(event)
+        if event.latest is not None:
+            self._keep(event)
         if event.user is not None:
             self._targeted(event)
         else:

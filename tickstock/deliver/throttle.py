@@ -32,17 +32,21 @@ class TickThrottle:
     def __init__(self, clock: IReactorTime, rate: float,
                  deliver: Callable[[Event], object],
                  watched: Callable[[str | None], bool] = lambda symbol: True,
-                 behind: Callable[[], bool] = lambda: False) -> None:
+                 behind: Callable[[], bool] = lambda: False,
+                 keep: Callable[[Event], None] = lambda event: None) -> None:
         """
         @param watched: whether any subscription may want a symbol's ticks:
             those of symbols nobody watches (most, usually) cost nothing more.
         @param behind: whether the daemon is behind; asked when a tick goes out.
+        @param keep: given every tick, watched or not, as its symbol's current
+            value (L{tickstock.deliver.latest.Latest.keep}).
         """
         self._clock = clock
         self._interval = 1.0 / rate
         self._behind = behind
         self._deliver = deliver
         self._watched = watched
+        self._keep = keep
         self._next: dict[str | None, float] = {}
         self._waiting: dict[str | None, Event] = {}
         self.conflated = 0
@@ -51,6 +55,7 @@ class TickThrottle:
         return {"ticks_conflated": self.conflated}
 
     def __call__(self, event: Event) -> None:
+        self._keep(event)
         symbol = event.symbol
         if not self._watched(symbol):
             return

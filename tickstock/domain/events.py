@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import reprlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
@@ -65,6 +65,7 @@ class Event:
     @ivar latest: for a latest-only event, the key a newer event supersedes
         it by (its topic and the values of its channel's C{latest_by}:
         symbol, job or service); L{None} for must-deliver.
+    @ivar snapshot: sent as a new subscription's current value (L{as_snapshot}).
     """
 
     id: str
@@ -78,6 +79,7 @@ class Event:
     user: str | None = None
     size: int = 0
     latest: tuple[Any, ...] | None = None
+    snapshot: bool = False
     _tail: bytes | None = field(default=None, repr=False)
 
     @property
@@ -90,9 +92,18 @@ class Event:
             self._tail = (
                 b',"id":' + orjson.dumps(self.id)
                 + b',"type":' + orjson.dumps(self.type)
-                + b',"data":' + orjson.dumps(self.data) + b"}"
+                + b',"data":' + orjson.dumps(self.data)
+                + (b',"snapshot":true}' if self.snapshot else b"}")
             )
         return self._tail
+
+    def as_snapshot(self) -> Event:
+        """
+        This latest-only event as the current value a new subscription gets
+        first: its frames say C{"snapshot":true}, and its id is no resume
+        point (it may be older than events the subscriber never had).
+        """
+        return replace(self, snapshot=True, _tail=None)
 
     def frame(self, sub_id: str) -> bytes:
         """The JSON text of the C{event} message for subscription C{sub_id}."""

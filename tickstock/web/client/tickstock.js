@@ -135,8 +135,9 @@ export class TickStock {
 
   /**
    * Subscribe to `topic` with `filter` (docs/contract.md §3; null for none) and call
-   * `onEvent({id, type, topic, data})` for each event. The subscription is
-   * re-sent on every reconnect. Returns {id, topic, filter, unsubscribe()}.
+   * `onEvent({id, type, topic, data})` for each event. For ticks and health the first
+   * events are the current value of each symbol or service, with `snapshot: true`. The
+   * subscription is re-sent on every reconnect. Returns {id, topic, filter, unsubscribe()}.
    */
   subscribe(topic, filter, onEvent) {
     const sub = { id: `s${++this._seq}`, topic, filter: filter || null, onEvent, active: false,
@@ -344,10 +345,13 @@ export class TickStock {
   }
 
   _event(m) {
-    if (typeof m.id === "string" && (!this.lastId || compareIds(m.id, this.lastId) > 0)) this.lastId = m.id;
+    // A snapshot (a key's current value, sent first on subscribe) may be older than events this
+    // client never had: its id is no point to resume from.
+    if (!m.snapshot && typeof m.id === "string" && (!this.lastId || compareIds(m.id, this.lastId) > 0)) this.lastId = m.id;
     const sub = this._subs.get(m.sub);
     if (!sub) return;
     const event = { id: m.id, type: m.type, topic: sub.topic, data: m.data && typeof m.data === "object" ? m.data : {} };
+    if (m.snapshot === true) event.snapshot = true;
     if (sub === this._jobsSub) this._emit("job", event);
     try { sub.onEvent?.(event); } catch (error) { report(error); }
   }

@@ -116,7 +116,7 @@ def legacy_frame(event: Event, offset: bool = True) -> bytes:
     """
     name = event_name(event)
     data = event.data
-    body = {
+    body: dict[str, Any] = {
         "type": name,
         "id": event.id,
         "event": {
@@ -127,6 +127,8 @@ def legacy_frame(event: Event, offset: bool = True) -> bytes:
             "channel": event.channel,
         },
     }
+    if event.snapshot:
+        body["snapshot"] = True
     head = b'42["' + name.encode() + b'",' + orjson.dumps(body)
     return head + _offset(event, offset)
 
@@ -141,8 +143,8 @@ def _offset(event: Event, offset: bool) -> bytes:
     The end of an event's arguments: its id as the offset, or nothing. A
     tick has none: ticks are paced per symbol, so one can come after newer
     events, and its id would take the client's offset back (a recovery
-    would then send those again).
+    would then send those again); nor has a snapshot (L{Event.as_snapshot}).
     """
-    if offset and event.topic != "ticks":
+    if offset and event.topic != "ticks" and not event.snapshot:
         return b',"' + event.id.encode() + b'"]'
     return b"]"

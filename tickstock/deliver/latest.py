@@ -1,0 +1,43 @@
+"""
+The current value of every latest-only key (a symbol's tick, a service's
+health), kept so that a new subscription gets it first, as a snapshot,
+rather than waiting for the next update: a reloaded page shows every price
+at once. Every node sees every event, so every node keeps them all.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+from tickstock.domain.events import Event, id_key
+
+MAX_KEYS = 100_000
+"""Keys kept at most, all topics together; past it the least recently updated go."""
+
+
+class Latest:
+    """The newest event per conflation key, by topic."""
+
+    def __init__(self, max_keys: int = MAX_KEYS) -> None:
+        self._max_keys = max_keys
+        self._events: OrderedDict[tuple[Any, ...], Event] = OrderedDict()
+        self._by_topic: dict[str, dict[tuple[Any, ...], Event]] = {}
+
+    def keep(self, event: Event) -> None:
+        """Keep C{event} as its key's current value (a must-deliver event has none)."""
+        key = event.latest
+        if key is None:
+            return
+        events = self._events
+        if key in events:
+            events.move_to_end(key)
+        elif len(events) >= self._max_keys:
+            old, dropped = events.popitem(last=False)
+            del self._by_topic[dropped.topic][old]
+        events[key] = event
+        self._by_topic.setdefault(event.topic, {})[key] = event
+
+    def of(self, topic: str) -> list[Event]:
+        """The current values of C{topic}'s keys, oldest first."""
+        return sorted(self._by_topic.get(topic, {}).values(), key=lambda e: id_key(e.id))
