@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import websocket
 
 from tests.conftest import TEST_SECRET
 from tests.servers import RedisServer, poll
@@ -45,6 +47,18 @@ if not os.path.exists(CHROMIUM):
     pytest.skip(f"no Chromium at {CHROMIUM}", allow_module_level=True)
 
 sync_api = pytest.importorskip("playwright.sync_api")
+
+
+def seed_history(stack: Stack, symbol: str, minutes: int) -> int:
+    """Ticks of a random walk in each of the past C{minutes} minutes; returns how many minutes."""
+    rng = random.Random(symbol)
+    now = int(time.time()) // 60 * 60
+    price = 175.0
+    for minute in range(now - minutes * 60, now, 60):
+        for second in (3, 18, 33, 48):
+            price = round(price * (1 + rng.gauss(0, 0.0015)), 2)
+            stack.tick(symbol, price, minute + second, volume=rng.randint(100, 3000))
+    return minutes
 
 
 class Stack:
@@ -96,18 +110,35 @@ class Stack:
         return self._auth.mint(user, time.time(), 3600)
 
     def alert(self, symbol: str, pattern: str, confidence: float = 0.9,
-              price: float = 123.456) -> None:
-        """XADD one pattern event as the producer would."""
+              price: float = 123.456, **extra: Any) -> None:
+        """XADD one pattern event as the producer would (C{extra}: more or other fields)."""
         self.redis.command("XADD", "tickstock.events.patterns", "*", "data", json.dumps({
             "event_type": "pattern_detected", "symbol": symbol, "pattern": pattern,
             "confidence": confidence, "price": price, "timestamp": time.time(),
-            "event_id": f"browser-{uuid.uuid4()}"}))
+            "event_id": f"browser-{uuid.uuid4()}", **extra}))
 
-    def tick(self, symbol: str, price: float) -> None:
+    def tick(self, symbol: str, price: float, timestamp: float | None = None,
+             volume: float = 100) -> None:
         """XADD one tick as the producer would."""
         self.redis.command("XADD", "tickstock.data.ticks", "*", "data", json.dumps({
-            "event_type": "tick", "symbol": symbol, "price": price, "volume": 100,
+            "event_type": "tick", "symbol": symbol, "price": price, "volume": volume,
+            "timestamp": time.time() if timestamp is None else timestamp}))
+
+    def universe(self, key: str, symbols: list[str]) -> None:
+        """XADD the producer's word that universe C{key} now has these symbols."""
+        self.redis.command("XADD", "tickstock.universe.updated", "*", "data", json.dumps({
+            "event_type": "universe_updated", "universe": key, "symbols": symbols,
             "timestamp": time.time()}))
+
+    def get(self, path: str) -> Any:
+        """GET an API path as some signed-in user: the answer's JSON, or None if it failed."""
+        request = urllib.request.Request(self.url + path.lstrip("/"), headers={
+            "authorization": f"Bearer {self.token('tester')}"})
+        try:
+            with urllib.request.urlopen(request, timeout=5) as answer:
+                return json.loads(answer.read())
+        except OSError:
+            return None
 
 
 @pytest.fixture(scope="module")
@@ -183,9 +214,15 @@ def test_the_dashboard_shows_alerts_and_prices_for_the_watchlist_only(stack: Sta
     """
     Signed in with a token and watching AAPL and MSFT: the simulator's alerts
     and prices for those appear, an alert for NVDA published before a marker
-    for AAPL never does, and the page logged no console error.
+    for AAPL never does, AAPL's chart starts with the 1-minute bars stored
+    before the page opened, and the page logged no console error.
     """
+    history = seed_history(stack, "AAPL", 45)
+    poll(lambda: len((stack.get("api/ohlcv/AAPL") or {}).get("bars", [])) >= history, 10,
+         "the history stored")
     page.sign_in(stack, "alice")
+    page.page.wait_for_function("n => document.getElementById('chart').dataset.candles >= n",
+                                arg=history)
     stack.alert("NVDA", "OffTheList")
     stack.alert("AAPL", "OnTheList")
     page.wait_for_pattern("OnTheList")
@@ -218,6 +255,51 @@ def test_the_dashboard_shows_alerts_and_prices_for_the_watchlist_only(stack: Sta
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.page.screenshot(path=str(ARTIFACTS / "dashboard.png"))
+    assert page.errors == []
+
+
+def test_a_page_shows_every_current_price_and_heartbeat_as_soon_as_it_is_ready(
+        stack: Stack, page: Page) -> None:
+    """
+    Two symbols that traded once, long before the page opened (nobody
+    watching them), and a producer that sent one heartbeat: within a second
+    of the page being connected every tile shows its price and the
+    producer's status is shown, from the subscriptions' snapshots, with no
+    tick or heartbeat arriving meanwhile; a heartbeat from a minute ago
+    shows as stale.
+    """
+    stack.tick("QUIETA", 12.5)
+    stack.tick("QUIETB", 98.25)
+    stack.redis.command("XADD", "tickstock.health.status", "*", "data", json.dumps({
+        "service": "quiet-producer", "status": "healthy", "timestamp": time.time() - 60}))
+    ws = websocket.create_connection(f"ws://127.0.0.1:{stack.daemon.port}/ws", timeout=10)
+    try:
+        ws.send(json.dumps({"op": "hello", "id": "h", "token": stack.token("probe")}))
+        ws.recv()
+        attempt = 0
+
+        def has_both() -> bool:
+            nonlocal attempt
+            attempt += 1
+            ws.send(json.dumps({"op": "subscribe", "id": f"t{attempt}", "topic": "ticks",
+                                "filter": {"symbols": ["QUIETA", "QUIETB"]}}))
+            reply = json.loads(ws.recv())
+            for _ in range(reply.get("snapshot", 0)):
+                ws.recv()
+            ws.send(json.dumps({"op": "unsubscribe", "id": f"t{attempt}"}))
+            while json.loads(ws.recv())["op"] != "unsubscribed":
+                pass
+            return reply.get("snapshot") == 2
+
+        poll(has_both, 10, "the daemon holding both symbols' prices")
+    finally:
+        ws.close()
+    page.sign_in(stack, "carol", watch=("QUIETA", "QUIETB"))
+    page.page.wait_for_function(
+        "() => [...document.querySelectorAll('#prices .price')].map(p => p.textContent)"
+        ".join() === '12.50,98.25'", timeout=1000)
+    page.page.wait_for_selector("#health .health[data-status=stale]:has-text('quiet-producer')",
+                                timeout=1000)
     assert page.errors == []
 
 
@@ -328,6 +410,142 @@ def test_after_the_daemon_is_killed_the_page_reconnects_and_recovers_what_it_mis
     assert [e for e in page.errors if "WebSocket connection" not in e] == []
 
 
+def legend(page: Page) -> str:
+    """The chart legend's text, its spaces collapsed."""
+    return " ".join((page.page.text_content("#legend") or "").split())
+
+
+def wait_for_legend(page: Page, pattern: str) -> None:
+    """Until the legend's text (its spaces collapsed) matches this regular expression."""
+    page.page.wait_for_function(
+        "re => new RegExp(re).test(document.getElementById('legend').textContent"
+        ".replace(/\\s+/g, ' '))", arg=pattern)
+
+
+def test_the_chart_has_candles_for_the_bars_and_a_marker_at_an_alerts_candle(
+        stack: Stack, page: Page) -> None:
+    """
+    Ticks in three past minutes make three 1-minute bars (/api/ohlcv): the
+    chart has one candle each, the legend the latest one's OHLCV, and a live
+    tick opens a fourth. A bullish alert in the second minute is a marker
+    there; clicking its row shows that candle with the pattern and its
+    confidence, up arrow and all. 5-minute candles are the same minutes
+    aggregated. A screenshot at phone width goes to the artifacts.
+    """
+    now = time.time()
+    first = (int(now) // 60 - 4) * 60
+    minutes = [first, first + 60, first + 120]
+    for n, minute in enumerate(minutes):
+        for offset, price in ((5, 100 + n), (20, 104 + n), (35, 98 + n), (50, 101 + n)):
+            stack.tick("CNDL", price, minute + offset, volume=250)
+    poll(lambda: len((stack.get("api/ohlcv/CNDL") or {}).get("bars", [])) == 3, 10,
+         "the three bars stored")
+    page.sign_in(stack, "judy", watch=("CNDL",))
+    p = page.page
+    p.wait_for_selector("#chart[data-candles='3']")
+    assert p.locator("#chart canvas").count() > 0
+    wait_for_legend(page, r"O 102\.00 H 106\.00 L 100\.00 C 103\.00 V 1\.0K")
+
+    stack.alert("CNDL", "ChartMarker", 0.77, 105.0, timestamp=minutes[1] + 30,
+                direction="bullish")
+    page.wait_for_pattern("ChartMarker")
+    p.wait_for_selector("#chart[data-markers='1']")
+    stack.tick("CNDL", 120.5)
+    p.wait_for_selector("#chart[data-candles='4']")
+    wait_for_legend(page, r"C 120\.50")
+
+    p.click("#alerts tr:has(td.pattern:text-is('ChartMarker'))")
+    wait_for_legend(page, "▲ ChartMarker 77%")
+    assert "O 101.00 H 105.00 L 99.00 C 102.00" in legend(page)
+
+    p.click("#intervals button[data-interval='5m']")
+    buckets = {m // 300 for m in minutes} | {int(time.time()) // 300}
+    p.wait_for_selector(f"#chart[data-candles='{len(buckets)}']")
+    p.wait_for_selector("#chart[data-markers='1']")
+    p.click("#intervals button[data-interval='1m']")
+    p.wait_for_selector("#chart[data-candles='4']")
+
+    p.set_viewport_size({"width": 390, "height": 844})
+    p.evaluate("() => new Promise(requestAnimationFrame)")
+    assert p.evaluate("() => document.documentElement.scrollWidth") <= 390
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    p.screenshot(path=str(ARTIFACTS / "dashboard-phone.png"))
+    assert page.errors == []
+
+
+def test_a_picked_universe_is_the_watchlist_and_follows_the_producers_changes(
+        stack: Stack, page: Page) -> None:
+    """
+    Picking a universe from /api/universes subscribes with the C{universe}
+    filter (seen on the wire) and shows its members; when the producer adds a
+    symbol to it, the symbol gets its tile and its alerts come in, without a
+    reload. Back on the typed list, its symbols are watched again.
+    """
+    stack.universe("etf_browser", ["UNIA"])
+    poll(lambda: stack.get("api/universes/etf_browser") is not None, 10, "the universe known")
+    sent: list[dict[str, Any]] = []
+    page.page.on("websocket", lambda ws: ws.on(
+        "framesent", lambda frame: sent.append(json.loads(frame))))
+    page.sign_in(stack, "kim")
+    p = page.page
+    p.wait_for_selector("#universe option[value='etf_browser']", state="attached")
+    p.select_option("#universe", "etf_browser")
+    p.wait_for_function("() => [...document.querySelectorAll('#prices .sym')]"
+                        ".map(s => s.textContent).join() === 'UNIA'")
+    filters = {m["topic"]: m.get("filter") for m in sent if m.get("op") == "subscribe"}
+    assert filters["patterns"] == filters["ticks"] == {"universe": "etf_browser"}, sent
+    assert p.is_disabled("#watch")
+    stack.alert("UNIA", "InTheUniverse")
+    page.wait_for_pattern("InTheUniverse")
+
+    stack.universe("etf_browser", ["UNIA", "UNIB"])
+    p.wait_for_selector("#prices .tile:has-text('UNIB')")
+    stack.alert("UNIB", "NewMember")
+    page.wait_for_pattern("NewMember")
+    assert p.evaluate("() => location.href") == stack.url  # never reloaded
+
+    p.select_option("#universe", "")
+    p.wait_for_function("() => [...document.querySelectorAll('#prices .sym')]"
+                        ".map(s => s.textContent).join() === 'AAPL,MSFT'")
+    stack.alert("AAPL", "BackOnMyList")
+    page.wait_for_pattern("BackOnMyList")
+    last = {m["topic"]: m.get("filter") for m in sent if m.get("op") == "subscribe"}
+    assert last["patterns"] == last["ticks"] == {"symbols": list(WATCH)}, sent
+    assert page.errors == []
+
+
+NOTIFICATIONS = """
+window.shown = [];
+window.Notification = class { static permission = "granted";
+    static requestPermission() { return Promise.resolve("granted"); }
+    constructor(title, options) { window.shown.push([title, options.body]); } };
+"""
+
+
+def test_notifications_are_opt_in_and_above_the_chosen_confidence(
+        stack: Stack, page: Page) -> None:
+    """
+    (The Notification API is stubbed to record.) Nothing is notified until
+    the box is ticked; then an alert for a watched symbol at 90 % is, one at
+    60 % below the chosen 85 % is not.
+    """
+    page.context.add_init_script(NOTIFICATIONS)
+    page.sign_in(stack, "leo", watch=("NTFA", "NTFB"))
+    p = page.page
+    stack.alert("NTFA", "BeforeOptIn", 0.99)
+    page.wait_for_pattern("BeforeOptIn")
+    p.check("#notify")
+    p.select_option("#notify-conf", "0.85")
+    stack.alert("NTFB", "TooUnsure", 0.6)
+    stack.alert("NTFA", "SureEnough", 0.9, 10.0, direction="bearish")
+    page.wait_for_pattern("SureEnough")
+    p.wait_for_function("() => window.shown.length > 0")
+    shown = p.evaluate("() => window.shown")
+    assert [title for title, _ in shown] == ["NTFA SureEnough (down)"], shown
+    assert re.fullmatch(r"90% at 10\.00, \d\d:\d\d:\d\d", shown[0][1]), shown
+    assert page.errors == []
+
+
 FRAME = ["header h1", "#connect", "#watch-form", "#prices", ".chart-card", "#filters",
          ".alerts thead", ".scroll", ".side .card:first-child", "#bt-form"]
 
@@ -358,6 +576,7 @@ def test_the_page_frame_does_not_move_while_alerts_stream_in(stack: Stack, page:
 
 # What must show in full at every width: numbers, symbols, pattern names.
 UNCUT = ["#alerts td", ".alerts th", "#prices .sym", "#prices .price", ".chart-card h2",
+         "#intervals", "#chart", "#universe", "#notify-conf",
          "#server .health", "#health .health", "#jobs .job-title", "#jobs .job-status",
          "#jobs .results dt", "#jobs .results dd"]
 # What must not be broken across lines: an alert's every cell, a job's dates.

@@ -3,20 +3,22 @@
 // ever parsed as HTML, and rendering batched to one pass per animation frame.
 
 import { TickStock, compareIds } from "/static/tickstock.js";
-import { PriceChart } from "./chart.js";
+import { CandleChart, INTERVALS, direction } from "./chart.js";
 
 const $ = (id) => document.getElementById(id);
 const SYMBOL = /^[A-Z0-9.-]{1,10}$/;
 const USER = /^[A-Za-z0-9_.@-]{1,64}$/;
-const KEEP_ALERTS = 500, MAX_ROWS = 100, RECENT_PER_SYMBOL = 20, MAX_JOBS = 20, MAX_POINTS = 600, MAX_WATCH = 50;
-const STALE_S = 30, SERVER_POLL_MS = 5000;
+const KEEP_ALERTS = 500, MAX_ROWS = 100, RECENT_PER_SYMBOL = 20, MAX_JOBS = 20, MAX_WATCH = 50, MAX_UNIVERSE = 500;
+const STALE_S = 30, SERVER_POLL_MS = 5000, NOTIFY_GAP_MS = 1000;
 const FINAL = new Set(["done", "failed", "cancelled"]);
 const CREDENTIAL = "tickstock.credential"; // sessionStorage: gone with the tab, never in a URL
 const WATCH = "tickstock.watch";           // localStorage: not a secret
+const UNIVERSE = "tickstock.universe", INTERVAL = "tickstock.interval", NOTIFY = "tickstock.notify";
 
 const ui = Object.fromEntries([
   "status", "status-text", "status-detail", "notice", "login", "credential", "credential-label", "signout",
-  "watch-form", "watch", "watch-msg", "prices", "chart", "chart-symbol", "chart-last",
+  "watch-form", "watch", "watch-apply", "watch-msg", "universe", "notify", "notify-conf", "prices",
+  "chart", "chart-symbol", "chart-last", "legend", "intervals",
   "filters", "f-symbol", "f-pattern", "f-conf", "alerts", "alerts-empty", "alert-count",
   "server", "health", "bt-form", "bt-symbols", "bt-start", "bt-end", "bt-run", "bt-msg", "jobs",
 ].map((id) => [id.replace(/-(\w)/g, (_, c) => c.toUpperCase()), $(id)]));
@@ -26,10 +28,11 @@ const page = {
   credential: null,    // the token, or the demo user name
   client: null,
   watch: [],
-  feeds: [],           // this watchlist's subscriptions (patterns, ticks)
+  universe: "",        // the watched universe's key, or "" for the typed list
+  feeds: [],           // this watchlist's subscriptions (patterns, ticks, universe)
   alerts: [],          // {id, data}, newest first, KEEP_ALERTS at most
-  ticks: new Map(),    // symbol -> [[epoch ms, price], ...]
   selected: null,      // the charted symbol
+  barsLoaded: false,   // the charted symbol's history is in the chart
   jobs: new Map(),     // job_id -> row
   retryAt: 0,
 };
@@ -90,7 +93,9 @@ function onState(s) {
     ui.btRun.disabled = false;
     loadJobs();
     if (!s.resumed) loadRecentAlerts();
-    if (page.selected && !page.ticks.get(page.selected)?.length) loadBars(page.selected, page.ticks.get(page.selected));
+    loadUniverses();
+    if (page.universe) loadMembers();
+    if (page.selected && !page.barsLoaded) loadBars(page.selected);
   } else if (s.state === "reconnecting") {
     page.retryAt = s.retryAt;
     ui.btRun.disabled = true;
@@ -129,7 +134,7 @@ function start(credential) {
     const text = `${e.code}: ${e.message}`.slice(0, 200);
     if (e.subscription) ui.watchMsg.textContent = text; else ui.notice.textContent = text;
   });
-  client.subscribe("health", null, (e) => onHealth(e.data));
+  client.subscribe("health", null, (e) => onHealth(e.data, e.snapshot));
   subscribeWatch();
   client.connect();
 }
@@ -149,52 +154,124 @@ function signOut() {
   setStatus("offline", "offline", "signed out");
 }
 
-// ---- watchlist, alerts, prices ---------------------------------------------------
+// ---- watchlist, universes, alerts, prices ----------------------------------------
 
 function subscribeWatch() {
   const client = page.client;
   if (!client) return;
   for (const sub of page.feeds) sub.unsubscribe();
   page.feeds = [];
+  if (page.universe) { // the server keeps the universe's symbols current: its new members come live
+    const filter = { universe: page.universe };
+    page.feeds.push(client.subscribe("patterns", filter, onAlert),
+      client.subscribe("ticks", filter, (e) => onTick(e.data)),
+      client.subscribe("universe", null, (e) => onUniverseEvent(e.data)));
+    return;
+  }
   if (!page.watch.length) return; // no filter would mean every symbol
   const filter = { symbols: page.watch };
   page.feeds.push(client.subscribe("patterns", filter, onAlert),
     client.subscribe("ticks", filter, (e) => onTick(e.data)));
 }
 
-function applyWatch() {
-  const { list, bad } = parseSymbols(ui.watch.value);
-  ui.watchMsg.textContent = bad.length ? `ignored: ${bad.join(", ").slice(0, 80)}` : list.length ? "" : "empty watchlist";
-  page.watch = list.slice(0, MAX_WATCH);
-  ui.watch.value = page.watch.join(",");
-  localStorage.setItem(WATCH, ui.watch.value);
-  const watched = new Set(page.watch);
+// Show these symbols as the watchlist: tiles, the symbol filter, the chart.
+function setWatch(list) {
+  page.watch = list;
+  const watched = new Set(list);
   page.alerts = page.alerts.filter((a) => watched.has(a.data.symbol));
-  for (const symbol of page.ticks.keys()) if (!watched.has(symbol)) page.ticks.delete(symbol);
   const chosen = ui.fSymbol.value;
-  ui.fSymbol.replaceChildren(el("option", null, "all"), ...page.watch.map((s) => el("option", null, s)));
+  ui.fSymbol.replaceChildren(el("option", null, "all"), ...list.map((s) => el("option", null, s)));
   ui.fSymbol.options[0].value = "";
   ui.fSymbol.value = watched.has(chosen) ? chosen : "";
   renderTiles();
-  select(watched.has(page.selected) ? page.selected : page.watch[0] || null);
+  select(watched.has(page.selected) ? page.selected : list[0] || null);
   later(renderAlerts);
+}
+
+function applyWatch() {
+  const { list, bad } = parseSymbols(ui.watch.value);
+  ui.watchMsg.textContent = bad.length ? `ignored: ${bad.join(", ").slice(0, 80)}` : list.length ? "" : "empty watchlist";
+  ui.watch.value = list.slice(0, MAX_WATCH).join(",");
+  localStorage.setItem(WATCH, ui.watch.value);
+  if (page.universe) return;
+  setWatch(list.slice(0, MAX_WATCH));
   subscribeWatch();
   if (page.client?.state === "connected") loadRecentAlerts();
 }
 
+// Watch a universe ("" for the typed list): subscribe with its key, then show its members.
+function pickUniverse(key) {
+  page.universe = key;
+  localStorage.setItem(UNIVERSE, key);
+  ui.watch.disabled = ui.watchApply.disabled = Boolean(key);
+  ui.watchMsg.textContent = "";
+  if (!key) { applyWatch(); return; }
+  setWatch([]);
+  subscribeWatch();
+  if (page.client?.state === "connected") loadMembers();
+}
+
+async function loadUniverses() {
+  const answer = await api("/api/universes");
+  const all = (Array.isArray(answer?.universes) ? answer.universes : []).filter((u) => u && typeof u.key === "string");
+  all.sort((a, b) => (a.type === "etf_universe" ? 0 : 1) - (b.type === "etf_universe" ? 0 : 1) || (a.key < b.key ? -1 : 1));
+  const options = all.map((u) => {
+    const option = el("option", null, `${u.key}${num(u.symbol_count) ? ` (${u.symbol_count})` : ""}`);
+    option.value = u.key;
+    return option;
+  });
+  if (page.universe && !all.some((u) => u.key === page.universe)) {
+    options.unshift(el("option", null, page.universe));
+    options[0].value = page.universe;
+  }
+  const mine = el("option", null, "my list");
+  mine.value = "";
+  ui.universe.replaceChildren(mine, ...options);
+  ui.universe.value = page.universe;
+}
+
+// The universe's members now, from the REST API (also after the producer changed it).
+async function loadMembers() {
+  const key = page.universe;
+  const answer = await api(`/api/universes/${encodeURIComponent(key)}`);
+  if (key !== page.universe) return;
+  if (!answer || !Array.isArray(answer.symbols)) { ui.watchMsg.textContent = `no universe ${key}`; return; }
+  const members = answer.symbols.filter((s) => typeof s === "string" && SYMBOL.test(s)).slice(0, MAX_UNIVERSE);
+  const live = page.watch.filter((s) => !members.includes(s) && page.alerts.some((a) => a.data.symbol === s));
+  setWatch([...members, ...live]);
+  loadRecentAlerts();
+}
+
+function onUniverseEvent(d) {
+  const named = ["universe", "key", "universe_key", "cache_key", "theme"].map((k) => d[k]).filter((k) => typeof k === "string")
+    .concat(...["universes", "keys"].map((k) => (Array.isArray(d[k]) ? d[k] : [])));
+  if (!named.length || named.includes(page.universe)) later(loadMembers);
+}
+
+// An event for a symbol the page does not show yet: with a universe, it has a new member.
+function member(symbol) {
+  if (!page.universe || page.watch.includes(symbol) || !SYMBOL.test(symbol) || page.watch.length >= MAX_UNIVERSE) return;
+  page.watch = [...page.watch, symbol];
+  later(showWatch);
+}
+function showWatch() { setWatch(page.watch); }
+
 function onAlert(e) {
   if (typeof e.data.symbol !== "string") return;
+  member(e.data.symbol);
   const alert = { id: e.id, data: e.data };
   page.alerts.unshift(alert);
   if (page.alerts.length > KEEP_ALERTS * 2) page.alerts.length = KEEP_ALERTS;
   pendingAlerts.push(alert);
   later(addAlerts);
+  if (alert.data.symbol === page.selected) later(chartAlerts);
+  notify(alert);
 }
 
 // The watchlist's latest alerts from the history (/api/patterns), merged by id
 // with the live ones, so a fresh page does not start empty.
 async function loadRecentAlerts() {
-  const pages = await Promise.all(page.watch.map(async (symbol) =>
+  const pages = await Promise.all(page.watch.slice(0, MAX_WATCH).map(async (symbol) =>
     (await api(`/api/patterns?symbol=${encodeURIComponent(symbol)}&limit=${RECENT_PER_SYMBOL}`))?.patterns));
   const watched = new Set(page.watch), known = new Set(page.alerts.map((a) => a.id));
   const older = pages.filter(Array.isArray).flat().filter((r) => r && typeof r.id === "string" && !known.has(r.id)
@@ -203,6 +280,7 @@ async function loadRecentAlerts() {
   page.alerts = [...page.alerts, ...older.map((r) => ({ id: r.id, data: r.data }))]
     .sort((a, b) => compareIds(b.id, a.id)).slice(0, KEEP_ALERTS);
   later(renderAlerts);
+  later(chartAlerts);
 }
 
 function shown({ data: d }) {
@@ -216,11 +294,33 @@ function alertRow({ data: d }) {
   const tr = el("tr");
   const conf = el("td", "num", pct(d.confidence));
   if (num(d.confidence) && d.confidence >= 0.85) conf.classList.add("hi");
+  const way = direction(d);
   const pattern = el("td", "pattern", str(d.pattern));
   pattern.title = pattern.textContent;
+  if (way) pattern.dataset.dir = way;
   tr.append(el("td", "time", hms(d.timestamp)), el("td", "sym", str(d.symbol)), pattern, conf,
     el("td", "num", fixed(d.price, 2)));
+  tr.tabIndex = 0;
+  tr.title = `Chart ${str(d.symbol)} at this alert`;
+  const show = () => { if (typeof d.symbol === "string") showAlert(d.symbol, d.timestamp); };
+  tr.addEventListener("click", show);
+  tr.addEventListener("keydown", (e) => { if (e.key === "Enter") show(); });
   return tr;
+}
+
+// Chart the alert's symbol and scroll to its candle, once its bars are in.
+let focusAt = null;
+function showAlert(symbol, seconds) {
+  if (!num(seconds)) { select(symbol); return; }
+  focusAt = seconds;
+  if (symbol !== page.selected) select(symbol);
+  else focusAlert();
+  ui.chart.scrollIntoView({ block: "nearest" });
+}
+function focusAlert() {
+  if (focusAt === null || !page.barsLoaded) return;
+  chart.focus(focusAt);
+  focusAt = null;
 }
 
 let pendingAlerts = [];
@@ -248,6 +348,37 @@ function alertsShown() {
   ui.alertCount.textContent = n ? `(latest ${n})` : "";
 }
 
+function chartAlerts() { chart.setAlerts(page.alerts.filter((a) => a.data.symbol === page.selected)); }
+
+// ---- notifications (opt-in) ----------------------------------------------------------
+
+let lastNotified = 0;
+function notify({ id, data: d }) {
+  if (!ui.notify.checked || globalThis.Notification?.permission !== "granted") return;
+  if (!num(d.confidence) || d.confidence < Number(ui.notifyConf.value) || !page.watch.includes(d.symbol)) return;
+  if (Date.now() - lastNotified < NOTIFY_GAP_MS) return; // a burst makes one notification, not fifty
+  lastNotified = Date.now();
+  const way = direction(d);
+  new Notification(`${d.symbol} ${str(d.pattern)}${way ? ` (${way})` : ""}`, {
+    body: `${pct(d.confidence)} at ${fixed(d.price, 2)}, ${hms(d.timestamp)}`, tag: `tickstock-${d.symbol}`, data: id });
+}
+
+async function toggleNotify() {
+  if (ui.notify.checked && globalThis.Notification && Notification.permission !== "granted") {
+    const answer = await Notification.requestPermission().catch(() => "denied");
+    if (answer !== "granted") {
+      ui.notify.checked = false;
+      ui.watchMsg.textContent = "notifications are blocked for this site";
+    }
+  } else if (ui.notify.checked && !globalThis.Notification) {
+    ui.notify.checked = false;
+    ui.watchMsg.textContent = "this browser has no notifications";
+  }
+  localStorage.setItem(NOTIFY, ui.notify.checked ? ui.notifyConf.value : "");
+}
+
+// ---- prices and the chart ------------------------------------------------------------
+
 let tiles = new Map(); // symbol -> { box, value, arrow, last }
 
 function renderTiles() {
@@ -270,10 +401,8 @@ function renderTiles() {
 const changedPrices = new Map();
 function onTick(d) {
   if (typeof d.symbol !== "string" || !num(d.price)) return;
-  let points = page.ticks.get(d.symbol);
-  if (!points) page.ticks.set(d.symbol, (points = []));
-  points.push([num(d.timestamp) ? d.timestamp * 1000 : Date.now(), d.price]);
-  if (points.length > MAX_POINTS * 2) points.splice(0, points.length - MAX_POINTS);
+  member(d.symbol);
+  if (d.symbol === page.selected) chart.addTick(d.price, d.volume, num(d.timestamp) ? d.timestamp : Date.now() / 1000);
   changedPrices.set(d.symbol, d.price);
   later(renderPrices);
 }
@@ -290,46 +419,50 @@ function renderPrices() {
     tile.last = price;
     tile.value.textContent = price.toFixed(2);
   }
-  if (changedPrices.has(page.selected)) {
-    ui.chartLast.textContent = changedPrices.get(page.selected).toFixed(2);
-    chart.redraw();
-  }
+  if (changedPrices.has(page.selected)) ui.chartLast.textContent = changedPrices.get(page.selected).toFixed(2);
   changedPrices.clear();
 }
 
 function select(symbol) {
+  if (symbol === page.selected && symbol) return;
   page.selected = symbol;
+  page.barsLoaded = false;
   for (const [s, tile] of tiles) tile.box.setAttribute("aria-pressed", String(s === symbol));
   ui.chartSymbol.textContent = symbol || "";
-  const points = (symbol && page.ticks.get(symbol)) || [];
-  if (symbol && !page.ticks.has(symbol)) page.ticks.set(symbol, points);
-  ui.chartLast.textContent = points.length ? points[points.length - 1][1].toFixed(2) : "";
-  chart.show(points);
-  if (symbol && !points.length) loadBars(symbol, points);
+  const last = symbol && tiles.get(symbol)?.last;
+  ui.chartLast.textContent = num(last) ? last.toFixed(2) : "";
+  chart.reset();
+  chartAlerts();
+  if (symbol) loadBars(symbol);
 }
 
-// The day's 1-minute closes, so a chart starts with a history; live ticks follow on.
-const loadingBars = new Set();
-async function loadBars(symbol, points) {
-  if (!page.credential || loadingBars.has(symbol)) return;
-  loadingBars.add(symbol);
+// The last day's 1-minute bars, so a chart starts with a history; live ticks follow on.
+async function loadBars(symbol) {
+  if (!page.credential) return;
   const answer = await api(`/api/ohlcv/${encodeURIComponent(symbol)}`);
-  loadingBars.delete(symbol);
-  if (!answer) return;
-  const first = points.length ? points[0][0] : Infinity;
-  const bars = (Array.isArray(answer.bars) ? answer.bars : [])
-    .filter((b) => num(b.minute) && num(b.close) && b.minute * 1000 < first).map((b) => [b.minute * 1000, b.close]);
-  points.unshift(...bars.slice(-MAX_POINTS));
-  if (page.selected === symbol) chart.redraw();
+  if (!answer || page.selected !== symbol) return;
+  chart.addBars((Array.isArray(answer.bars) ? answer.bars : []).filter((b) => b && num(b.minute)
+    && [b.open, b.high, b.low, b.close].every(num)));
+  page.barsLoaded = true;
+  later(focusAlert);
+}
+
+function chooseInterval(name) {
+  const seconds = INTERVALS[name] ? name : "1m";
+  for (const b of ui.intervals.querySelectorAll("button")) b.setAttribute("aria-pressed", String(b.dataset.interval === seconds));
+  localStorage.setItem(INTERVAL, seconds);
+  chart.setInterval(INTERVALS[seconds]);
 }
 
 // ---- health ----------------------------------------------------------------------
 
 const producers = new Map(); // service -> { status, ts, seen }
 
-function onHealth(d) {
+function onHealth(d, snapshot) {
   const name = typeof d.service === "string" ? d.service.slice(0, 64) : "producer";
-  producers.set(name, { status: str(d.status), ts: num(d.timestamp) ? d.timestamp : Date.now() / 1000, seen: Date.now() });
+  const ts = num(d.timestamp) ? d.timestamp : Date.now() / 1000;
+  // A snapshot (the last heartbeat, sent on subscribe) was seen when it was sent, not now.
+  producers.set(name, { status: str(d.status), ts, seen: snapshot ? Math.min(ts * 1000, Date.now()) : Date.now() });
   later(renderHealth);
 }
 
@@ -465,7 +598,7 @@ async function loadJobs() {
 
 // ---- wiring --------------------------------------------------------------------------
 
-const chart = new PriceChart(ui.chart);
+const chart = new CandleChart(ui.chart, ui.legend);
 
 async function main() {
   try {
@@ -479,7 +612,17 @@ async function main() {
     ui.credential.autocomplete = "username";
   }
   ui.watch.value = localStorage.getItem(WATCH) || ui.watch.value;
-  applyWatch();
+  chooseInterval(localStorage.getItem(INTERVAL));
+  const threshold = localStorage.getItem(NOTIFY);
+  ui.notify.checked = Boolean(threshold) && globalThis.Notification?.permission === "granted";
+  if (threshold) ui.notifyConf.value = threshold;
+  const universe = localStorage.getItem(UNIVERSE) || "";
+  if (universe) {
+    ui.universe.append(el("option", null, universe));
+    ui.universe.lastElementChild.value = universe;
+    ui.universe.value = universe;
+  }
+  pickUniverse(universe);
   const saved = sessionStorage.getItem(CREDENTIAL) || (page.auth === "none" ? "demo" : null);
   ui.credential.value = page.auth === "none" ? saved : "";
   if (saved) start(saved);
@@ -505,6 +648,10 @@ ui.login.addEventListener("submit", (e) => {
 });
 ui.signout.addEventListener("click", signOut);
 ui.watchForm.addEventListener("submit", (e) => { e.preventDefault(); applyWatch(); });
+ui.universe.addEventListener("change", () => pickUniverse(ui.universe.value));
+ui.notify.addEventListener("change", toggleNotify);
+ui.notifyConf.addEventListener("change", () => { if (ui.notify.checked) localStorage.setItem(NOTIFY, ui.notifyConf.value); });
+ui.intervals.addEventListener("click", (e) => { if (e.target.dataset?.interval) chooseInterval(e.target.dataset.interval); });
 ui.filters.addEventListener("submit", (e) => e.preventDefault());
 ui.filters.addEventListener("input", () => later(renderAlerts));
 ui.btForm.addEventListener("submit", (e) => { e.preventDefault(); submitBacktest(); });
