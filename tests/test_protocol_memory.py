@@ -435,3 +435,28 @@ def test_a_new_subscription_gets_each_current_value_first(server: Server) -> Non
     resumed.request({"op": "hello", "id": "h", "user": "bob", "resume": {"last_id": live["id"]}})
     assert resumed.request({"op": "subscribe", "id": "h", "topic": "health"}) == [
         {"op": "subscribed", "id": "h", "recovered": True, "replayed": 0}]
+
+
+def test_a_new_backtests_subscription_gets_the_current_progress_of_each_job(
+        server: Server) -> None:
+    """
+    Progress another tab of the user already had has left the offline
+    queue: a new tab's backtests subscription still gets each job's newest
+    progress, marked as a snapshot, and nothing of other users' jobs.
+    """
+    progress = "tickstock.events.backtesting.progress"
+    server.history.own("j1", "alice")
+    server.history.own("j2", "bob")
+    first = greeted(server, "alice")
+    first.request({"op": "subscribe", "id": "b", "topic": "backtests"})
+    for n, job in ((1, "j1"), (2, "j2"), (3, "j1")):
+        server.publish(progress, job_id=job, progress=n / 10, status="running")
+    first.pump.flush()
+    had = [m for m in first.client.messages if m["op"] == "event"]
+    assert [m["data"]["progress"] for m in had] == [0.1, 0.3]
+    server.history.delivered("alice", had[-1]["id"])  # as the daemon's live delivery says
+    second = greeted(server, "alice")
+    subscribed, *events = second.request({"op": "subscribe", "id": "b", "topic": "backtests"})
+    assert subscribed == {"op": "subscribed", "id": "b"}
+    assert [(e["data"]["job_id"], e["data"]["progress"], e["snapshot"]) for e in events] == [
+        ("j1", 0.3, True)]

@@ -396,7 +396,16 @@ class Gateway:
                     reply["missed"] = replay.missed
             conn.reply(reply)
 
-        last = self._broadcaster.release(sub, replay.events, after or "0-0", announce)
+        events = replay.events
+        if after is None and sub.topic == "backtests" and self._latest is not None:
+            # The current progress of jobs another connection of the user
+            # already had (so they left the offline queue), in id order.
+            queued = {event.id for event in events}
+            current = [event.as_snapshot() for event in self._latest.of("backtests")
+                       if sub.wants(event) and event.id not in queued]
+            if current:
+                events = sorted([*events, *current], key=lambda event: id_key(event.id))
+        last = self._broadcaster.release(sub, events, after or "0-0", announce)
         if sub.topic == "backtests" and last is not None and conn.user is not None:
             self._history.delivered(conn.user, last)
 
