@@ -159,6 +159,8 @@ def test_current_values_are_bounded_and_the_least_recently_updated_go() -> None:
     latest.keep(tick("AAA", 3))  # AAA is now the newest
     latest.keep(tick("CCC", 4))  # BBB goes
     assert [(e.symbol, e.id) for e in latest.of("ticks")] == [("AAA", "3-0"), ("CCC", "4-0")]
+    assert [e.id for e in latest.of("ticks", frozenset({"CCC", "BBB", "AAA"}))] == ["3-0", "4-0"]
+    assert latest.of("ticks", frozenset({"BBB"})) == []
     latest.keep(parse_event("tickstock.events.patterns", json.dumps(
         {"symbol": "AAA", "pattern": "Doji", "confidence": 0.9}).encode(), "5-0", 1.0))
     assert latest.of("patterns") == []

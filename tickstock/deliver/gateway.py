@@ -344,7 +344,8 @@ class Gateway:
             sub = state.subscriptions[sub_id] = self._broadcaster.subscribe(
                 conn, sub_id, topic, filter)
             current = [] if self._latest is None else [
-                event for event in self._latest.of(topic) if sub.wants(event)]
+                event for event in self._latest.of(topic, filter.symbols)
+                if sub.wants(event)]
             reply: dict[str, Any] = {"op": "subscribed", "id": sub_id}
             if current:
                 reply["snapshot"] = len(current)

@@ -38,6 +38,17 @@ class Latest:
         events[key] = event
         self._by_topic.setdefault(event.topic, {})[key] = event
 
-    def of(self, topic: str) -> list[Event]:
-        """The current values of C{topic}'s keys, oldest first."""
-        return sorted(self._by_topic.get(topic, {}).values(), key=lambda e: id_key(e.id))
+    def of(self, topic: str, symbols: frozenset[str] | None = None) -> list[Event]:
+        """
+        The current values of C{topic}'s keys, oldest first; with C{symbols},
+        of those symbols only, looked up rather than scanned (a symbol's
+        ticks are keyed by it: a reconnecting crowd of 20-symbol watchlists
+        costs 20 lookups each, not a pass over every symbol).
+        """
+        kept = self._by_topic.get(topic, {})
+        if symbols is None:
+            current = list(kept.values())
+        else:
+            current = [kept[key] for key in ((topic, symbol) for symbol in symbols)
+                       if key in kept]
+        return sorted(current, key=lambda e: id_key(e.id))
