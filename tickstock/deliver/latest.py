@@ -11,6 +11,7 @@ from collections import OrderedDict
 from typing import Any
 
 from tickstock.domain.events import Event, id_key
+from tickstock.domain.jobs import outcome
 
 MAX_KEYS = 100_000
 """Keys kept at most, all topics together; past it the least recently updated go."""
@@ -25,8 +26,17 @@ class Latest:
         self._by_topic: dict[str, dict[tuple[Any, ...], Event]] = {}
 
     def keep(self, event: Event) -> None:
-        """Keep C{event} as its key's current value (a must-deliver event has none)."""
+        """
+        Keep C{event} as its key's current value (a must-deliver event has
+        none). A job's final event (its result, or failed or cancelled)
+        ends the job's: a new subscription is not told a finished job runs.
+        """
         key = event.latest
+        if event.job_id is not None and outcome(event) is not None:
+            ended = self._events.pop((event.topic, event.job_id), None)
+            if ended is not None:
+                del self._by_topic[ended.topic][(event.topic, event.job_id)]
+            return
         if key is None:
             return
         events = self._events

@@ -71,7 +71,8 @@ class LiveDelivery:
         symbols, raising L{ValueError}); L{None} otherwise.
     @param missed_live: tells one client it missed live events (the gateway).
     @param keep: given each latest-only event but a tick (the throttle keeps
-        those), as its key's current value.
+        those), as its key's current value, and each job's event (a final one
+        ends the job's).
     """
 
     def __init__(self, overload: Overload, ticks: TickThrottle, broadcaster: Broadcaster,
@@ -100,7 +101,7 @@ class LiveDelivery:
             return
         if event.topic == UNIVERSE:
             self._universe_changed(event)
-        if event.latest is not None:
+        if event.latest is not None or event.job_id is not None:
             self._keep(event)
         if event.user is not None:
             self._targeted(event)
