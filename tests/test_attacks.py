@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from typing import Any
 
 import orjson
@@ -461,3 +462,74 @@ def test_the_pubsub_limit_is_read_from_config_get() -> None:
     assert output_memory("id=3 addr=x omem=20504 tot-mem=42") == 20504
     with pytest.raises(ValueError):
         output_memory("id=3 addr=x")
+
+
+@pytest_twisted.ensureDeferred
+async def test_identity_attacks_are_refused_and_cannot_make_it_hammer_the_provider(
+        redis_server: Any, daemons: Any) -> None:
+    """
+    A daemon verifying tokens with an identity provider's JWKS (a real HTTP
+    endpoint of the test), and a normal client subscribed to ZZZ while its
+    events are published every 20 ms. A token signed by an unknown key, an
+    HS256 token naming the RSA key's kid signed with its public PEM, an
+    C{alg: none} token naming a valid kid and a token with a malformed
+    permissions claim are each refused C{unauthorized} and closed 1008.
+    Then 100 hellos with made-up kids: all refused, and the provider is
+    fetched from at most once every REFETCH_MIN (10 s), however many come.
+    The normal client gets every event, in order, and stays connected.
+    """
+    from tests.test_identity import Key, Provider, handmade, refused, welcomed
+
+    rsa_key = Key.rsa()
+    provider = Provider(rsa_key, Key.ec())
+    try:
+        daemon = daemons(redis=redis_server.url, jwt_jwks_url=provider.url)
+        await ready(daemon)
+        normal = await welcomed(daemon.port, rsa_key.token("normal"))
+        await normal.request({"op": "subscribe", "id": "p", "topic": "patterns",
+                              "filter": {"symbols": ["ZZZ"]}}, "subscribed")
+        sent = 0
+
+        def keep_publishing() -> None:
+            nonlocal sent
+            publish(redis_server, PATTERNS, pattern("ZZZ", n=sent))
+            sent += 1
+
+        steady = LoopingCall(keep_publishing)
+        steady.start(0.02)
+        tally = Tally()
+        try:
+            claims = {"sub": "alice", "exp": int(time.time()) + 3600}
+            attacks = {
+                "unknown key": Key.rsa().token("alice"),
+                "alg confusion": handmade({"alg": "HS256", "typ": "JWT", "kid": rsa_key.kid},
+                                          claims, rsa_key.public_pem()),
+                "alg none with a kid": handmade({"alg": "none", "typ": "JWT",
+                                                 "kid": rsa_key.kid}, claims, None),
+                "malformed permissions": rsa_key.token("alice", tickstock="all"),
+            }
+            for name, token in attacks.items():
+                reply, code = await refused(daemon.port, token)
+                tally(f"identity {name}", reply["code"] == "unauthorized" and code == 1008)
+            assert "tickstock claim must be an object" in reply["message"], reply
+
+            flood = [await refused(daemon.port, Key.ec(f"made-up-{uuid.uuid4().hex}").token(
+                "alice")) for _ in range(100)]
+            tally("unknown kid flood", all(
+                (reply["code"], code) == ("unauthorized", 1008) for reply, code in flood))
+        finally:
+            steady.stop()
+
+        total = sent
+        await eventually(lambda: len(normal.events("p")) == total, 10,
+                         "every event of the normal client")
+        assert [e["data"]["n"] for e in normal.events("p")] == list(range(total))
+        assert normal.close_code is None and normal.of("error") == []
+        assert len(tally.tried) == 5, tally.tried
+        refetches = provider.requests[1:]  # after the one at startup
+        assert refetches, "no unknown kid made the daemon fetch again"
+        assert all(later - earlier >= 9.5  # REFETCH_MIN, less the two clocks' skew
+                   for earlier, later in zip(refetches, refetches[1:], strict=False))
+        assert daemon.service.jwks.status()["refetches"] == len(refetches)
+    finally:
+        await provider.stop()

@@ -368,6 +368,22 @@ def test_a_wrong_token_is_refused_and_not_retried(stack: Stack, page: Page) -> N
     assert page.errors == []
 
 
+def test_the_dashboard_says_when_a_pasted_token_runs_out(stack: Stack, page: Page) -> None:
+    """
+    A pasted token cannot be renewed by the page: when the server warns it
+    is expiring, the page says so (rather than being closed unannounced).
+    """
+    p = page.page
+    p.goto(stack.url)
+    p.wait_for_selector("#credential-label:text('Token')")
+    p.fill("#credential", JWTAuthenticator(TEST_SECRET).mint("erin", time.time(), 0))
+    p.click("#connect")
+    p.wait_for_selector("#notice:has-text('Your token expires in')")
+    assert re.fullmatch(r"Your token expires in \d+ s: sign out and in with a new one\.",
+                        p.text_content("#notice") or "")
+    assert page.errors == []
+
+
 def test_a_pattern_name_made_of_html_is_shown_as_text(stack: Stack, page: Page) -> None:
     """An alert whose pattern is an <img onerror> is a text cell: no element, no script run."""
     page.sign_in(stack, "carol")
@@ -714,4 +730,82 @@ def test_the_client_library_on_its_own(stack: Stack, page: Page) -> None:
 
     p.evaluate("() => window.t.ts.close()")
     assert p.evaluate("() => window.t.states") == ["connecting", "connected", "offline"]
+    assert page.errors == []
+
+
+def test_the_client_library_refreshes_its_token_before_it_expires(stack: Stack,
+                                                                   page: Page) -> None:
+    """
+    Three tickstock.js connections of one user start on the same token with
+    less than WARN_BEFORE (30 s) left, so the server warns each at once. The
+    one whose C{token} is a function asks it again, sends C{refresh} and gets
+    C{refreshed}; the one given a string only says C{token_expiring}, and the
+    server closes it (1008) when the old token expires; the one whose
+    function throws when asked again says C{error} C{no_token} and is closed
+    likewise. Once both are closed, the refreshed connection, never closed or
+    reconnected, still delivers a new alert: the refresh, not luck, kept it
+    up. An explicit refresh() with another user's token is refused
+    (C{unauthorized}) and changes nothing; refresh() with no token asks the
+    function again.
+    """
+    short = stack._auth.mint("rita", time.time(), 0)  # accepted for the daemon's leeway (10 s) only
+    frames: list[tuple[str, dict[str, Any]]] = []
+
+    def watch(ws: Any) -> None:
+        ws.on("framesent", lambda frame: frames.append(("sent", json.loads(frame))))
+        ws.on("framereceived", lambda frame: frames.append(("got", json.loads(frame))))
+
+    p = page.page
+    p.on("websocket", watch)
+    p.goto(stack.url)
+    p.evaluate("""async ([short, long]) => {
+        const lib = await import('/static/tickstock.js');
+        const t = window.t = { asked: 0, states: [], fixedStates: [], got: [], tokens: [],
+                               warned: [], errors: [], fixedErrors: [], failed: [] };
+        t.ts = new lib.TickStock({ token: async () => (++t.asked === 1 ? short : long) });
+        t.ts.on('state', (s) => t.states.push(s.state));
+        t.ts.on('token', (e) => t.tokens.push(e));
+        t.ts.on('error', (e) => t.errors.push(e.code));
+        t.sub = t.ts.subscribe('patterns', { symbols: ['RFSH'] }, (e) => t.got.push(e));
+        t.ts.connect();
+        t.fixed = new lib.TickStock({ token: short });
+        t.fixed.on('state', (s) => t.fixedStates.push([s.state, s.code]));
+        t.fixed.on('token_expiring', (e) => t.warned.push(e));
+        t.fixed.on('error', (e) => t.fixedErrors.push(e.code));
+        t.fixed.connect();
+        t.failing = new lib.TickStock({ token: () => {
+            if (t.failing.asked++) throw new Error('signed out');
+            return short; } });
+        t.failing.asked = 0;
+        t.failing.on('error', (e) => t.failed.push([e.code, e.cause?.message]));
+        t.failing.connect();
+    }""", [short, stack.token("rita")])
+    p.wait_for_function("() => window.t.tokens.length === 1 && window.t.sub.active")
+    assert p.evaluate("() => window.t.asked") == 2
+    [refresh] = [m for way, m in frames if way == "sent" and m["op"] == "refresh"]
+    [refreshed] = [m for way, m in frames if way == "got" and m["op"] == "refreshed"]
+    assert refresh["token"] != short and refreshed["id"] == refresh["id"]
+    assert refreshed["expires_in"] > 3000
+    assert p.evaluate("() => window.t.tokens") == [{"expiresIn": refreshed["expires_in"]}]
+
+    p.wait_for_function("() => window.t.fixedStates.at(-1)[0] === 'offline'"
+                        " && window.t.failing.state === 'offline'", timeout=30_000)
+    assert p.evaluate("() => window.t.fixedStates") == [["connecting", None], ["connected", None],
+                                                         ["offline", 1008]]
+    warned = p.evaluate("() => window.t.warned")
+    assert len(warned) == 1 and 0 <= warned[0]["in"] < 30, warned
+    stack.alert("RFSH", "AfterTheOldExpiry")
+    p.wait_for_function("() => window.t.got.length === 1")
+    assert p.evaluate("() => window.t.got[0].data.pattern") == "AfterTheOldExpiry"
+
+    refused = p.evaluate("""(token) => window.t.ts.refresh(token).then(
+        () => null, (e) => ({ name: e.name, code: e.code }))""", stack.token("mallory"))
+    assert refused == {"name": "TickStockError", "code": "unauthorized"}
+    again = p.evaluate("() => window.t.ts.refresh()")
+    assert again["op"] == "refreshed" and again["expires_in"] > 3000
+    assert p.evaluate("() => window.t.asked") == 3
+    assert p.evaluate("() => [window.t.ts.state, window.t.states, window.t.errors]") \
+        == ["connected", ["connecting", "connected"], []]
+    assert p.evaluate("() => [window.t.fixedErrors, window.t.failed]") \
+        == [[], [["no_token", "signed out"]]]
     assert page.errors == []

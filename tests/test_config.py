@@ -213,7 +213,7 @@ def test_rules_between_right_values_are_all_reported():
     assert check_settings({"redis": "redis://h", "workers": "2", "listen": "unix:/s"}, {}
                           ).problems == (
         "--jwt-secret-file: clients must authenticate when not --demo; give a secret file "
-        "(or TICKSTOCK_JWT_SECRET)",
+        "(or TICKSTOCK_JWT_SECRET), or --jwt-jwks-url",
         "--workers: needs a tcp: --listen endpoint",
     )
 

@@ -23,7 +23,7 @@ from twisted.internet import defer, task
 from zope.interface import implementer
 
 from tickstock.deliver import broadcast, gateway
-from tickstock.deliver.auth import anonymous
+from tickstock.deliver.auth import Authenticate, Identity, Permissions, anonymous
 from tickstock.deliver.broadcast import Broadcaster
 from tickstock.deliver.gateway import Gateway
 from tickstock.domain import events
@@ -53,9 +53,10 @@ DOC_PATH = ROOT / "docs" / "asyncapi.yaml"
 DOC: dict[str, Any] = yaml.safe_load(DOC_PATH.read_text(encoding="utf-8"))
 BASE_URI = "urn:tickstock:asyncapi"
 
-CLIENT_OPS = ("hello", "subscribe", "unsubscribe", "submit_backtest", "cancel_job", "ping")
+CLIENT_OPS = ("hello", "subscribe", "unsubscribe", "submit_backtest", "cancel_job", "refresh",
+              "ping")
 SERVER_OPS = ("welcome", "subscribed", "unsubscribed", "job_accepted", "job_cancelled", "event",
-              "pong", "error")
+              "refreshed", "token_expiring", "pong", "error")
 RESULTS_CHANNEL = "tickstock.events.backtesting.results"
 
 
@@ -219,7 +220,8 @@ class Session:
     """
 
     def __init__(self, *, fail_publish: bool = False, max_subscriptions: int = 100,
-                 per_user: int = 3, timeout: float = 300.0) -> None:
+                 per_user: int = 3, timeout: float = 300.0,
+                 authenticate: Authenticate = anonymous) -> None:
         self.clock = task.Clock()
         self.clock.advance(1700000000.0)
         self.link = FakeLink(fail=fail_publish)
@@ -229,7 +231,7 @@ class Session:
         self.router = Router(self.clock, self.history, self.link)
         self.jobs = Jobs(self.clock, MemoryStore(self.clock), self.history, self.link,
                          self.router.receive, per_user=per_user, timeout=timeout)
-        self.gateway = Gateway(self.clock, self.broadcaster, self.history, anonymous,
+        self.gateway = Gateway(self.clock, self.broadcaster, self.history, authenticate,
                                max_subscriptions, hello_timeout=10.0, jobs=self.jobs)
         self.client = FakeClient()
         self.gateway.opened(self.client)
@@ -1166,8 +1168,11 @@ def test_every_reply_matches_server_schemas(schema_for: Callable[..., Any]) -> N
     accepted up to the per-user limit (3) and C{too_many_jobs} past it,
     C{bad_params} with C{fields}, a cancel, a second cancel of the same job
     (C{job_finished}), a cancel of an unknown job (C{not_found}), a publish
-    failure (C{unavailable}), an unexpected failure (C{internal}), and the
-    progress events TickStock adds (a cancel, a timeout).
+    failure (C{unavailable}), an unexpected failure (C{internal}), the
+    progress events TickStock adds (a cancel, a timeout), and the token ops:
+    a C{refresh} accepted, one for another user (C{unauthorized}, the
+    connection stays), one to a narrower token that ends a subscription and
+    a C{subscribe} it does not allow (C{forbidden}), and C{token_expiring}.
     """
     validator = server_validator(schema_for)
     session = Session(max_subscriptions=2, per_user=3)
@@ -1212,24 +1217,44 @@ def test_every_reply_matches_server_schemas(schema_for: Callable[..., Any]) -> N
     no_jobs = greeted()
     no_jobs.gateway._jobs = None
     no_jobs.send({"op": "cancel_job", "id": "c1", "job_id": first})
+    no_jobs.send({"op": "refresh", "id": "f1", "token": "alice"})  # refreshed (demo: no expiry)
+    no_jobs.send({"op": "refresh", "id": "f2", "token": "bob"})  # unauthorized: another user
+
+    def narrow(hello: dict[str, Any]) -> Identity:
+        """Tokens named C{narrow} allow the topic patterns only, and no backtests."""
+        narrowed = Permissions(frozenset({"patterns"}), None, False) \
+            if hello.get("token") == "narrow" else None
+        return Identity("alice", limited.clock.seconds() + 60, narrowed)
+
+    limited = Session(authenticate=narrow)
+    limited.send({"op": "hello", "token": "wide"})
+    limited.send({"op": "subscribe", "id": "t", "topic": "ticks"})
+    limited.gateway.receive(limited.client, orjson.dumps(  # two replies: refreshed, forbidden
+        {"op": "refresh", "id": "f3", "token": "narrow"}))
+    limited.send({"op": "subscribe", "id": "t2", "topic": "ticks"})  # forbidden
+    limited.clock.advance(31)  # token_expiring
 
     event = parse_event("tickstock.events.patterns", orjson.dumps(
         {"symbol": "AAPL", "pattern": "Doji", "confidence": 0.9, "timestamp": 1700000000,
          "extra": [1, 2]}), "1700000000000-3", 1700000000.0)
     session.broadcaster.deliver(event)
 
-    replies = session.client.replies + failing.client.replies + no_jobs.client.replies
+    replies = session.client.replies + failing.client.replies + no_jobs.client.replies \
+        + limited.client.replies
     frames = session.client.frames + failing.client.frames
     seen = {r["op"] for r in replies} | {f["op"] for f in frames}
     assert seen == set(SERVER_OPS)
     codes = {r["code"] for r in replies if r["op"] == "error"}
     assert codes == {"bad_json", "bad_request", "hello_required", "duplicate_id",
                      "too_many_subscriptions", "unknown_subscription", "bad_params",
-                     "too_many_jobs", "not_found", "job_finished", "internal", "unavailable"}
+                     "too_many_jobs", "not_found", "job_finished", "internal", "unavailable",
+                     "unauthorized", "forbidden"}
+    assert [r["op"] for r in limited.client.replies] == [
+        "welcome", "subscribed", "refreshed", "error", "error", "token_expiring"]
     documented = properties_of({"$ref": "#/components/schemas/ServerError"})["code"]["enum"]
     assert set(documented) - codes == {"bad_topic", "bad_filter", "unknown_op",
-                                       "unknown_universe", "unauthorized",
-                                       "too_many_connections", "no_producer"}  # tested elsewhere
+                                       "unknown_universe", "too_many_connections",
+                                       "no_producer"}  # tested elsewhere
     statuses = [(f["data"]["status"], f["data"].get("error")) for f in frames
                 if f.get("type") == "backtest_progress"]
     assert statuses == [("cancelled", None), ("failed", "timeout: no progress for 300 s"),

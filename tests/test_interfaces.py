@@ -21,6 +21,7 @@ from zope.interface.verify import verifyObject
 
 import tickstock
 from tickstock.config import parse_redis_url
+from tickstock.connections.jwks import JWKS
 from tickstock.connections.redis import RedisLink
 from tickstock.connections.sentinel import SentinelEndpoint
 from tickstock.history.memory import MemoryHistory
@@ -49,6 +50,7 @@ def implementations() -> list[Any]:
         link,
         SentinelEndpoint(reactor, [("127.0.0.1", 1)], "mymaster"),
         MemoryBus(),
+        JWKS(reactor, "https://idp.example.com/certs", 300.0),
         RedisPubSubSource(reactor, ADDRESS),
         RedisStreamSource(reactor, ADDRESS, "node-1"),
         MemoryStore(reactor),

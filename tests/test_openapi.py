@@ -17,6 +17,7 @@ and persists what it stored, and L{Jobs}.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -39,6 +40,7 @@ from twisted.web.http_headers import Headers
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from tests.conftest import TEST_SECRET
 from tests.servers import free_port
 from tests.test_api import (  # noqa: F401 - fixtures
     AUTH,
@@ -52,6 +54,7 @@ from tests.test_api import (  # noqa: F401 - fixtures
     token,
 )
 from tests.wsclient import read_body
+from tickstock.deliver.auth import JWTAuthenticator
 from tickstock.domain.events import SYMBOL
 from tickstock.domain.interfaces import IJobStore
 from tickstock.domain.jobs import ACTIVE, FINAL, JOB_PATTERNS
@@ -103,6 +106,14 @@ VALID_QUERY = {
 VALID_QUERY_OF = {JOBS: {"cursor": SOME_JOB_ID}}
 PARAMS_EXAMPLE = {"symbols": ["AAPL", "MSFT"], "start_date": "2023-01-01",
                   "end_date": "2023-12-31", "patterns": ["Doji"]}
+
+CLAIMS = JWTAuthenticator(TEST_SECRET, permissions_claim="tickstock")
+"""The test secret, reading the permissions claim: tokens without it are as with L{AUTH}."""
+
+
+def narrow(**claim: Any) -> dict[bytes, list[bytes]]:
+    """A bearer header for alice whose token's permissions claim is C{claim}."""
+    return bearer(CLAIMS.mint("alice", time.time(), 3600, tickstock=claim))
 
 
 def escape(part: str) -> str:
@@ -299,7 +310,7 @@ def serve_jobs() -> Iterator[Callable[..., JobsServer]]:
                         stored=lambda event: writes.append(store.write([], [event])))
         jobs = Jobs(reactor, job_store or store, history, link, router.receive,
                     per_user=per_user, timeout=300)
-        api = build_api(store, MemoryCache(reactor), AUTH, 5.0, clock=reactor,
+        api = build_api(store, MemoryCache(reactor), CLAIMS, 5.0, clock=reactor,
                         timeout=timeout, jobs=jobs)
         site = build_site(
             WebSocketResource(WebSocketServerFactory()),
@@ -555,9 +566,10 @@ async def test_api_answers_match_the_documented_schemas(store, seed, serve, serv
     """
     A real answer of every documented status of every operation of every
     API route validates against the documented schema and carries the
-    documented headers: the read routes (200, 400, 401, 404, 503; the 503s
-    from a store fake that fails) and the backtest jobs (202 with Location,
-    400 bad_params with fields, bad_json and bad_parameter, 401, 404, 409,
+    documented headers: the read routes (200, 400, 401, 403 from a token's
+    permissions claim, 404, 503; the 503s from a store fake that fails) and
+    the backtest jobs (202 with Location, 400 bad_params with fields,
+    bad_json and bad_parameter, 401, 403 with C{backtests: false}, 404, 409,
     413, 415, 429, 503 from a failing job store, a hanging one and a
     producer link that fails). Any other method on a route is a 405 with
     the Allow header the document describes.
@@ -602,9 +614,11 @@ async def read_route_answers(store: Any, serve: Any,
                              add: Callable[[str, str, int, Answer], Answer]) -> None:
     """Real answers of every status of the read routes (GET, without jobs)."""
     _, port = serve(store)
+    _, claims = serve(store, authenticate=CLAIMS)
     fake = SwitchableStore(store)
     fake.mode = "unavailable"
     _, down = serve(fake)
+    nothing = narrow(topics=[], universes=[])
     for path in BAD_REQUESTS:
         url = concrete(path)
         add(path, "GET", 200, await call(
@@ -612,6 +626,10 @@ async def read_route_answers(store: Any, serve: Any,
         add(path, "GET", 400, await call(port, BAD_REQUESTS[path], bearer()))
         add(path, "GET", 401, await call(port, url))
         add(path, "GET", 503, await call(down, url, bearer()))
+        if "403" in operations(path)["GET"]["responses"]:
+            add(path, "GET", 403, await call(claims, url, nothing))
+        else:  # not filtered by the claim
+            assert (await call(claims, url, nothing)).status == 200, path
         if "404" in operations(path)["GET"]["responses"]:
             add(path, "GET", 404, await call(
                 port, url.replace("etf_growth", "no_such_key"), bearer()))
@@ -673,6 +691,10 @@ async def job_route_answers(store: Any, serve_jobs: Any,
     assert query.body["error"] == {**query.body["error"], "code": "bad_parameter",
                                    "parameter": "dry_run"}
     add(JOBS, "POST", 401, await submit(port, PARAMS_EXAMPLE, None))
+    no_jobs = narrow(backtests=False)
+    add(JOBS, "POST", 403, await request(port, "POST", JOBS, orjson.dumps(PARAMS_EXAMPLE),
+                                         no_jobs))
+    assert (await request(port, "GET", JOBS, headers=no_jobs)).status == 200
     add(JOBS, "POST", 401, await request(port, "POST", JOBS, orjson.dumps(PARAMS_EXAMPLE),
                                          {b"authorization": [b"Bearer not-a-jwt"]}))
     padded = orjson.dumps(PARAMS_EXAMPLE) + b" " * JOB_BODY_MAX
@@ -721,6 +743,8 @@ async def job_route_answers(store: Any, serve_jobs: Any,
         add(JOB, "DELETE", 404, await on("DELETE", url, alice))
     add(JOB, "DELETE", 400, await on("DELETE", f"/api/jobs/{running_id}?now=1", alice))
     add(JOB, "DELETE", 401, await on("DELETE", f"/api/jobs/{running_id}"))
+    add(JOB, "DELETE", 403, await on("DELETE", f"/api/jobs/{running_id}",
+                                     narrow(backtests=False)))
     got = await on("GET", f"/api/jobs/{bobs_id}", bob)
     assert got.body["status"] == "queued"
     stopped = add(JOB, "DELETE", 200, await on("DELETE", f"/api/jobs/{running_id}", alice))

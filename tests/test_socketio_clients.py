@@ -438,3 +438,35 @@ def test_chromium_filters_and_recovers(stack: SocketIOStack, browser: Any) -> No
         assert errors == []
     finally:
         context.close()
+
+
+@TRANSPORTS
+def test_a_token_is_refreshed_in_band_and_another_users_is_refused(
+        stack: SocketIOStack, node: Node, transports: list[str] | None) -> None:
+    """
+    Connected with a token that has less than 30 s left (ttl 0, accepted for
+    the daemon's 10 s leeway), the client gets C{token_expiring} at once.
+    C{refresh} with a new token for the same user is acknowledged
+    C{refreshed} with the new token's lifetime; one for another user is
+    acknowledged with C{unauthorized}, and the socket stays connected, its
+    subscription still delivering.
+    """
+    symbol = next(SYMBOLS)
+    node.connect("s", stack.url(), {"token": stack.token("sio-ivan", ttl=0)}, transports)
+    subscribe(node, "s", symbol)
+    [[expiring]] = node.wait("s", "token_expiring", 1)
+    assert expiring["op"] == "token_expiring" and 0 <= expiring["in"] <= 10, expiring
+
+    refreshed = node.ack("s", "refresh", {"token": stack.token("sio-ivan")})
+    assert refreshed["op"] == "refreshed" and refreshed["id"] is None, refreshed
+    assert 3600 <= refreshed["expires_in"] <= 3610, refreshed
+
+    refused = node.ack("s", "refresh", {"token": stack.token("sio-judy")})
+    assert refused["op"] == "error" and refused["code"] == "unauthorized", refused
+    assert refused["message"] == "a refreshed token must be for the same user", refused
+    assert node("state", "s")["connected"] is True
+    alert = stack.alert(symbol, "AfterRefresh")
+    assert producer_ids(node.wait("s", "event", 1)) == [alert]
+    assert [got for got, *_ in node("events", "s")["events"]
+            if got in ("$disconnect", "$connect_error", "error")] == []
+    assert len(node.received("s", "token_expiring")) == 1

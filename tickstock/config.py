@@ -22,6 +22,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from tickstock.connections.address import RedisAddress
+from tickstock.connections.jwks import check_source
 from tickstock.deliver.auth import MIN_SECRET_BYTES
 from tickstock.domain.jobs import JOB_PATTERNS
 from tickstock.domain.topics import DEFAULT_REGISTRY, Registry, configure
@@ -184,6 +185,16 @@ def _dsn(value: Any) -> str:
     return dsn
 
 
+def _jwks(value: Any) -> str:
+    source = _str(value)
+    problem = check_source(source)
+    if problem is not None:
+        raise ValueError(problem)
+    if "://" not in source:
+        return _readable_file(source)
+    return source
+
+
 def _readable_file(value: Any) -> str:
     path = _str(value)
     if not os.path.isfile(path):
@@ -233,6 +244,17 @@ OPTIONS: tuple[Option, ...] = (
            "File holding the HS256 secret for client tokens (or set TICKSTOCK_JWT_SECRET)."),
     Option("jwt_audience", _str, None, "Required 'aud' claim of client tokens."),
     Option("jwt_issuer", _str, None, "Required 'iss' claim of client tokens."),
+    Option("jwt_jwks_url", _jwks, None,
+           "Identity provider's JWKS (https:// URL, or a file path): RS256/ES256/EdDSA client "
+           "tokens signed by its keys are accepted, besides HS256 ones if a secret is given."),
+    Option("jwt_jwks_refresh", _number(10, 86_400), 300.0,
+           "Seconds between two fetches of the JWKS (a token naming an unknown key fetches it "
+           "sooner, at most every 10 s)."),
+    Option("jwt_leeway", _number(0, 300), 10.0,
+           "Seconds of clock skew allowed when checking a token's exp and nbf."),
+    Option("jwt_permissions_claim", _str, "tickstock",
+           "Claim that narrows what a token's user may do (topics, universes, backtests); "
+           "a token without it may do everything."),
     Option("demo", _bool, False,
            "Feed live data from the built-in producer simulator.", flag=True),
     Option("allowed_origins", _origins, (),
@@ -349,6 +371,10 @@ class Settings:
     jwt_secret_file: str | None
     jwt_audience: str | None
     jwt_issuer: str | None
+    jwt_jwks_url: str | None
+    jwt_jwks_refresh: float
+    jwt_leeway: float
+    jwt_permissions_claim: str
     demo: bool
     allowed_origins: tuple[str, ...]
     sim_rate: float
@@ -597,10 +623,11 @@ def _combination_problems(settings: Settings, wrong: set[str]) -> Iterator[str]:
     if given("postgres", "postgres_readonly") and settings.postgres_readonly \
             and not settings.postgres:
         yield "--postgres-readonly: give --postgres too (the writer)"
-    if given("redis", "redis_sentinel", "redis_master", "demo", "jwt_secret") \
-            and settings.redis is not None and not settings.demo and settings.jwt_secret is None:
+    if given("redis", "redis_sentinel", "redis_master", "demo", "jwt_secret", "jwt_jwks_url") \
+            and settings.redis is not None and not settings.demo \
+            and settings.jwt_secret is None and settings.jwt_jwks_url is None:
         yield (f"--jwt-secret-file: clients must authenticate when not --demo; "
-               f"give a secret file (or {SECRET_ENV})")
+               f"give a secret file (or {SECRET_ENV}), or --jwt-jwks-url")
     if given("workers", "redis", "redis_sentinel") and settings.workers > 1 \
             and settings.redis is None:
         yield "--workers: worker processes share events through Redis; give --redis"

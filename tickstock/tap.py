@@ -298,7 +298,7 @@ class TickStock(MultiService):
         super().__init__()  # type: ignore[no-untyped-call]
         from autobahn.twisted.resource import WebSocketResource
 
-        from tickstock.deliver.auth import JWTAuthenticator, anonymous
+        from tickstock.deliver.auth import Authenticate, JWTAuthenticator, anonymous
         from tickstock.deliver.broadcast import Broadcaster
         from tickstock.deliver.gateway import Gateway
         from tickstock.deliver.latest import Latest
@@ -339,9 +339,18 @@ class TickStock(MultiService):
                                   partial(self.broadcaster.watched, "ticks"), self.overload,
                                   keep=self.latest.keep)
         self.universes = Universes(self.store, self.broadcaster)
-        authenticate = anonymous if settings.jwt_secret is None else JWTAuthenticator(
-            settings.jwt_secret, audience=settings.jwt_audience, issuer=settings.jwt_issuer
-        )
+        self.jwks = None
+        if settings.jwt_jwks_url is not None:
+            from tickstock.connections.jwks import JWKS
+
+            self.jwks = JWKS(reactor, settings.jwt_jwks_url, settings.jwt_jwks_refresh)
+            self._run(self.jwks)
+        authenticate: Authenticate = anonymous
+        if settings.jwt_secret is not None or self.jwks is not None:
+            authenticate = JWTAuthenticator(
+                settings.jwt_secret, audience=settings.jwt_audience, issuer=settings.jwt_issuer,
+                keys=self.jwks, leeway=settings.jwt_leeway,
+                permissions_claim=settings.jwt_permissions_claim)
         self.live_ticks = None
         if settings.mode != "streams":
             from tickstock.deliver.ticks import LiveTicks
@@ -408,8 +417,10 @@ class TickStock(MultiService):
         components.update(parts.components)
         if self.canary is not None:
             components["canary"] = self.canary
+        if self.jwks is not None:
+            components["jwks"] = self.jwks
         self.report = Health(
-            reactor, started_at, settings.jwt_secret is not None, worker, settings.mode,
+            reactor, started_at, authenticate is not anonymous, worker, settings.mode,
             components, self.router, self.broadcaster, self.stream, site, self.gateway,
             self.overload, self.ticks, self.universes, self.persister, self.jobs, self.api,
             self.socketio)
@@ -476,7 +487,12 @@ class TickStock(MultiService):
         self._log.info(
             "TickStock ready on {url} - {mode}, {store}, {auth}", url=url, mode=mode,
             store="PostgreSQL store" if settings.postgres else "embedded store",
-            auth="auth off" if settings.jwt_secret is None else "auth on (HS256)")
+            auth=self._auth_kinds())
+
+    def _auth_kinds(self) -> str:
+        kinds = (["HS256"] if self.settings.jwt_secret is not None else []) + (
+            ["JWKS"] if self.jwks is not None else [])
+        return f"auth on ({' + '.join(kinds)})" if kinds else "auth off"
 
     def _add_store(self, reactor: IReactor, settings: Settings, worker: int | None) -> None:
         """The system of record, and the persister that batches writes to it."""

@@ -1,8 +1,8 @@
 """
 What a WebSocket client may ask, and the answers: C{hello}, C{subscribe},
-C{unsubscribe}, C{submit_backtest}, C{cancel_job}, C{ping} (docs/contract.md §3). Kept apart from
-Autobahn so the protocol stays thin and every request is testable with a
-recording fake connection.
+C{unsubscribe}, C{submit_backtest}, C{cancel_job}, C{refresh}, C{ping}
+(docs/contract.md §3). Kept apart from Autobahn so the protocol stays thin
+and every request is testable with a recording fake connection.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from tickstock.deliver.auth import Identity
+from tickstock.deliver.auth import Authenticate, Identity, identify
 from tickstock.deliver.broadcast import (
     MAX_ID_LENGTH,
     Broadcaster,
@@ -53,6 +53,10 @@ each comes back to resume, and its replay with it, and all at once they
 would hit a daemon that has just fallen behind."""
 
 
+WARN_BEFORE = 30.0
+"""Seconds before its token expires that a client is told to refresh it
+(C{token_expiring}); at once if it has less left."""
+
 HISTORY_UNAVAILABLE = "history unavailable"
 """Why a resuming subscription could not be replayed: then it is closed with
 4001 rather than told that events were missed, since none is known to be."""
@@ -68,6 +72,9 @@ class _State:
     resume_from: str | None = None
     hello_timer: IDelayedCall | None = None
     expiry_timer: IDelayedCall | None = None
+    warn_timer: IDelayedCall | None = None
+    identity: Identity | None = None
+    authenticating: bool = False  # a hello or refresh waits for the keys
     counted_user: str | None = None  # counted against the per-user cap
 
 
@@ -86,7 +93,7 @@ class Gateway:
         clock: IReactorTime,
         broadcaster: Broadcaster,
         history: IHistory,
-        authenticate: Callable[[dict[str, Any]], Identity],
+        authenticate: Authenticate,
         max_subscriptions: int,
         hello_timeout: float,
         universes: Universes | None = None,
@@ -175,7 +182,7 @@ class Gateway:
             self._per_user[state.counted_user] -= 1
             if self._per_user[state.counted_user] <= 0:
                 del self._per_user[state.counted_user]
-        for timer in (state.hello_timer, state.expiry_timer):
+        for timer in (state.hello_timer, state.expiry_timer, state.warn_timer):
             if timer is not None and timer.active():
                 timer.cancel()
         for sub in state.subscriptions.values():
@@ -246,11 +253,13 @@ class Gateway:
                 raise BadRequest("hello_required", "say hello first")
             handler(self, conn, state, message)
         except BadRequest as error:
-            self.errors[error.code] += 1
-            conn.reply({"op": "error", "id": request_id, "code": error.code,
-                        "message": str(error)})
-            if error.code == "unauthorized":
-                conn.close(CLOSE_POLICY, str(error))
+            self._refuse(conn, request_id, error)
+
+    def _refuse(self, conn: IClient, request_id: str | None, error: BadRequest) -> None:
+        self.errors[error.code] += 1
+        conn.reply({"op": "error", "id": request_id, "code": error.code, "message": str(error)})
+        if error.code == "unauthorized" and conn.user is None:
+            conn.close(CLOSE_POLICY, str(error))
 
     def _no_hello(self, conn: IClient) -> None:
         state = self.connections.get(conn)
@@ -267,6 +276,55 @@ class Gateway:
             self.errors["token_expired"] += 1
             conn.close(CLOSE_POLICY, "token expired")
 
+    def _expiring(self, conn: IClient) -> None:
+        state = self.connections.get(conn)
+        if state is None or state.identity is None or state.identity.expires_at is None:
+            return
+        state.warn_timer = None
+        left = max(0, int(state.identity.expires_at - self._clock.seconds()))
+        conn.reply({"op": "token_expiring", "in": left})
+
+    def _arm(self, conn: IClient, state: _State, identity: Identity) -> None:
+        """Take C{identity} as the connection's: warn before its token expires, close then."""
+        state.identity = identity
+        for timer in (state.expiry_timer, state.warn_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        state.expiry_timer = state.warn_timer = None
+        if identity.expires_at is not None:
+            left = max(0.0, identity.expires_at - self._clock.seconds())
+            state.expiry_timer = self._clock.callLater(left, self._expired, conn)
+            state.warn_timer = self._clock.callLater(
+                max(0.0, left - WARN_BEFORE), self._expiring, conn)
+
+    def _authenticated(self, conn: IClient, state: _State, message: dict[str, Any],
+                       then: Callable[[Identity], None]) -> None:
+        """
+        Check the credentials of C{message}, then call C{then} with who it
+        is, unless the connection is gone by then; a refusal is answered.
+        """
+        if state.authenticating:
+            raise BadRequest("bad_request", "the previous token is still being checked")
+        state.authenticating = True
+        request_id = message.get("id")
+
+        def checked(identity: Identity) -> None:
+            state.authenticating = False
+            if self.connections.get(conn) is state:
+                then(identity)
+
+        def refused(failure: Any) -> None:
+            state.authenticating = False
+            if self.connections.get(conn) is not state:
+                return
+            error = failure.value
+            if not isinstance(error, BadRequest):
+                self._log.failure("checking a token failed", failure)
+                error = BadRequest("unauthorized", "the token could not be checked")
+            self._refuse(conn, request_id, error)
+
+        identify(self._authenticate, message).addCallbacks(checked, refused)
+
     def _hello(self, conn: IClient, state: _State, message: dict[str, Any]) -> None:
         if conn.user is not None:
             raise BadRequest("bad_request", "hello was already said")
@@ -277,7 +335,12 @@ class Gateway:
                 id_key(last_id if isinstance(last_id, str) else "")
             except ValueError:
                 raise BadRequest("bad_request", "resume.last_id must be an event id") from None
-        identity = self._authenticate(message)
+        self._authenticated(conn, state, message,
+                            lambda identity: self._welcome(conn, state, message, identity))
+
+    def _welcome(self, conn: IClient, state: _State, message: dict[str, Any],
+                 identity: Identity) -> None:
+        resume = message.get("resume")
         if self._max_per_user and self._per_user[identity.user] >= self._max_per_user:
             self.errors["too_many_connections"] += 1
             conn.reply({"op": "error", "id": message.get("id"), "code": "too_many_connections",
@@ -288,10 +351,7 @@ class Gateway:
         self._per_user[identity.user] += 1
         state.counted_user = identity.user
         conn.user = identity.user
-        if identity.expires_at is not None:
-            state.expiry_timer = self._clock.callLater(
-                max(0.0, identity.expires_at - self._clock.seconds()), self._expired, conn
-            )
+        self._arm(conn, state, identity)
         if state.hello_timer is not None and state.hello_timer.active():
             state.hello_timer.cancel()
         state.hello_timer = None
@@ -299,6 +359,52 @@ class Gateway:
             state.resume_from = resume["last_id"]
         conn.reply({"op": "welcome", "id": message.get("id"), "user": conn.user,
                     "session": state.session, "pid": os.getpid()})
+
+    def _refresh(self, conn: IClient, state: _State, message: dict[str, Any]) -> None:
+        """
+        A new token for the same user: the connection and its subscriptions
+        stay, under the new token's expiry and permissions. A refused one
+        changes nothing (the current token holds until it expires).
+        """
+        request_id, token = message.get("id"), message.get("token")
+        if not isinstance(token, str) or not token:
+            raise BadRequest("unauthorized", "refresh needs a token")
+
+        def refreshed(identity: Identity) -> None:
+            if identity.user != conn.user:
+                self._refuse(conn, request_id, BadRequest(
+                    "unauthorized", "a refreshed token must be for the same user"))
+                return
+            self._arm(conn, state, identity)
+            reply: dict[str, Any] = {"op": "refreshed", "id": request_id}
+            if identity.expires_at is not None:
+                reply["expires_in"] = max(0, int(identity.expires_at - self._clock.seconds()))
+            conn.reply(reply)
+            self._enforce(conn, state, identity)
+
+        self._authenticated(conn, state, {"id": request_id, "token": token}, refreshed)
+
+    def _enforce(self, conn: IClient, state: _State, identity: Identity) -> None:
+        """End the subscriptions a refreshed token no longer allows, each with C{forbidden}."""
+        if identity.permissions is None:
+            return
+        for sub in list(state.subscriptions.values()):
+            # A universe subscription's symbols are its members (and any it named besides).
+            symbols = None if sub.filter.universe is not None else sub.filter.symbols
+            why = identity.permissions.refuses(sub.topic, sub.filter.universe, symbols)
+            if why is not None:
+                del state.subscriptions[sub.id]
+                self._drop(sub)
+                self.errors["forbidden"] += 1
+                conn.reply({"op": "error", "id": sub.id, "code": "forbidden", "message": why})
+
+    @staticmethod
+    def _permitted(state: _State, topic: str, filter: Filter) -> None:
+        permissions = state.identity.permissions if state.identity is not None else None
+        if permissions is not None:
+            why = permissions.refuses(topic, filter.universe, filter.symbols)
+            if why is not None:
+                raise BadRequest("forbidden", why)
 
     def _subscribe(self, conn: IClient, state: _State, message: dict[str, Any]) -> None:
         sub_id, topic = message.get("id"), message.get("topic")
@@ -312,6 +418,7 @@ class Gateway:
             raise BadRequest("too_many_subscriptions",
                              f"at most {self._max_subscriptions} per connection")
         filter = parse_filter(topic, message.get("filter"))
+        self._permitted(state, topic, filter)
         if filter.universe is None:
             self._subscribe_to(conn, state, sub_id, topic, filter)
             return
@@ -437,6 +544,11 @@ class Gateway:
     def _jobs_for(self, conn: IClient) -> Jobs:
         if self._jobs is None:
             raise BadRequest("unavailable", "this server takes no backtest jobs")
+        state = self.connections.get(conn)
+        identity = state.identity if state is not None else None
+        if identity is not None and identity.permissions is not None \
+                and not identity.permissions.backtests:
+            raise BadRequest("forbidden", "your token does not allow backtests")
         return self._jobs
 
     def _job_refused(self, failure: Any, conn: IClient, request_id: str | None) -> None:
@@ -460,5 +572,6 @@ class Gateway:
         "unsubscribe": _unsubscribe,
         "submit_backtest": _submit_backtest,
         "cancel_job": _cancel_job,
+        "refresh": _refresh,
         "ping": _ping,
     }

@@ -152,6 +152,27 @@ class IHistory(Interface):
         """
 
 
+class IKeySet(IComponent):
+    """
+    The public keys client tokens are signed with (an identity provider's
+    JWKS), kept fresh by their holder; C{/ready} shows how fresh.
+    """
+
+    def key(kid: str | None) -> Any:
+        """
+        The key (a C{jwt.PyJWK}: its C{key} and C{algorithm_name}) named
+        C{kid}; for L{None}, the only key if there is just one. L{None} if
+        there is no such key.
+        """
+
+    def refetch() -> Deferred[None] | None:
+        """
+        Fetch the keys again now, since a token names one not known: a
+        L{Deferred} that fires once the keys are fetched (or could not be),
+        or L{None} if they were fetched too recently to ask again.
+        """
+
+
 class ISessionRecords(Interface):
     """
     What each Socket.IO session subscribed to, kept for a while after it

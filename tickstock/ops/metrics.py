@@ -174,6 +174,16 @@ class _Collector:
             yield _counter("tickstock_canary_returned", "Canaries that came back.",
                            canary["returned"])
 
+        jwks = r["components"].get("jwks")
+        if jwks is not None:
+            yield _gauge("tickstock_jwks_keys", "Signing keys of the identity provider in use.",
+                         jwks["keys"])
+            if jwks["age_s"] is not None:
+                yield _gauge("tickstock_jwks_age_seconds", "Seconds since the JWKS was last "
+                             "fetched successfully.", jwks["age_s"])
+            yield _counter("tickstock_jwks_fetch_failures", "JWKS fetches that failed (the "
+                           "keys fetched before stay in use).", jwks["failures"])
+
         persist = h["persist"]
         yield _counter("tickstock_bars_written", "1-minute bars written to the store.",
                        persist["bars_written"])

@@ -31,7 +31,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
-from tickstock.deliver.auth import Identity
+from tickstock.deliver.auth import Authenticate, Identity, identify
 from tickstock.deliver.ratelimit import RateLimit
 from tickstock.domain.errors import BadRequest
 from tickstock.domain.events import MAX_STRING, SYMBOL
@@ -293,7 +293,7 @@ class ApiResource(Resource):
     _log = Logger()
 
     def __init__(
-        self, store: IStore, cache: ICache, authenticate: Callable[[dict[str, Any]], Identity],
+        self, store: IStore, cache: ICache, authenticate: Authenticate,
         pattern_ttl: float, universe_ttl: float, clock: IReactorTime, timeout: float,
         jobs: Jobs | None = None, observe: Callable[[str, int, float], None] | None = None,
         rate: RateLimit | None = None, cors_origins: tuple[str, ...] = (),
@@ -400,7 +400,7 @@ class ApiResource(Resource):
     async def _answer(self, request: Request, reply: _Reply) -> Answer:
         route, handlers = self._route(request.postpath or [])
         reply.route = route
-        identity = self._identify(request)
+        identity = await self._identify(request)
         wait = self._rate.take(identity.user) if self._rate is not None else 0.0
         if wait:
             raise ApiError(429, "rate_limited", "too many requests; slow down",
@@ -412,6 +412,7 @@ class ApiResource(Resource):
             allowed = ", ".join(handlers)
             raise ApiError(405, "method_not_allowed", f"only {allowed} allowed here",
                            headers={b"allow": allowed.encode()})
+        _permitted(route, request.method, request.postpath or [], identity)
         return await handler(request, identity)
 
     def _route(self, path: list[bytes]) -> tuple[str, dict[str, Handler]]:
@@ -433,7 +434,7 @@ class ApiResource(Resource):
                                "DELETE": lambda r, i: self._cancel_job(r, i, job_id)}
         return "other", {}
 
-    def _identify(self, request: Request) -> Identity:
+    async def _identify(self, request: Request) -> Identity:
         values = request.requestHeaders.getRawHeaders(b"authorization") or []
         token: str | None = None
         if len(values) == 1:
@@ -443,7 +444,7 @@ class ApiResource(Resource):
         if values and token is None:
             raise _unauthorized("the Authorization header must be 'Bearer <token>'", True)
         try:
-            return self._authenticate({} if token is None else {"token": token})
+            return await identify(self._authenticate, {} if token is None else {"token": token})
         except BadRequest as error:
             if token is None:
                 raise _unauthorized("an 'Authorization: Bearer <token>' header is required",
@@ -604,6 +605,26 @@ def job_view(job: Mapping[str, Any]) -> dict[str, Any]:
             "created_at": iso(job["created_at"]), "updated_at": iso(job["updated_at"])}
 
 
+_ROUTE_TOPICS = {"patterns": "patterns", "ohlcv": "ticks"}
+"""The topic whose permission a REST route's data needs (docs/security.md)."""
+
+
+def _permitted(route: str, method: bytes, path: list[bytes], identity: Identity) -> None:
+    """403 where the token's permissions claim does not allow the route."""
+    permissions = identity.permissions
+    if permissions is None:
+        return
+    topic = _ROUTE_TOPICS.get(route)
+    if topic is not None and permissions.topics is not None and topic not in permissions.topics:
+        raise ApiError(403, "forbidden", f"your token does not allow the topic {topic!r}")
+    if route in ("jobs", "job") and method in (b"POST", b"DELETE") \
+            and not permissions.backtests:
+        raise ApiError(403, "forbidden", "your token does not allow backtests")
+    if route == "universe" and permissions.universes is not None \
+            and path[-1].decode("utf-8", "replace") not in permissions.universes:
+        raise ApiError(403, "forbidden", "your token does not allow this universe")
+
+
 def _unauthorized(message: str, token_given: bool) -> ApiError:
     challenge = b'Bearer realm="tickstock"'
     if token_given:
@@ -612,7 +633,7 @@ def _unauthorized(message: str, token_given: bool) -> ApiError:
 
 
 def build_api(
-    store: IStore, cache: ICache, authenticate: Callable[[dict[str, Any]], Identity],
+    store: IStore, cache: ICache, authenticate: Authenticate,
     pattern_ttl: float, universe_ttl: float = 3600, *, clock: IReactorTime,
     timeout: float = 5.0, jobs: Jobs | None = None,
     observe: Callable[[str, int, float], None] | None = None,

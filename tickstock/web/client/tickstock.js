@@ -10,6 +10,8 @@
 // It reconnects by itself (exponential backoff with full jitter, capped) and
 // resumes from the last event id it saw, so a dropped connection loses nothing
 // the server still keeps; it says what was recovered in a "recovered" event.
+// Given a token function, it also refreshes the token in-band before it expires
+// (docs/contract.md §3: token_expiring, refresh), so the connection never drops for it.
 
 /** Close codes after which retrying cannot help: refused by policy (bad or expired token), too big. */
 export const NO_RETRY = new Set([1008, 1009]);
@@ -38,7 +40,11 @@ export function compareIds(a, b) {
   return a < b ? -1 : a > b ? 1 : 0;
 }
 
-/** A refusal from the server (`code` as in docs/contract.md §3), or "disconnected" / "timeout" / "not_connected". */
+/**
+ * A refusal from the server (`code` as in docs/contract.md §3), or "disconnected" /
+ * "timeout" / "not_connected", or "no_token" (no token to refresh with, or the token
+ * function failed: `cause` is what it threw).
+ */
 export class TickStockError extends Error {
   constructor(code, message, fields) {
     super(`${code}: ${message}`);
@@ -61,16 +67,23 @@ function sameOriginUrl() {
 /**
  * One logical connection to TickStock, kept up across drops.
  *
- * Options: `token` (a string, or a function returning one, asked at every
- * connect so a refreshed token is used), or `user` when the server runs
- * without auth (demo); `url` (default: same origin, /ws); `lastId` to resume
- * an earlier session; `backoff` {baseMs, capMs}; `stableMs` (a connection up
- * this long resets the backoff); `requestTimeoutMs`.
+ * Options: `token` (a string, or a function returning one or a Promise of
+ * one, asked at every connect and whenever the server says the token is
+ * expiring, so the connection is refreshed in-band and never dropped for it),
+ * or `user` when the server runs without auth (demo); `url` (default: same
+ * origin, /ws); `lastId` to resume an earlier session; `backoff` {baseMs,
+ * capMs}; `stableMs` (a connection up this long resets the backoff);
+ * `requestTimeoutMs`.
  *
  * Events (`on(name, listener)`): "state" {state: "connecting" | "connected" |
  * "reconnecting" | "offline", ...details}, "recovered" {events, complete,
- * missed}, "job" (every event of the user's backtests), "error"
- * (TickStockError with `subscription` when it refused a subscription).
+ * missed}, "job" (every event of the user's backtests), "token" {expiresIn}
+ * (a refresh was accepted: seconds until the new token stops being accepted,
+ * null when the server runs without auth), "token_expiring" {in} (seconds
+ * left; only when `token` is not a function: call refresh(newToken) in time,
+ * or the server closes the connection with 1008 when it expires), "error"
+ * (TickStockError with `subscription` when it refused a subscription; also a
+ * refused or failed automatic refresh, e.g. code "unauthorized" or "no_token").
  */
 export class TickStock {
   constructor(options = {}) {
@@ -92,13 +105,15 @@ export class TickStock {
     this._early = new Map();     // job id -> events that came before its job_accepted
     this._jobsSub = null;
     this._resuming = null;       // {waiting: Set of sub ids, events, missed}
+    this._renewing = false;      // an automatic refresh is under way
     this._online = () => { if (this._retry) this._open(); };
     globalThis.addEventListener?.("online", this._online);
   }
 
   /**
-   * Listen to "state", "recovered", "job" or "error"; returns a function that
-   * stops listening. Listening to "job" subscribes to the user's backtests.
+   * Listen to "state", "recovered", "job", "token", "token_expiring" or "error";
+   * returns a function that stops listening. Listening to "job" subscribes to
+   * the user's backtests.
    */
   on(name, listener) {
     if (name === "job") this._followJobs();
@@ -184,6 +199,33 @@ export class TickStock {
   /** Cancel one of the user's jobs; resolves once TickStock has cancelled it. */
   cancelJob(jobId) {
     return this._request({ op: "cancel_job", job_id: jobId }).then(() => jobId);
+  }
+
+  /**
+   * Hand the server a new token for the same user without reconnecting:
+   * `token`, or if omitted what options.token gives. Subscriptions carry on.
+   * Resolves with the server's {op: "refreshed", expires_in} (and says "token");
+   * rejects with a TickStockError ("unauthorized": bad, expired or another
+   * user's token; the current one holds until it expires). A token passed here
+   * replaces a string options.token, so a reconnect uses it too.
+   */
+  async refresh(token) {
+    if (this.state !== "connected") {
+      throw new TickStockError("not_connected", `not connected (${this.state})`);
+    }
+    const source = token === undefined ? this.options.token : token;
+    let value;
+    try {
+      value = typeof source === "function" ? await source() : source;
+    } catch (error) {
+      throw Object.assign(new TickStockError("no_token", String(error?.message || error)),
+        { cause: error });
+    }
+    if (!value || typeof value !== "string") throw new TickStockError("no_token", "no token to refresh with");
+    const reply = await this._request({ op: "refresh", token: value });
+    if (token !== undefined && typeof this.options.token !== "function") this.options.token = value;
+    this._emit("token", { expiresIn: Number.isFinite(reply.expires_in) ? reply.expires_in : null });
+    return reply;
   }
 
   // ---- internals -----------------------------------------------------------
@@ -301,7 +343,8 @@ export class TickStock {
       case "event": return this._event(m);
       case "welcome": return this._welcome(m);
       case "subscribed": return this._subscribed(m);
-      case "job_accepted": case "job_cancelled": return this._answer(m.id, null, m);
+      case "job_accepted": case "job_cancelled": case "refreshed": return this._answer(m.id, null, m);
+      case "token_expiring": return this._expiring(m);
       case "error": return this._error(m);
       default: return undefined;
     }
@@ -315,6 +358,20 @@ export class TickStock {
       ? { waiting: new Set(this._subs.keys()), events: 0, missed: [] } : null;
     this._setState("connected", { user: m.user, session: m.session, resumed });
     for (const sub of this._subs.values()) this._sendSubscribe(sub);
+  }
+
+  /** The server warns that the token is about to expire: refresh it, or tell the app to. */
+  _expiring(m) {
+    if (typeof this.options.token !== "function") {
+      this._emit("token_expiring", { in: Number.isFinite(m.in) ? m.in : 0 });
+      return;
+    }
+    if (this._renewing) return;
+    this._renewing = true;
+    this.refresh().catch((error) => {
+      // A dropped connection needs no report: the reconnect asks options.token() anew.
+      if (error.code !== "disconnected" && error.code !== "not_connected") this._emit("error", error);
+    }).finally(() => { this._renewing = false; });
   }
 
   _sendSubscribe(sub) {

@@ -130,6 +130,10 @@ function start(credential) {
   client.on("state", (s) => { if (page.client === client) onState(s); });
   client.on("recovered", (r) => { if (page.client === client) onRecovered(r); });
   client.on("job", (e) => onJob(e.type, e.data));
+  // A pasted token cannot be renewed here: say when it runs out (the server closes at expiry).
+  client.on("token_expiring", (e) => {
+    if (page.client === client) ui.notice.textContent = `Your token expires in ${e.in} s: sign out and in with a new one.`;
+  });
   client.on("error", (e) => {
     const text = `${e.code}: ${e.message}`.slice(0, 200);
     if (e.subscription) ui.watchMsg.textContent = text; else ui.notice.textContent = text;

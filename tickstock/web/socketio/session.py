@@ -218,6 +218,8 @@ class SocketIOSession(EngineSession):
             self._in_hello = True
             self.send_packet(message(CONNECT_ERROR, {
                 "message": answer.get("message"), "data": {"code": answer.get("code")}}))
+            if self not in self._gateway.connections:  # refused for good
+                self.end()
             return
         recovered = kept is not None and kept.get("user") == self.user
         self.pid = pid if recovered else secrets.token_urlsafe(16)
@@ -237,9 +239,14 @@ class SocketIOSession(EngineSession):
         else:
             # Not this user's session (or none): nothing is replayed.
             self._gateway.resumed(self)
-            self._subscribe(BACKTESTS, "backtests", None, self._restored)
-            self._subscribe(HEALTH, "health", None, self._restored)
+            self._subscribe(BACKTESTS, "backtests", None, self._made_at_connect)
+            self._subscribe(HEALTH, "health", None, self._made_at_connect)
         self._keep(RECORD_TTL)  # this session owns the record now (see ended)
+
+    def _made_at_connect(self, answer: dict[str, Any]) -> None:
+        """A subscription every session gets, unless its token's permissions forbid it."""
+        if answer.get("code") != "forbidden":
+            self._restored(answer)
 
     def _restored(self, answer: dict[str, Any]) -> None:
         """A subscription of the session is back (or was made at CONNECT): only a gap is told."""
@@ -349,6 +356,11 @@ class SocketIOSession(EngineSession):
         self._ask({"op": "cancel_job", "id": self._next_id(LEGACY + "r"), "job_id": job_id},
                   lambda answer: self._answer(ack, _public(answer)))
 
+    def _on_refresh(self, arg: Any, ack: int | None) -> None:
+        token = arg.get("token") if isinstance(arg, dict) else arg
+        self._ask({"op": "refresh", "id": self._next_id(LEGACY + "r"), "token": token},
+                  lambda answer: self._answer(ack, _public(answer)))
+
     def _on_subscribe_patterns(self, arg: Any, ack: int | None) -> None:
         patterns = arg.get("patterns") if isinstance(arg, dict) else None
         filter = {"patterns": patterns} if patterns else None
@@ -413,6 +425,7 @@ class SocketIOSession(EngineSession):
         "subscribe_patterns": _on_subscribe_patterns,
         "subscribe_tickers": _on_subscribe_tickers,
         "heartbeat": _on_heartbeat,
+        "refresh": _on_refresh,
     }
 
 
