@@ -26,7 +26,7 @@ from twisted.internet.task import Clock, LoopingCall
 from zope.interface import implementer
 
 from tests.conftest import TEST_SECRET
-from tests.test_end_to_end import pattern, publish, ready
+from tests.test_end_to_end import Steady, pattern, publish, ready
 from tests.test_jobs import job_listener  # noqa: F401 - fixture
 from tests.test_resume import PATTERNS
 from tests.wsclient import connect, eventually, http_get, http_request
@@ -89,15 +89,7 @@ async def test_the_attack_suite_leaves_a_normal_client_whole(redis_server: Any,
     normal = await connect(port, hello=hello("normal"))
     await normal.request({"op": "subscribe", "id": "p", "topic": "patterns",
                           "filter": {"symbols": ["ZZZ"]}}, "subscribed")
-    sent = 0
-
-    def keep_publishing() -> None:
-        nonlocal sent
-        publish(redis_server, PATTERNS, pattern("ZZZ", n=sent))
-        sent += 1
-
-    steady = LoopingCall(keep_publishing)
-    steady.start(0.02)
+    steady = Steady(redis_server)
     tally = Tally()
     try:
         # Tokens: forged, expired, alg none, oversized garbage; on /ws and /api.
@@ -199,7 +191,7 @@ async def test_the_attack_suite_leaves_a_normal_client_whole(redis_server: Any,
     finally:
         steady.stop()
 
-    total = sent
+    total = steady.sent
     await eventually(lambda: len(normal.events("p")) == total, 10,
                      "every event of the normal client")
     assert [e["data"]["n"] for e in normal.events("p")] == list(range(total))
@@ -488,15 +480,7 @@ async def test_identity_attacks_are_refused_and_cannot_make_it_hammer_the_provid
         normal = await welcomed(daemon.port, rsa_key.token("normal"))
         await normal.request({"op": "subscribe", "id": "p", "topic": "patterns",
                               "filter": {"symbols": ["ZZZ"]}}, "subscribed")
-        sent = 0
-
-        def keep_publishing() -> None:
-            nonlocal sent
-            publish(redis_server, PATTERNS, pattern("ZZZ", n=sent))
-            sent += 1
-
-        steady = LoopingCall(keep_publishing)
-        steady.start(0.02)
+        steady = Steady(redis_server)
         tally = Tally()
         try:
             claims = {"sub": "alice", "exp": int(time.time()) + 3600}
@@ -520,7 +504,7 @@ async def test_identity_attacks_are_refused_and_cannot_make_it_hammer_the_provid
         finally:
             steady.stop()
 
-        total = sent
+        total = steady.sent
         await eventually(lambda: len(normal.events("p")) == total, 10,
                          "every event of the normal client")
         assert [e["data"]["n"] for e in normal.events("p")] == list(range(total))

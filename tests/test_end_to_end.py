@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.task import deferLater
+from twisted.internet.task import LoopingCall, deferLater
 
 from tests.test_jobs import job_listener  # noqa: F401 - fixture
 from tests.wsclient import connect, eventually, http_get
@@ -29,6 +29,30 @@ def pattern(symbol: str = "AAPL", name: str = "Doji", confidence: float = 0.9,
             **extra: Any) -> dict[str, Any]:
     return {"event_type": "pattern_detected", "symbol": symbol, "pattern": name,
             "confidence": confidence, "timestamp": 1_700_000_000.5, **extra}
+
+
+class Steady:
+    """
+    Publishes a pattern for C{symbol} every C{interval} seconds (events
+    numbered C{n} = 0, 1, ...), so a test can check a client got each one
+    once, in order, through whatever else it does meanwhile.
+    """
+
+    def __init__(self, redis: Any, symbol: str = "ZZZ", interval: float = 0.02) -> None:
+        self.sent = 0
+        self._redis, self._symbol = redis, symbol
+        self._call = LoopingCall(self._publish)
+        self._call.start(interval)
+
+    def _publish(self) -> None:
+        publish(self._redis, "tickstock.events.patterns", pattern(self._symbol, n=self.sent))
+        self.sent += 1
+
+    def stop(self) -> int:
+        """Stop publishing; how many were sent."""
+        if self._call.running:
+            self._call.stop()
+        return self.sent
 
 
 async def ready(daemon: Any) -> None:

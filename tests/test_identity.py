@@ -27,12 +27,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.task import LoopingCall
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from tests.conftest import TEST_SECRET
-from tests.test_end_to_end import pattern, publish, ready
+from tests.test_end_to_end import Steady, pattern, publish, ready
 from tests.test_resume import PATTERNS
 from tests.wsclient import RecordingClient, connect, eventually, http_get, http_request
 
@@ -297,19 +296,11 @@ async def test_refreshing_keeps_subscriptions_and_every_event(
     client = await welcomed(daemon.port, provider.keys[0].token("alice", ttl=600))
     await client.request({"op": "subscribe", "id": "p", "topic": "patterns",
                           "filter": {"symbols": ["ZZZ"]}}, "subscribed")
-    sent = 0
-
-    def keep_publishing() -> None:
-        nonlocal sent
-        publish(redis_server, PATTERNS, pattern("ZZZ", n=sent))
-        sent += 1
-
     async def more_events() -> None:
         seen = len(client.events("p"))
         await eventually(lambda: len(client.events("p")) >= seen + 3, 5, "events flowing")
 
-    steady = LoopingCall(keep_publishing)
-    steady.start(0.02)
+    steady = Steady(redis_server)
     try:
         for n in range(6):
             await more_events()
@@ -331,7 +322,7 @@ async def test_refreshing_keeps_subscriptions_and_every_event(
     finally:
         steady.stop()
 
-    total = sent
+    total = steady.sent
     await eventually(lambda: len(client.events("p")) == total, 10, "every event")
     assert [e["data"]["n"] for e in client.events("p")] == list(range(total))
     assert client.close_code is None and len(client.of("error")) == 2
