@@ -23,6 +23,14 @@ alone: rate x clients watching a symbol); the numbers are what it sustains.
 Patterns are must-deliver (loss = events x watchers - received, after a
 drain); ticks are latest-only (received against offered, no loss).
 
+--server node: the same clients and schedule against the Node peer
+(bench/node/server.mjs: Socket.IO 4.8 + the Redis adapter, auth on, pinned to
+the server core), the clients subscribing over Socket.IO to the rooms
+"patterns:SYM" and "ticks:SYM", fed by bench/node/trader_producer.mjs (the
+Redis emitter, on the load core) with the same payloads, which it stamps with
+C{sent_at}. The peer does not pace ticks: at 5,000 ticks/s over 500 symbols
+(10 per symbol per second) TickStock's --tick-rate 10 drops none either.
+
 One JSON object on stdout; exit status 1 when the run failed.
 """
 
@@ -31,6 +39,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import random
 import resource
@@ -113,7 +122,10 @@ class TraderStats(lg.Stats):
 
 
 class Trader(lg.Client):
-    """A client with two subscriptions on /ws: patterns ("p") and ticks ("t")."""
+    """
+    A client with two subscriptions, patterns ("p") and ticks ("t"): on /ws,
+    or (--server node) on the Node peer's Socket.IO, in its rooms.
+    """
 
     __slots__ = ("acked", "watching")
 
@@ -123,6 +135,9 @@ class Trader(lg.Client):
         self.watching = frozenset(symbols)
 
     def text(self, payload: bytes, stamp: float, now: float) -> None:
+        if self.loop.endpoint == "peer":
+            self.node_text(payload, stamp, now)
+            return
         stats = self.stats
         try:
             message = orjson.loads(payload)
@@ -148,6 +163,46 @@ class Trader(lg.Client):
                 raise lg.Failure(f"client {self.index}: {message}")
         elif op != "pong":
             stats.other_ops[str(op)] = stats.other_ops.get(str(op), 0) + 1
+
+    def node_text(self, payload: bytes, stamp: float, now: float) -> None:
+        """
+        Engine.IO v4 / Socket.IO v5 packets of bench/node/server.mjs: CONNECT
+        with the JWT, then one subscribe per topic (rooms "patterns:SYM" and
+        "ticks:SYM"); an event's payload is the /ws frame, so the accounting
+        is the same.
+        """
+        stats = self.stats
+        if payload.startswith(lg.SIO_EVENT_PREFIX):
+            try:
+                message = orjson.loads(payload[2:])[1]
+            except (orjson.JSONDecodeError, IndexError):
+                stats.bad_frames += 1
+                return
+            self.event(message, stamp, now)
+        elif payload == b"2":  # Engine.IO ping
+            self.write(lg.client_frame(1, b"3"))
+        elif payload.startswith(b"0") and self.state == lg.HELLO:  # Engine.IO open
+            token = lg.mint_token(f"bench-{self.index}")
+            self.write(lg.client_frame(1, b"40" + orjson.dumps({"token": token})))
+        elif payload.startswith(b"40") and self.state == lg.HELLO:  # namespace connected
+            self.state = lg.SUBSCRIBING
+            for sub_id, topic in (("p", "patterns"), ("t", "ticks")):
+                self.write(lg.client_frame(1, b"42" + orjson.dumps(
+                    ["subscribe", {"id": sub_id, "topic": topic, "symbols": self.symbols}])))
+        elif payload.startswith(b'42["subscribed"') and self.state == lg.SUBSCRIBING:
+            try:
+                self.acked.add(orjson.loads(payload[2:])[1]["id"])
+            except (orjson.JSONDecodeError, IndexError, KeyError, TypeError):
+                raise lg.Failure(f"client {self.index}: {payload[:200]!r}") from None
+            if self.acked == {"p", "t"}:
+                self.went_live()
+        elif payload.startswith(b"44") and self.state != lg.LIVE:  # CONNECT_ERROR
+            raise lg.Failure(f"client {self.index}: {payload[:200]!r}")
+        elif payload in (b"41", b"1"):  # the server ended the session
+            self.lost("the server ended the Socket.IO session")
+        else:
+            op = payload[:20].decode("utf-8", "replace")
+            stats.other_ops[op] = stats.other_ops.get(op, 0) + 1
 
     def event(self, message: dict[str, Any], stamp: float, now: float) -> None:
         stats = self.stats
@@ -195,8 +250,10 @@ def child(args: argparse.Namespace) -> None:
     The clients. Control lines as loadgen's: READY; SNAP -> SNAP {counts};
     END {per_symbol} -> drain the measured patterns -> DONE, RESULT.
     """
-    ns = argparse.Namespace(host="127.0.0.1", port=args.port, endpoint="ws", offsets=False,
-                            peer_token=False, path=None, warmup_events=args.warmup_patterns,
+    node = args.server == "node"
+    ns = argparse.Namespace(host="127.0.0.1", port=args.port,
+                            endpoint="peer" if node else "ws", offsets=False,
+                            peer_token=node, path=None, warmup_events=args.warmup_patterns,
                             symbols=args.symbol_list)
     loop = lg.Loop(ns)
     stats = loop.stats = TraderStats(args.warmup_patterns, args.warmup_ticks)
@@ -328,6 +385,8 @@ def run(args: argparse.Namespace, procs: lt.Procs, workdir: Path) -> dict[str, A
         args.redis_server, "--port", str(redis_port), "--bind", "127.0.0.1",
         "--save", "", "--appendonly", "no", "--dir", str(workdir),
         "--logfile", str(redis_log), "--daemonize", "no",
+        *(() if (mb := args.redis_pubsub_limit) is None else (
+            "--client-output-buffer-limit", f"pubsub {mb}mb {mb}mb 0")),
     ]), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def redis_alive() -> None:
@@ -350,20 +409,31 @@ def run(args: argparse.Namespace, procs: lt.Procs, workdir: Path) -> dict[str, A
     secret = secrets.token_urlsafe(48)
     secret_file = workdir / "jwt-secret"
     secret_file.write_text(secret)
+    node = lt.node_ready() if args.server == "node" else ""
+    if node:
+        # Socket.IO 4.8 + the Redis adapter, auth on; no pacing (see trader_producer.mjs)
+        server_argv = [node, str(lt.NODE_DIR / "server.mjs"), "--port", str(port),
+                       "--redis", f"redis://127.0.0.1:{redis_port}/0",
+                       "--jwt-secret-file", str(secret_file)]
+    else:
+        server_argv = [twistd, "-n", "--pidfile=", "tickstock",
+                       "--redis", f"redis://127.0.0.1:{redis_port}/0",
+                       "--listen", f"tcp:{port}:interface=127.0.0.1",
+                       "--jwt-secret-file", str(secret_file),
+                       "--max-connections-per-ip", "0", "--max-connections-per-user", "0",
+                       "--tick-rate", f"{args.tick_rate:g}"]
     with open(daemon_log, "wb") as log:
-        daemon = procs.start("daemon", lt.pinned(server_core, [
-            twistd, "-n", "--pidfile=", "tickstock",
-            "--redis", f"redis://127.0.0.1:{redis_port}/0",
-            "--listen", f"tcp:{port}:interface=127.0.0.1",
-            "--jwt-secret-file", str(secret_file),
-            "--max-connections-per-ip", "0", "--max-connections-per-user", "0",
-            "--tick-rate", f"{args.tick_rate:g}",
-        ]), cwd=str(workdir), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        daemon = procs.start("daemon", lt.pinned(server_core, server_argv), cwd=str(workdir),
+                             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
 
     def daemon_alive() -> None:
         redis_alive()
         if daemon.poll() is not None:
-            raise lt.BenchError(f"daemon exited ({daemon.returncode}):\n{lt.tail(daemon_log)}")
+            hint = ("\n(the Node peer exits when Redis drops its subscription for overcoming "
+                    "its output buffer limit: see redis.log, and --redis-pubsub-limit)"
+                    if node else "")
+            raise lt.BenchError(f"daemon exited ({daemon.returncode}):\n"
+                                f"{lt.tail(daemon_log)}{hint}")
 
     lt.wait_until("the daemon's /ready", lambda: lt.http_json(base + "/ready", 1)[0] == 200,
                   30, daemon_alive)
@@ -378,6 +448,7 @@ def run(args: argparse.Namespace, procs: lt.Procs, workdir: Path) -> dict[str, A
             "--symbol-list", ",".join(symbols), "--watch", str(watch),
             "--warmup-patterns", str(warmup_patterns), "--warmup-ticks", str(warmup_ticks),
             "--drain", str(args.drain), "--max-wait", str(args.max_wait),
+            "--server", args.server,
         ]), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1,
             env={**os.environ, "TICKSTOCK_JWT_SECRET": secret})
     lines = lt.LineReader(clients.stdout, "clients")
@@ -394,6 +465,11 @@ def run(args: argparse.Namespace, procs: lt.Procs, workdir: Path) -> dict[str, A
     rss_connected = lt.rss_mb(daemon.pid)
 
     assert clients.stdin is not None
+    producer: subprocess.Popen[Any] | None = None
+
+    def publisher_cpu_s() -> float:
+        """This process's CPU time, or (--server node) the Node producer's."""
+        return lt.cpu_seconds(producer.pid) if producer is not None else lt.self_cpu()
 
     def snapshot() -> tuple[dict[str, Any], threading.Thread]:
         """
@@ -407,11 +483,14 @@ def run(args: argparse.Namespace, procs: lt.Procs, workdir: Path) -> dict[str, A
         clients.stdin.flush()
         user, system = lt.cpu_split(daemon.pid)
         snap = {"at": time.time(), "user": user, "system": system,
-                "redis": lt.cpu_seconds(redis.pid), "self": lt.self_cpu(),
+                "redis": lt.cpu_seconds(redis.pid), "self": publisher_cpu_s(),
                 "cores": lt.core_busy()}
 
         def answers() -> None:
-            snap["health"] = lt.http_json(base + "/health", 30)[1]
+            try:
+                snap["health"] = lt.http_json(base + "/health", 30)[1]
+            except OSError:  # the server died: daemon_alive() says so, after the drain
+                snap["health"] = None
             snap["clients"] = lines.expect("SNAP", 30)
 
         thread = threading.Thread(target=answers, daemon=True)
@@ -422,47 +501,89 @@ def run(args: argparse.Namespace, procs: lt.Procs, workdir: Path) -> dict[str, A
     rng = random.Random(42)
     run_id = f"trader{os.getpid()}"
     prices = {s: rng.uniform(20, 900) for s in symbols}
-    command = lt.Publisher.command
-    t0 = time.monotonic() + 0.05
-    start_at = args.warmup
     s0: dict[str, Any] | None = None
-    answering: threading.Thread | None = None
-    lags = []
-    p_seq = t_seq = 0
-    i = 0
-    while i < len(plan):
-        if s0 is None and plan[i][0] >= start_at:
+    if node:
+        # The peer's own ingestion path: its producer emits the same messages on
+        # the same schedule through @socket.io/redis-emitter; this process only
+        # takes the snapshots when the measured window opens and ends.
+        plan_file = workdir / "plan.json"
+        plan_file.write_text(json.dumps({
+            "patterns": [lt.make_event(rng, run_id, seq, symbols[seq % n_sym])
+                         for seq in range(total_patterns)],
+            "symbols": symbols, "prices": prices,
+            "due": [due for due, _ in plan], "kind": [kind for _, kind in plan],
+            "warmup": sum(1 for due, _ in plan if due < args.warmup)}))
+        producer_err = workdir / "producer.err"
+        with open(producer_err, "wb") as err:
+            producer = procs.start("producer", lt.pinned(load_core, [
+                node, str(lt.NODE_DIR / "trader_producer.mjs"),
+                "--redis", f"redis://127.0.0.1:{redis_port}/0", "--plan", str(plan_file),
+            ]), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
+                bufsize=1)
+        said = lt.LineReader(producer.stdout, "producer")
+        try:
+            said.expect("READY", 60)
+            said.expect("WARMED", args.warmup + 60)
             s0, answering = snapshot()
-        now = time.monotonic()
-        batch = []
-        while i < len(plan) and t0 + plan[i][0] <= now and (
-                s0 is not None or plan[i][0] < start_at):
-            due, kind = plan[i]
-            if s0 is not None:
-                lags.append(now - (t0 + due))
-            sent_at = time.time()
-            if kind == 0:
-                symbol = symbols[p_seq % n_sym]
-                event = lt.make_event(rng, run_id, p_seq, symbol)
-                batch.append(command(b"PUBLISH", PATTERNS_CHANNEL, lt.encode_event(event, sent_at)))
-                p_seq += 1
-            else:
-                symbol = symbols[t_seq % n_sym]
-                prices[symbol] *= 1 + rng.uniform(-0.001, 0.001)
-                batch.append(command(b"PUBLISH", TICKS_CHANNEL,
-                                     tick_message(symbol, t_seq, prices[symbol], sent_at)))
-                t_seq += 1
-            i += 1
-        if batch:
-            publisher.send(batch)
-        if i < len(plan):
-            # at least 1 ms: one wake-up per message would cost this core more
-            time.sleep(max(0.001, t0 + plan[i][0] - time.monotonic()))
-    assert s0 is not None and answering is not None
-    answering.join()
-    s1, answering = snapshot()
-    answering.join()
-    publisher.wait_replies(len(plan), timeout=60)
+            assert producer.stdin is not None
+            producer.stdin.write("MEASURE\n")
+            producer.stdin.flush()
+            answering.join()
+            sent = said.expect("SENT", args.duration + 120)
+        except lt.BenchError as error:
+            daemon_alive()
+            raise lt.BenchError(f"{error}\n{lt.tail(producer_err)}") from None
+        s1, answering = snapshot()
+        answering.join()
+        no_subscriber, publish_errors = sent["no_subscriber"], sent["errors"]
+        lag_ms = {"p99": round(sent["lag_p99"] * 1000, 1),
+                  "max": round(sent["lag_max"] * 1000, 1)} if sent["lag_max"] is not None else None
+    else:
+        command = lt.Publisher.command
+        t0 = time.monotonic() + 0.05
+        start_at = args.warmup
+        answering: threading.Thread | None = None
+        lags: list[float] = []
+        p_seq = t_seq = 0
+        i = 0
+        while i < len(plan):
+            if s0 is None and plan[i][0] >= start_at:
+                s0, answering = snapshot()
+            now = time.monotonic()
+            batch = []
+            while i < len(plan) and t0 + plan[i][0] <= now and (
+                    s0 is not None or plan[i][0] < start_at):
+                due, kind = plan[i]
+                if s0 is not None:
+                    lags.append(now - (t0 + due))
+                sent_at = time.time()
+                if kind == 0:
+                    symbol = symbols[p_seq % n_sym]
+                    event = lt.make_event(rng, run_id, p_seq, symbol)
+                    batch.append(command(b"PUBLISH", PATTERNS_CHANNEL,
+                                         lt.encode_event(event, sent_at)))
+                    p_seq += 1
+                else:
+                    symbol = symbols[t_seq % n_sym]
+                    prices[symbol] *= 1 + rng.uniform(-0.001, 0.001)
+                    batch.append(command(b"PUBLISH", TICKS_CHANNEL,
+                                         tick_message(symbol, t_seq, prices[symbol], sent_at)))
+                    t_seq += 1
+                i += 1
+            if batch:
+                publisher.send(batch)
+            if i < len(plan):
+                # at least 1 ms: one wake-up per message would cost this core more
+                time.sleep(max(0.001, t0 + plan[i][0] - time.monotonic()))
+        assert s0 is not None and answering is not None
+        answering.join()
+        s1, answering = snapshot()
+        answering.join()
+        publisher.wait_replies(len(plan), timeout=60)
+        no_subscriber, publish_errors = publisher.no_subscriber, publisher.errors
+        lags.sort()
+        lag_ms = {"p99": round(lags[int(len(lags) * 0.99) - 1] * 1000, 1),
+                  "max": round(lags[-1] * 1000, 1)} if lags else None
 
     # ---- drain the measured patterns
     per_symbol = {s: 0 for s in symbols}
@@ -471,6 +592,7 @@ def run(args: argparse.Namespace, procs: lt.Procs, workdir: Path) -> dict[str, A
     clients.stdin.write("END " + json.dumps({"per_symbol": per_symbol}) + "\n")
     clients.stdin.flush()
     done = lines.expect("DONE", args.max_wait + 60)
+    daemon_alive()
     rss_end = lt.rss_mb(daemon.pid)
     health_end = lt.http_json(base + "/health", 10)[1]
     source = lt.http_json(base + "/ready", 10)[1].get("components", {}).get("source", {})
@@ -504,28 +626,31 @@ def run(args: argparse.Namespace, procs: lt.Procs, workdir: Path) -> dict[str, A
     offered_ticks = sum(watchers[symbols[seq % n_sym]]
                         for seq in range(warmup_ticks, total_ticks))
     pats, ticks = result["patterns"], result["ticks"]
-    lags.sort()
     events1 = health_end["events"]
+    # TickStock paces ticks per symbol per client; the Node peer does not
+    pacing = math.inf if node else args.tick_rate
 
     return {
-        "server": "tickstock",
+        "server": args.server,
         "scenario": (f"trader: {args.clients} clients, {n_sym} symbols, {watch} watched per "
                      f"client (patterns + ticks), {args.patterns_rate:g} patterns/s + "
-                     f"{args.ticks_rate:g} ticks/s, ticks paced to {args.tick_rate:g}/s per "
-                     f"symbol per client"),
+                     f"{args.ticks_rate:g} ticks/s, "
+                     + ("ticks not paced (Node peer)" if node else
+                        f"ticks paced to {args.tick_rate:g}/s per symbol per client")),
         "clients": args.clients,
         "symbols": n_sym,
         "watch": watch,
         "watchers_per_symbol": pattern_watchers,
         "patterns_rate": args.patterns_rate,
         "ticks_rate": args.ticks_rate,
-        "tick_rate": args.tick_rate,
+        "tick_rate": None if node else args.tick_rate,
         "duration_s": args.duration,
         "warmup_s": args.warmup,
+        "redis_pubsub_limit_mb": args.redis_pubsub_limit,
         "offered_deliveries_per_s": {
             "patterns": round(args.patterns_rate * pattern_watchers),
             # at most tick_rate per symbol per client, by the daemon's pacing
-            "ticks": round(min(args.ticks_rate / n_sym, args.tick_rate) * n_sym
+            "ticks": round(min(args.ticks_rate / n_sym, pacing) * n_sym
                            * pattern_watchers),
         },
         # received by the clients while the producer published the measured window
@@ -582,8 +707,8 @@ def run(args: argparse.Namespace, procs: lt.Procs, workdir: Path) -> dict[str, A
             "misrouted": result["misrouted"],
             "bad_frames": result["bad_frames"],
             "other_ops": result["other_ops"],
-            "publish_no_subscriber": publisher.no_subscriber,
-            "publish_errors": publisher.errors,
+            "publish_no_subscriber": no_subscriber,
+            "publish_errors": publish_errors,
         },
         "diagnostics": {
             "window_s": round(span, 2),
@@ -593,8 +718,7 @@ def run(args: argparse.Namespace, procs: lt.Procs, workdir: Path) -> dict[str, A
             "redis_busy": round(redis_cpu / span, 3),
             "publisher_busy": round(publisher_cpu / span, 3),
             "other_load_on_cores": other,
-            "publisher_lag_ms": {"p99": round(lags[int(len(lags) * 0.99) - 1] * 1000, 1),
-                                 "max": round(lags[-1] * 1000, 1)} if lags else None,
+            "publisher_lag_ms": lag_ms,
             "untimed_reads": result["untimed_reads"],
             # deliveries received per second of wall clock: [patterns, ticks]
             "by_second": {str(int(s) - int(s0["at"])): v
@@ -624,7 +748,15 @@ def main(argv: list[str] | None = None) -> int:
                              "for this long (5)")
     parser.add_argument("--max-wait", type=float, default=90.0,
                         help="after publishing, stop waiting for patterns after this long (90)")
+    parser.add_argument("--server", choices=("tickstock", "node"), default="tickstock",
+                        help="node: Socket.IO 4.8 on Node with the Redis adapter and emitter "
+                             "(bench/node/server.mjs, trader_producer.mjs), pinned like the "
+                             "daemon, no tick pacing")
     parser.add_argument("--redis-server", default="/usr/bin/redis-server")
+    parser.add_argument("--redis-pubsub-limit", type=int, default=None, metavar="MB",
+                        help="the bench's Redis gets client-output-buffer-limit pubsub MB MB 0 "
+                             "(default: Redis's own, 32, or 8 for a minute; a server that "
+                             "falls behind reading its subscription is disconnected past it)")
     parser.add_argument("--keep", action="store_true", help="keep the logs' temp dir")
     # the client process
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

@@ -1,6 +1,7 @@
-// The Node peer for bench/latency.py --server node: Socket.IO 4.8 with the
-// Redis adapter, the stack a Node shop would deploy for this job, doing the
-// same work as bench/peer_socketio.py (one room per symbol) with auth on.
+// The Node peer for bench/latency.py and bench/trader.py --server node:
+// Socket.IO 4.8 with the Redis adapter, the stack a Node shop would deploy
+// for this job, doing the same work as bench/peer_socketio.py (one room per
+// symbol) with auth on.
 //
 // Events come in the way such a deployment ingests them: a producer
 // (producer.mjs, @socket.io/redis-emitter) publishes each one, already a
@@ -11,6 +12,9 @@
 // middleware), join rooms with 42["subscribe",{"id":"s1","symbols":[...]}]
 // and get 42["subscribed",{"id":"s1"}]; events arrive as
 // 42["event",{"op":"event","sub":"s1","topic":"patterns","data":{...}}].
+// bench/trader.py's clients subscribe twice, {"id":"p","topic":"patterns",
+// "symbols":[...]} and {"id":"t","topic":"ticks",...}, and join the rooms
+// "patterns:SYM" and "ticks:SYM" (trader_producer.mjs emits to those).
 //
 // /health and /ready give the harness the counters it checks on the other
 // servers: clients, subscriptions, and events received (broadcasts taken
@@ -104,7 +108,12 @@ io.on("connection", (socket) => {
     counters.clients -= 1;
   });
   socket.on("subscribe", (message) => {
-    socket.join(message.symbols);
+    // With a topic (bench/trader.py: "patterns", "ticks"), one room per topic
+    // and symbol; without one, the bare symbols (bench/latency.py).
+    const topic = message.topic;
+    socket.join(typeof topic === "string"
+      ? message.symbols.map((symbol) => `${topic}:${symbol}`)
+      : message.symbols);
     counters.subscriptions += 1;
     socket.emit("subscribed", { id: message.id });
   });
