@@ -137,9 +137,14 @@ class Socket:
     """A raw WebSocket on C{/socket.io/}; C{close_code} once the server closed it."""
 
     def __init__(self, stack: SocketIOStack, query: str = "", **options: Any) -> None:
-        self.ws = websocket.create_connection(
-            f"ws://127.0.0.1:{stack.daemons[0].port}/socket.io/?EIO=4&transport=websocket"
-            + query, timeout=TIMEOUT, **options)
+        self.ws = websocket.WebSocket()
+        self.ws.settimeout(TIMEOUT)
+        try:
+            self.ws.connect(f"ws://127.0.0.1:{stack.daemons[0].port}/socket.io/"
+                            "?EIO=4&transport=websocket" + query, **options)
+        except Exception:
+            self.ws.close()  # a refused handshake leaves websocket-client's socket open
+            raise
         self.close_code: int | None = None
 
     def packet(self) -> str | None:
@@ -165,6 +170,7 @@ class Socket:
 
     def close(self) -> None:
         self.ws.close(timeout=1)
+        self.ws.shutdown()  # close() leaves the socket open once the server has closed it
 
 
 @pytest.fixture
