@@ -237,6 +237,8 @@ class JWKS(Service):
         self.error = None
 
     def _failed(self, failure: Failure) -> None:
+        if not self.running:
+            return  # stopped while fetching: nothing to report
         self.failures += 1
         why = failure.getErrorMessage() or repr(failure.value)
         if self.error is None:
