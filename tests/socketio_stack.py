@@ -33,11 +33,8 @@ class SocketIOStack:
         self.redis = RedisServer()
         self._secret = tmp / "jwt"
         self._secret.write_bytes(TEST_SECRET)
-        self.daemons = [
-            TwistdDaemon("--redis", self.redis.url, "--jwt-secret-file", str(self._secret),
-                         "--node-id", f"sio{n}", "--flush-interval", "0.2", *extra)
-            for n in range(daemons)
-        ]
+        self._extra = extra
+        self.daemons = [self._daemon(n) for n in range(daemons)]
         self.sim: subprocess.Popen[bytes] | None = None
         self._auth = JWTAuthenticator(TEST_SECRET)
 
@@ -56,6 +53,18 @@ class SocketIOStack:
         # A job submitted before the simulator listens would be refused (no_producer).
         poll(lambda: not self.redis.command("PUBSUB", "NUMSUB", "tickstock.jobs.backtest")
              .endswith(b":0\r\n"), 30, "the simulator taking backtest jobs")
+
+    def _daemon(self, n: int) -> TwistdDaemon:
+        return TwistdDaemon("--redis", self.redis.url, "--jwt-secret-file", str(self._secret),
+                            "--node-id", f"sio{n}", "--flush-interval", "0.2", *self._extra)
+
+    def add_daemon(self) -> int:
+        """Start one more daemon on the same Redis (a node joining later); its number."""
+        n = len(self.daemons)
+        self.daemons.append(self._daemon(n))
+        self.daemons[n].start()
+        poll(lambda: self.ready(n), 30, "the new daemon ready")
+        return n
 
     def ready(self, n: int = 0) -> bool:
         # http.client, closed whatever happens: urllib leaves a socket open on some failures.

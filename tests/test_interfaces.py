@@ -25,6 +25,7 @@ from tickstock.connections.jwks import JWKS
 from tickstock.connections.redis import RedisLink
 from tickstock.connections.sentinel import SentinelEndpoint
 from tickstock.history.memory import MemoryHistory
+from tickstock.history.redis.current import CurrentValues
 from tickstock.ingest.memory import MemoryBus
 from tickstock.ingest.pubsub import RedisPubSubSource
 from tickstock.ingest.router import Router
@@ -58,6 +59,7 @@ def implementations() -> list[Any]:
         ProducerRowListener(reactor, reactor, DSN, 1.0, lambda channel, raw: None),
         MemoryCache(reactor),
         RedisCache(link, reactor),
+        CurrentValues(reactor, link, 10),
         Router(reactor, history, link),
         Persister(reactor, store, "n:1", 1.0, 10, "spool-never-made"),  # made when it spills
         Jobs(reactor, store, history, link, lambda channel, raw: succeed(None), per_user=1,

@@ -3,7 +3,8 @@ The current value on subscribe, against a real daemon (C{twistd tickstock}
 on the test's Redis, auth on): a new subscription to ticks or health gets
 the newest tick of each symbol and the newest heartbeat of each service at
 once, marked as snapshots, on C{/ws} and on Socket.IO (python-socketio),
-however long ago they came, even for a symbol nobody watched meanwhile.
+however long ago they came, even for a symbol nobody watched meanwhile,
+and on a node that started after them.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SocketIOStack]:
 class WS:
     """A /ws client, synchronous: hello, requests, and what it was sent."""
 
-    def __init__(self, stack: SocketIOStack, user: str) -> None:
-        self.ws = websocket.create_connection(f"ws://127.0.0.1:{stack.daemons[0].port}/ws",
+    def __init__(self, stack: SocketIOStack, user: str, n: int = 0) -> None:
+        self.ws = websocket.create_connection(f"ws://127.0.0.1:{stack.daemons[n].port}/ws",
                                               timeout=TIMEOUT)
         self.messages: list[dict[str, Any]] = []
         self.send({"op": "hello", "id": "h", "token": stack.token(user)})
@@ -55,6 +56,15 @@ class WS:
             if done(message):
                 return message
         raise AssertionError("no such message in time")
+
+    def current(self, topic: str, filter: dict[str, Any] | None, sub: str) -> dict[str, Any]:
+        """Subscribe; the current values that come first (snapshots), by symbol or service."""
+        self.send({"op": "subscribe", "id": sub, "topic": topic, "filter": filter})
+        reply = self.until(lambda m: m["op"] == "subscribed" and m["id"] == sub)
+        count = reply.get("snapshot", 0)
+        events = [self.until(lambda m: m["op"] == "event") for _ in range(count)]
+        assert all(e["snapshot"] is True and e["sub"] == sub for e in events)
+        return {e["data"].get("symbol") or e["data"]["service"]: e["data"] for e in events}
 
     def close(self) -> None:
         self.ws.close()
@@ -86,21 +96,12 @@ def test_a_new_subscription_gets_every_current_price_and_heartbeat_at_once(
                   and m["data"]["status"] == "degraded")
     # The ticks were published before the last heartbeat: handled by now, or soon.
     client = WS(stack, "trader")
-
-    def current(topic: str, filter: dict[str, Any] | None, sub: str) -> dict[str, Any]:
-        client.send({"op": "subscribe", "id": sub, "topic": topic, "filter": filter})
-        reply = client.until(lambda m: m["op"] == "subscribed" and m["id"] == sub)
-        count = reply.get("snapshot", 0)
-        events = [client.until(lambda m: m["op"] == "event") for _ in range(count)]
-        assert all(e["snapshot"] is True and e["sub"] == sub for e in events)
-        return {e["data"].get("symbol") or e["data"]["service"]: e["data"] for e in events}
-
-    poll(lambda: current("ticks", {"symbols": ["SNAPA", "SNAPB"]}, f"t{time.monotonic()}")
+    poll(lambda: client.current("ticks", {"symbols": ["SNAPA", "SNAPB"]}, f"t{time.monotonic()}")
          .keys() == {"SNAPA", "SNAPB"}, TIMEOUT, "both symbols' current prices")
-    prices = current("ticks", {"symbols": ["SNAPA", "SNAPB", "SNAPC"]}, "t")
+    prices = client.current("ticks", {"symbols": ["SNAPA", "SNAPB", "SNAPC"]}, "t")
     assert {symbol: data["price"] for symbol, data in prices.items()} == {
         "SNAPA": 11.0, "SNAPB": 20.0}
-    health = current("health", None, "hl")
+    health = client.current("health", None, "hl")
     assert health["snap-engine"]["status"] == "degraded"
     assert health["snap-db"]["status"] == "degraded"
     stack.tick("SNAPA", 12.0)
@@ -108,6 +109,33 @@ def test_a_new_subscription_gets_every_current_price_and_heartbeat_at_once(
     assert live["data"]["price"] == 12.0 and "snapshot" not in live
     watcher.close()
     client.close()
+
+
+def test_a_node_that_starts_later_has_every_current_value_once_ready(
+        stack: SocketIOStack) -> None:
+    """
+    A rarely traded symbol's tick and a service's heartbeat, then a node
+    that starts after both (a rolling restart, a node added): once ready,
+    it answers a new subscription with both at once, from the current
+    values the first node shared in Redis.
+    """
+    watcher = WS(stack, "watcher")
+    watcher.send({"op": "subscribe", "id": "t", "topic": "ticks",
+                  "filter": {"symbols": ["SNAPRARE"]}})
+    watcher.until(lambda m: m["op"] == "subscribed")
+    stack.tick("SNAPRARE", 42.0)
+    heartbeat(stack, "snap-rare", "degraded")
+    watcher.until(lambda m: m["op"] == "event")
+    watcher.close()
+    poll(lambda: b"42" in stack.redis.command("HGET", "tickstock:current", '["ticks","SNAPRARE"]')
+         and b"degraded" in stack.redis.command("HGET", "tickstock:current",
+                                                '["health","snap-rare"]'),
+         TIMEOUT, "both shared (within a second)")
+    late = WS(stack, "trader", stack.add_daemon())
+    prices = late.current("ticks", {"symbols": ["SNAPRARE"]}, "t")
+    assert {symbol: data["price"] for symbol, data in prices.items()} == {"SNAPRARE": 42.0}
+    assert late.current("health", None, "h")["snap-rare"]["status"] == "degraded"
+    late.close()
 
 
 def test_socketio_tickers_get_their_current_prices_first(stack: SocketIOStack) -> None:

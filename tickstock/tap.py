@@ -41,6 +41,7 @@ from tickstock.domain.interfaces import (
     ICache,
     IClaims,
     IComponent,
+    ICurrentValues,
     IEventSource,
     IHistory,
     IProducerLink,
@@ -143,6 +144,8 @@ class Parts:
     @ivar canary_send: how the freshness canary is sent; L{None}: no canary.
     @ivar hear_jobs: makes the demo simulator hear jobs and control messages;
         returns the service that listens, if there is one.
+    @ivar current: the current values shared by the nodes (started among
+        C{first}); L{None}: this process is the only one.
     """
 
     source: IEventSource
@@ -159,6 +162,7 @@ class Parts:
     attach: Callable[[Overload, Persister], None] = lambda overload, persister: None
     canary_send: Callable[[str, bytes], Deferred[Any]] | None = None
     sessions: ISessionRecords | None = None
+    current: ICurrentValues | None = None
 
 
 def _socket_limits(settings: Settings) -> dict[str, Any]:
@@ -198,7 +202,9 @@ def _embedded_parts(settings: Settings, reactor: IReactor) -> Parts:
 def _redis_parts(settings: Settings, reactor: IReactor, worker: int | None) -> Parts:
     """Redis: the producer's channels or streams, a shared history, a shared cache."""
     from tickstock.connections.redis import RedisLink
+    from tickstock.deliver.latest import MAX_KEYS
     from tickstock.history.redis import RedisHistory
+    from tickstock.history.redis.current import CurrentValues
     from tickstock.history.redis.sessions import RedisSessionRecords
     from tickstock.ingest.pubsub import RedisPubSubSource
     from tickstock.ingest.streams import RedisStreamSource
@@ -250,12 +256,14 @@ def _redis_parts(settings: Settings, reactor: IReactor, worker: int | None) -> P
         settings.history_user_max, store_window=settings.store_window,
         dedupe_window=settings.dedupe_window,
     )
+    current = CurrentValues(reactor, link, MAX_KEYS)
     return Parts(
         source=source, link=link, history=history, claims=history,
         cache=RedisCache(link, reactor), hear_jobs=hear_jobs,
         behind=behind,
-        first=(link, history), readers=(source,),
-        components={"link": link, "history": history},
+        first=(link, history, current), readers=(source,),
+        components={"link": link, "history": history, "current": current},
+        current=current,
         on_gap=history.on_gap, attach=attach,
         canary_send=send if settings.canary_interval else None,
         sessions=RedisSessionRecords(link),
@@ -335,6 +343,8 @@ class TickStock(MultiService):
         parts.attach(self.overload, self.persister)
         self.broadcaster = Broadcaster(self.stream.prepareMessage)
         self.latest = Latest()
+        if parts.current is not None:
+            parts.current.prime = self.latest.prime
         self.ticks = TickThrottle(reactor, settings.tick_rate, self.broadcaster.deliver,
                                   partial(self.broadcaster.watched, "ticks"), self.overload,
                                   keep=self.latest.keep)
@@ -357,7 +367,8 @@ class TickStock(MultiService):
 
             self.live_ticks = LiveTicks(reactor, self.history, self.ticks, parts.claims)
         self.router = Router(reactor, self.history, self.link,
-                             stored=HandOff(self.overload, self.persister, registry),
+                             stored=HandOff(self.overload, self.persister, registry,
+                                            parts.current),
                              behind=parts.behind, ticks=self.live_ticks, registry=registry)
         # TickStock's own job events (a cancel, a timeout) are never shed.
         self.jobs = Jobs(reactor, self.store, self.history, self.link,

@@ -2,7 +2,9 @@
 The current value of every latest-only key (a symbol's tick, a service's
 health), kept so that a new subscription gets it first, as a snapshot,
 rather than waiting for the next update: a reloaded page shows every price
-at once. Every node sees every event, so every node keeps them all.
+at once. Every node sees every event, so every node keeps them all; one
+that starts is primed with those the nodes before it shared
+(L{tickstock.history.redis.current}).
 """
 
 from __future__ import annotations
@@ -47,6 +49,21 @@ class Latest:
             del self._by_topic[dropped.topic][old]
         events[key] = event
         self._by_topic.setdefault(event.topic, {})[key] = event
+
+    def prime(self, events: list[Event]) -> None:
+        """
+        Keep C{events}, the values another node wrote before this one
+        started, where no value came live meanwhile (that one is newer); as
+        the least recently updated, so they are the first to go.
+        """
+        kept = self._events
+        for event in reversed(events):
+            key = event.latest
+            if key is None or key in kept or len(kept) >= self._max_keys:
+                continue
+            kept[key] = event
+            kept.move_to_end(key, last=False)
+            self._by_topic.setdefault(event.topic, {})[key] = event
 
     def of(self, topic: str, symbols: frozenset[str] | None = None) -> list[Event]:
         """

@@ -203,6 +203,21 @@ class IClaims(Interface):
         """
 
 
+class ICurrentValues(IComponent):
+    """
+    The current value of each latest-only key, shared by the nodes: a node
+    that starts is given them all (C{prime}) before it reports ready.
+    """
+
+    prime = Attribute("Called once, at start, with every value kept, oldest first.")
+
+    def note(event: Event) -> None:
+        """
+        Keep C{event}, which this node stored (or counted, for a live tick),
+        as its key's current value; a must-deliver or a job's event is not.
+        """
+
+
 class IEventSink(Interface):
     """
     Something validated events are routed to.

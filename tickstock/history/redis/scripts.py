@@ -46,6 +46,7 @@ REPLAY = _script("replay")
 CLAIM = _script("windows", "claim")
 MARKS = _script("marks")
 ADVANCE = _script("idlt", "advance")
+CURRENT = _script("current")
 
 
 def sha(source: str) -> str:
