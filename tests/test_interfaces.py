@@ -24,6 +24,7 @@ from tickstock.config import parse_redis_url
 from tickstock.connections.jwks import JWKS
 from tickstock.connections.redis import RedisLink
 from tickstock.connections.sentinel import SentinelEndpoint
+from tickstock.deliver.latest import Latest
 from tickstock.history.memory import MemoryHistory
 from tickstock.history.redis.current import CurrentValues
 from tickstock.ingest.memory import MemoryBus
@@ -60,6 +61,7 @@ def implementations() -> list[Any]:
         MemoryCache(reactor),
         RedisCache(link, reactor),
         CurrentValues(reactor, link, 10),
+        Latest(),
         Router(reactor, history, link),
         Persister(reactor, store, "n:1", 1.0, 10, "spool-never-made"),  # made when it spills
         Jobs(reactor, store, history, link, lambda channel, raw: succeed(None), per_user=1,

@@ -344,7 +344,7 @@ class TickStock(MultiService):
         self.broadcaster = Broadcaster(self.stream.prepareMessage)
         self.latest = Latest()
         if parts.current is not None:
-            parts.current.prime = self.latest.prime
+            parts.current.latest = self.latest
         self.ticks = TickThrottle(reactor, settings.tick_rate, self.broadcaster.deliver,
                                   partial(self.broadcaster.watched, "ticks"), self.overload,
                                   keep=self.latest.keep)
@@ -367,8 +367,7 @@ class TickStock(MultiService):
 
             self.live_ticks = LiveTicks(reactor, self.history, self.ticks, parts.claims)
         self.router = Router(reactor, self.history, self.link,
-                             stored=HandOff(self.overload, self.persister, registry,
-                                            parts.current),
+                             stored=HandOff(self.overload, self.persister, registry),
                              behind=parts.behind, ticks=self.live_ticks, registry=registry)
         # TickStock's own job events (a cancel, a timeout) are never shed.
         self.jobs = Jobs(reactor, self.store, self.history, self.link,

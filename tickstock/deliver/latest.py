@@ -10,15 +10,20 @@ that starts is primed with those the nodes before it shared
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable
 from typing import Any
 
+from zope.interface import implementer
+
 from tickstock.domain.events import Event, id_key
+from tickstock.domain.interfaces import ILatestValues
 from tickstock.domain.jobs import outcome
 
 MAX_KEYS = 100_000
 """Keys kept at most, all topics together; past it the least recently updated go."""
 
 
+@implementer(ILatestValues)
 class Latest:
     """The newest event per conflation key, by topic."""
 
@@ -49,6 +54,9 @@ class Latest:
             del self._by_topic[dropped.topic][old]
         events[key] = event
         self._by_topic.setdefault(event.topic, {})[key] = event
+
+    def values(self) -> Iterable[Event]:
+        return self._events.values()
 
     def prime(self, events: list[Event]) -> None:
         """

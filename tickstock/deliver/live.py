@@ -4,8 +4,7 @@ of the wiring (L{tickstock.tap}) so the decisions the delivery path makes
 per event are in one place, tested without a daemon:
 
   - L{HandOff}: an event this process stored goes to the store (bars, the
-    event history, or its job's record); the overload meter counts it; a
-    latest-only one is noted as its key's current value for other nodes.
+    event history, or its job's record); the overload meter counts it.
   - L{LiveDelivery}: an event the history hands out, in id order, goes to
     the tick throttle, or to the universes and the broadcaster; a targeted
     one moves its user's delivered pointer; a gap in the history's tail
@@ -22,7 +21,7 @@ from tickstock.deliver.overload import Overload
 from tickstock.deliver.throttle import TickThrottle
 from tickstock.deliver.universes import MEMBERSHIP_CHANNELS, UPDATED_CHANNEL, Universes
 from tickstock.domain.events import Event
-from tickstock.domain.interfaces import ICache, IClient, ICurrentValues, IHistory
+from tickstock.domain.interfaces import ICache, IClient, IHistory
 from tickstock.domain.topics import BACKTESTS, STORED_TOPICS, TICKS, UNIVERSE, Registry
 
 Deliver = Callable[[Event], None]
@@ -40,21 +39,16 @@ class HandOff:
     """
     Called with each event this process stored (the router's C{stored}):
     ticks become bars, stored topics and backtest events are written, unless
-    their channel says it is not stored, and latest-only events are the
-    current values shared with the nodes that start later (C{current}).
+    their channel says it is not stored.
     """
 
-    def __init__(self, overload: Overload, persister: Batcher, registry: Registry,
-                 current: ICurrentValues | None = None) -> None:
+    def __init__(self, overload: Overload, persister: Batcher, registry: Registry) -> None:
         self._overload = overload
         self._persister = persister
         self._registry = registry
-        self._current = current
 
     def __call__(self, event: Event) -> None:
         self._overload.stored(event)
-        if self._current is not None and event.latest is not None:
-            self._current.note(event)
         if event.topic == TICKS:
             self._persister.add_tick(event)
         elif event.topic in STORED_TOPICS or event.topic == BACKTESTS:

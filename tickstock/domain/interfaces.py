@@ -203,19 +203,24 @@ class IClaims(Interface):
         """
 
 
+class ILatestValues(Interface):
+    """The current value of each latest-only key, as one node keeps them."""
+
+    def values() -> Iterable[Event]:
+        """Every value kept (a job's progress too), least recently updated first."""
+
+    def prime(events: list[Event]) -> None:
+        """Keep C{events}, values from before this node started, where none is newer."""
+
+
 class ICurrentValues(IComponent):
     """
-    The current value of each latest-only key, shared by the nodes: a node
-    that starts is given them all (C{prime}) before it reports ready.
+    The current values shared by the nodes: each writes what changed in its
+    own (C{latest}), and one that starts is primed with them all before it
+    reports ready.
     """
 
-    prime = Attribute("Called once, at start, with every value kept, oldest first.")
-
-    def note(event: Event) -> None:
-        """
-        Keep C{event}, which this node stored (or counted, for a live tick),
-        as its key's current value; a must-deliver or a job's event is not.
-        """
+    latest = Attribute("The L{ILatestValues} of this node, set before the service starts.")
 
 
 class IEventSink(Interface):

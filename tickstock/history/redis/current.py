@@ -4,16 +4,17 @@ service's newest health event), shared by the nodes in Redis, so that a
 node that starts knows them before the next update comes: a page reloaded
 onto a node that has just (re)started still shows every price at once,
 even a rarely traded symbol's. Each node keeps its own in memory
-(L{tickstock.deliver.latest.Latest}); this store only fills it at start.
+(L{tickstock.deliver.latest.Latest}); this store fills it at start.
 
-Each value is written by the one node that stored the event (or counted
-the live tick), at most once per L{FLUSH} seconds per key, so the cost is
-one script call a second whatever the tick rate.
+Once per L{FLUSH} seconds each node writes the values that changed in its
+own since: nothing is done per event, and every node writes what it saw
+(a value Redis has already is written again by each node that has it, a
+few hundred bytes a key a second). Of two values of one key, the one
+received later stays.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -28,7 +29,7 @@ from zope.interface import implementer
 
 from tickstock.connections.redis import RedisLink, text
 from tickstock.domain.events import Event, id_key, stored_event
-from tickstock.domain.interfaces import IComponent, ICurrentValues
+from tickstock.domain.interfaces import IComponent, ICurrentValues, ILatestValues
 from tickstock.history.redis.scripts import CURRENT, Script
 
 CURRENT_KEY = "tickstock:current"
@@ -36,7 +37,7 @@ CURRENT_KEY = "tickstock:current"
 ORDER_KEY = CURRENT_KEY + ":order"
 """A sorted set of the same keys by when their value was received (ms)."""
 FLUSH = 1.0
-"""Seconds between two writes of the values noted meanwhile."""
+"""Seconds between two writes of the values that changed meanwhile."""
 BATCH = 1000
 """Values per script call, and per HSCAN page when loading."""
 RETRY = 0.5
@@ -56,17 +57,21 @@ def decode(field: bytes, value: bytes) -> Event:
     came on may be one only this deployment configures).
     """
     event_id, channel, event_type, topic, data = orjson.loads(value)
+    key = tuple(orjson.loads(field))
+    if not key or key[0] != topic or not all(isinstance(part, str | int | float | None)
+                                             for part in key):
+        raise ValueError(f"not a key of {topic!r}: {field!r}")
     event = stored_event(event_id, channel, event_type, orjson.dumps(data), None, topic)
-    event.latest = tuple(orjson.loads(field))
+    event.latest = key
     return event
 
 
 @implementer(ICurrentValues, IComponent)
 class CurrentValues(Service):
     """
-    Writes the values noted (L{note}) once per L{FLUSH} seconds, and loads
-    them all once at start into C{prime}; ready once loaded, so that a
-    client the node accepts gets them.
+    Loads the values into C{latest} once, at start, and is ready once it
+    has (a client the node accepts gets them); then writes what changed in
+    C{latest} once per L{FLUSH} seconds.
     """
 
     _log = Logger()
@@ -77,19 +82,15 @@ class CurrentValues(Service):
         self._link = link
         self._script = Script(link, CURRENT)
         self._max_keys = max_keys
-        self._pending: dict[tuple[Any, ...], Event] = {}
+        self._written: dict[tuple[Any, ...], Event] = {}
         self._writer = LoopingCall(self._flush)
         self._writer.clock = clock
         self._retry: IDelayedCall | None = None
-        self.prime: Callable[[list[Event]], object] = lambda events: None
+        self.latest: ILatestValues | None = None
         self.loaded: int | None = None
         self.written = 0
         self.write_failures = 0
         self.unreadable = 0
-
-    def note(self, event: Event) -> None:
-        if event.latest is not None and event.job_id is None:
-            self._pending[event.latest] = event
 
     @property
     def ready(self) -> bool:
@@ -98,8 +99,7 @@ class CurrentValues(Service):
     def status(self) -> dict[str, Any]:
         return {"state": "loading" if self.loaded is None else "loaded",
                 "loaded": self.loaded, "written": self.written,
-                "write_failures": self.write_failures, "unreadable": self.unreadable,
-                "pending": len(self._pending)}
+                "write_failures": self.write_failures, "unreadable": self.unreadable}
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
@@ -113,16 +113,23 @@ class CurrentValues(Service):
         self._retry = None
         if self._writer.running:
             self._writer.stop()
-        return self._flush()  # what was noted last, if Redis is still there
+        return self._flush()  # what changed last, if Redis is still there
 
     def _flush(self) -> Deferred[Any]:
-        if not self._pending:
+        """Write the values that are not those written last (a job's progress is not shared)."""
+        if self.latest is None or self.loaded is None:
             return succeed(None)
-        values = list(self._pending.values())
-        self._pending = {}
+        before, now = self._written, {}
+        changed = []
+        for event in self.latest.values():
+            if event.job_id is None and event.latest is not None:
+                now[event.latest] = event
+                if before.get(event.latest) is not event:
+                    changed.append(event)
+        self._written = now
         writes = []
-        for start in range(0, len(values), BATCH):
-            batch = values[start:start + BATCH]
+        for start in range(0, len(changed), BATCH):
+            batch = changed[start:start + BATCH]
             args: list[Any] = [self._max_keys]
             for event in batch:
                 args += (*encode(event), int(event.received_at * 1000))
@@ -134,14 +141,15 @@ class CurrentValues(Service):
         self.written += int(written)
 
     def _not_written(self, failure: Failure, batch: list[Event]) -> None:
-        """Kept for the next write, unless a newer value was noted meanwhile."""
+        """Written again next time, unless a newer value replaced it meanwhile."""
         self.write_failures += 1
         if str(self.write_failures).strip("0") == "1":  # the 1st, 10th, 100th...
             self._log.warn("current values: writing failed ({n} times so far): {e}",
                            n=self.write_failures, e=failure.getErrorMessage())
         for event in batch:
-            assert event.latest is not None
-            self._pending.setdefault(event.latest, event)
+            key = event.latest
+            if key is not None and self._written.get(key) is event:
+                del self._written[key]
 
     def _load(self, cursor: bytes, found: dict[bytes, bytes]) -> None:
         self._retry = None
@@ -162,7 +170,10 @@ class CurrentValues(Service):
                 self.unreadable += 1
         events.sort(key=lambda event: id_key(event.id))
         self.loaded = len(events)
-        self.prime(events)
+        self._written = {key: event for event in events  # Redis has them
+                         if (key := event.latest) is not None}
+        if self.latest is not None:
+            self.latest.prime(events)
 
     def _not_loaded(self, failure: Failure) -> None:
         if failure.check(txredisapi.ResponseError):  # the key is not ours to read: none
