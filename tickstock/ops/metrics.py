@@ -33,7 +33,7 @@ LAG_INTERVAL = 1.0
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 # States in which a dependency is doing its job.
 UP_STATES = frozenset({"ready", "ok", "connected", "subscribed", "reading", "tailing", "embedded",
-                       "fresh"})
+                       "fresh", "loaded"})
 
 
 def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
