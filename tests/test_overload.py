@@ -374,7 +374,8 @@ async def test_a_pubsub_daemon_behind_lets_redis_hold_its_input_up_to_half_the_l
         with contextlib.suppress(AssertionError):
             await eventually(lambda: source.fell_behind > 0, 1)
     await eventually(lambda: source.paused, 30, "reading what kept Redis under half, then pausing")
-    assert source.fell_behind == 1 and service.router.received < total
+    # Once more if the socket drained before Redis refilled it (a busy host).
+    assert source.fell_behind >= 1 and service.router.received < total
     assert held[-1] < 1024 * 1024 <= max(held)
     assert source.status()["gaps"] == 0 and source.connections == 1  # never dropped
 
